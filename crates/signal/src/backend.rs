@@ -1,0 +1,369 @@
+//! The backend API of SPEC §6, and backends built from URLs.
+//!
+//! A [`Backend`] is what peers use: publish a message to a peer, subscribe a
+//! [`Handler`] to the messages from a peer. Every backend of this crate is a
+//! [`SignalingBackend`]: the shared [`Registry`] (handlers, opening envelopes)
+//! over a [`Transport`] (the medium that moves sealed envelopes). Several URLs
+//! give one backend over a multi transport: publish goes to all media,
+//! subscribe to all, and an envelope that arrives through several is delivered once.
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use async_trait::async_trait;
+
+use crate::{
+    EnvelopeError, Handler, Key, KeyPair, Registry,
+    proto::signaling::{BackendType, Envelope, Message},
+};
+
+mod inprocess;
+mod multi;
+
+pub use inprocess::InProcess;
+pub use multi::Multi;
+
+/// Boxed error of a medium, kept as the source of [`BackendError::Transport`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The URL does not parse or has a bad parameter.
+    #[error("invalid backend URL {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No backend has this URL scheme.
+    #[error(
+        "unknown backend scheme {scheme:?} in {url:?} (known: grpc://, k8s://, multicast://, inprocess:)"
+    )]
+    UnknownScheme {
+        /// The URL as given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// The backend exists but this build does not include it.
+    #[error("backend {scheme}:// is not in this build (cargo feature {feature:?})")]
+    NotBuilt {
+        /// The URL scheme.
+        scheme: String,
+        /// The cargo feature that adds it.
+        feature: &'static str,
+    },
+    /// The message could not be sealed.
+    #[error(transparent)]
+    Seal(#[from] EnvelopeError),
+    /// The medium failed.
+    #[error("{backend}: {source}")]
+    Transport {
+        /// Which backend (its URL).
+        backend: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+    /// Every backend of a multi backend failed.
+    #[error("all backends failed: {}", join(.0))]
+    AllFailed(Vec<BackendError>),
+    /// The backend was closed.
+    #[error("backend is closed")]
+    Closed,
+}
+
+fn join(errors: &[BackendError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl BackendError {
+    /// A [`BackendError::Transport`] for `backend`.
+    pub fn transport(backend: impl fmt::Display, source: impl Into<BoxError>) -> Self {
+        BackendError::Transport {
+            backend: backend.to_string(),
+            source: source.into(),
+        }
+    }
+
+    /// A [`BackendError::Url`].
+    pub fn url(url: impl fmt::Display, reason: impl fmt::Display) -> Self {
+        BackendError::Url {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// A signaling backend (SPEC §6).
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Seals `message` from `pair.ours` to `pair.theirs` and sends it.
+    async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError>;
+
+    /// Delivers every message addressed to `public(pair.ours)` and sent by
+    /// `pair.theirs` (by anyone if that is [`Key::ZERO`]) to `handler`. Returns
+    /// true if this is the first subscription of `public(pair.ours)` on this
+    /// backend. Returns once the medium delivers (for gRPC: once the server has
+    /// confirmed the subscription).
+    async fn subscribe(
+        &self,
+        pair: &KeyPair,
+        handler: Arc<dyn Handler>,
+    ) -> Result<bool, BackendError>;
+
+    /// Stops delivering to `handler` for `pair`. Returns true if no handler is
+    /// left for that sender. The medium's resources for our key (a stream, a
+    /// watch) are released when no handler at all is left for it.
+    async fn unsubscribe(
+        &self,
+        pair: &KeyPair,
+        handler: &Arc<dyn Handler>,
+    ) -> Result<bool, BackendError>;
+
+    /// Which kind of backend this is.
+    fn backend_type(&self) -> BackendType;
+
+    /// Stops every subscription and releases the medium. Later calls fail with
+    /// [`BackendError::Closed`].
+    async fn close(&self) -> Result<(), BackendError>;
+}
+
+/// A medium that moves sealed envelopes: what a new kind of backend implements.
+///
+/// A transport hands every envelope it receives for a key it listens on to the
+/// [`Registry`] it was built with ([`Registry::deliver`]); it never opens
+/// envelopes itself.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Sends a sealed envelope to its recipient.
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError>;
+    /// Starts receiving envelopes addressed to our public key `key`. Returns once
+    /// envelopes published from now on will arrive.
+    async fn listen(&self, key: Key) -> Result<(), BackendError>;
+    /// Stops receiving envelopes for `key`.
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError>;
+    /// Which kind of medium this is.
+    fn backend_type(&self) -> BackendType;
+    /// Stops receiving and releases the medium.
+    async fn close(&self) -> Result<(), BackendError>;
+    /// The URL or name used in logs and errors.
+    fn name(&self) -> &str;
+}
+
+/// A backend: the subscription [`Registry`] over a [`Transport`].
+pub struct SignalingBackend {
+    transport: Box<dyn Transport>,
+    registry: Arc<Registry>,
+    /// Serializes subscribe and unsubscribe, so that listen/unlisten of a key
+    /// never race.
+    ops: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+impl SignalingBackend {
+    /// A backend over `transport`, which delivers into `registry`.
+    pub fn new(transport: Box<dyn Transport>, registry: Arc<Registry>) -> Self {
+        SignalingBackend {
+            transport,
+            registry,
+            ops: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The registry: its counters say what was delivered and dropped.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &dyn Transport {
+        self.transport.as_ref()
+    }
+
+    fn check_open(&self) -> Result<(), BackendError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(BackendError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for SignalingBackend {
+    async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError> {
+        self.check_open()?;
+        let envelope = message.seal(pair)?;
+        self.transport.send(&envelope).await
+    }
+
+    async fn subscribe(
+        &self,
+        pair: &KeyPair,
+        handler: Arc<dyn Handler>,
+    ) -> Result<bool, BackendError> {
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let first = self.registry.add(pair, handler.clone());
+        if first && let Err(e) = self.transport.listen(pair.ours.public_key()).await {
+            self.registry.remove(pair, &handler);
+            return Err(e);
+        }
+        Ok(first)
+    }
+
+    async fn unsubscribe(
+        &self,
+        pair: &KeyPair,
+        handler: &Arc<dyn Handler>,
+    ) -> Result<bool, BackendError> {
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let removal = self.registry.remove(pair, handler);
+        if removal.last_for_key {
+            self.transport.unlisten(pair.ours.public_key()).await?;
+        }
+        Ok(removal.last_for_sender)
+    }
+
+    fn backend_type(&self) -> BackendType {
+        self.transport.backend_type()
+    }
+
+    async fn close(&self) -> Result<(), BackendError> {
+        let _ops = self.ops.lock().await;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.transport.close().await
+    }
+}
+
+impl fmt::Debug for SignalingBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignalingBackend")
+            .field("transport", &self.transport.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the transport for one URL, delivering into `registry`. The scheme
+/// picks the medium (SPEC §6).
+pub async fn connect_transport(
+    url: &str,
+    registry: Arc<Registry>,
+) -> Result<Box<dyn Transport>, BackendError> {
+    let parsed = url::Url::parse(url).map_err(|e| BackendError::url(url, e))?;
+    match parsed.scheme() {
+        "inprocess" => Ok(Box::new(InProcess::new(&parsed, registry)?)),
+        "grpc" => Err(BackendError::NotBuilt {
+            scheme: "grpc".into(),
+            feature: "grpc",
+        }),
+        "k8s" => Err(BackendError::NotBuilt {
+            scheme: "k8s".into(),
+            feature: "k8s",
+        }),
+        "multicast" => Err(BackendError::NotBuilt {
+            scheme: "multicast".into(),
+            feature: "multicast",
+        }),
+        scheme => Err(BackendError::UnknownScheme {
+            url: url.to_string(),
+            scheme: scheme.to_string(),
+        }),
+    }
+}
+
+/// Builds a backend from one or more URLs. With several, publish goes to all
+/// and subscribe to all (a multi backend); an envelope that arrives through
+/// several is delivered once.
+pub async fn connect<S: AsRef<str>>(urls: &[S]) -> Result<SignalingBackend, BackendError> {
+    let registry = Registry::new();
+    let transport: Box<dyn Transport> = match urls {
+        [] => {
+            return Err(BackendError::url(
+                "",
+                "no backend URL given (there is no default backend)",
+            ));
+        }
+        [one] => connect_transport(one.as_ref(), registry.clone()).await?,
+        many => {
+            let mut transports = Vec::with_capacity(many.len());
+            for url in many {
+                transports.push(connect_transport(url.as_ref(), registry.clone()).await?);
+            }
+            Box::new(Multi::new(transports))
+        }
+    };
+    Ok(SignalingBackend::new(transport, registry))
+}
+
+/// Rejects query parameters other than `known` in a backend URL.
+pub(crate) fn check_params(url: &url::Url, known: &[&str]) -> Result<(), BackendError> {
+    for (name, _) in url.query_pairs() {
+        if !known.contains(&name.as_ref()) {
+            return Err(BackendError::url(
+                url,
+                format!(
+                    "unknown parameter {name:?} (known: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a boolean URL parameter (`true`/`false`/`1`/`0`).
+pub(crate) fn bool_param(url: &url::Url, name: &str) -> Result<Option<bool>, BackendError> {
+    let Some((_, value)) = url.query_pairs().find(|(k, _)| k == name) else {
+        return Ok(None);
+    };
+    match value.as_ref() {
+        "true" | "1" | "yes" => Ok(Some(true)),
+        "false" | "0" | "no" => Ok(Some(false)),
+        other => Err(BackendError::url(
+            url,
+            format!("parameter {name}={other:?} is not a boolean (true or false)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_urls_say_why() {
+        let err = connect(&["nats://x"]).await.unwrap_err();
+        assert!(matches!(err, BackendError::UnknownScheme { ref scheme, .. } if scheme == "nats"));
+        let err = connect(&["not a url"]).await.unwrap_err();
+        assert!(matches!(err, BackendError::Url { .. }), "{err}");
+        let err = connect::<&str>(&[]).await.unwrap_err();
+        assert!(err.to_string().contains("no backend URL"), "{err}");
+        let err = connect(&["inprocess:?foo=1"]).await.unwrap_err();
+        assert!(
+            err.to_string().contains("unknown parameter \"foo\""),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! `inprocess:`: every backend of one process shares one in-memory exchange.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, LazyLock, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use async_trait::async_trait;
+
+use super::{BackendError, Transport, check_params};
+use crate::{
+    Key, Registry,
+    proto::signaling::{BackendType, Envelope},
+};
+
+/// Registries listening on each key, by transport instance.
+type Listeners = HashMap<Key, Vec<(u64, Weak<Registry>)>>;
+
+static EXCHANGE: LazyLock<Mutex<Listeners>> = LazyLock::new(Default::default);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn exchange() -> std::sync::MutexGuard<'static, Listeners> {
+    EXCHANGE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The in-process transport. Envelopes are handed to the listening registries
+/// on the publisher's task, before `send` returns.
+pub struct InProcess {
+    id: u64,
+    registry: Arc<Registry>,
+    keys: Mutex<HashSet<Key>>,
+}
+
+impl InProcess {
+    /// A transport on the process's exchange; the URL is `inprocess:`.
+    pub fn new(url: &url::Url, registry: Arc<Registry>) -> Result<Self, BackendError> {
+        check_params(url, &[])?;
+        Ok(InProcess {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            registry,
+            keys: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashSet<Key>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, key: &Key) {
+        let mut exchange = exchange();
+        if let Some(list) = exchange.get_mut(key) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                exchange.remove(key);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for InProcess {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        let recipient = envelope.recipient_key()?;
+        let registries: Vec<Arc<Registry>> = exchange()
+            .get(&recipient)
+            .map(|list| list.iter().filter_map(|(_, r)| r.upgrade()).collect())
+            .unwrap_or_default();
+        if registries.is_empty() {
+            tracing::debug!(%recipient, "no in-process subscriber: envelope discarded");
+        }
+        for registry in registries {
+            registry.deliver(envelope);
+        }
+        Ok(())
+    }
+
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        if self.keys().insert(key) {
+            exchange()
+                .entry(key)
+                .or_default()
+                .push((self.id, Arc::downgrade(&self.registry)));
+        }
+        Ok(())
+    }
+
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        if self.keys().remove(&key) {
+            self.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn backend_type(&self) -> BackendType {
+        BackendType::Inprocess
+    }
+
+    async fn close(&self) -> Result<(), BackendError> {
+        let keys: Vec<Key> = self.keys().drain().collect();
+        for key in keys {
+            self.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "inprocess:"
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let keys: Vec<Key> = self.keys().drain().collect();
+        for key in keys {
+            self.remove(&key);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Several media at once: publish to all, listen on all.
+
+use async_trait::async_trait;
+use futures::future::join_all;
+
+use super::{BackendError, Transport};
+use crate::{
+    Key,
+    proto::signaling::{BackendType, Envelope},
+};
+
+/// A transport over several transports that share one registry. An operation
+/// succeeds if it succeeds on at least one of them; the failures of the others
+/// are logged with the backend's name. If all fail, the error lists each.
+pub struct Multi {
+    transports: Vec<Box<dyn Transport>>,
+    name: String,
+}
+
+impl Multi {
+    /// Combines `transports`.
+    pub fn new(transports: Vec<Box<dyn Transport>>) -> Self {
+        let name = transports
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(",");
+        Multi { transports, name }
+    }
+
+    /// Collects the results of one operation on every transport.
+    fn combine(
+        &self,
+        what: &str,
+        results: Vec<Result<(), BackendError>>,
+    ) -> Result<(), BackendError> {
+        let mut errors = Vec::new();
+        for (transport, result) in self.transports.iter().zip(results) {
+            if let Err(e) = result {
+                tracing::warn!(backend = transport.name(), "{what} failed: {e}");
+                errors.push(e);
+            }
+        }
+        if !errors.is_empty() && errors.len() == self.transports.len() {
+            Err(BackendError::AllFailed(errors))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Multi {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        let results = join_all(self.transports.iter().map(|t| t.send(envelope))).await;
+        self.combine("publish", results)
+    }
+
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        let results = join_all(self.transports.iter().map(|t| t.listen(key))).await;
+        self.combine("subscribe", results)
+    }
+
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        let results = join_all(self.transports.iter().map(|t| t.unlisten(key))).await;
+        self.combine("unsubscribe", results)
+    }
+
+    fn backend_type(&self) -> BackendType {
+        BackendType::Multi
+    }
+
+    async fn close(&self) -> Result<(), BackendError> {
+        let results = join_all(self.transports.iter().map(|t| t.close())).await;
+        // Closing must release everything: report any failure.
+        let errors: Vec<BackendError> = results.into_iter().filter_map(Result::err).collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::AllFailed(errors))
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}

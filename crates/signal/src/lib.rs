@@ -1,0 +1,64 @@
+//! Signaling for peer-to-peer ICE sessions between peers known by Curve25519 keys.
+//!
+//! Two peers that want an ICE session exchange credentials and candidates through
+//! untrusted couriers, the *signaling backends*. Every [`Message`](proto::signaling::Message)
+//! travels in an [`Envelope`](proto::signaling::Envelope) sealed end to end to the
+//! recipient's key. The wire format is cunīcu's, so Rust and Go peers interoperate.
+//!
+//! The layers, bottom up:
+//! - [`Key`], [`KeyPair`], [`ice_role`]: keys as WireGuard prints them (`key`).
+//! - [`proto`]: the protobuf types, generated at build time; [`json`] their proto3 JSON mapping.
+//! - [`Message::seal`](proto::signaling::Message::seal) and
+//!   [`Envelope::open`](proto::signaling::Envelope::open): the one place envelopes are
+//!   sealed and opened (`envelope`).
+//! - [`Backend`]: the API every backend offers; [`Registry`]: the subscription registry
+//!   every backend shares (open the envelope, find the handlers, call them);
+//!   [`Transport`]: what a medium (gRPC, in-process, ...) must provide underneath.
+//! - [`backend::connect`]: builds a backend from URLs, one per medium.
+#![deny(missing_docs)]
+
+pub mod backend;
+#[cfg(feature = "test-util")]
+pub mod conformance;
+mod envelope;
+pub mod json;
+mod key;
+mod registry;
+
+pub use backend::{Backend, BackendError, Transport};
+pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
+pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
+pub use registry::{ChannelHandler, Delivery, Handler, Registry, RegistryStats};
+
+/// The protobuf types of SPEC §5, generated from `proto/` at build time.
+///
+/// The module tree mirrors the protobuf packages (`cunicu`, `cunicu.core`, ...).
+#[allow(missing_docs, clippy::doc_lazy_continuation)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/cunicu.rs"));
+    /// `cunicu.core`
+    pub mod core {
+        include!(concat!(env!("OUT_DIR"), "/cunicu.core.rs"));
+    }
+    /// `cunicu.epdisc`: ICE credentials and candidates.
+    pub mod epdisc {
+        include!(concat!(env!("OUT_DIR"), "/cunicu.epdisc.rs"));
+    }
+    /// `cunicu.pdisc`: peer descriptions.
+    pub mod pdisc {
+        include!(concat!(env!("OUT_DIR"), "/cunicu.pdisc.rs"));
+    }
+    /// `cunicu.pske`: pre-shared key establishment.
+    pub mod pske {
+        include!(concat!(env!("OUT_DIR"), "/cunicu.pske.rs"));
+    }
+    /// `cunicu.signaling`: envelopes, messages and the gRPC services.
+    pub mod signaling {
+        include!(concat!(env!("OUT_DIR"), "/cunicu.signaling.rs"));
+    }
+
+    /// The encoded `FileDescriptorSet` of all the protobuf files, for gRPC
+    /// reflection and the JSON mapping.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+}

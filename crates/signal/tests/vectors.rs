@@ -1,0 +1,156 @@
+//! The libsodium test vectors (`tests/vectors/envelopes.json`, a copy of
+//! `shared/vectors/envelopes.json`): valid envelopes open to exactly their
+//! message, invalid ones fail with the specific error.
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use cunicu_signal::{
+    EnvelopeError, Key, KeyPair, SharedKey,
+    json::message_from_json,
+    proto::signaling::{Envelope, Message},
+};
+use prost::Message as _;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Vectors {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    valid: bool,
+    sender_private: Option<String>,
+    sender_public: Option<String>,
+    recipient_private: String,
+    recipient_public: String,
+    message_json: Option<serde_json::Value>,
+    message: Option<String>,
+    envelope: String,
+}
+
+fn cases() -> Vec<Case> {
+    let text = include_str!("vectors/envelopes.json");
+    let vectors: Vectors = serde_json::from_str(text).expect("vectors parse");
+    assert!(vectors.cases.len() >= 20, "vectors file is truncated");
+    vectors.cases
+}
+
+fn key(s: &str) -> Key {
+    s.parse().expect("vector key")
+}
+
+#[test]
+fn valid_envelopes_open_to_exactly_their_message() {
+    let mut valid = 0;
+    for case in cases().into_iter().filter(|c| c.valid) {
+        let name = &case.name;
+        let recipient = key(&case.recipient_private);
+        assert_eq!(
+            recipient.public_key(),
+            key(&case.recipient_public),
+            "{name}"
+        );
+        let sender = key(case.sender_private.as_deref().expect("sender_private"));
+        assert_eq!(
+            sender.public_key(),
+            key(case.sender_public.as_deref().expect("sender_public")),
+            "{name}"
+        );
+
+        let bytes = STANDARD.decode(&case.envelope).expect("envelope base64");
+        let envelope = Envelope::from_bytes(&bytes).expect("envelope decodes");
+        let expected_bytes = STANDARD
+            .decode(case.message.as_deref().expect("message"))
+            .unwrap();
+        let expected = Message::decode(expected_bytes.as_slice()).unwrap();
+
+        let opened = envelope
+            .open(&recipient)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(opened, expected, "{name}");
+        assert_eq!(
+            envelope.open_uncached(&recipient).unwrap(),
+            expected,
+            "{name}"
+        );
+        // The plaintext is byte for byte the vector's serialized message.
+        assert_eq!(opened.encode_to_vec(), expected_bytes, "{name}");
+
+        // Its JSON form parses to the same message.
+        let json = case
+            .message_json
+            .as_ref()
+            .expect("message_json")
+            .to_string();
+        assert_eq!(message_from_json(&json).unwrap(), expected, "{name}: JSON");
+
+        // Sealing with the same nonce gives libsodium's bytes exactly.
+        let nonce: [u8; 24] = envelope
+            .contents
+            .as_ref()
+            .unwrap()
+            .nonce
+            .as_slice()
+            .try_into()
+            .unwrap();
+        let shared = SharedKey::new(&sender, &recipient.public_key()).unwrap();
+        let resealed = shared.seal_with_nonce(
+            sender.public_key(),
+            recipient.public_key(),
+            &expected,
+            nonce,
+        );
+        assert_eq!(resealed.encode_to_vec(), bytes, "{name}: sealed bytes");
+
+        // And what we seal, the recipient opens.
+        let ours = expected
+            .seal(&KeyPair::new(sender, recipient.public_key()))
+            .unwrap();
+        assert_eq!(ours.open(&recipient).unwrap(), expected, "{name}");
+        valid += 1;
+    }
+    assert_eq!(valid, 12);
+}
+
+#[test]
+fn invalid_envelopes_fail_with_the_specific_error() {
+    let mut checked = 0;
+    for case in cases().into_iter().filter(|c| !c.valid) {
+        let name = case.name.as_str();
+        let recipient = key(&case.recipient_private);
+        let bytes = STANDARD.decode(&case.envelope).expect("envelope base64");
+        let result = Envelope::from_bytes(&bytes).and_then(|env| env.open(&recipient));
+        let err = match result {
+            Ok(m) => panic!("{name}: opened to {m:?}"),
+            Err(e) => e,
+        };
+        let ok = match name {
+            "tampered-tag" | "tampered-body" | "forged-sender" | "truncated-body" => {
+                matches!(err, EnvelopeError::Unauthentic { .. })
+            }
+            "short-nonce" => err == EnvelopeError::NonceLength(12),
+            "wrong-recipient-key" => matches!(err, EnvelopeError::WrongRecipient { .. }),
+            "short-sender-key" => {
+                err == EnvelopeError::KeyLength {
+                    field: "sender",
+                    len: 31,
+                }
+            }
+            "truncated-protobuf" => matches!(err, EnvelopeError::Decode(_)),
+            "empty-envelope" => {
+                err == EnvelopeError::KeyLength {
+                    field: "recipient",
+                    len: 0,
+                }
+            }
+            "low-order-sender-zero" | "low-order-sender-order-8" => {
+                matches!(err, EnvelopeError::LowOrderKey(k) if k.is_low_order())
+            }
+            other => panic!("{other}: a vector this test does not know; add its expected error"),
+        };
+        assert!(ok, "{name}: unexpected error {err:?}");
+        checked += 1;
+    }
+    assert_eq!(checked, 11);
+}
