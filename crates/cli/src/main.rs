@@ -1,1 +1,363 @@
-fn main() {}
+//! `cunicu-signal`: keys, envelopes, the signaling server, publish and subscribe.
+//!
+//! This binary only parses arguments and calls the library and the server crate.
+
+mod bench;
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use cunicu_signal::{
+    Backend, ChannelHandler, Key, KeyPair,
+    json::{message_from_json, message_to_json},
+    proto::signaling::Envelope,
+};
+use cunicu_signal_server::{Config, Relay, Server, TlsFiles};
+use prost::Message as _;
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Parser)]
+#[command(
+    name = "cunicu-signal",
+    version,
+    about = "Sealed signaling for peer-to-peer ICE sessions, wire-compatible with cunicu"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new private key (base64, like `wg genkey`).
+    Keygen,
+    /// Read a private key on stdin and print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Seal or open a single envelope.
+    #[command(subcommand)]
+    Envelope(EnvelopeCommand),
+    /// Run the gRPC signaling server.
+    Serve(ServeArgs),
+    /// Publish proto3-JSON messages read from stdin, one per line, to a peer.
+    Publish(PublishArgs),
+    /// Print every message received, one JSON object per line.
+    Subscribe(SubscribeArgs),
+    /// Load generator: subscribers and publishers against a signaling server.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum EnvelopeCommand {
+    /// Read one Message as proto3 JSON on stdin; write the binary Envelope to stdout.
+    Seal {
+        /// File with our base64 private key.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// The recipient's base64 public key.
+        #[arg(long)]
+        to: String,
+    },
+    /// Read a binary Envelope on stdin; write the Message as proto3 JSON to stdout.
+    Open {
+        /// File with our base64 private key.
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address of the gRPC port.
+    #[arg(long, env = "CUNICU_SIGNAL_LISTEN", default_value = "[::]:8080")]
+    listen: SocketAddr,
+    /// Address of the HTTP port with Prometheus metrics at /metrics and liveness at /healthz.
+    #[arg(long, env = "CUNICU_SIGNAL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// A STUN/TURN relay for RelayRegistry.GetRelays (repeatable): stun:HOST:PORT,
+    /// turn:USER:PASS@HOST:PORT?transport=udp or turn:HOST:PORT?transport=udp&secret=S&ttl=1h.
+    #[arg(long = "relay", env = "CUNICU_SIGNAL_RELAY", value_delimiter = ',')]
+    relays: Vec<String>,
+    /// PEM certificate chain; with --tls-key, serve TLS instead of plaintext HTTP/2.
+    #[arg(long, env = "CUNICU_SIGNAL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CUNICU_SIGNAL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Largest encoded envelope accepted; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_ENVELOPE_SIZE", default_value_t = 65536)]
+    max_envelope_size: usize,
+    /// Envelopes queued per subscription stream; when full, the oldest is dropped.
+    #[arg(long, env = "CUNICU_SIGNAL_QUEUE_DEPTH", default_value_t = 256)]
+    queue_depth: usize,
+    /// Most subscription streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS",
+        default_value_t = 100_000
+    )]
+    max_subscriptions: usize,
+    /// Most concurrent HTTP/2 streams (subscriptions and calls) on one connection.
+    #[arg(
+        long,
+        env = "CUNICU_SIGNAL_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    max_streams_per_connection: u32,
+    /// Interval of the server's HTTP/2 keepalive pings (e.g. 2m).
+    #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_INTERVAL", default_value = "2m", value_parser = humantime::parse_duration)]
+    keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    keepalive_timeout: Duration,
+}
+
+/// Backends and our key, shared by publish and subscribe.
+#[derive(Args)]
+struct PeerArgs {
+    /// Backend URL (repeatable: several backends at once): grpc://HOST:PORT,
+    /// k8s:///KUBECONFIG, multicast://GROUP:PORT, inprocess:.
+    #[arg(long = "backend", required = true)]
+    backends: Vec<String>,
+    /// File with our base64 private key.
+    #[arg(long)]
+    key_file: PathBuf,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// The recipient's base64 public key.
+    #[arg(long)]
+    to: String,
+}
+
+#[derive(Args)]
+struct SubscribeArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Receive only from this base64 public key (default: from anyone).
+    #[arg(long)]
+    from: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cunicu-signal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen => {
+            println!("{}", Key::generate());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the private key from stdin")?;
+            let key: Key = text.parse().context("private key on stdin")?;
+            println!("{}", key.public_key());
+            Ok(())
+        }
+        Command::Envelope(EnvelopeCommand::Seal { key_file, to }) => seal(&key_file, &to),
+        Command::Envelope(EnvelopeCommand::Open { key_file }) => open(&key_file),
+        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Publish(args) => runtime()?.block_on(publish(args)),
+        Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
+        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // One TLS provider for the whole process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+/// Reads a private key file: base64, a trailing newline is fine.
+fn read_key_file(path: &Path) -> Result<Key> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading key file {}", path.display()))?;
+    text.parse()
+        .with_context(|| format!("key file {}", path.display()))
+}
+
+fn public_key_arg(flag: &str, text: &str) -> Result<Key> {
+    let key: Key = text.parse().with_context(|| format!("--{flag} {text:?}"))?;
+    if key.is_low_order() {
+        bail!("--{flag} {text:?}: a low-order point, not a valid peer key");
+    }
+    Ok(key)
+}
+
+fn seal(key_file: &Path, to: &str) -> Result<()> {
+    let ours = read_key_file(key_file)?;
+    let theirs = public_key_arg("to", to)?;
+    let mut json = String::new();
+    std::io::stdin()
+        .read_to_string(&mut json)
+        .context("reading the message from stdin")?;
+    let message = message_from_json(&json)?;
+    let envelope = message.seal(&KeyPair::new(ours, theirs))?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&envelope.encode_to_vec())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+fn open(key_file: &Path) -> Result<()> {
+    let ours = read_key_file(key_file)?;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("reading the envelope from stdin")?;
+    let message = Envelope::from_bytes(&bytes)?.open(&ours)?;
+    println!("{}", message_to_json(&message));
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let relays = args
+        .relays
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| r.parse::<Relay>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = Config::default();
+    config.listen = args.listen;
+    config.metrics_listen = args.metrics_listen;
+    config.relays = relays;
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
+    config.max_envelope_size = args.max_envelope_size;
+    config.queue_depth = args.queue_depth;
+    config.max_subscriptions = args.max_subscriptions;
+    config.max_streams_per_connection = args.max_streams_per_connection;
+    config.keepalive_interval = args.keepalive_interval;
+    config.keepalive_timeout = args.keepalive_timeout;
+
+    let mut server = Server::spawn(config).await?;
+    tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!("{}: shutting down", signal?);
+            // Exit within 5 s: streams end at once, connections get the rest.
+            if let Err(e) = server.shutdown(Duration::from_millis(4500)).await {
+                tracing::warn!("{e}; open connections were closed");
+            }
+            Ok(())
+        }
+        result = server.join() => result.context("server stopped"),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; returns its name.
+async fn shutdown_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn connect(peer: &PeerArgs) -> Result<(cunicu_signal::backend::SignalingBackend, Key)> {
+    let ours = read_key_file(&peer.key_file)?;
+    let backend = cunicu_signal::backend::connect(&peer.backends).await?;
+    Ok((backend, ours))
+}
+
+async fn publish(args: PublishArgs) -> Result<()> {
+    let theirs = public_key_arg("to", &args.to)?;
+    let (backend, ours) = connect(&args.peer).await?;
+    let pair = KeyPair::new(ours, theirs);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut number = 0;
+    let result = async {
+        while let Some(line) = lines.next_line().await.context("reading stdin")? {
+            number += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let message =
+                message_from_json(&line).with_context(|| format!("stdin line {number}"))?;
+            backend
+                .publish(&pair, &message)
+                .await
+                .with_context(|| format!("publishing stdin line {number}"))?;
+        }
+        Ok(())
+    }
+    .await;
+    backend.close().await?;
+    result
+}
+
+async fn subscribe(args: SubscribeArgs) -> Result<()> {
+    let theirs = match &args.from {
+        Some(from) => public_key_arg("from", from)?,
+        None => Key::ZERO,
+    };
+    let (backend, ours) = connect(&args.peer).await?;
+    let (handler, mut deliveries) = ChannelHandler::new(1024);
+    let pair = KeyPair::new(ours, theirs);
+    backend.subscribe(&pair, handler.clone() as Arc<_>).await?;
+    tracing::info!(key = %ours.public_key(), "subscribed");
+    eprintln!("cunicu-signal: subscribed as {}", ours.public_key());
+    let result = async {
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                delivery = deliveries.recv() => {
+                    let Some(d) = delivery else { return Ok(()) };
+                    let line = serde_json::json!({
+                        "sender": d.sender.to_string(),
+                        "recipient": d.recipient.to_string(),
+                        "message": message_to_json(&d.message),
+                    });
+                    let mut stdout = std::io::stdout().lock();
+                    writeln!(stdout, "{line}")?;
+                    stdout.flush()?;
+                }
+                signal = &mut signal => {
+                    tracing::info!("{}: stopping", signal?);
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+    backend.close().await?;
+    result
+}

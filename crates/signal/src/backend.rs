@@ -22,8 +22,12 @@ use crate::{
     proto::signaling::{BackendType, Envelope, Message},
 };
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
 mod inprocess;
 mod multi;
+#[cfg(feature = "multicast")]
+pub mod multicast;
 
 pub use inprocess::InProcess;
 pub use multi::Multi;
@@ -270,6 +274,9 @@ pub async fn connect_transport(
     let parsed = url::Url::parse(url).map_err(|e| BackendError::url(url, e))?;
     match parsed.scheme() {
         "inprocess" => Ok(Box::new(InProcess::new(&parsed, registry)?)),
+        #[cfg(feature = "grpc")]
+        "grpc" => Ok(Box::new(grpc::Grpc::connect(&parsed, registry)?)),
+        #[cfg(not(feature = "grpc"))]
         "grpc" => Err(BackendError::NotBuilt {
             scheme: "grpc".into(),
             feature: "grpc",
@@ -278,6 +285,11 @@ pub async fn connect_transport(
             scheme: "k8s".into(),
             feature: "k8s",
         }),
+        #[cfg(feature = "multicast")]
+        "multicast" => Ok(Box::new(
+            multicast::Multicast::connect(&parsed, registry).await?,
+        )),
+        #[cfg(not(feature = "multicast"))]
         "multicast" => Err(BackendError::NotBuilt {
             scheme: "multicast".into(),
             feature: "multicast",

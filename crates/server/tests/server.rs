@@ -1,0 +1,504 @@
+//! The signaling server on port 0, with the grpc:// backend and raw gRPC clients.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use cunicu_signal::{
+    Backend, BackendError, ChannelHandler, Key, KeyPair,
+    backend::connect,
+    conformance::{self, Options, message_for},
+    proto::signaling::{
+        EncryptedMessage, Envelope, GetRelaysParams, SubscribeParams,
+        relay_registry_client::RelayRegistryClient, signaling_client::SignalingClient,
+    },
+};
+use cunicu_signal_server::{Config, Relay, Server, TlsFiles};
+use tokio::time::timeout;
+use tonic::{Code, transport::Channel};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config() -> Config {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config
+}
+
+async fn start(config: Config) -> Server {
+    Server::spawn(config).await.expect("server starts")
+}
+
+fn url(server: &Server) -> String {
+    format!(
+        "grpc://127.0.0.1:{}?insecure=true",
+        server.local_addr().port()
+    )
+}
+
+async fn client(server: &Server) -> SignalingClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects");
+    SignalingClient::new(channel)
+}
+
+async fn backend(urls: Vec<String>) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(connect(&urls).await?))
+}
+
+/// An envelope whose body starts with a sequence number, padded to `size` bytes.
+fn raw_envelope_of(recipient: [u8; 32], seq: u32, size: usize) -> Envelope {
+    let mut body = seq.to_be_bytes().to_vec();
+    body.resize(size.max(4), 0);
+    Envelope {
+        sender: vec![7; 32],
+        recipient: recipient.to_vec(),
+        contents: Some(EncryptedMessage {
+            body,
+            nonce: vec![0; 24],
+        }),
+    }
+}
+
+fn raw_envelope(recipient: [u8; 32], seq: u32) -> Envelope {
+    raw_envelope_of(recipient, seq, 4)
+}
+
+fn seq(envelope: &Envelope) -> u32 {
+    let body = &envelope.contents.as_ref().expect("contents").body;
+    u32::from_be_bytes(body[..4].try_into().expect("4 bytes"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_through_one_server() {
+    let server = start(config()).await;
+    let url = url(&server);
+    conformance::run(Options::default(), |_| backend(vec![url.clone()])).await;
+    // Every stream ended with its backend: the server keeps no state.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.metrics().subscriptions.get(), 0);
+    assert_eq!(server.metrics().topics.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_through_two_servers_at_once() {
+    let (a, b) = (start(config()).await, start(config()).await);
+    let urls = vec![url(&a), url(&b)];
+    conformance::run(Options::default(), |_| backend(urls.clone())).await;
+    // Both servers carried every envelope: 90 + 10 publishes each.
+    assert_eq!(a.metrics().published.get(), 100);
+    assert_eq!(b.metrics().published.get(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_come_back_after_a_server_restart() -> Result<()> {
+    let server = start(config()).await;
+    let addr = server.local_addr();
+    let url = url(&server);
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let receiver = connect(&[&url]).await?;
+    let (handler, mut rx) = ChannelHandler::new(16);
+    receiver
+        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .await?;
+    let sender = connect(&[&url]).await?;
+    let pair = KeyPair::new(alice, bob.public_key());
+    sender
+        .publish(
+            &pair,
+            &message_for(1, &alice.public_key(), &bob.public_key()),
+        )
+        .await?;
+    let first = timeout(WAIT, rx.recv()).await?.context("first message")?;
+    assert_eq!(
+        first.message,
+        message_for(1, &alice.public_key(), &bob.public_key())
+    );
+
+    server.shutdown(Duration::from_secs(5)).await?;
+    let mut config = config();
+    config.listen = addr;
+    let server = start(config).await;
+    // The subscriber reconnects by itself.
+    timeout(WAIT, async {
+        while server.metrics().subscriptions.get() < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("subscriber did not come back")?;
+    sender
+        .publish(
+            &pair,
+            &message_for(2, &alice.public_key(), &bob.public_key()),
+        )
+        .await?;
+    let second = timeout(WAIT, rx.recv()).await?.context("second message")?;
+    assert_eq!(
+        second.message,
+        message_for(2, &alice.public_key(), &bob.public_key())
+    );
+    assert_eq!(second.sender, alice.public_key());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.try_recv().is_err(), "nothing else arrives");
+    receiver.close().await?;
+    sender.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_loses_only_its_own_oldest_envelopes() -> Result<()> {
+    let mut config = config();
+    config.queue_depth = 16;
+    let server = start(config).await;
+    let key = [3u8; 32];
+    // The slow subscriber reads the sync envelope, then nothing.
+    let mut slow = client(&server)
+        .await
+        .subscribe(SubscribeParams { key: key.to_vec() })
+        .await?
+        .into_inner();
+    assert_eq!(slow.message().await?, Some(Envelope::default()));
+    let mut fast = client(&server)
+        .await
+        .subscribe(SubscribeParams { key: key.to_vec() })
+        .await?
+        .into_inner();
+    assert_eq!(fast.message().await?, Some(Envelope::default()));
+
+    let mut publisher = client(&server).await;
+    let total = 4000u32;
+    let started = std::time::Instant::now();
+    for batch in 0..total / 10 {
+        for i in 0..10 {
+            // 4 KiB each: far more in all than HTTP/2 flow control lets sit in buffers.
+            publisher
+                .publish(raw_envelope_of(key, batch * 10 + i, 4096))
+                .await?;
+        }
+        // The fast subscriber keeps up and receives every envelope, in order.
+        for i in 0..10 {
+            let envelope = timeout(WAIT, fast.message())
+                .await??
+                .context("fast stream ended")?;
+            assert_eq!(seq(&envelope), batch * 10 + i);
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "publishing took {elapsed:?}"
+    );
+
+    // The slow one gets what was in flight, then the newest 16: the oldest were dropped.
+    let mut got = Vec::new();
+    while let Ok(Ok(Some(envelope))) = timeout(Duration::from_millis(500), slow.message()).await {
+        got.push(seq(&envelope));
+    }
+    assert!(
+        got.len() < total as usize,
+        "slow subscriber lost nothing: {}",
+        got.len()
+    );
+    let newest: Vec<u32> = (total - 16..total).collect();
+    assert_eq!(&got[got.len() - 16..], newest.as_slice());
+    let metrics = server.metrics().encode();
+    let dropped = total as usize - got.len();
+    assert!(
+        metrics.contains(&format!(
+            "signaling_envelopes_dropped_total{{reason=\"queue_full\"}} {dropped}"
+        )),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_keys_and_oversize_envelopes_are_refused() -> Result<()> {
+    let mut config = config();
+    config.max_envelope_size = 1000;
+    let server = start(config).await;
+    let mut c = client(&server).await;
+
+    let mut bad = raw_envelope([1; 32], 0);
+    bad.sender = vec![1; 31];
+    let status = c.publish(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "sender key is 31 bytes, expected 32");
+
+    let mut bad = raw_envelope([1; 32], 0);
+    bad.recipient = vec![];
+    let status = c.publish(bad).await.unwrap_err();
+    assert_eq!(status.message(), "recipient key is 0 bytes, expected 32");
+
+    let status = c
+        .subscribe(SubscribeParams { key: vec![1; 33] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "subscription key is 33 bytes, expected 32"
+    );
+
+    let mut big = raw_envelope([1; 32], 0);
+    big.contents.as_mut().unwrap().body = vec![0; 2000];
+    let status = c.publish(big).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("the limit is 1000"),
+        "{}",
+        status.message()
+    );
+
+    let mut huge = raw_envelope([1; 32], 0);
+    huge.contents.as_mut().unwrap().body = vec![0; 100_000];
+    assert_eq!(
+        c.publish(huge).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+
+    let text = server.metrics().encode();
+    assert!(
+        text.contains("signaling_requests_rejected_total{reason=\"invalid_key\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("signaling_requests_rejected_total{reason=\"oversize\"} 2"),
+        "{text}"
+    );
+    assert_eq!(server.metrics().published.get(), 0);
+    Ok(())
+}
+
+fn self_signed(dir: &std::path::Path) -> TlsFiles {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate");
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, signing_key.serialize_pem()).unwrap();
+    files
+}
+
+async fn exchange_one(url: &str) -> Result<()> {
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let backend = connect(&[url]).await?;
+    let (handler, mut rx) = ChannelHandler::new(4);
+    backend
+        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .await?;
+    let message = message_for(1, &alice.public_key(), &bob.public_key());
+    backend
+        .publish(&KeyPair::new(alice, bob.public_key()), &message)
+        .await?;
+    let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
+    assert_eq!(got.message, message);
+    backend.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_with_a_trusted_ca_file_and_with_skip_verify() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir()?;
+    let files = self_signed(dir.path());
+    let mut config = config();
+    config.tls = Some(files.clone());
+    let server = start(config).await;
+    let port = server.local_addr().port();
+
+    exchange_one(&format!(
+        "grpc://localhost:{port}?ca={}",
+        files.cert.display()
+    ))
+    .await?;
+    exchange_one(&format!("grpc://127.0.0.1:{port}?skip_verify=true")).await?;
+
+    // Not trusted: the subscription fails with a clear error instead of hanging.
+    let untrusted = connect(&[format!("grpc://localhost:{port}")]).await;
+    let failed = match untrusted {
+        Err(e) => e.to_string(),
+        Ok(backend) => {
+            let (handler, _rx) = ChannelHandler::new(1);
+            let result = backend
+                .subscribe(&KeyPair::new(Key::generate(), Key::ZERO), handler)
+                .await;
+            result
+                .expect_err("untrusted certificate accepted")
+                .to_string()
+        }
+    };
+    assert!(!failed.is_empty());
+    // Plaintext against a TLS port fails too.
+    let plain = connect(&[format!("grpc://127.0.0.1:{port}?insecure=true")]).await?;
+    let (handler, _rx) = ChannelHandler::new(1);
+    assert!(
+        plain
+            .subscribe(&KeyPair::new(Key::generate(), Key::ZERO), handler)
+            .await
+            .is_err()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_ends_open_streams() -> Result<()> {
+    let server = start(config()).await;
+    let mut streams = Vec::new();
+    for i in 0..20u8 {
+        let mut s = client(&server)
+            .await
+            .subscribe(SubscribeParams { key: vec![i; 32] })
+            .await?
+            .into_inner();
+        assert_eq!(s.message().await?, Some(Envelope::default()));
+        streams.push(s);
+    }
+    assert_eq!(server.metrics().subscriptions.get(), 20);
+    let started = std::time::Instant::now();
+    server.shutdown(Duration::from_secs(5)).await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    for mut s in streams {
+        // Each stream ends (cleanly or with the connection); none hangs.
+        let end = timeout(Duration::from_secs(2), s.message()).await?;
+        assert!(
+            !matches!(end, Ok(Some(_))),
+            "stream delivered after shutdown"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn build_info_relays_health_reflection_and_metrics() -> Result<()> {
+    let mut config = config();
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.relays = vec![
+        "stun:stun.example.com:3478".parse::<Relay>()?,
+        "turn:turn.example.com:3478?transport=udp&secret=s3cret&ttl=10m".parse()?,
+    ];
+    let server = start(config).await;
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))?
+        .connect()
+        .await?;
+
+    let info = SignalingClient::new(channel.clone())
+        .get_build_info(cunicu_signal::proto::Empty {})
+        .await?
+        .into_inner();
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(info.os, std::env::consts::OS);
+    assert_eq!(info.arch, std::env::consts::ARCH);
+    assert!(info.date.is_some_and(|d| d.seconds > 1_600_000_000));
+
+    let peer = Key::generate().public_key();
+    let relays = RelayRegistryClient::new(channel.clone())
+        .get_relays(GetRelaysParams {
+            public_key: peer.as_bytes().to_vec(),
+        })
+        .await?
+        .into_inner()
+        .relays;
+    assert_eq!(relays.len(), 2);
+    assert_eq!(relays[0].url, "stun:stun.example.com:3478");
+    assert_eq!(relays[1].url, "turn:turn.example.com:3478?transport=udp");
+    assert!(relays[1].username.ends_with(&format!(":{peer}")));
+    let status = RelayRegistryClient::new(channel.clone())
+        .get_relays(GetRelaysParams {
+            public_key: vec![1; 5],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    for service in [
+        "",
+        "cunicu.signaling.Signaling",
+        "cunicu.signaling.RelayRegistry",
+    ] {
+        let status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(futures::stream::iter([request]))
+        .await?
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await?.and_then(|r| r.message_response)
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "cunicu.signaling.Signaling",
+        "cunicu.signaling.RelayRegistry",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    let metrics_addr = server.metrics_addr().context("metrics port")?;
+    let body = http_get(metrics_addr, "/metrics").await?;
+    for name in [
+        "signaling_envelopes_published_total",
+        "signaling_envelopes_delivered_total",
+        "signaling_subscriptions",
+        "signaling_topics",
+        "signaling_rpc_duration_seconds_bucket{le=",
+        "method=\"GetBuildInfo\"",
+        "signaling_requests_rejected_total{reason=\"invalid_key\"} 1",
+    ] {
+        assert!(body.contains(name), "{name} missing from\n{body}");
+    }
+    assert!(http_get(metrics_addr, "/healthz").await?.ends_with("ok\n"));
+    Ok(())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    timeout(WAIT, stream.read_to_string(&mut response)).await??;
+    anyhow::ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
+    Ok(response)
+}

@@ -1,0 +1,604 @@
+//! `grpc://HOST:PORT`: a signaling server reached over gRPC (SPEC §6, §7).
+//!
+//! One `Subscribe` stream per own key that has handlers, opened by `listen`,
+//! which returns once the server's empty sync envelope arrived. A stream that
+//! breaks is opened again with exponential backoff and jitter, without end,
+//! until the key is unlistened or the backend closed. TLS is on by default and
+//! trusts the system's roots; `ca=FILE` trusts the PEM certificates in FILE
+//! instead, `skip_verify=true` checks nothing, `insecure=true` speaks plain HTTP/2.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use hyper_util::rt::TokioIo;
+use rustls::{
+    ClientConfig, RootCertStore,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+};
+use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request, Status, Streaming,
+    transport::{Channel, Endpoint, Uri},
+};
+
+use super::{BackendError, Transport, bool_param, check_params};
+use crate::{
+    Key, Registry,
+    proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
+};
+
+/// Settings of the gRPC backend that URLs do not carry.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GrpcOptions {
+    /// Deadline of one `Publish`.
+    pub publish_timeout: Duration,
+    /// How long `listen` waits for the server's sync envelope.
+    pub subscribe_timeout: Duration,
+    /// Deadline of establishing the TCP (and TLS) connection.
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings. cunīcu's server closes connections
+    /// that ping more often than every 5 minutes.
+    pub keepalive_interval: Duration,
+    /// How long to wait for a ping's answer before the connection counts as dead.
+    pub keepalive_timeout: Duration,
+    /// First delay before a broken stream is opened again.
+    pub backoff_min: Duration,
+    /// Longest delay between attempts.
+    pub backoff_max: Duration,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        GrpcOptions {
+            publish_timeout: Duration::from_secs(10),
+            subscribe_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(330),
+            keepalive_timeout: Duration::from_secs(20),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where and how to reach the server, parsed from a `grpc://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcTarget {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Security of the connection.
+    pub security: Security,
+}
+
+/// How the connection to the server is secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// Plain HTTP/2 (`insecure=true`).
+    Plaintext,
+    /// TLS, trusting the system's root certificates.
+    SystemRoots,
+    /// TLS, trusting only the PEM certificates in this file (`ca=FILE`).
+    CaFile(PathBuf),
+    /// TLS without any certificate check (`skip_verify=true`).
+    SkipVerify,
+}
+
+impl GrpcTarget {
+    /// Parses `grpc://HOST:PORT[?insecure=true][&skip_verify=true][&ca=FILE]`.
+    pub fn parse(url: &url::Url) -> Result<Self, BackendError> {
+        check_params(url, &["insecure", "skip_verify", "ca"])?;
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => {
+                return Err(BackendError::url(
+                    url,
+                    "no host (expected grpc://HOST:PORT)",
+                ));
+            }
+        };
+        let port = url
+            .port()
+            .ok_or_else(|| BackendError::url(url, "no port (expected grpc://HOST:PORT)"))?;
+        if !matches!(url.path(), "" | "/") {
+            return Err(BackendError::url(url, "a grpc URL has no path"));
+        }
+        let insecure = bool_param(url, "insecure")?.unwrap_or(false);
+        let skip_verify = bool_param(url, "skip_verify")?.unwrap_or(false);
+        let ca = url
+            .query_pairs()
+            .find(|(k, _)| k == "ca")
+            .map(|(_, v)| PathBuf::from(v.as_ref()));
+        let security = match (insecure, skip_verify, ca) {
+            (true, false, None) => Security::Plaintext,
+            (true, _, _) => {
+                return Err(BackendError::url(
+                    url,
+                    "insecure=true (no TLS) cannot be combined with skip_verify or ca",
+                ));
+            }
+            (false, true, None) => Security::SkipVerify,
+            (false, true, Some(_)) => {
+                return Err(BackendError::url(
+                    url,
+                    "skip_verify=true and ca=FILE contradict each other",
+                ));
+            }
+            (false, false, Some(ca)) => Security::CaFile(ca),
+            (false, false, None) => Security::SystemRoots,
+        };
+        Ok(GrpcTarget {
+            host,
+            port,
+            security,
+        })
+    }
+}
+
+/// Aborts the task when dropped.
+struct Subscription(JoinHandle<()>);
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The gRPC transport.
+pub struct Grpc {
+    name: Arc<str>,
+    client: SignalingClient<Channel>,
+    registry: Arc<Registry>,
+    options: GrpcOptions,
+    streams: Mutex<HashMap<Key, Subscription>>,
+}
+
+impl fmt::Debug for Grpc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grpc")
+            .field("url", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Grpc {
+    /// A transport to the server of `url` with default options. Nothing is
+    /// contacted until the first publish or subscribe.
+    pub fn connect(url: &url::Url, registry: Arc<Registry>) -> Result<Self, BackendError> {
+        Self::with_options(url, registry, GrpcOptions::default())
+    }
+
+    /// A transport to the server of `url`.
+    pub fn with_options(
+        url: &url::Url,
+        registry: Arc<Registry>,
+        options: GrpcOptions,
+    ) -> Result<Self, BackendError> {
+        let target = GrpcTarget::parse(url)?;
+        let channel = channel(url, &target, &options)?;
+        Ok(Grpc {
+            name: Arc::from(url.as_str()),
+            client: SignalingClient::new(channel).max_decoding_message_size(16 << 20),
+            registry,
+            options,
+            streams: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Subscription>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn channel(
+    url: &url::Url,
+    target: &GrpcTarget,
+    options: &GrpcOptions,
+) -> Result<Channel, BackendError> {
+    let authority = if target.host.contains(':') {
+        format!("[{}]:{}", target.host, target.port)
+    } else {
+        format!("{}:{}", target.host, target.port)
+    };
+    // TLS is ours (the connector below), so tonic sees http; the origin keeps
+    // the request's :scheme right.
+    let scheme = if target.security == Security::Plaintext {
+        "http"
+    } else {
+        "https"
+    };
+    let origin: Uri = format!("{scheme}://{authority}")
+        .parse()
+        .map_err(|e| BackendError::url(url, e))?;
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| BackendError::url(url, e))?
+        .origin(origin)
+        .connect_timeout(options.connect_timeout)
+        .http2_keep_alive_interval(options.keepalive_interval)
+        .keep_alive_timeout(options.keepalive_timeout)
+        // cunīcu's (grpc-go) server counts pings without an open stream as abuse.
+        .keep_alive_while_idle(false)
+        .tcp_nodelay(true);
+    let tls = match &target.security {
+        Security::Plaintext => return Ok(endpoint.connect_lazy()),
+        Security::SystemRoots => {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // A broken system certificate is skipped, as browsers do.
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(BackendError::url(
+                    url,
+                    "no system root certificates found: give ca=FILE or install them",
+                ));
+            }
+            client_config(roots)
+        }
+        Security::CaFile(path) => {
+            let mut roots = RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| BackendError::url(url, format!("ca file {}: {e}", path.display())))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| {
+                    BackendError::url(url, format!("ca file {}: {e}", path.display()))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    BackendError::url(url, format!("ca file {}: {e}", path.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(BackendError::url(
+                    url,
+                    format!("ca file {} holds no certificate", path.display()),
+                ));
+            }
+            client_config(roots)
+        }
+        Security::SkipVerify => {
+            let mut config = ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap_or_else(|_| unreachable_versions())
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerification))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            config
+        }
+    };
+    let server_name = ServerName::try_from(target.host.clone())
+        .map_err(|e| BackendError::url(url, format!("host {:?}: {e}", target.host)))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let address = authority.clone();
+    let service = tower::service_fn(move |_: Uri| {
+        let (connector, server_name, address) =
+            (connector.clone(), server_name.clone(), address.clone());
+        async move {
+            let tcp = TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(service))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn unreachable_versions() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
+    // The ring provider supports the safe default versions; this is never reached.
+    ClientConfig::builder()
+}
+
+fn client_config(roots: RootCertStore) -> ClientConfig {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable_versions())
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+/// Accepts every certificate: `skip_verify=true`.
+#[derive(Debug)]
+struct NoVerification;
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A gRPC status as one short line.
+fn status_text(status: &Status) -> String {
+    let mut text = format!("{:?}", status.code());
+    if !status.message().is_empty() {
+        text.push_str(": ");
+        text.push_str(status.message());
+    }
+    // Transport errors carry their cause as the source.
+    if let Some(source) = std::error::Error::source(status) {
+        text.push_str(&format!(" ({source})"));
+    }
+    text
+}
+
+#[derive(Debug, thiserror::Error)]
+enum GrpcError {
+    #[error("{what}: {}", status_text(.status))]
+    Status { what: &'static str, status: Status },
+    #[error("{what}: no answer within {timeout:?}")]
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("subscribe: the server ended the stream before confirming the subscription")]
+    NoSync,
+}
+
+/// Opens a Subscribe stream and waits for the sync envelope. Returns the
+/// stream and a first real envelope, if a server sent one instead of a sync.
+async fn open_stream(
+    mut client: SignalingClient<Channel>,
+    key: Key,
+    timeout: Duration,
+) -> Result<(Streaming<Envelope>, Option<Envelope>), GrpcError> {
+    let attempt = async {
+        let mut stream = client
+            .subscribe(Request::new(SubscribeParams {
+                key: key.as_bytes().to_vec(),
+            }))
+            .await
+            .map_err(|status| GrpcError::Status {
+                what: "subscribe",
+                status,
+            })?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(first)) if first == Envelope::default() => Ok((stream, None)),
+            Ok(Some(first)) => Ok((stream, Some(first))),
+            Ok(None) => Err(GrpcError::NoSync),
+            Err(status) => Err(GrpcError::Status {
+                what: "subscribe",
+                status,
+            }),
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Err(GrpcError::Timeout {
+            what: "subscribe",
+            timeout,
+        }))
+}
+
+/// Keeps one key's subscription stream open until aborted.
+async fn run_subscription(
+    name: Arc<str>,
+    client: SignalingClient<Channel>,
+    registry: Arc<Registry>,
+    key: Key,
+    options: GrpcOptions,
+    ready: oneshot::Sender<Result<(), GrpcError>>,
+) {
+    let backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(options.backoff_min)
+            .with_max_delay(options.backoff_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = backoff();
+    let mut ready = Some(ready);
+    loop {
+        match open_stream(client.clone(), key, options.subscribe_timeout).await {
+            Ok((mut stream, first)) => {
+                match ready.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(()));
+                    }
+                    None => tracing::info!(backend = %name, %key, "subscription re-established"),
+                }
+                delays = backoff();
+                if let Some(envelope) = first {
+                    registry.deliver(&envelope);
+                }
+                let reason = loop {
+                    match stream.message().await {
+                        Ok(Some(envelope)) if envelope == Envelope::default() => {}
+                        Ok(Some(envelope)) => {
+                            registry.deliver(&envelope);
+                        }
+                        Ok(None) => break "the server ended the stream".to_string(),
+                        Err(status) => break status_text(&status),
+                    }
+                };
+                // Logged once per loss; failed attempts until it is back are debug.
+                tracing::warn!(backend = %name, %key, "subscription stream lost ({reason}); reconnecting");
+            }
+            Err(e) => {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                tracing::debug!(backend = %name, %key, "subscription attempt failed: {e}");
+            }
+        }
+        tokio::time::sleep(delays.next().unwrap_or(options.backoff_max)).await;
+    }
+}
+
+#[async_trait]
+impl Transport for Grpc {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        let timeout = self.options.publish_timeout;
+        let mut request = Request::new(envelope.clone());
+        request.set_timeout(timeout);
+        let mut client = self.client.clone();
+        match tokio::time::timeout(timeout, client.publish(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(BackendError::transport(
+                &self.name,
+                GrpcError::Status {
+                    what: "publish",
+                    status,
+                },
+            )),
+            Err(_) => Err(BackendError::transport(
+                &self.name,
+                GrpcError::Timeout {
+                    what: "publish",
+                    timeout,
+                },
+            )),
+        }
+    }
+
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        if self.streams().contains_key(&key) {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(run_subscription(
+            self.name.clone(),
+            self.client.clone(),
+            self.registry.clone(),
+            key,
+            self.options.clone(),
+            tx,
+        ));
+        let subscription = Subscription(task);
+        match rx.await {
+            Ok(Ok(())) => {
+                self.streams().insert(key, subscription);
+                tracing::debug!(backend = %self.name, %key, "subscribed");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(BackendError::transport(&self.name, e)),
+            Err(_) => Err(BackendError::transport(
+                &self.name,
+                "subscription task ended unexpectedly",
+            )),
+        }
+    }
+
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        let subscription = self.streams().remove(&key);
+        if let Some(mut subscription) = subscription {
+            subscription.0.abort();
+            let _ = (&mut subscription.0).await;
+        }
+        Ok(())
+    }
+
+    fn backend_type(&self) -> BackendType {
+        BackendType::Grpc
+    }
+
+    async fn close(&self) -> Result<(), BackendError> {
+        let subscriptions: Vec<Subscription> = self.streams().drain().map(|(_, s)| s).collect();
+        for mut subscription in subscriptions {
+            subscription.0.abort();
+            let _ = (&mut subscription.0).await;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<GrpcTarget, BackendError> {
+        GrpcTarget::parse(&url::Url::parse(s).unwrap())
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse("grpc://example.com:443").unwrap(),
+            GrpcTarget {
+                host: "example.com".into(),
+                port: 443,
+                security: Security::SystemRoots
+            }
+        );
+        assert_eq!(
+            parse("grpc://127.0.0.1:8080?insecure=true")
+                .unwrap()
+                .security,
+            Security::Plaintext
+        );
+        assert_eq!(
+            parse("grpc://[::1]:8080?skip_verify=true").unwrap().host,
+            "::1"
+        );
+        assert_eq!(
+            parse("grpc://h:1?ca=/etc/ca.pem").unwrap().security,
+            Security::CaFile("/etc/ca.pem".into())
+        );
+        for bad in [
+            "grpc://h",
+            "grpc://:80",
+            "grpc://h:1?insecure=maybe",
+            "grpc://h:1?insecure=true&ca=x",
+            "grpc://h:1?skip_verify=true&ca=x",
+            "grpc://h:1?tls=1",
+            "grpc://h:1/path",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
+}
