@@ -1,1 +1,98 @@
-fn main() {}
+//! Seal and open of a typical candidate message, with cached and uncached
+//! shared keys; protobuf encode and decode. Run: `cargo bench -p cunicu-signal`.
+
+use std::{hint::black_box, time::Duration};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use cunicu_signal::{
+    Key, KeyPair, SharedKey,
+    proto::{
+        epdisc::{Candidate, CandidateType, NetworkType, RelatedAddress},
+        signaling::{Envelope, Message},
+    },
+};
+use prost::Message as _;
+
+fn candidate() -> Message {
+    Message {
+        candidate: Some(Candidate {
+            r#type: CandidateType::ServerReflexive as i32,
+            network_type: NetworkType::Udp4 as i32,
+            foundation: "3521561327".into(),
+            component: 1,
+            priority: 1694498815,
+            address: "203.0.113.17".into(),
+            port: 51820,
+            related_address: Some(RelatedAddress {
+                address: "192.168.1.20".into(),
+                port: 51820,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn envelopes(c: &mut Criterion) {
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let pair = KeyPair::new(alice, bob.public_key());
+    let message = candidate();
+    let envelope = message.seal(&pair).expect("seal");
+
+    let mut group = c.benchmark_group("envelope");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("seal_cached", |b| {
+        b.iter(|| black_box(&message).seal(black_box(&pair)).expect("seal"))
+    });
+    group.bench_function("open_cached", |b| {
+        b.iter(|| black_box(&envelope).open(black_box(&bob)).expect("open"))
+    });
+    group.bench_function("seal_open_cached", |b| {
+        b.iter(|| {
+            let env = black_box(&message).seal(&pair).expect("seal");
+            env.open(&bob).expect("open")
+        })
+    });
+    group.bench_function("seal_open_uncached", |b| {
+        b.iter(|| {
+            let shared = SharedKey::new(&alice, &bob.public_key()).expect("key");
+            let env = shared.seal(alice.public_key(), bob.public_key(), black_box(&message));
+            env.open_uncached(&bob).expect("open")
+        })
+    });
+    group.finish();
+}
+
+fn protobuf(c: &mut Criterion) {
+    let message = candidate();
+    let envelope = message
+        .seal(&KeyPair::new(Key::generate(), Key::generate().public_key()))
+        .expect("seal");
+    let message_bytes = message.encode_to_vec();
+    let envelope_bytes = envelope.encode_to_vec();
+
+    let mut group = c.benchmark_group("protobuf");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("message_encode", |b| {
+        b.iter(|| black_box(&message).encode_to_vec())
+    });
+    group.bench_function("message_decode", |b| {
+        b.iter(|| Message::decode(black_box(message_bytes.as_slice())).expect("decode"))
+    });
+    group.bench_function("envelope_encode", |b| {
+        b.iter(|| black_box(&envelope).encode_to_vec())
+    });
+    group.bench_function("envelope_decode", |b| {
+        b.iter(|| Envelope::decode(black_box(envelope_bytes.as_slice())).expect("decode"))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = envelopes, protobuf
+}
+criterion_main!(benches);

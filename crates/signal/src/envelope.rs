@@ -77,12 +77,19 @@ pub enum EnvelopeError {
 /// with it gives exactly the bytes of an uncached box.
 pub struct SharedKey {
     salsa: SalsaBox,
+    /// public(ours): the sender of what this key seals, the recipient of what it opens.
+    our_public: Key,
 }
 
 impl SharedKey {
     /// Precomputes the shared key. Fails if their key is a low-order point (the
     /// X25519 result would be all zeros), as libsodium does.
     pub fn new(ours: &Key, theirs: &Key) -> Result<Self, EnvelopeError> {
+        Self::with_public(ours, ours.public_key(), theirs)
+    }
+
+    /// As [`SharedKey::new`], with public(ours) known already.
+    fn with_public(ours: &Key, our_public: Key, theirs: &Key) -> Result<Self, EnvelopeError> {
         let secret = x25519_dalek::StaticSecret::from(*ours.as_bytes());
         let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*theirs.as_bytes()));
         // crypto_box neither checks for a non-contributory result nor takes a
@@ -95,7 +102,12 @@ impl SharedKey {
             &crypto_box::PublicKey::from(*theirs.as_bytes()),
             &crypto_box::SecretKey::from(*ours.as_bytes()),
         );
-        Ok(SharedKey { salsa })
+        Ok(SharedKey { salsa, our_public })
+    }
+
+    /// Our public key.
+    pub fn our_public(&self) -> Key {
+        self.our_public
     }
 
     /// Seals `message` with a fresh random nonce.
@@ -153,6 +165,8 @@ impl SharedKey {
 /// A bounded cache of [`SharedKey`]s by (our private key, their public key).
 pub struct SharedKeyCache {
     keys: Mutex<LruCache<(Key, Key), Arc<SharedKey>>>,
+    /// public(private), so that opening checks the recipient without an X25519.
+    publics: Mutex<LruCache<Key, Key>>,
 }
 
 impl SharedKeyCache {
@@ -160,6 +174,7 @@ impl SharedKeyCache {
     pub fn new(capacity: NonZeroUsize) -> Self {
         SharedKeyCache {
             keys: Mutex::new(LruCache::new(capacity)),
+            publics: Mutex::new(LruCache::new(capacity)),
         }
     }
 
@@ -179,9 +194,15 @@ impl SharedKeyCache {
             return Ok(key.clone());
         }
         // Compute outside the lock: X25519 is the slow part.
-        let key = Arc::new(SharedKey::new(ours, theirs)?);
+        let key = Arc::new(SharedKey::with_public(ours, self.public_key(ours), theirs)?);
         self.lock().put((*ours, *theirs), key.clone());
         Ok(key)
+    }
+
+    /// The public key of `private`, computed on a miss.
+    pub fn public_key(&self, private: &Key) -> Key {
+        let mut publics = self.publics.lock().unwrap_or_else(|e| e.into_inner());
+        *publics.get_or_insert(*private, || private.public_key())
     }
 
     /// How many shared keys are cached.
@@ -205,7 +226,7 @@ impl Message {
     /// shared key from the process-wide cache.
     pub fn seal(&self, pair: &KeyPair) -> Result<Envelope, EnvelopeError> {
         let shared = SharedKeyCache::global().get(&pair.ours, &pair.theirs)?;
-        Ok(shared.seal(pair.ours.public_key(), pair.theirs, self))
+        Ok(shared.seal(shared.our_public, pair.theirs, self))
     }
 }
 
@@ -239,27 +260,29 @@ impl Envelope {
 
     /// Opens this envelope with shared keys from `cache`.
     pub fn open_with(&self, ours: &Key, cache: &SharedKeyCache) -> Result<Message, EnvelopeError> {
-        let (sender, _) = self.check_keys(ours)?;
+        let sender = self.check_keys(cache.public_key(ours))?;
         cache.get(ours, &sender)?.open_contents(sender, self)
     }
 
     /// Opens this envelope computing the shared key afresh (no cache).
     pub fn open_uncached(&self, ours: &Key) -> Result<Message, EnvelopeError> {
-        let (sender, _) = self.check_keys(ours)?;
-        SharedKey::new(ours, &sender)?.open_contents(sender, self)
+        let our_public = ours.public_key();
+        let sender = self.check_keys(our_public)?;
+        SharedKey::with_public(ours, our_public, &sender)?.open_contents(sender, self)
     }
 
-    fn check_keys(&self, ours: &Key) -> Result<(Key, Key), EnvelopeError> {
+    /// Checks both keys' lengths and that we are the recipient (before any
+    /// X25519 for the sender's key is spent); returns the sender.
+    fn check_keys(&self, our_public: Key) -> Result<Key, EnvelopeError> {
         let recipient = self.recipient_key()?;
         let sender = self.sender_key()?;
-        let our_public = ours.public_key();
         if recipient != our_public {
             return Err(EnvelopeError::WrongRecipient {
                 recipient,
                 ours: our_public,
             });
         }
-        Ok((sender, recipient))
+        Ok(sender)
     }
 }
 

@@ -562,7 +562,8 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<GrpcTarget, BackendError> {
-        GrpcTarget::parse(&url::Url::parse(s).unwrap())
+        let url = url::Url::parse(s).map_err(|e| BackendError::url(s, e))?;
+        GrpcTarget::parse(&url)
     }
 
     #[test]

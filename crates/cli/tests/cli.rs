@@ -1,0 +1,471 @@
+//! The `cunicu-signal` binary as users run it: child processes, pipes, signals.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStderr, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use cunicu_signal::Key;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
+const WAIT: Duration = Duration::from_secs(20);
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cunicu-signal");
+    // The command may exit before reading its input (a bad flag): ignore a broken pipe.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// Asserts a failure as users should see it: non-zero, nothing on stdout, one line on stderr.
+fn assert_fails(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "succeeded; stderr: {stderr}");
+    assert!(output.stdout.is_empty(), "stdout: {:?}", output.stdout);
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "stderr is not one line: {stderr}"
+    );
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+}
+
+fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{key}\n")).unwrap();
+    path
+}
+
+#[test]
+fn keygen_and_pubkey_work_like_wg() {
+    let out = run(&["keygen"], b"");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.len(), 45, "44 characters and a newline: {text:?}");
+    let private: Key = text.parse().unwrap();
+    let out = run(&["pubkey"], text.as_bytes());
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n", private.public_key())
+    );
+    // Two keys differ.
+    assert_ne!(run(&["keygen"], b"").stdout, text.as_bytes());
+    assert_fails(&run(&["pubkey"], b"AAAA\n"), "3 bytes, expected 32");
+}
+
+#[test]
+fn envelope_seal_and_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+    let json = r#"{"candidate":{"type":"HOST","networkType":"UDP4","foundation":"1","component":1,"priority":2130706431,"address":"10.0.0.1","port":51820}}"#;
+
+    let sealed = run(
+        &[
+            "envelope",
+            "seal",
+            "--key-file",
+            alice_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+        ],
+        json.as_bytes(),
+    );
+    assert!(
+        sealed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sealed.stderr)
+    );
+    let opened = run(
+        &["envelope", "open", "--key-file", bob_file.to_str().unwrap()],
+        &sealed.stdout,
+    );
+    assert!(
+        opened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&opened.stdout).unwrap();
+    let want: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(got, want);
+
+    // The wrong key, a corrupted envelope, bad inputs: one clear line, nothing on stdout.
+    assert_fails(
+        &run(
+            &[
+                "envelope",
+                "open",
+                "--key-file",
+                alice_file.to_str().unwrap(),
+            ],
+            &sealed.stdout,
+        ),
+        "addressed to",
+    );
+    let mut corrupt = sealed.stdout.clone();
+    let last = corrupt.len() - 30;
+    corrupt[last] ^= 1;
+    assert_fails(
+        &run(
+            &["envelope", "open", "--key-file", bob_file.to_str().unwrap()],
+            &corrupt,
+        ),
+        "does not open",
+    );
+    assert_fails(
+        &run(
+            &["envelope", "open", "--key-file", bob_file.to_str().unwrap()],
+            b"\xff\xff",
+        ),
+        "does not parse",
+    );
+    let to = bob.public_key().to_string();
+    let seal = |key: &str, to: &str, input: &str| {
+        run(
+            &["envelope", "seal", "--key-file", key, "--to", to],
+            input.as_bytes(),
+        )
+    };
+    assert_fails(
+        &seal(alice_file.to_str().unwrap(), &to, "{"),
+        "invalid cunicu.signaling.Message JSON",
+    );
+    assert_fails(
+        &seal(alice_file.to_str().unwrap(), &to, r#"{"nope":1}"#),
+        "JSON",
+    );
+    assert_fails(&seal(alice_file.to_str().unwrap(), "abc", "{}"), "--to");
+    assert_fails(
+        &seal(alice_file.to_str().unwrap(), &Key::ZERO.to_string(), "{}"),
+        "low-order",
+    );
+    assert_fails(
+        &seal("/nonexistent/key", &to, "{}"),
+        "reading key file /nonexistent/key",
+    );
+    let bad_key = dir.path().join("bad");
+    std::fs::write(&bad_key, "not a key").unwrap();
+    assert_fails(&seal(bad_key.to_str().unwrap(), &to, "{}"), "not base64");
+}
+
+#[test]
+fn envelope_open_reads_libsodium_vectors() {
+    let text = include_str!("../../signal/tests/vectors/envelopes.json");
+    let vectors: serde_json::Value = serde_json::from_str(text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for case in vectors["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["valid"] == true)
+    {
+        let key: Key = case["recipient_private"].as_str().unwrap().parse().unwrap();
+        let file = key_file(dir.path(), "r", &key);
+        let envelope = STANDARD.decode(case["envelope"].as_str().unwrap()).unwrap();
+        let out = run(
+            &["envelope", "open", "--key-file", file.to_str().unwrap()],
+            &envelope,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got, case["message_json"], "{}", case["name"]);
+    }
+}
+
+/// Collects a child's stderr lines on a thread.
+fn lines_of(stderr: ChildStderr) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn terminate(child: &mut Child) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_server(extra_env: &[(&str, &str)]) -> (Killed, mpsc::Receiver<String>, String) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let line = wait_for_line(&lines, "signaling server listening");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("local_addr="))
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .to_string();
+    (Killed(child), lines, addr)
+}
+
+#[test]
+fn serve_publish_subscribe_and_sigterm() {
+    // Listen address from the environment, as operators configure it.
+    let (mut server, _server_lines, addr) =
+        spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    let url = format!("grpc://{addr}?insecure=true");
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+
+    let mut subscriber = Command::new(BIN)
+        .args([
+            "subscribe",
+            "--backend",
+            &url,
+            "--key-file",
+            bob_file.to_str().unwrap(),
+        ])
+        .args(["--from", &alice.public_key().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sub_err = lines_of(subscriber.stderr.take().unwrap());
+    wait_for_line(&sub_err, "subscribed as");
+    let (tx, received) = mpsc::channel();
+    let stdout = subscriber.stdout.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut subscriber = Killed(subscriber);
+
+    let input = "{\"credentials\":{\"ufrag\":\"one\",\"pwd\":\"p\"}}\n\n{\"credentials\":{\"ufrag\":\"two\",\"needCreds\":true}}\n";
+    let out = run(
+        &[
+            "publish",
+            "--backend",
+            &url,
+            "--key-file",
+            alice_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+        ],
+        input.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut got: Vec<serde_json::Value> = (0..2)
+        .map(|_| serde_json::from_str(&received.recv_timeout(WAIT).expect("a line")).unwrap())
+        .collect();
+    got.sort_by_key(|v| {
+        v["message"]["credentials"]["ufrag"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    });
+    assert_eq!(
+        got[0],
+        serde_json::json!({
+            "sender": alice.public_key().to_string(),
+            "recipient": bob.public_key().to_string(),
+            "message": {"credentials": {"ufrag": "one", "pwd": "p"}},
+        })
+    );
+    assert_eq!(
+        got[1]["message"],
+        serde_json::json!({"credentials": {"ufrag": "two", "needCreds": true}})
+    );
+    assert!(
+        received.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a third line"
+    );
+
+    // A message from someone else is not printed with --from.
+    let carol_file = key_file(dir.path(), "carol", &Key::generate());
+    let out = run(
+        &[
+            "publish",
+            "--backend",
+            &url,
+            "--key-file",
+            carol_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+        ],
+        b"{\"credentials\":{\"ufrag\":\"carol\"}}\n",
+    );
+    assert!(out.status.success());
+    assert!(
+        received.recv_timeout(Duration::from_millis(500)).is_err(),
+        "carol's message printed"
+    );
+
+    // A bad line: non-zero exit, one line naming the line.
+    let out = run(
+        &[
+            "publish",
+            "--backend",
+            &url,
+            "--key-file",
+            alice_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+        ],
+        b"{}\n{bad\n",
+    );
+    assert_fails(&out, "stdin line 2");
+
+    // SIGTERM with a subscription open: the server exits 0 within 5 s.
+    let (status, took) = terminate(&mut server.0);
+    assert!(status.success(), "server exit: {status}");
+    assert!(took < Duration::from_secs(5), "server took {took:?}");
+    let (status, _) = terminate(&mut subscriber.0);
+    assert!(status.success(), "subscriber exit: {status}");
+}
+
+#[test]
+fn bad_backend_urls_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = key_file(dir.path(), "k", &Key::generate());
+    let to = Key::generate().public_key().to_string();
+    for (url, needle) in [
+        ("nats://x:1", "unknown backend scheme"),
+        ("grpc://host", "no port"),
+        ("grpc://h:1?insecure=perhaps", "not a boolean"),
+        ("grpc://h:1?colour=blue", "unknown parameter"),
+    ] {
+        let out = run(
+            &[
+                "publish",
+                "--backend",
+                url,
+                "--key-file",
+                file.to_str().unwrap(),
+                "--to",
+                &to,
+            ],
+            b"",
+        );
+        assert_fails(&out, needle);
+        let out = run(
+            &[
+                "subscribe",
+                "--backend",
+                url,
+                "--key-file",
+                file.to_str().unwrap(),
+            ],
+            b"",
+        );
+        assert_fails(&out, needle);
+    }
+    // No server there: the subscription fails instead of hanging.
+    let out = run(
+        &[
+            "subscribe",
+            "--backend",
+            "grpc://127.0.0.1:1?insecure=true",
+            "--key-file",
+            file.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_fails(&out, "grpc://127.0.0.1:1");
+}
+
+#[test]
+fn serve_refuses_bad_settings() {
+    let out = run(
+        &["serve", "--listen", "127.0.0.1:0", "--relay", "http://x"],
+        b"",
+    );
+    assert_fails(&out, "invalid relay URL");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "/nonexistent",
+            "--tls-key",
+            "/nonexistent",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert!(stderr.contains("cannot read /nonexistent"), "{stderr}");
+}

@@ -1,0 +1,592 @@
+//! `multicast://GROUP:PORT?interface=NAME&loopback=BOOL`: peers on one LAN
+//! signal through UDP multicast, without a server (SPEC §6).
+//!
+//! Every transport has a socket of its own, bound to the group and port with
+//! `SO_REUSEADDR` and `SO_REUSEPORT`, so several processes (and several
+//! backends of one process) on a host share the group; the kernel hands every
+//! datagram to each of them. One envelope is one datagram of at most
+//! [`MAX_DATAGRAM`] bytes: cunīcu's peers read into a buffer of that size, so a
+//! larger envelope is refused before it is sent.
+//!
+//! Multicast hears everyone's traffic: the receive task hands the [`Registry`]
+//! only the envelopes addressed to a key this transport listens on and ignores
+//! the others quietly. Datagrams that are not envelopes are dropped and counted
+//! ([`Multicast::stats`]).
+//!
+//! Parameters:
+//! - `interface`: the network interface to join the group on and send through
+//!   (default: the one the routing table picks for the group). IPv6 groups of
+//!   interface-local or link-local scope (`ff01::/16`, `ff02::/16`) need it. On
+//!   Linux the socket is bound to that interface (`SO_BINDTODEVICE`, allowed
+//!   without privileges since Linux 5.7), so it hears nothing from the others.
+//! - `loopback`: whether our own datagrams are looped back to the sockets of
+//!   this host (`IP_MULTICAST_LOOP`, `IPV6_MULTICAST_LOOP`). It defaults to
+//!   false as in cunīcu, so that processes on one host do not hear each other.
+//!   The loopback interface `lo` is different: it delivers every datagram sent
+//!   through it to the sockets of the host whatever this flag says.
+//!
+//! Datagrams go out with a TTL (hop limit) of 1: signaling stays on the link.
+//!
+//! Where this differs from cunīcu: cunīcu sets the loopback flag only for IPv4
+//! groups and never closes its socket; here the flag applies to both families
+//! and [`Transport::close`] stops the receive task and releases the socket.
+
+use std::{
+    collections::HashSet,
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use prost::Message as _;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::UdpSocket, task::JoinHandle};
+
+use super::{BackendError, Transport, bool_param, check_params};
+use crate::{
+    Key, Registry,
+    proto::signaling::{BackendType, Envelope},
+};
+
+/// The largest envelope that travels as one datagram, in bytes: cunīcu's peers
+/// read datagrams into a buffer of this size (SPEC §6).
+pub const MAX_DATAGRAM: usize = 4096;
+
+/// How long the receive task waits after a failed read before it reads again,
+/// so that a persistent socket error does not spin.
+const READ_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why the multicast medium failed: the source of a
+/// [`BackendError::Transport`] from this backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MulticastError {
+    /// The envelope does not fit into one datagram; nothing was sent.
+    #[error(
+        "envelope is {size} bytes, more than the {limit} bytes one multicast datagram may carry: not sent"
+    )]
+    TooLarge {
+        /// The encoded size of the envelope.
+        size: usize,
+        /// The limit, [`MAX_DATAGRAM`].
+        limit: usize,
+    },
+    /// A socket operation failed.
+    #[error("{what}: {source}")]
+    Socket {
+        /// What was being done, with its addresses.
+        what: String,
+        /// The error of the operating system.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Counters of a [`Multicast`] transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MulticastStats {
+    /// Datagrams sent (one per envelope).
+    pub sent: u64,
+    /// Datagrams received: every peer's traffic on the group, and our own when
+    /// it is looped back.
+    pub received: u64,
+    /// Datagrams dropped because they are not envelopes: they do not parse,
+    /// have no 32-byte recipient, or are larger than [`MAX_DATAGRAM`].
+    pub not_envelopes: u64,
+    /// Envelopes ignored because they are addressed to a key this transport
+    /// does not listen on (other peers' traffic).
+    pub not_ours: u64,
+    /// Envelopes handed to the registry, which opens them and drops copies.
+    pub handed_over: u64,
+}
+
+/// The parsed URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Config {
+    group: SocketAddr,
+    interface: Option<String>,
+    loopback: bool,
+}
+
+impl Config {
+    fn parse(url: &url::Url) -> Result<Self, BackendError> {
+        check_params(url, &["interface", "loopback"])?;
+        let group: IpAddr = match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.into(),
+            Some(url::Host::Ipv6(ip)) => ip.into(),
+            // `multicast:` is not a special scheme: its IPv4 hosts stay text.
+            Some(url::Host::Domain(text)) => IpAddr::V4(text.parse().map_err(|_| {
+                BackendError::url(
+                    url,
+                    format!("group {text:?} is not an IP address (IPv6 goes in brackets)"),
+                )
+            })?),
+            None => {
+                return Err(BackendError::url(
+                    url,
+                    "no multicast group (expected multicast://GROUP:PORT)",
+                ));
+            }
+        };
+        if !group.is_multicast() {
+            return Err(BackendError::url(
+                url,
+                format!("{group} is not a multicast group (IPv4 224.0.0.0/4, IPv6 ff00::/8)"),
+            ));
+        }
+        let port = match url.port() {
+            None => {
+                return Err(BackendError::url(
+                    url,
+                    "no port (expected multicast://GROUP:PORT)",
+                ));
+            }
+            Some(0) => return Err(BackendError::url(url, "port 0 is not a port to meet on")),
+            Some(port) => port,
+        };
+        if !matches!(url.path(), "" | "/") {
+            return Err(BackendError::url(
+                url,
+                format!("unexpected path {:?}", url.path()),
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(BackendError::url(url, "a multicast URL has no user"));
+        }
+        let interface = match url.query_pairs().find(|(name, _)| name == "interface") {
+            Some((_, name)) if name.is_empty() => {
+                return Err(BackendError::url(url, "parameter interface is empty"));
+            }
+            Some((_, name)) => Some(name.into_owned()),
+            None => None,
+        };
+        if let IpAddr::V6(ip) = group
+            && needs_interface(&ip)
+            && interface.is_none()
+        {
+            return Err(BackendError::url(
+                url,
+                format!("group {ip} is link-local: name the interface with ?interface=NAME"),
+            ));
+        }
+        Ok(Config {
+            group: SocketAddr::new(group, port),
+            interface,
+            loopback: bool_param(url, "loopback")?.unwrap_or(false),
+        })
+    }
+}
+
+/// True for IPv6 groups of interface-local or link-local scope: they exist once
+/// per interface, so the socket must say which.
+fn needs_interface(group: &Ipv6Addr) -> bool {
+    matches!(group.octets()[1] & 0x0f, 1 | 2)
+}
+
+fn socket_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> MulticastError {
+    let what = what.into();
+    move |source| MulticastError::Socket { what, source }
+}
+
+/// Binds `socket` to the interface `name` and returns the interface's index.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn bind_interface(socket: &Socket, name: &str, url: &url::Url) -> Result<u32, BackendError> {
+    socket.bind_device(Some(name.as_bytes())).map_err(|e| {
+        if e.raw_os_error() == Some(19) {
+            // ENODEV
+            BackendError::url(url, format!("there is no network interface {name:?}"))
+        } else {
+            BackendError::transport(url, socket_error(format!("bind to interface {name:?}"))(e))
+        }
+    })?;
+    // The kernel resolved the name: ask it for the index.
+    match socket.device_index_v4() {
+        Ok(Some(index)) => Ok(index.get()),
+        Ok(None) => Err(BackendError::url(
+            url,
+            format!("there is no network interface {name:?}"),
+        )),
+        Err(e) => Err(BackendError::transport(
+            url,
+            socket_error(format!("index of interface {name:?}"))(e),
+        )),
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn bind_interface(_socket: &Socket, _name: &str, url: &url::Url) -> Result<u32, BackendError> {
+    Err(BackendError::url(
+        url,
+        "parameter interface is supported on Linux only",
+    ))
+}
+
+/// Makes the socket of `config`: bound to the group and port, member of the
+/// group, with the loopback flag and a TTL of 1, non-blocking.
+fn open_socket(config: &Config, url: &url::Url) -> Result<std::net::UdpSocket, BackendError> {
+    let fail = |e: MulticastError| BackendError::transport(url, e);
+    let group = config.group;
+    let socket = Socket::new(Domain::for_address(group), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(socket_error("create a UDP socket"))
+        .map_err(fail)?;
+    socket
+        .set_reuse_address(true)
+        .map_err(socket_error("set SO_REUSEADDR"))
+        .map_err(fail)?;
+    #[cfg(unix)]
+    socket
+        .set_reuse_port(true)
+        .map_err(socket_error("set SO_REUSEPORT"))
+        .map_err(fail)?;
+    let index = match &config.interface {
+        Some(name) => Some(bind_interface(&socket, name, url)?),
+        None => None,
+    };
+    match group.ip() {
+        IpAddr::V4(ip) => {
+            // Bound to the group, the socket receives nothing else on this port.
+            socket
+                .bind(&group.into())
+                .map_err(socket_error(format!("bind to {group}")))
+                .map_err(fail)?;
+            let interface = match index {
+                Some(index) => socket2::InterfaceIndexOrAddress::Index(index),
+                None => socket2::InterfaceIndexOrAddress::Address(Ipv4Addr::UNSPECIFIED),
+            };
+            socket
+                .join_multicast_v4_n(&ip, &interface)
+                .map_err(socket_error(format!("join group {ip}")))
+                .map_err(fail)?;
+            socket
+                .set_multicast_loop_v4(config.loopback)
+                .map_err(socket_error("set IP_MULTICAST_LOOP"))
+                .map_err(fail)?;
+            socket
+                .set_multicast_ttl_v4(1)
+                .map_err(socket_error("set IP_MULTICAST_TTL"))
+                .map_err(fail)?;
+        }
+        IpAddr::V6(ip) => {
+            let index = index.unwrap_or(0);
+            socket
+                .set_only_v6(true)
+                .map_err(socket_error("set IPV6_V6ONLY"))
+                .map_err(fail)?;
+            let bind = SocketAddrV6::new(ip, group.port(), 0, index);
+            socket
+                .bind(&bind.into())
+                .map_err(socket_error(format!("bind to {bind}")))
+                .map_err(fail)?;
+            socket
+                .join_multicast_v6(&ip, index)
+                .map_err(socket_error(format!("join group {ip}")))
+                .map_err(fail)?;
+            if index != 0 {
+                socket
+                    .set_multicast_if_v6(index)
+                    .map_err(socket_error("set IPV6_MULTICAST_IF"))
+                    .map_err(fail)?;
+            }
+            socket
+                .set_multicast_loop_v6(config.loopback)
+                .map_err(socket_error("set IPV6_MULTICAST_LOOP"))
+                .map_err(fail)?;
+            socket
+                .set_multicast_hops_v6(1)
+                .map_err(socket_error("set IPV6_MULTICAST_HOPS"))
+                .map_err(fail)?;
+        }
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(socket_error("make the socket non-blocking"))
+        .map_err(fail)?;
+    Ok(socket.into())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent: go on after a panic elsewhere.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the transport shares with its receive task.
+struct Shared {
+    name: String,
+    registry: Arc<Registry>,
+    keys: Mutex<HashSet<Key>>,
+    sent: AtomicU64,
+    received: AtomicU64,
+    not_envelopes: AtomicU64,
+    not_ours: AtomicU64,
+    handed_over: AtomicU64,
+}
+
+impl Shared {
+    fn on_datagram(&self, datagram: &[u8], from: SocketAddr) {
+        self.received.fetch_add(1, Relaxed);
+        if datagram.len() > MAX_DATAGRAM {
+            self.not_envelope(from, &format!("more than {MAX_DATAGRAM} bytes"));
+            return;
+        }
+        let envelope = match Envelope::from_bytes(datagram) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                self.not_envelope(from, &e.to_string());
+                return;
+            }
+        };
+        let recipient = match envelope.recipient_key() {
+            Ok(recipient) => recipient,
+            Err(e) => {
+                self.not_envelope(from, &e.to_string());
+                return;
+            }
+        };
+        if !lock(&self.keys).contains(&recipient) {
+            self.not_ours.fetch_add(1, Relaxed);
+            tracing::trace!(backend = %self.name, %recipient, %from, "envelope for another peer ignored");
+            return;
+        }
+        self.registry.deliver(&envelope);
+        self.handed_over.fetch_add(1, Relaxed);
+    }
+
+    fn not_envelope(&self, from: SocketAddr, why: &str) {
+        let total = self.not_envelopes.fetch_add(1, Relaxed) + 1;
+        tracing::warn!(backend = %self.name, %from, total, "datagram is not an envelope, dropped: {why}");
+    }
+}
+
+/// Reads datagrams until the task is aborted.
+async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    // One byte more than the limit tells a datagram beyond it (which cunīcu's
+    // peers would truncate) from one that just fits.
+    let mut buffer = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        match socket.recv_from(&mut buffer).await {
+            Ok((len, from)) => shared.on_datagram(&buffer[..len], from),
+            Err(e) => {
+                tracing::warn!(backend = %shared.name, "receiving a datagram failed: {e}");
+                tokio::time::sleep(READ_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// The UDP multicast transport: one socket on the group, one receive task.
+///
+/// Dropping it aborts the receive task, which releases the socket.
+pub struct Multicast {
+    group: SocketAddr,
+    shared: Arc<Shared>,
+    /// `None` once closed.
+    socket: Mutex<Option<Arc<UdpSocket>>>,
+    receiver: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Multicast {
+    /// Joins the group of `url` (`multicast://GROUP:PORT?interface=NAME&loopback=BOOL`)
+    /// and starts the receive task, which delivers into `registry`. Must be
+    /// called within a tokio runtime.
+    pub async fn connect(url: &url::Url, registry: Arc<Registry>) -> Result<Self, BackendError> {
+        let config = Config::parse(url)?;
+        let socket = open_socket(&config, url)?;
+        let socket = Arc::new(UdpSocket::from_std(socket).map_err(|e| {
+            BackendError::transport(url, socket_error("register the socket with tokio")(e))
+        })?);
+        let shared = Arc::new(Shared {
+            name: url.to_string(),
+            registry,
+            keys: Mutex::new(HashSet::new()),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            not_envelopes: AtomicU64::new(0),
+            not_ours: AtomicU64::new(0),
+            handed_over: AtomicU64::new(0),
+        });
+        let receiver = tokio::spawn(receive(socket.clone(), shared.clone()));
+        tracing::debug!(backend = %shared.name, group = %config.group, "joined multicast group");
+        Ok(Multicast {
+            group: config.group,
+            shared,
+            socket: Mutex::new(Some(socket)),
+            receiver: Mutex::new(Some(receiver)),
+        })
+    }
+
+    /// The group and port datagrams are sent to.
+    pub fn group(&self) -> SocketAddr {
+        self.group
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> MulticastStats {
+        let s = &self.shared;
+        MulticastStats {
+            sent: s.sent.load(Relaxed),
+            received: s.received.load(Relaxed),
+            not_envelopes: s.not_envelopes.load(Relaxed),
+            not_ours: s.not_ours.load(Relaxed),
+            handed_over: s.handed_over.load(Relaxed),
+        }
+    }
+
+    /// How many datagrams were dropped because they are not envelopes.
+    pub fn dropped_not_envelopes(&self) -> u64 {
+        self.shared.not_envelopes.load(Relaxed)
+    }
+
+    fn socket(&self) -> Result<Arc<UdpSocket>, BackendError> {
+        lock(&self.socket).clone().ok_or(BackendError::Closed)
+    }
+}
+
+#[async_trait]
+impl Transport for Multicast {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        let size = envelope.encoded_len();
+        if size > MAX_DATAGRAM {
+            return Err(BackendError::transport(
+                &self.shared.name,
+                MulticastError::TooLarge {
+                    size,
+                    limit: MAX_DATAGRAM,
+                },
+            ));
+        }
+        let socket = self.socket()?;
+        let datagram = envelope.encode_to_vec();
+        let sent = socket
+            .send_to(&datagram, self.group)
+            .await
+            .map_err(socket_error(format!("send to {}", self.group)))
+            .map_err(|e| BackendError::transport(&self.shared.name, e))?;
+        if sent != datagram.len() {
+            return Err(BackendError::transport(
+                &self.shared.name,
+                format!("sent {sent} of {} bytes to {}", datagram.len(), self.group),
+            ));
+        }
+        self.shared.sent.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        // The socket hears the group from the start: listening is bookkeeping.
+        self.socket()?;
+        lock(&self.shared.keys).insert(key);
+        Ok(())
+    }
+
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        lock(&self.shared.keys).remove(&key);
+        Ok(())
+    }
+
+    fn backend_type(&self) -> BackendType {
+        BackendType::Mcast
+    }
+
+    async fn close(&self) -> Result<(), BackendError> {
+        let socket = lock(&self.socket).take();
+        let receiver = lock(&self.receiver).take();
+        if let Some(receiver) = receiver {
+            receiver.abort();
+            // Resolves once the task is gone, and with it its handle on the socket.
+            let _ = receiver.await;
+        }
+        drop(socket);
+        lock(&self.shared.keys).clear();
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+impl Drop for Multicast {
+    fn drop(&mut self) {
+        if let Some(receiver) = lock(&self.receiver).take() {
+            receiver.abort();
+        }
+    }
+}
+
+impl fmt::Debug for Multicast {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Multicast")
+            .field("name", &self.shared.name)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<Config, BackendError> {
+        Config::parse(&url::Url::parse(url).map_err(|e| BackendError::url(url, e))?)
+    }
+
+    #[test]
+    fn parses_groups_and_parameters() {
+        assert_eq!(
+            parse("multicast://239.1.2.3:7000").unwrap(),
+            Config {
+                group: "239.1.2.3:7000".parse().unwrap(),
+                interface: None,
+                loopback: false,
+            }
+        );
+        assert_eq!(
+            parse("multicast://[ff02::1:2]:7000?interface=eth0&loopback=true").unwrap(),
+            Config {
+                group: "[ff02::1:2]:7000".parse().unwrap(),
+                interface: Some("eth0".into()),
+                loopback: true,
+            }
+        );
+        assert!(parse("multicast://[ff15::7]:7000/").is_ok());
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_group() {
+        for (url, reason) in [
+            (
+                "multicast://10.0.0.1:7000",
+                "10.0.0.1 is not a multicast group",
+            ),
+            (
+                "multicast://[fe80::1]:7000",
+                "fe80::1 is not a multicast group",
+            ),
+            ("multicast://lan.example:7000", "is not an IP address"),
+            ("multicast://239.1.2.3", "no port"),
+            ("multicast://239.1.2.3:0", "port 0"),
+            ("multicast://239.1.2.3:7000/x", "unexpected path"),
+            (
+                "multicast://239.1.2.3:7000?ttl=3",
+                "unknown parameter \"ttl\"",
+            ),
+            ("multicast://239.1.2.3:7000?loopback=maybe", "not a boolean"),
+            (
+                "multicast://239.1.2.3:7000?interface=",
+                "interface is empty",
+            ),
+            ("multicast://[ff02::1]:7000", "name the interface"),
+        ] {
+            let err = parse(url).unwrap_err();
+            assert!(
+                matches!(err, BackendError::Url { .. }) && err.to_string().contains(reason),
+                "{url}: {err}"
+            );
+        }
+    }
+}
