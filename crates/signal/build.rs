@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(grpc)
         .build_server(grpc)
         .build_transport(grpc)
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(fds)?;
     Ok(())
 }

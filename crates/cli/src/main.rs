@@ -3,6 +3,7 @@
 //! This binary only parses arguments and calls the library and the server crate.
 
 mod bench;
+mod connect;
 
 use std::{
     io::{IsTerminal, Read, Write},
@@ -52,6 +53,9 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Load generator: subscribers and publishers against a signaling server.
     Bench(bench::BenchArgs),
+    /// An ICE session with a peer over signaling: stdin lines out as datagrams,
+    /// datagrams in to stdout (a tiny netcat over ICE).
+    Connect(connect::ConnectArgs),
 }
 
 #[derive(Subcommand)]
@@ -151,10 +155,11 @@ struct SubscribeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // webrtc-ice warns about routine events (e.g. candidates closed with their agent).
     let default_level = if matches!(cli.command, Command::Serve(_)) {
         "info"
     } else {
-        "warn"
+        "warn,webrtc_ice=error"
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -194,6 +199,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Publish(args) => runtime()?.block_on(publish(args)),
         Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
+        Command::Connect(args) => runtime()?.block_on(connect::run(args)),
     }
 }
 

@@ -502,3 +502,61 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     anyhow::ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
     Ok(response)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_down_at_subscribe_time_is_used_once_it_is_up() -> Result<()> {
+    // A free port, with nothing listening yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("grpc://127.0.0.1:{port}?insecure=true");
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let (handler, mut rx) = ChannelHandler::new(4);
+    // Alone, the gRPC backend refuses the subscription with the reason.
+    let alone = connect(&[&url]).await?;
+    let err = alone
+        .subscribe(&KeyPair::new(bob, Key::ZERO), handler.clone())
+        .await
+        .expect_err("nothing listens");
+    assert!(err.to_string().contains(&url), "{err}");
+    // Together with another backend, the subscription stands and gRPC joins later.
+    let receiver = connect(&[url.as_str(), "inprocess:"]).await?;
+    assert!(
+        receiver
+            .subscribe(&KeyPair::new(bob, Key::ZERO), handler)
+            .await?
+    );
+
+    let mut config = config();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let server = start(config).await;
+    timeout(WAIT, async {
+        while server.metrics().subscriptions.get() < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("the subscription never reached the server")?;
+    // Only the multi backend's: the refused one stopped trying (it would be
+    // back within a few hundred milliseconds otherwise).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.metrics().subscriptions.get(), 1);
+    let sender = connect(&[&url]).await?;
+    let message = message_for(1, &alice.public_key(), &bob.public_key());
+    sender
+        .publish(&KeyPair::new(alice, bob.public_key()), &message)
+        .await?;
+    let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
+    assert_eq!(got.message, message);
+    receiver.close().await?;
+    sender.close().await?;
+    alone.close().await?;
+    timeout(WAIT, async {
+        while server.metrics().subscriptions.get() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("subscriptions left behind")?;
+    Ok(())
+}

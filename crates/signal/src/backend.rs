@@ -25,6 +25,8 @@ use crate::{
 #[cfg(feature = "grpc")]
 pub mod grpc;
 mod inprocess;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 mod multi;
 #[cfg(feature = "multicast")]
 pub mod multicast;
@@ -155,7 +157,8 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends a sealed envelope to its recipient.
     async fn send(&self, envelope: &Envelope) -> Result<(), BackendError>;
     /// Starts receiving envelopes addressed to our public key `key`. Returns once
-    /// envelopes published from now on will arrive.
+    /// envelopes published from now on will arrive. On an error the medium may
+    /// go on trying in the background until [`Transport::unlisten`].
     async fn listen(&self, key: Key) -> Result<(), BackendError>;
     /// Stops receiving envelopes for `key`.
     async fn unlisten(&self, key: Key) -> Result<(), BackendError>;
@@ -224,7 +227,10 @@ impl Backend for SignalingBackend {
         self.check_open()?;
         let first = self.registry.add(pair, handler.clone());
         if first && let Err(e) = self.transport.listen(pair.ours.public_key()).await {
-            self.registry.remove(pair, &handler);
+            if self.registry.remove(pair, &handler).last_for_key {
+                // Stop what the medium may still be trying for this key.
+                let _ = self.transport.unlisten(pair.ours.public_key()).await;
+            }
             return Err(e);
         }
         Ok(first)
@@ -281,6 +287,9 @@ pub async fn connect_transport(
             scheme: "grpc".into(),
             feature: "grpc",
         }),
+        #[cfg(feature = "k8s")]
+        "k8s" => Ok(Box::new(k8s::K8s::connect(&parsed, registry).await?)),
+        #[cfg(not(feature = "k8s"))]
         "k8s" => Err(BackendError::NotBuilt {
             scheme: "k8s".into(),
             feature: "k8s",
@@ -346,6 +355,7 @@ pub(crate) fn check_params(url: &url::Url, known: &[&str]) -> Result<(), Backend
 }
 
 /// Parses a boolean URL parameter (`true`/`false`/`1`/`0`).
+#[cfg_attr(not(any(feature = "grpc", feature = "multicast")), allow(dead_code))]
 pub(crate) fn bool_param(url: &url::Url, name: &str) -> Result<Option<bool>, BackendError> {
     let Some((_, value)) = url.query_pairs().find(|(k, _)| k == name) else {
         return Ok(None);

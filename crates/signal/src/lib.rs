@@ -18,6 +18,9 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "grpc")]
+#[doc(hidden)]
+pub mod codec;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod envelope;

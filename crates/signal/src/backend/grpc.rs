@@ -1,8 +1,9 @@
 //! `grpc://HOST:PORT`: a signaling server reached over gRPC (SPEC §6, §7).
 //!
 //! One `Subscribe` stream per own key that has handlers, opened by `listen`,
-//! which returns once the server's empty sync envelope arrived. A stream that
-//! breaks is opened again with exponential backoff and jitter, without end,
+//! which returns once the server's empty sync envelope arrived (or with the
+//! error of the first attempt, while retrying goes on). A stream that breaks,
+//! or never opened, is opened again with exponential backoff and jitter, without end,
 //! until the key is unlistened or the backend closed. TLS is on by default and
 //! trusts the system's roots; `ca=FILE` trusts the PEM certificates in FILE
 //! instead, `skip_verify=true` checks nothing, `insecure=true` speaks plain HTTP/2.
@@ -199,6 +200,14 @@ impl Grpc {
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Subscription>> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A lazy gRPC channel to the server of a `grpc://` URL, secured as the
+/// backend would be (TLS, `ca`, `skip_verify`, `insecure`): for the server's
+/// other services, such as `RelayRegistry`.
+pub fn channel_for(url: &url::Url, options: &GrpcOptions) -> Result<Channel, BackendError> {
+    let target = GrpcTarget::parse(url)?;
+    channel(url, &target, options)
 }
 
 fn channel(
@@ -465,11 +474,12 @@ async fn run_subscription(
                 tracing::warn!(backend = %name, %key, "subscription stream lost ({reason}); reconnecting");
             }
             Err(e) => {
+                tracing::debug!(backend = %name, %key, "subscription attempt failed: {e}");
+                // The first failure goes to `listen`; the task keeps trying until
+                // unlistened (in a multi backend the others may carry on meanwhile).
                 if let Some(tx) = ready.take() {
                     let _ = tx.send(Err(e));
-                    return;
                 }
-                tracing::debug!(backend = %name, %key, "subscription attempt failed: {e}");
             }
         }
         tokio::time::sleep(delays.next().unwrap_or(options.backoff_max)).await;
@@ -515,10 +525,10 @@ impl Transport for Grpc {
             self.options.clone(),
             tx,
         ));
-        let subscription = Subscription(task);
+        // Kept also when the first attempt fails: it retries until unlisten.
+        self.streams().insert(key, Subscription(task));
         match rx.await {
             Ok(Ok(())) => {
-                self.streams().insert(key, subscription);
                 tracing::debug!(backend = %self.name, %key, "subscribed");
                 Ok(())
             }
