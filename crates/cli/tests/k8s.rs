@@ -1,0 +1,219 @@
+//! `cunicu-signal publish/subscribe --backend k8s://...` against a real
+//! kube-apiserver from `scripts/kube-test-env` (started by this test binary,
+//! or the one named by `CUNICU_KUBE_TEST_ENV`).
+
+#[path = "../../signal/tests/common/kube_env.rs"]
+mod kube_env;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStderr, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use cunicu_signal::Key;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{key}\n")).unwrap();
+    path
+}
+
+/// Runs the binary to its end, killing it after [`WAIT`].
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cunicu-signal");
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let id = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &id.to_string()])
+                .status();
+            panic!("cunicu-signal {args:?} did not finish within {WAIT:?}");
+        }
+    }
+}
+
+fn lines_of<R: std::io::Read + Send + 'static>(stream: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let started = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_subscriber(url: &str, key: &Path, from: &Key) -> (Killed, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(["subscribe", "--backend", url, "--key-file"])
+        .arg(key)
+        .args(["--from", &from.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr: ChildStderr = child.stderr.take().unwrap();
+    let stderr = lines_of(stderr);
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let child = Killed(child);
+    wait_for_line(&stderr, "subscribed as");
+    (child, stdout)
+}
+
+#[test]
+fn publish_and_subscribe_through_the_api_server() {
+    let env = kube_env::shared();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ns = runtime.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            let admin = env.admin().await;
+            kube_env::install_crd(&admin).await;
+            kube_env::namespace(&admin, "cli").await
+        })
+        .await
+        .expect("CRD and namespace within 30 s")
+    });
+    let url = env.url(&ns, "1m");
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+
+    let (mut subscriber, received) = spawn_subscriber(&url, &bob_file, &alice.public_key());
+    let input = "{\"credentials\":{\"ufrag\":\"one\",\"pwd\":\"p\"}}\n{\"credentials\":{\"ufrag\":\"two\"}}\n";
+    let out = run(
+        &[
+            "publish",
+            "--backend",
+            &url,
+            "--key-file",
+            alice_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+        ],
+        input.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: Vec<serde_json::Value> = (0..2)
+        .map(|_| serde_json::from_str(&received.recv_timeout(WAIT).expect("a line")).unwrap())
+        .collect();
+    got.sort_by_key(|v| v["message"]["credentials"]["ufrag"].to_string());
+    assert_eq!(
+        got[0],
+        serde_json::json!({
+            "sender": alice.public_key().to_string(),
+            "recipient": bob.public_key().to_string(),
+            "message": {"credentials": {"ufrag": "one", "pwd": "p"}},
+        })
+    );
+    assert_eq!(
+        got[1]["message"],
+        serde_json::json!({"credentials": {"ufrag": "two"}})
+    );
+    assert!(
+        received.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a third line"
+    );
+    let status = terminate(&mut subscriber.0);
+    assert!(status.success(), "subscriber exit: {status}");
+}
+
+#[test]
+fn k8s_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "k", &Key::generate());
+    let to = Key::generate().public_key().to_string();
+    for (url, needle) in [
+        (
+            "k8s:///no/such/kubeconfig".to_string(),
+            "kubeconfig /no/such/kubeconfig",
+        ),
+        (
+            "k8s:///x?namespace=Bad_Name".to_string(),
+            "is not a DNS label",
+        ),
+        ("k8s:///x?ttl=later".to_string(), "is not a duration"),
+    ] {
+        let out = run(
+            &[
+                "publish",
+                "--backend",
+                &url,
+                "--key-file",
+                key.to_str().unwrap(),
+                "--to",
+                &to,
+            ],
+            b"",
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: succeeded");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{url}: {stderr}");
+        assert!(stderr.contains(needle), "{url}: {needle:?} not in {stderr}");
+    }
+}

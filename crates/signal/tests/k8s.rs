@@ -1,0 +1,786 @@
+//! The k8s:// backend against a real kube-apiserver (and etcd), started by
+//! `scripts/kube-test-env` (see `common/kube_env.rs`): nothing is mocked and
+//! nothing is skipped.
+
+#[path = "common/kube_env.rs"]
+mod kube_env;
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cunicu_signal::{
+    Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Registry,
+    backend::{
+        SignalingBackend, connect,
+        k8s::{self, K8s, K8sError, K8sOptions, LABEL_RECIPIENT, LABEL_SENDER, SignalingEnvelope},
+    },
+    conformance::{Options, message_for, run},
+    proto::{
+        epdisc::Credentials,
+        signaling::{BackendType, Envelope, Message},
+    },
+};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Service, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+use kube_env::{KubeEnv, apply_deploy, install_crd, namespace, shared};
+use tokio::sync::mpsc;
+
+/// Limit of one step of a test.
+const STEP: Duration = Duration::from_secs(30);
+
+/// Awaits `future`, failing the test after `limit`.
+async fn within<T>(what: &str, limit: Duration, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no result within {limit:?}"))
+}
+
+/// Short backoffs, so that the tests recover quickly.
+fn fast() -> K8sOptions {
+    K8sOptions::default()
+        .with_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .with_expiry_interval(Duration::from_millis(500))
+}
+
+/// A backend over a k8s transport of its own.
+async fn backend(url: &str, options: K8sOptions) -> (Arc<SignalingBackend>, Arc<K8s>) {
+    let registry = Registry::new();
+    let url = url::Url::parse(url).unwrap();
+    let transport = Arc::new(
+        within(
+            "connect",
+            STEP,
+            K8s::with_options(&url, registry.clone(), options),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let backend = SignalingBackend::new(Box::new(SharedTransport(transport.clone())), registry);
+    (Arc::new(backend), transport)
+}
+
+/// Lets the test keep a handle on the transport for its counters.
+struct SharedTransport(Arc<K8s>);
+
+#[async_trait::async_trait]
+impl cunicu_signal::Transport for SharedTransport {
+    async fn send(
+        &self,
+        envelope: &cunicu_signal::proto::signaling::Envelope,
+    ) -> Result<(), BackendError> {
+        self.0.send(envelope).await
+    }
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        self.0.listen(key).await
+    }
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        self.0.unlisten(key).await
+    }
+    fn backend_type(&self) -> BackendType {
+        self.0.backend_type()
+    }
+    async fn close(&self) -> Result<(), BackendError> {
+        self.0.close().await
+    }
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+}
+
+fn credentials(ufrag: String) -> Message {
+    Message {
+        credentials: Some(Credentials {
+            ufrag,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn ufrag(d: &Delivery) -> String {
+    d.message
+        .credentials
+        .as_ref()
+        .map(|c| c.ufrag.clone())
+        .unwrap_or_default()
+}
+
+/// Receives until `n` deliveries arrived, then checks for `quiet` that no more come.
+async fn receive(rx: &mut mpsc::Receiver<Delivery>, n: usize, quiet: Duration) -> Vec<Delivery> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let d = within(
+            &format!("delivery {} of {n}", got.len() + 1),
+            STEP,
+            rx.recv(),
+        )
+        .await
+        .expect("handler channel open");
+        got.push(d);
+    }
+    if let Ok(Some(extra)) = tokio::time::timeout(quiet, rx.recv()).await {
+        panic!("more than {n} deliveries: {extra:?}");
+    }
+    got
+}
+
+/// The envelope objects in `ns`.
+async fn objects(client: &Client, ns: &str) -> Vec<SignalingEnvelope> {
+    within(
+        "list",
+        STEP,
+        Api::<SignalingEnvelope>::namespaced(client.clone(), ns).list(&ListParams::default()),
+    )
+    .await
+    .unwrap()
+    .items
+}
+
+/// The error of a k8s transport behind `err`.
+fn k8s_error(err: &BackendError) -> &K8sError {
+    match err {
+        BackendError::Transport { source, .. } => source
+            .downcast_ref::<K8sError>()
+            .unwrap_or_else(|| panic!("not a K8sError: {err:?}")),
+        other => panic!("not a transport error: {other:?}"),
+    }
+}
+
+/// A token of the ServiceAccount of deploy/rbac.yaml in `ns`, from the TokenRequest API.
+async fn service_account_token(client: &Client, ns: &str) -> String {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = within(
+        "token request",
+        STEP,
+        Api::<ServiceAccount>::namespaced(client.clone(), ns).create_token_request(
+            "cunicu-signal",
+            &PostParams::default(),
+            &request,
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("TokenRequest for cunicu-signal in {ns}: {e}"));
+    answer
+        .status
+        .and_then(|s| s.token)
+        .expect("a token in the answer")
+}
+
+// ------------------------------------------------------------------ CRD --
+
+#[test]
+fn deploy_crd_yaml_is_generated_from_the_type() {
+    let generated = serde_saphyr::to_string(&k8s::crd()).unwrap();
+    let path = kube_env::repo_root().join("deploy/crd.yaml");
+    let file = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        file == generated,
+        "{} differs from the CRD of SignalingEnvelope: run \
+         `cargo run -p cunicu-signal --example crd > deploy/crd.yaml`\n--- generated:\n{generated}",
+        path.display()
+    );
+}
+
+// ---------------------------------------------------------- conformance --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_with_five_peers_each_with_its_own_backend() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "conformance")).await;
+    let url = env.url(&ns, "1m");
+    let options = Options {
+        peers: 5,
+        timeout: Duration::from_secs(60),
+        settle: Duration::from_secs(1),
+    };
+    within("conformance", Duration::from_secs(300), async {
+        run(options, |_| {
+            let url = url.clone();
+            async move {
+                let backend = connect(&[url]).await?;
+                assert_eq!(backend.backend_type(), BackendType::K8s);
+                Ok::<_, BackendError>(Arc::new(backend) as Arc<dyn Backend>)
+            }
+        })
+        .await
+    })
+    .await;
+    // Every object carries both labels, readable with kubectl.
+    for object in objects(&admin, &ns).await {
+        let labels = object.metadata.labels.unwrap_or_default();
+        let recipient: Key = object.spec.recipient.parse().unwrap();
+        let sender: Key = object.spec.sender.parse().unwrap();
+        assert_eq!(labels[LABEL_RECIPIENT], recipient.to_base32());
+        assert_eq!(labels[LABEL_SENDER], sender.to_base32());
+    }
+}
+
+// ------------------------------------------------- deploy/, ServiceAccount --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_manifests_apply_and_a_service_account_peer_works() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    // namespace.yaml as it is; the rest into a namespace of this test.
+    within(
+        "apply namespace.yaml",
+        STEP,
+        apply_deploy(&admin, "namespace.yaml", None),
+    )
+    .await;
+    let ns = within("namespace", STEP, namespace(&admin, "deploy")).await;
+    for file in ["rbac.yaml", "server.yaml"] {
+        within(file, STEP, apply_deploy(&admin, file, Some(&ns))).await;
+    }
+    let get = |what: &'static str, f: std::pin::Pin<Box<dyn Future<Output = bool> + Send>>| {
+        within(what, STEP, f)
+    };
+    assert!(
+        get(
+            "role",
+            Box::pin({
+                let api = Api::<Role>::namespaced(admin.clone(), &ns);
+                async move { api.get("cunicu-signal").await.is_ok() }
+            })
+        )
+        .await
+    );
+    assert!(
+        get(
+            "rolebinding",
+            Box::pin({
+                let api = Api::<RoleBinding>::namespaced(admin.clone(), &ns);
+                async move { api.get("cunicu-signal").await.is_ok() }
+            })
+        )
+        .await
+    );
+    let deployment = within(
+        "deployment",
+        STEP,
+        Api::<Deployment>::namespaced(admin.clone(), &ns).get("cunicu-signal"),
+    )
+    .await
+    .unwrap();
+    let args = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].args.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert_eq!(args, ["serve"]);
+    within(
+        "service",
+        STEP,
+        Api::<Service>::namespaced(admin.clone(), &ns).get("cunicu-signal"),
+    )
+    .await
+    .unwrap();
+
+    // Two peers that authenticate as the ServiceAccount, with tokens from the TokenRequest API.
+    let dir = tempfile::tempdir().unwrap();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let token = service_account_token(&admin, &ns).await;
+        let kubeconfig = env.kubeconfig_with_token(dir.path(), &token);
+        urls.push(kube_env::url_for(&kubeconfig, &ns, "3s"));
+    }
+    let (alice, alice_t) = backend(&urls[0], fast()).await;
+    let (bob, _bob_t) = backend(&urls[1], fast()).await;
+    let (a, b) = (Key::generate(), Key::generate());
+    let (to_alice, mut alice_rx) = ChannelHandler::new(16);
+    let (to_bob, mut bob_rx) = ChannelHandler::new(16);
+    within(
+        "alice subscribes",
+        STEP,
+        alice.subscribe(&KeyPair::new(a, b.public_key()), to_alice),
+    )
+    .await
+    .unwrap();
+    within(
+        "bob subscribes",
+        STEP,
+        bob.subscribe(&KeyPair::new(b, a.public_key()), to_bob),
+    )
+    .await
+    .unwrap();
+    within(
+        "alice publishes",
+        STEP,
+        alice.publish(
+            &KeyPair::new(a, b.public_key()),
+            &message_for(1, &a.public_key(), &b.public_key()),
+        ),
+    )
+    .await
+    .unwrap();
+    within(
+        "bob publishes",
+        STEP,
+        bob.publish(
+            &KeyPair::new(b, a.public_key()),
+            &message_for(1, &b.public_key(), &a.public_key()),
+        ),
+    )
+    .await
+    .unwrap();
+    let at_bob = receive(&mut bob_rx, 1, Duration::from_millis(300)).await;
+    assert_eq!(
+        at_bob[0].message,
+        message_for(1, &a.public_key(), &b.public_key())
+    );
+    let at_alice = receive(&mut alice_rx, 1, Duration::from_millis(300)).await;
+    assert_eq!(at_alice[0].sender, b.public_key());
+
+    // The ServiceAccount may delete: its peers expire their envelopes (ttl 3 s).
+    within("expiry by the ServiceAccount", STEP, async {
+        while !objects(&admin, &ns).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(alice_t.stats().deleted >= 1, "{:?}", alice_t.stats());
+    within("close", STEP, alice.close()).await.unwrap();
+    within("close", STEP, bob.close()).await.unwrap();
+}
+
+// ------------------------------------------------------ clear errors --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_without_rights_fails_at_once_with_a_clear_error() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let home = within("namespace", STEP, namespace(&admin, "rights")).await;
+    let elsewhere = within("namespace", STEP, namespace(&admin, "norights")).await;
+    within(
+        "apply rbac.yaml",
+        STEP,
+        apply_deploy(&admin, "rbac.yaml", Some(&home)),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = service_account_token(&admin, &home).await;
+    let kubeconfig = env.kubeconfig_with_token(dir.path(), &token);
+    // The ServiceAccount's token, used in a namespace where it has no Role.
+    let url = kube_env::url_for(&kubeconfig, &elsewhere, "1m");
+    let (peer, _) = backend(&url, fast()).await;
+    let (a, b) = (Key::generate(), Key::generate());
+    let (handler, _rx) = ChannelHandler::new(4);
+
+    let started = Instant::now();
+    let err = within(
+        "subscribe",
+        STEP,
+        peer.subscribe(&KeyPair::new(a, b.public_key()), handler.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let K8sError::Forbidden {
+        verbs, namespace, ..
+    } = k8s_error(&err)
+    else {
+        panic!("expected Forbidden, got {err:?}");
+    };
+    assert_eq!(verbs, "list, watch");
+    assert_eq!(namespace, &elsewhere);
+    let text = err.to_string();
+    assert!(
+        text.contains("not allowed to list, watch signalingenvelopes.cunicu.li")
+            && text.contains(&elsewhere)
+            && text.contains("deploy/rbac.yaml"),
+        "{text}"
+    );
+
+    let err = within(
+        "publish",
+        STEP,
+        peer.publish(&KeyPair::new(a, b.public_key()), &credentials("x".into())),
+    )
+    .await
+    .unwrap_err();
+    let K8sError::Forbidden { verbs, message, .. } = k8s_error(&err) else {
+        panic!("expected Forbidden, got {err:?}");
+    };
+    assert_eq!(verbs, "create");
+    assert!(message.contains("system:serviceaccount"), "{message}");
+
+    // The same token works in its own namespace.
+    let (ok, _) = backend(&kube_env::url_for(&kubeconfig, &home, "1m"), fast()).await;
+    within(
+        "subscribe at home",
+        STEP,
+        ok.subscribe(&KeyPair::new(a, b.public_key()), handler),
+    )
+    .await
+    .unwrap();
+    within("close", STEP, ok.close()).await.unwrap();
+    within("close", STEP, peer.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_crd_fails_at_once_with_a_clear_error() {
+    // An API server of its own, where the CRD was never installed.
+    let env = KubeEnv::private("nocrd");
+    let url = env.url("default", "1m");
+    let (peer, transport) = backend(&url, fast()).await;
+    let (a, b) = (Key::generate(), Key::generate());
+    let (handler, _rx) = ChannelHandler::new(4);
+    let started = Instant::now();
+    let err = within(
+        "subscribe",
+        STEP,
+        peer.subscribe(&KeyPair::new(a, b.public_key()), handler),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(k8s_error(&err), K8sError::CrdMissing { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("CRD signalingenvelopes.cunicu.li is not installed")
+            && text.contains("kubectl apply -f deploy/crd.yaml"),
+        "{text}"
+    );
+    let err = within(
+        "publish",
+        STEP,
+        peer.publish(&KeyPair::new(a, b.public_key()), &credentials("x".into())),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(k8s_error(&err), K8sError::CrdMissing { .. }),
+        "{err:?}"
+    );
+    // No watch was left behind to retry.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(transport.stats().watch_errors, 0);
+
+    // A namespace that does not exist is named as such.
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let (lost, _) = backend(&env.url("no-such-namespace", "1m"), fast()).await;
+    let err = within(
+        "publish",
+        STEP,
+        lost.publish(&KeyPair::new(a, b.public_key()), &credentials("x".into())),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(k8s_error(&err), K8sError::NamespaceMissing { namespace, .. } if namespace == "no-such-namespace"),
+        "{err:?}"
+    );
+    within("close", STEP, peer.close()).await.unwrap();
+}
+
+// -------------------------------------------- what is (not) delivered --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "expiry")).await;
+    let url = env.url(&ns, "2s");
+    let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
+    let to_b = KeyPair::new(a, b.public_key());
+
+    // Sent before anyone listens: an object that waits.
+    let (sender, sender_t) = backend(&url, fast()).await;
+    within(
+        "publish",
+        STEP,
+        sender.publish(&to_b, &credentials("early".into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(objects(&admin, &ns).await.len(), 1);
+
+    // Subscribing later does not replay it.
+    let (receiver, receiver_t) = backend(&url, fast()).await;
+    let (handler, mut rx) = ChannelHandler::new(16);
+    within(
+        "subscribe",
+        STEP,
+        receiver.subscribe(&KeyPair::new(b, Key::ZERO), handler),
+    )
+    .await
+    .unwrap();
+    within(
+        "publish",
+        STEP,
+        sender.publish(&to_b, &credentials("late".into())),
+    )
+    .await
+    .unwrap();
+    let got = receive(&mut rx, 1, Duration::from_millis(500)).await;
+    assert_eq!(ufrag(&got[0]), "late");
+    assert_eq!(receiver_t.stats().stale, 1, "{:?}", receiver_t.stats());
+
+    // The sender stops: the recipient's instance alone deletes both objects
+    // addressed to it once they are older than the ttl (2 s).
+    within("sender closes", STEP, sender.close()).await.unwrap();
+    assert_eq!(objects(&admin, &ns).await.len(), 2);
+    let started = Instant::now();
+    wait_until_empty(&admin, &ns).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(receiver_t.stats().deleted, 2, "{:?}", receiver_t.stats());
+    assert_eq!(sender_t.stats().deleted, 0, "{:?}", sender_t.stats());
+
+    // The recipient stops; an envelope to a key nobody listens on is deleted
+    // by its sender's instance alone.
+    within("receiver closes", STEP, receiver.close())
+        .await
+        .unwrap();
+    let (sender, sender_t) = backend(&url, fast()).await;
+    within(
+        "publish",
+        STEP,
+        sender.publish(
+            &KeyPair::new(a, c.public_key()),
+            &credentials("lost".into()),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_until_empty(&admin, &ns).await;
+    assert_eq!(sender_t.stats().deleted, 1, "{:?}", sender_t.stats());
+    assert!(rx.try_recv().is_err(), "a delivery after close");
+    within("close", STEP, sender.close()).await.unwrap();
+}
+
+/// Waits until no envelope object is left in `ns`.
+async fn wait_until_empty(admin: &Client, ns: &str) {
+    within("expiry", STEP, async {
+        while !objects(admin, ns).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_restart_the_watch_without_losing_or_repeating() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "selector")).await;
+    let url = env.url(&ns, "1m");
+    let (publisher, _) = backend(&url, fast()).await;
+    let (receiver, receiver_t) = backend(&url, fast()).await;
+    let sender = Key::generate();
+    let first = Key::generate();
+    let (handler, mut rx) = ChannelHandler::new(1024);
+    within(
+        "subscribe",
+        STEP,
+        receiver.subscribe(&KeyPair::new(first, Key::ZERO), handler.clone()),
+    )
+    .await
+    .unwrap();
+
+    // While messages flow to the first key, four more keys are subscribed: each
+    // restarts the one watch with a new selector.
+    const MESSAGES: usize = 40;
+    let flow = {
+        let publisher = publisher.clone();
+        let to = KeyPair::new(sender, first.public_key());
+        tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                publisher
+                    .publish(&to, &credentials(format!("m{i}")))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let key = Key::generate();
+        within(
+            "subscribe another key",
+            STEP,
+            receiver.subscribe(&KeyPair::new(key, Key::ZERO), handler.clone()),
+        )
+        .await
+        .unwrap();
+        others.push(key);
+    }
+    within("publisher", STEP, flow).await.unwrap();
+    let got = receive(&mut rx, MESSAGES, Duration::from_secs(1)).await;
+    let mut seen: Vec<String> = got.iter().map(ufrag).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), MESSAGES, "duplicates");
+    assert_eq!(
+        receiver.registry().stats().dropped_duplicate,
+        0,
+        "the transport handed an envelope over twice"
+    );
+
+    // The new keys receive too; unsubscribing one restarts the watch again.
+    for key in &others {
+        within(
+            "publish",
+            STEP,
+            publisher.publish(
+                &KeyPair::new(sender, key.public_key()),
+                &credentials("k".into()),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    receive(&mut rx, others.len(), Duration::from_millis(300)).await;
+    let handler: Arc<dyn Handler> = handler;
+    within(
+        "unsubscribe",
+        STEP,
+        receiver.unsubscribe(&KeyPair::new(others[0], Key::ZERO), &handler),
+    )
+    .await
+    .unwrap();
+    within(
+        "publish",
+        STEP,
+        publisher.publish(
+            &KeyPair::new(sender, first.public_key()),
+            &credentials("after".into()),
+        ),
+    )
+    .await
+    .unwrap();
+    let got = receive(&mut rx, 1, Duration::from_millis(500)).await;
+    assert_eq!(ufrag(&got[0]), "after");
+    assert_eq!(receiver.registry().stats().dropped_duplicate, 0);
+    assert_eq!(receiver_t.stats().invalid, 0);
+    within("close", STEP, receiver.close()).await.unwrap();
+    within("close", STEP, publisher.close()).await.unwrap();
+}
+
+// ------------------------------------------------ API server restart --
+
+/// Sends `envelope`, retrying while the API server is away. A retry sends the
+/// same envelope (same nonce) again.
+async fn send_until_accepted(publisher: &SignalingBackend, envelope: &Envelope) {
+    within("publish with retries", Duration::from_secs(120), async {
+        while let Err(e) = publisher.transport().send(envelope).await {
+            eprintln!("publish failed, retrying: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_resumes_after_an_api_server_restart_without_loss_or_duplicates() {
+    let env = KubeEnv::private("restart");
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let url = env.url("default", "1m");
+    let (publisher, _) = backend(&url, fast()).await;
+    let (receiver, receiver_t) = backend(&url, fast()).await;
+    let (a, b) = (Key::generate(), Key::generate());
+    let (handler, mut rx) = ChannelHandler::new(1024);
+    within(
+        "subscribe",
+        STEP,
+        receiver.subscribe(&KeyPair::new(b, a.public_key()), handler),
+    )
+    .await
+    .unwrap();
+    let to_b = KeyPair::new(a, b.public_key());
+    let envelope = |i: usize| credentials(format!("m{i}")).seal(&to_b).unwrap();
+
+    for i in 0..10 {
+        send_until_accepted(&publisher, &envelope(i)).await;
+    }
+    let mut got = receive(&mut rx, 10, Duration::from_millis(200)).await;
+
+    // The API server goes away (etcd keeps the objects). Meanwhile five
+    // messages wait in the publisher's retries; they are created as soon as it
+    // is back, while the receiver's watch is still away or reconnecting.
+    tokio::task::block_in_place(|| env.stop_apiserver());
+    let waiting = tokio::spawn({
+        let publisher = publisher.clone();
+        let envelopes: Vec<Envelope> = (10..15).map(envelope).collect();
+        async move {
+            for e in &envelopes {
+                send_until_accepted(&publisher, e).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "published while the API server was down"
+    );
+    tokio::task::block_in_place(|| env.start_apiserver());
+    within("the waiting messages", Duration::from_secs(120), waiting)
+        .await
+        .unwrap();
+    for i in 15..20 {
+        send_until_accepted(&publisher, &envelope(i)).await;
+    }
+    got.extend(receive(&mut rx, 10, Duration::from_secs(2)).await);
+
+    let mut all: Vec<String> = got.iter().map(ufrag).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 20, "lost or repeated: {all:?}");
+    let stats = receiver_t.stats();
+    assert!(
+        stats.watch_errors >= 1,
+        "the watch never noticed: {stats:?}"
+    );
+    assert_eq!(stats.handed_over, 20, "{stats:?}");
+    // The restarted API server answers the old resource version with 410 Gone:
+    // the watch lists again and skips the ten objects it had delivered by UID.
+    assert!(stats.seen_again >= 10, "no relist: {stats:?}");
+    assert_eq!(
+        receiver.registry().stats().dropped_duplicate,
+        0,
+        "the transport handed an envelope over twice: {stats:?}"
+    );
+    eprintln!("after the restart: {stats:?}");
+    within("close", STEP, receiver.close()).await.unwrap();
+    within("close", STEP, publisher.close()).await.unwrap();
+}
