@@ -1,0 +1,408 @@
+//! `cunicu-signal connect` as users run it: two processes establish an ICE
+//! session and carry stdin lines both ways.
+//!
+//! Network safety: candidates are limited to 127.0.0.1 (`--address`), or the
+//! peers run in network namespaces these tests create (root), joined by a
+//! veth pair: no connectivity check reaches an address of the machine's
+//! real interfaces.
+
+#[path = "../../signal/tests/common/netns.rs"]
+mod netns;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cunicu_signal::Key;
+use cunicu_signal_server::{Config, Server};
+use netns::{Netns, Veth};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, ChildStdin, Command},
+    sync::mpsc,
+    time::timeout,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
+/// Limit of one step (a line, a connection, an exit).
+const STEP: Duration = Duration::from_secs(30);
+
+fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{key}\n")).unwrap();
+    path
+}
+
+/// A running `connect`: stdin to write, stdout and stderr lines to wait for.
+struct Peer {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    /// Every stderr line so far, and whether [`Peer::stderr_line`] returned it.
+    seen: Vec<(String, bool)>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Peer {
+    /// Starts `command` (already holding the `connect` arguments).
+    fn spawn(name: &str, mut command: Command) -> Peer {
+        let mut child = command
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let (out_tx, stdout) = mpsc::channel(1024);
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let out_log = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = out.next_line().await {
+                out_log
+                    .lock()
+                    .unwrap()
+                    .push_str(&format!("stdout: {line}\n"));
+                let _ = out_tx.try_send(line);
+            }
+        });
+        let (err_tx, stderr) = mpsc::channel(1024);
+        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+        let err_log = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = err.next_line().await {
+                err_log
+                    .lock()
+                    .unwrap()
+                    .push_str(&format!("stderr: {line}\n"));
+                let _ = err_tx.try_send(line);
+            }
+        });
+        Peer {
+            name: name.into(),
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+            seen: Vec::new(),
+            log,
+        }
+    }
+
+    fn output(&self) -> String {
+        format!("--- {}:\n{}", self.name, self.log.lock().unwrap())
+    }
+
+    /// Waits for the first stderr line containing `needle` that was not
+    /// returned before (lines from different tasks may come in any order).
+    async fn stderr_line(&mut self, needle: &str) -> String {
+        let found = timeout(STEP, async {
+            loop {
+                if let Some((line, taken)) = self
+                    .seen
+                    .iter_mut()
+                    .find(|(line, taken)| !*taken && line.contains(needle))
+                {
+                    *taken = true;
+                    return Some(line.clone());
+                }
+                self.seen.push((self.stderr.recv().await?, false));
+            }
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "{}: no stderr line with {needle:?}\n{}",
+                self.name,
+                self.output()
+            ),
+        }
+    }
+
+    /// The states reported for `agent` so far, in order.
+    fn states(&self, agent: u64) -> Vec<String> {
+        let suffix = format!(" (agent {agent})");
+        self.seen
+            .iter()
+            .filter_map(|(line, _)| line.split_once("state ")?.1.strip_suffix(&suffix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        timeout(STEP, stdin.write_all(format!("{line}\n").as_bytes()))
+            .await
+            .expect("write in time")
+            .expect("write to stdin");
+        timeout(STEP, stdin.flush()).await.unwrap().unwrap();
+    }
+
+    /// The next stdout line.
+    async fn stdout_line(&mut self) -> String {
+        match timeout(STEP, self.stdout.recv()).await {
+            Ok(Some(line)) => line,
+            _ => panic!("{}: no stdout line\n{}", self.name, self.output()),
+        }
+    }
+
+    /// Sends `line` until it arrives at `to` (datagrams of a connection that is
+    /// just being replaced may be lost); returns how many were sent.
+    async fn deliver(&mut self, to: &mut Peer, line: &str) -> usize {
+        for attempt in 1..=20 {
+            self.send_line(line).await;
+            if let Ok(Some(got)) = timeout(Duration::from_millis(500), to.stdout.recv()).await {
+                assert_eq!(got, line, "{}{}", self.output(), to.output());
+                return attempt;
+            }
+        }
+        panic!("{line:?} never arrived\n{}{}", self.output(), to.output());
+    }
+
+    /// Closes stdin and waits for the exit.
+    async fn finish(mut self) -> (ExitStatus, String) {
+        drop(self.stdin.take());
+        let status = match timeout(STEP, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            _ => panic!(
+                "{}: no exit after stdin closed\n{}",
+                self.name,
+                self.output()
+            ),
+        };
+        (status, self.output())
+    }
+
+    /// SIGKILL: no goodbye of any kind.
+    async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+}
+
+fn connect_args(command: &mut Command, backend: &str, key: &Path, peer: &Key) {
+    command.args(["connect", "--backend", backend, "--key-file"]);
+    command.arg(key);
+    command.args(["--peer", &peer.to_string()]);
+}
+
+/// The agent number and ufrags of a `connected, ...` line.
+fn connected_line(line: &str) -> (u64, String, String) {
+    let field = |name: &str| {
+        line.split(&format!("{name} "))
+            .nth(1)
+            .and_then(|rest| rest.split([',', ')']).next())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_string()
+    };
+    (
+        field("agent").parse().expect("agent number"),
+        field("local ufrag"),
+        field("remote ufrag"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_on_loopback_through_the_grpc_server_and_after_a_kill() {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    // A STUN server on loopback where nothing answers: a takes it from the
+    // server's RelayRegistry, asks it in vain, and connects with host candidates.
+    config.relays = vec!["stun:127.0.0.1:9".parse().unwrap()];
+    let server = Server::spawn(config).await.expect("server starts");
+    let url = format!("grpc://{}?insecure=true", server.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let (fa, fb) = (
+        key_file(dir.path(), "a", &ka),
+        key_file(dir.path(), "b", &kb),
+    );
+    let start = |name: &str, key: &Path, peer: &Key, extra: &[&str]| {
+        let mut command = Command::new(BIN);
+        connect_args(&mut command, &url, key, peer);
+        command.args(["--address", "127.0.0.1"]).args(extra);
+        Peer::spawn(name, command)
+    };
+    let mut a = start("a", &fa, &kb.public_key(), &["--relays-from-server"]);
+    let mut b = start("b", &fb, &ka.public_key(), &[]);
+    a.stderr_line(&format!("1 relay(s) from {url}")).await;
+
+    // The smaller key controls and dials; the other accepts.
+    let a_controls = ka.public_key() < kb.public_key();
+    let (a_role, b_role) = if a_controls {
+        ("controlling (dials)", "controlled (accepts)")
+    } else {
+        ("controlled (accepts)", "controlling (dials)")
+    };
+    a.stderr_line(a_role).await;
+    b.stderr_line(b_role).await;
+    for p in [&mut a, &mut b] {
+        p.stderr_line("state Connected (agent 1)").await;
+        assert_eq!(
+            p.states(1),
+            [
+                "Creating",
+                "Idle",
+                "Gathering",
+                "Connecting",
+                "Checking",
+                "Connected"
+            ],
+            "{}",
+            p.output()
+        );
+    }
+    let a1 = connected_line(&a.stderr_line("connected, ").await);
+    let b1 = connected_line(&b.stderr_line("connected, ").await);
+    assert_eq!((a1.0, b1.0), (1, 1));
+    assert_eq!(
+        (&a1.2, &b1.2),
+        (&b1.1, &a1.1),
+        "each uses the other's credentials"
+    );
+    for p in [&mut a, &mut b] {
+        let pair = p.stderr_line("selected candidate pair").await;
+        assert_eq!(pair.matches("host udp4 127.0.0.1:").count(), 2, "{pair}");
+    }
+
+    // Lines both ways, as they are.
+    a.send_line("hello from a").await;
+    assert_eq!(b.stdout_line().await, "hello from a");
+    b.send_line("hello from b").await;
+    b.send_line("").await;
+    b.send_line("  spaces kept  ").await;
+    assert_eq!(a.stdout_line().await, "hello from b");
+    assert_eq!(a.stdout_line().await, "");
+    assert_eq!(a.stdout_line().await, "  spaces kept  ");
+
+    // b is killed and started again with the same key: the session comes back
+    // with new credentials, and lines flow again.
+    b.kill().await;
+    let mut b = start("b again", &fb, &ka.public_key(), &[]);
+    let b2 = connected_line(&b.stderr_line("connected, ").await);
+    let a2 = loop {
+        let line = connected_line(&a.stderr_line("connected, ").await);
+        if line.2 == b2.1 {
+            break line;
+        }
+    };
+    assert!(a2.0 > a1.0, "a made a new agent: {a2:?}");
+    assert_ne!(a2.1, a1.1, "a has new credentials");
+    assert_ne!(b2.1, b1.1, "b has new credentials");
+    assert_eq!(b2.2, a2.1);
+    a.stderr_line(&format!("state Closing (agent {})", a1.0))
+        .await;
+    a.deliver(&mut b, "after the restart, from a").await;
+    b.deliver(&mut a, "after the restart, from b").await;
+
+    // stdin closes: both exit 0.
+    for p in [a, b] {
+        let (status, output) = p.finish().await;
+        // Captured by libtest: shown with --nocapture or when the test fails.
+        println!("{output}");
+        assert!(status.success(), "{status}\n{output}");
+        assert!(output.contains("state Closed"), "{output}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_in_two_namespaces_with_host_candidates_over_multicast() {
+    let (na, nb) = (
+        Netns::new("ica").unwrap_or_else(|e| panic!("{e:#}")),
+        Netns::new("icb").unwrap_or_else(|e| panic!("{e:#}")),
+    );
+    let veth = Veth::link(&na, &nb).unwrap_or_else(|e| panic!("{e:#}"));
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let (fa, fb) = (
+        key_file(dir.path(), "a", &ka),
+        key_file(dir.path(), "b", &kb),
+    );
+    let pid = std::process::id();
+    let group = format!(
+        "239.255.{}.{}:{}",
+        100 + pid % 100,
+        1 + pid % 250,
+        23000 + pid % 20000
+    );
+    let mut command = na.command(BIN);
+    connect_args(
+        &mut command,
+        &format!("multicast://{group}?interface={}", veth.a),
+        &fa,
+        &kb.public_key(),
+    );
+    // One side limits gathering by interface, the other by address.
+    command.args(["--interface", &veth.a]);
+    let mut a = Peer::spawn("a (namespace A)", command);
+    let mut command = nb.command(BIN);
+    connect_args(
+        &mut command,
+        &format!("multicast://{group}?interface={}", veth.b),
+        &fb,
+        &ka.public_key(),
+    );
+    command.args(["--address", &veth.b_addr.to_string()]);
+    let mut b = Peer::spawn("b (namespace B)", command);
+
+    let a1 = connected_line(&a.stderr_line("connected, ").await);
+    let b1 = connected_line(&b.stderr_line("connected, ").await);
+    assert_eq!((&a1.2, &b1.2), (&b1.1, &a1.1));
+    let pair = a.stderr_line("selected candidate pair").await;
+    assert!(
+        pair.contains(&format!("host udp4 {}:", veth.a_addr))
+            && pair.contains(&format!("host udp4 {}:", veth.b_addr)),
+        "{pair}"
+    );
+    let pair = b.stderr_line("selected candidate pair").await;
+    assert!(
+        pair.contains(&format!("host udp4 {}:", veth.b_addr)),
+        "{pair}"
+    );
+
+    a.send_line("across the veth, from a").await;
+    assert_eq!(b.stdout_line().await, "across the veth, from a");
+    b.send_line("across the veth, from b").await;
+    assert_eq!(a.stdout_line().await, "across the veth, from b");
+
+    for p in [a, b] {
+        let (status, output) = p.finish().await;
+        // Captured by libtest: shown with --nocapture or when the test fails.
+        println!("{output}");
+        assert!(status.success(), "{status}\n{output}");
+    }
+}
+
+#[test]
+fn connect_refuses_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = key_file(dir.path(), "k", &Key::generate());
+    let peer = Key::generate().public_key().to_string();
+    let run = |extra: &[&str]| {
+        let output = std::process::Command::new(BIN)
+            .args(["connect", "--backend", "inprocess:", "--key-file"])
+            .arg(&file)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        assert!(output.stdout.is_empty());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(run(&["--peer", "abc"]).contains("--peer"));
+    assert!(run(&["--peer", &Key::ZERO.to_string()]).contains("low-order"));
+    let err = run(&["--peer", &peer, "--stun", "http://x"]);
+    assert!(err.contains("http://x"), "{err}");
+    let err = run(&["--peer", &peer, "--relays-from-server"]);
+    assert!(err.contains("needs a grpc:// backend"), "{err}");
+    let err = run(&["--peer", &peer, "--address", "not-an-ip"]);
+    assert!(err.contains("not-an-ip"), "{err}");
+}
