@@ -93,6 +93,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.subscribers == 0 || args.keys == 0 || args.streams_per_connection == 0 {
         bail!("--subscribers, --keys and --streams-per-connection must be at least 1");
     }
+    if args.keys > args.subscribers {
+        bail!(
+            "--keys ({}) must not exceed --subscribers ({})",
+            args.keys,
+            args.subscribers
+        );
+    }
     if !args.idle && args.publishers == 0 {
         bail!("--publishers must be at least 1");
     }

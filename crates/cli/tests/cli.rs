@@ -469,3 +469,61 @@ fn serve_refuses_bad_settings() {
     assert!(!child.wait().unwrap().success());
     assert!(stderr.contains("cannot read /nonexistent"), "{stderr}");
 }
+
+#[test]
+fn bench_refuses_bad_arguments_and_measures_a_server() {
+    let out = run(
+        &[
+            "bench",
+            "--backend",
+            "grpc://127.0.0.1:1?insecure=true",
+            "--subscribers",
+            "1",
+            "--keys",
+            "2",
+        ],
+        b"",
+    );
+    assert_fails(&out, "--keys (2) must not exceed --subscribers (1)");
+    let out = run(&["bench", "--backend", "inprocess:"], b"");
+    assert_fails(&out, "grpc://");
+
+    // A short run against a real server: every expected delivery arrives.
+    let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    let out = run(
+        &[
+            "bench",
+            "--backend",
+            &format!("grpc://{addr}?insecure=true"),
+            "--subscribers",
+            "20",
+            "--keys",
+            "5",
+            "--publishers",
+            "2",
+            "--duration",
+            "1s",
+            "--json",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let published = report["published"].as_u64().unwrap();
+    assert!(published > 0, "{report}");
+    assert_eq!(
+        report["expected_deliveries"].as_u64(),
+        Some(published * 4),
+        "{report}"
+    );
+    assert_eq!(
+        report["delivered"], report["expected_deliveries"],
+        "{report}"
+    );
+    assert_eq!(report["lost"], 0, "{report}");
+    assert!(report["latency_p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+}

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod hub;
+mod listener;
 pub mod metrics;
 pub mod relay;
 mod service;
@@ -29,9 +30,7 @@ use cunicu_signal::proto::{
     signaling::{relay_registry_server::RelayRegistryServer, signaling_server::SignalingServer},
 };
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity, ServerTlsConfig};
 
 pub use hub::Hub;
 pub use metrics::Metrics;
@@ -55,6 +54,13 @@ pub struct Config {
     pub max_envelope_size: usize,
     /// Envelopes queued per subscription stream before the oldest is dropped.
     pub queue_depth: usize,
+    /// Bytes queued per subscription stream before the oldest is dropped.
+    pub queue_bytes: usize,
+    /// Bytes queued for all subscription streams together; beyond it the
+    /// oldest envelope of the stream being fed is dropped.
+    pub max_queued_bytes: usize,
+    /// Most client connections open at once; beyond it accepting waits.
+    pub max_connections: usize,
     /// Most subscription streams open at once.
     pub max_subscriptions: usize,
     /// Most concurrent HTTP/2 streams on one connection.
@@ -83,6 +89,9 @@ impl Default for Config {
             tls: None,
             max_envelope_size: 65536,
             queue_depth: 256,
+            queue_bytes: 1 << 20,
+            max_queued_bytes: 256 << 20,
+            max_connections: 10_000,
             max_subscriptions: 100_000,
             max_streams_per_connection: 1024,
             keepalive_interval: Duration::from_secs(120),
@@ -113,7 +122,7 @@ pub enum ServerError {
     },
     /// The certificate or key was refused.
     #[error("invalid TLS certificate or key: {0}")]
-    Tls(tonic::transport::Error),
+    Tls(String),
     /// A setting is out of range.
     #[error("invalid setting: {0}")]
     Config(String),
@@ -145,24 +154,20 @@ pub struct Server {
 impl Server {
     /// Binds the ports and starts serving.
     pub async fn spawn(config: Config) -> Result<Self, ServerError> {
-        if config.max_envelope_size == 0 || config.queue_depth == 0 {
+        if config.max_envelope_size == 0
+            || config.queue_depth == 0
+            || config.max_connections == 0
+            || config.queue_bytes < config.max_envelope_size
+            || config.max_queued_bytes < config.queue_bytes
+        {
             return Err(ServerError::Config(
-                "max envelope size and queue depth must be at least 1".into(),
+                "max envelope size, queue depth and connections must be at least 1, queue \
+                 bytes at least the max envelope size, max queued bytes at least the queue bytes"
+                    .into(),
             ));
         }
         let tls = match &config.tls {
-            Some(files) => {
-                let read = |path: &PathBuf| {
-                    std::fs::read(path).map_err(|source| ServerError::TlsFile {
-                        path: path.clone(),
-                        source,
-                    })
-                };
-                Some(
-                    ServerTlsConfig::new()
-                        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?)),
-                )
-            }
+            Some(files) => Some(listener::tls_acceptor(&files.cert, &files.key)?),
             None => None,
         };
 
@@ -173,31 +178,27 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let local_addr = metrics::bound(&listener).map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
+        let local_addr = listener::bound(&listener, config.listen)?;
+        let (metrics_listener, metrics_addr) = match config.metrics_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
                     .await
-                    .map_err(|source| ServerError::Bind { addr, source })?,
-            ),
-            None => None,
-        };
-        let metrics_addr = match &metrics_listener {
-            Some(l) => Some(metrics::bound(l).map_err(|source| ServerError::Bind {
-                addr: local_addr,
-                source,
-            })?),
-            None => None,
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                let bound = listener::bound(&l, addr)?;
+                (Some(l), Some(bound))
+            }
+            None => (None, None),
         };
 
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         let hub = Hub::new(
-            config.queue_depth,
-            config.max_subscriptions,
+            hub::Limits {
+                depth: config.queue_depth,
+                queue_bytes: config.queue_bytes,
+                total_bytes: config.max_queued_bytes,
+                subscriptions: config.max_subscriptions,
+            },
             metrics.clone(),
         );
         // tonic's own limit answers OUT_OF_RANGE; keep it above ours, which
@@ -237,26 +238,25 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| ServerError::Config(e.to_string()))?;
 
-        let mut builder = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .max_concurrent_streams(Some(config.max_streams_per_connection))
-            .tcp_nodelay(true);
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls).map_err(ServerError::Tls)?;
-        }
-        let router = builder
             .add_service(signaling)
             .add_service(relays)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
+        let (incoming, accept) =
+            listener::incoming(listener, tls, config.max_connections, shutdown.clone());
         let token = shutdown.clone();
         let grpc = tokio::spawn(async move {
             let result = router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled())
+                .serve_with_incoming_shutdown(incoming, token.cancelled())
                 .await
                 .map_err(ServerError::Serve);
+            // The accept loop ends with the token; wait for it to let go of the port.
+            let _ = accept.await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;

@@ -1,6 +1,6 @@
 //! The server's Prometheus metrics and the HTTP endpoint that serves them.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use axum::{Router, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -187,9 +187,4 @@ pub(crate) async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-}
-
-/// The address a listener is bound to, for logs.
-pub(crate) fn bound(listener: &TcpListener) -> std::io::Result<SocketAddr> {
-    listener.local_addr()
 }

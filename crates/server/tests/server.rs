@@ -87,9 +87,9 @@ async fn conformance_through_two_servers_at_once() {
     let (a, b) = (start(config()).await, start(config()).await);
     let urls = vec![url(&a), url(&b)];
     conformance::run(Options::default(), |_| backend(urls.clone())).await;
-    // Both servers carried every envelope: 90 + 10 publishes each.
-    assert_eq!(a.metrics().published.get(), 100);
-    assert_eq!(b.metrics().published.get(), 100);
+    // Both servers carried every envelope: 90 + 10 + 10 publishes each.
+    assert_eq!(a.metrics().published.get(), 110);
+    assert_eq!(b.metrics().published.get(), 110);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,5 +558,97 @@ async fn a_server_that_is_down_at_subscribe_time_is_used_once_it_is_up() -> Resu
     })
     .await
     .context("subscriptions left behind")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_per_key_ended_by_the_last_unsubscribe() -> Result<()> {
+    let server = start(config()).await;
+    let backend = connect(&[url(&server)]).await?;
+    let (bob, carol) = (Key::generate(), Key::generate());
+    let metrics = server.metrics().clone();
+    let gauge = || metrics.subscriptions.get();
+    let wait_for = |n: i64| {
+        let metrics = metrics.clone();
+        async move {
+            timeout(WAIT, async {
+                while metrics.subscriptions.get() != n {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+        }
+    };
+    let (h1, _rx1) = ChannelHandler::new(1);
+    let (h2, _rx2) = ChannelHandler::new(1);
+    let (h3, _rx3) = ChannelHandler::new(1);
+    let (h1, h2, h3): (
+        Arc<dyn cunicu_signal::Handler>,
+        Arc<dyn cunicu_signal::Handler>,
+        Arc<dyn cunicu_signal::Handler>,
+    ) = (h1, h2, h3);
+    // Three handlers of Bob's key share one stream; Carol's key has its own.
+    assert!(
+        backend
+            .subscribe(&KeyPair::new(bob, Key::ZERO), h1.clone())
+            .await?
+    );
+    assert!(
+        !backend
+            .subscribe(&KeyPair::new(bob, carol.public_key()), h2.clone())
+            .await?
+    );
+    assert!(
+        backend
+            .subscribe(&KeyPair::new(carol, Key::ZERO), h3.clone())
+            .await?
+    );
+    assert_eq!(gauge(), 2);
+    assert!(
+        backend
+            .unsubscribe(&KeyPair::new(bob, Key::ZERO), &h1)
+            .await?
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gauge(), 2, "Bob's stream ended while a handler was left");
+    assert!(
+        backend
+            .unsubscribe(&KeyPair::new(bob, carol.public_key()), &h2)
+            .await?
+    );
+    wait_for(1)
+        .await
+        .context("Bob's stream did not end with his last handler")?;
+    assert!(
+        backend
+            .unsubscribe(&KeyPair::new(carol, Key::ZERO), &h3)
+            .await?
+    );
+    wait_for(0).await.context("Carol's stream did not end")?;
+    backend.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() -> Result<()> {
+    let mut config = config();
+    config.max_connections = 2;
+    let server = start(config).await;
+    let mut first = client(&server).await;
+    let second = client(&server).await;
+    first.publish(raw_envelope([1; 32], 0)).await?;
+    let mut second = second;
+    second.publish(raw_envelope([1; 32], 1)).await?;
+    // The third connects at the TCP level (the kernel's backlog) but is not served.
+    let third = Channel::from_shared(format!("http://{}", server.local_addr()))?.connect_lazy();
+    let mut third = SignalingClient::new(third);
+    let waiting = tokio::spawn(async move { third.publish(raw_envelope([1; 32], 2)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a third connection was served");
+    assert_eq!(server.metrics().published.get(), 2);
+    drop(first);
+    timeout(WAIT, waiting).await???;
+    assert_eq!(server.metrics().published.get(), 3);
+    drop(second);
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! subscribe to all, and an envelope that arrives through several is delivered once.
 
 use std::{
+    collections::HashMap,
     fmt,
     sync::{
         Arc,
@@ -18,7 +19,7 @@ use std::{
 use async_trait::async_trait;
 
 use crate::{
-    EnvelopeError, Handler, Key, KeyPair, Registry,
+    EnvelopeError, Handler, Key, KeyPair, Registry, SharedKeyCache,
     proto::signaling::{BackendType, Envelope, Message},
 };
 
@@ -174,9 +175,9 @@ pub trait Transport: Send + Sync + 'static {
 pub struct SignalingBackend {
     transport: Box<dyn Transport>,
     registry: Arc<Registry>,
-    /// Serializes subscribe and unsubscribe, so that listen/unlisten of a key
-    /// never race.
-    ops: tokio::sync::Mutex<()>,
+    /// One lock per own key, held by subscribe and unsubscribe, so that
+    /// listen/unlisten of a key never race while other keys go on.
+    key_locks: std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     closed: AtomicBool,
 }
 
@@ -186,7 +187,7 @@ impl SignalingBackend {
         SignalingBackend {
             transport,
             registry,
-            ops: tokio::sync::Mutex::new(()),
+            key_locks: std::sync::Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         }
     }
@@ -208,6 +209,47 @@ impl SignalingBackend {
             Ok(())
         }
     }
+
+    /// Waits for the lock of our key `public`.
+    async fn lock_key(&self, public: Key) -> KeyLock<'_> {
+        let mutex = self
+            .key_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(public)
+            .or_default()
+            .clone();
+        let guard = mutex.clone().lock_owned().await;
+        KeyLock {
+            backend: self,
+            public,
+            mutex,
+            guard: Some(guard),
+        }
+    }
+}
+
+/// The lock of one own key; the map entry goes when nobody holds or waits for it.
+struct KeyLock<'a> {
+    backend: &'a SignalingBackend,
+    public: Key,
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyLock<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = self
+            .backend
+            .key_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Held by the map and by us only: nobody else waits.
+        if Arc::strong_count(&self.mutex) == 2 {
+            locks.remove(&self.public);
+        }
+    }
 }
 
 #[async_trait]
@@ -223,16 +265,18 @@ impl Backend for SignalingBackend {
         pair: &KeyPair,
         handler: Arc<dyn Handler>,
     ) -> Result<bool, BackendError> {
-        let _ops = self.ops.lock().await;
+        let public = SharedKeyCache::global().public_key(&pair.ours);
+        let _lock = self.lock_key(public).await;
         self.check_open()?;
-        let first = self.registry.add(pair, handler.clone());
-        if first && let Err(e) = self.transport.listen(pair.ours.public_key()).await {
-            if self.registry.remove(pair, &handler).last_for_key {
-                // Stop what the medium may still be trying for this key.
-                let _ = self.transport.unlisten(pair.ours.public_key()).await;
-            }
+        let first = !self.registry.has_key(&public);
+        // Listen first, register after: if the caller drops this future while
+        // the medium connects, no handler is left registered without a medium.
+        if first && let Err(e) = self.transport.listen(public).await {
+            // Stop what the medium may still be trying for this key.
+            let _ = self.transport.unlisten(public).await;
             return Err(e);
         }
+        self.registry.add(pair, handler);
         Ok(first)
     }
 
@@ -241,11 +285,12 @@ impl Backend for SignalingBackend {
         pair: &KeyPair,
         handler: &Arc<dyn Handler>,
     ) -> Result<bool, BackendError> {
-        let _ops = self.ops.lock().await;
+        let public = SharedKeyCache::global().public_key(&pair.ours);
+        let _lock = self.lock_key(public).await;
         self.check_open()?;
         let removal = self.registry.remove(pair, handler);
         if removal.last_for_key {
-            self.transport.unlisten(pair.ours.public_key()).await?;
+            self.transport.unlisten(public).await?;
         }
         Ok(removal.last_for_sender)
     }
@@ -255,7 +300,6 @@ impl Backend for SignalingBackend {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let _ops = self.ops.lock().await;
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }

@@ -6,7 +6,8 @@
 //! recipient; every handler must receive exactly the messages meant for it:
 //! nothing lost, duplicated or crossed. Then specific handlers are removed
 //! and the suite checks that they receive nothing more while wildcard handlers
-//! still do, and that `first`/`last` are reported as SPEC §6 says.
+//! still do, that `first`/`last` are reported as SPEC §6 says, and that
+//! nothing arrives once every handler is unsubscribed.
 //!
 //! The suite panics with a message that says what went wrong.
 
@@ -282,23 +283,51 @@ where
         }
     }
 
-    // Unsubscribe everything; then nothing arrives any more.
-    for peer in &peers {
+    // Unsubscribe everything: `last` with the second handler of each sender.
+    for (i, peer) in peers.iter().enumerate() {
         for (their, handlers) in &peer.specific {
-            for h in handlers {
-                let _ = peer
+            let pair = KeyPair::new(peer.private, *their);
+            for (k, h) in handlers.iter().enumerate() {
+                let last = peer
                     .backend
-                    .unsubscribe(&KeyPair::new(peer.private, *their), &as_handler(h))
-                    .await;
+                    .unsubscribe(&pair, &as_handler(h))
+                    .await
+                    .unwrap_or_else(|e| panic!("peer {i}: unsubscribe: {e}"));
+                // The handlers for the next peer are gone already: removing
+                // them again leaves none for that sender.
+                let expected = k == 1 || *their == publics[(i + 1) % n];
+                assert_eq!(last, expected, "peer {i}: `last` of specific handler {k}");
             }
         }
-        for h in &peer.wildcard {
-            let _ = peer
+        let pair = KeyPair::new(peer.private, Key::ZERO);
+        for (k, h) in peer.wildcard.iter().enumerate() {
+            let last = peer
                 .backend
-                .unsubscribe(&KeyPair::new(peer.private, Key::ZERO), &as_handler(h))
-                .await;
+                .unsubscribe(&pair, &as_handler(h))
+                .await
+                .unwrap_or_else(|e| panic!("peer {i}: unsubscribe: {e}"));
+            assert_eq!(last, k == 1, "peer {i}: `last` of wildcard handler {k}");
         }
     }
+
+    // Round 3: nothing arrives any more.
+    for (i, peer) in peers.iter().enumerate() {
+        let to = publics[(i + 1) % n];
+        peer.backend
+            .publish(
+                &KeyPair::new(peer.private, to),
+                &message_for(3, &peer.public, &to),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("peer {i}: round 3 publish: {e}"));
+    }
+    tokio::time::sleep(options.settle).await;
+    assert_eq!(
+        total(&peers),
+        expected_total + n * 2,
+        "messages arrived after every handler was unsubscribed"
+    );
+
     for peer in &peers {
         peer.backend
             .close()

@@ -199,6 +199,16 @@ impl SharedKeyCache {
         Ok(key)
     }
 
+    /// The cached shared key of (ours, theirs), if any.
+    pub fn lookup(&self, ours: &Key, theirs: &Key) -> Option<Arc<SharedKey>> {
+        self.lock().get(&(*ours, *theirs)).cloned()
+    }
+
+    /// Caches a shared key of (ours, theirs).
+    pub fn insert(&self, ours: &Key, theirs: &Key, key: Arc<SharedKey>) {
+        self.lock().put((*ours, *theirs), key);
+    }
+
     /// The public key of `private`, computed on a miss.
     pub fn public_key(&self, private: &Key) -> Key {
         let mut publics = self.publics.lock().unwrap_or_else(|e| e.into_inner());
@@ -260,14 +270,34 @@ impl Envelope {
 
     /// Opens this envelope with shared keys from `cache`.
     pub fn open_with(&self, ours: &Key, cache: &SharedKeyCache) -> Result<Message, EnvelopeError> {
-        let sender = self.check_keys(cache.public_key(ours))?;
-        cache.get(ours, &sender)?.open_contents(sender, self)
+        let our_public = cache.public_key(ours);
+        let sender = self.check_keys(our_public)?;
+        self.check_contents()?;
+        if let Some(shared) = cache.lookup(ours, &sender) {
+            return shared.open_contents(sender, self);
+        }
+        // A new sender: cache its key only once a box of its opened, so that
+        // forgeries with made-up senders cannot push real peers out.
+        let shared = Arc::new(SharedKey::with_public(ours, our_public, &sender)?);
+        let message = shared.open_contents(sender, self)?;
+        cache.insert(ours, &sender, shared);
+        Ok(message)
+    }
+
+    /// Checks that there are contents with a 24-byte nonce, before any X25519.
+    fn check_contents(&self) -> Result<(), EnvelopeError> {
+        let contents = self.contents.as_ref().ok_or(EnvelopeError::NoContents)?;
+        if contents.nonce.len() != NONCE_LEN {
+            return Err(EnvelopeError::NonceLength(contents.nonce.len()));
+        }
+        Ok(())
     }
 
     /// Opens this envelope computing the shared key afresh (no cache).
     pub fn open_uncached(&self, ours: &Key) -> Result<Message, EnvelopeError> {
         let our_public = ours.public_key();
         let sender = self.check_keys(our_public)?;
+        self.check_contents()?;
         SharedKey::with_public(ours, our_public, &sender)?.open_contents(sender, self)
     }
 

@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
-    Key, KeyPair, NONCE_LEN,
+    Key, KeyPair, NONCE_LEN, SharedKeyCache,
     proto::signaling::{Envelope, Message},
 };
 
@@ -107,23 +107,26 @@ struct OwnKey {
     handlers: HashMap<Key, Vec<HandlerRef>>,
 }
 
+/// An envelope's identity for duplicate suppression: sender and nonce.
+type EnvelopeId = (Key, [u8; NONCE_LEN]);
+
 #[derive(Default)]
 struct Recent {
-    set: HashSet<[u8; NONCE_LEN]>,
-    order: VecDeque<[u8; NONCE_LEN]>,
+    set: HashSet<EnvelopeId>,
+    order: VecDeque<EnvelopeId>,
 }
 
 impl Recent {
-    fn contains(&self, nonce: &[u8; NONCE_LEN]) -> bool {
-        self.set.contains(nonce)
+    fn contains(&self, id: &EnvelopeId) -> bool {
+        self.set.contains(id)
     }
 
-    /// Remembers a nonce; false if it was known already.
-    fn insert(&mut self, nonce: [u8; NONCE_LEN]) -> bool {
-        if !self.set.insert(nonce) {
+    /// Remembers an envelope; false if it was known already.
+    fn insert(&mut self, id: EnvelopeId) -> bool {
+        if !self.set.insert(id) {
             return false;
         }
-        self.order.push_back(nonce);
+        self.order.push_back(id);
         if self.order.len() > RECENT_NONCES
             && let Some(old) = self.order.pop_front()
         {
@@ -152,6 +155,37 @@ pub struct Registry {
     dropped_invalid: AtomicU64,
     dropped_no_subscriber: AtomicU64,
     dropped_duplicate: AtomicU64,
+    invalid_log: LogLimiter,
+}
+
+/// Lets a log line through at most once per interval, so that input from
+/// outside cannot flood the log; counters keep the totals.
+#[derive(Debug, Default)]
+pub(crate) struct LogLimiter {
+    /// Milliseconds since [`log_epoch`] of the last line let through, plus one.
+    last: AtomicU64,
+}
+
+/// Interval of [`LogLimiter`].
+const LOG_INTERVAL_MS: u64 = 10_000;
+
+fn log_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+impl LogLimiter {
+    /// True for the first call and then at most once per interval.
+    pub(crate) fn allow(&self) -> bool {
+        let now = log_epoch().elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now < last + LOG_INTERVAL_MS {
+            return false;
+        }
+        self.last
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    }
 }
 
 fn same_handler(a: &HandlerRef, b: &HandlerRef) -> bool {
@@ -174,8 +208,9 @@ impl Registry {
     /// sender if that is the zero key). Returns true if this is the first handler
     /// of our key. Adding a handler that is there already changes nothing.
     pub fn add(&self, pair: &KeyPair, handler: HandlerRef) -> bool {
+        let public = SharedKeyCache::global().public_key(&pair.ours);
         let mut keys = lock(&self.keys);
-        let (own, first) = match keys.entry(pair.ours.public_key()) {
+        let (own, first) = match keys.entry(public) {
             Entry::Occupied(e) => (e.into_mut(), false),
             Entry::Vacant(e) => (
                 e.insert(OwnKey {
@@ -194,8 +229,8 @@ impl Registry {
 
     /// Removes `handler` for `pair`.
     pub fn remove(&self, pair: &KeyPair, handler: &HandlerRef) -> Removal {
+        let public = SharedKeyCache::global().public_key(&pair.ours);
         let mut keys = lock(&self.keys);
-        let public = pair.ours.public_key();
         let Some(own) = keys.get_mut(&public) else {
             return Removal {
                 last_for_sender: true,
@@ -243,11 +278,13 @@ impl Registry {
             tracing::debug!(%recipient, "envelope for a key without handlers dropped");
             return 0;
         };
-        let nonce = envelope
+        let sender = envelope.sender_key().unwrap_or_default();
+        let id = envelope
             .contents
             .as_ref()
-            .and_then(|c| <[u8; NONCE_LEN]>::try_from(c.nonce.as_slice()).ok());
-        if nonce.is_some_and(|n| lock(&self.recent).contains(&n)) {
+            .and_then(|c| <[u8; NONCE_LEN]>::try_from(c.nonce.as_slice()).ok())
+            .map(|nonce| (sender, nonce));
+        if id.is_some_and(|id| lock(&self.recent).contains(&id)) {
             self.dropped_duplicate.fetch_add(1, Relaxed);
             return 0;
         }
@@ -258,16 +295,16 @@ impl Registry {
                 return 0;
             }
         };
-        // Remember only authenticated nonces, so that a forged copy cannot
-        // suppress the real envelope.
-        if let Some(nonce) = nonce
-            && !lock(&self.recent).insert(nonce)
+        // Remember only authenticated envelopes, so that a forged copy cannot
+        // suppress the real one.
+        if let Some(id) = id
+            && !lock(&self.recent).insert(id)
         {
             self.dropped_duplicate.fetch_add(1, Relaxed);
             return 0;
         }
         let delivery = Delivery {
-            sender: Key::from_slice(&envelope.sender).unwrap_or_default(),
+            sender,
             recipient,
             message,
         };
@@ -306,6 +343,10 @@ impl Registry {
 
     fn drop_invalid(&self, envelope: &Envelope, why: &str) {
         let total = self.dropped_invalid.fetch_add(1, Relaxed) + 1;
+        // Anyone who can reach a medium can send these: log some, count all.
+        if !self.invalid_log.allow() {
+            return;
+        }
         let sender = Key::from_slice(&envelope.sender)
             .map(|k| k.to_string())
             .unwrap_or_else(|_| format!("<{} bytes>", envelope.sender.len()));

@@ -427,6 +427,9 @@ async fn open_stream(
         }))
 }
 
+/// A stream open this long counts as healthy: the reconnect backoff restarts.
+const STABLE_STREAM: Duration = Duration::from_secs(10);
+
 /// Keeps one key's subscription stream open until aborted.
 async fn run_subscription(
     name: Arc<str>,
@@ -456,7 +459,7 @@ async fn run_subscription(
                     }
                     None => tracing::info!(backend = %name, %key, "subscription re-established"),
                 }
-                delays = backoff();
+                let opened = tokio::time::Instant::now();
                 if let Some(envelope) = first {
                     registry.deliver(&envelope);
                 }
@@ -470,6 +473,11 @@ async fn run_subscription(
                         Err(status) => break status_text(&status),
                     }
                 };
+                // A stream that lived a while was healthy: start the backoff
+                // afresh. One that a server ends at once keeps backing off.
+                if opened.elapsed() >= STABLE_STREAM {
+                    delays = backoff();
+                }
                 // Logged once per loss; failed attempts until it is back are debug.
                 tracing::warn!(backend = %name, %key, "subscription stream lost ({reason}); reconnecting");
             }
@@ -483,6 +491,21 @@ async fn run_subscription(
             }
         }
         tokio::time::sleep(delays.next().unwrap_or(options.backoff_max)).await;
+    }
+}
+
+/// Removes a key's stream when `listen` is dropped before it finished.
+struct CancelGuard<'a> {
+    grpc: &'a Grpc,
+    key: Option<Key>,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            // Dropping the subscription aborts its task.
+            self.grpc.streams().remove(&key);
+        }
     }
 }
 
@@ -527,7 +550,15 @@ impl Transport for Grpc {
         ));
         // Kept also when the first attempt fails: it retries until unlisten.
         self.streams().insert(key, Subscription(task));
-        match rx.await {
+        // If the caller gives up waiting (drops this future), nobody asked for
+        // the stream any more: take it away again.
+        let mut cancelled = CancelGuard {
+            grpc: self,
+            key: Some(key),
+        };
+        let result = rx.await;
+        cancelled.key = None;
+        match result {
             Ok(Ok(())) => {
                 tracing::debug!(backend = %self.name, %key, "subscribed");
                 Ok(())

@@ -51,6 +51,7 @@ use super::{BackendError, Transport, bool_param, check_params};
 use crate::{
     Key, Registry,
     proto::signaling::{BackendType, Envelope},
+    registry::LogLimiter,
 };
 
 /// The largest envelope that travels as one datagram, in bytes: cunīcu's peers
@@ -324,6 +325,7 @@ struct Shared {
     not_envelopes: AtomicU64,
     not_ours: AtomicU64,
     handed_over: AtomicU64,
+    not_envelope_log: LogLimiter,
 }
 
 impl Shared {
@@ -358,6 +360,10 @@ impl Shared {
 
     fn not_envelope(&self, from: SocketAddr, why: &str) {
         let total = self.not_envelopes.fetch_add(1, Relaxed) + 1;
+        // Any host on the LAN can send these: log some, count all.
+        if !self.not_envelope_log.allow() {
+            return;
+        }
         tracing::warn!(backend = %self.name, %from, total, "datagram is not an envelope, dropped: {why}");
     }
 }
@@ -408,6 +414,7 @@ impl Multicast {
             not_envelopes: AtomicU64::new(0),
             not_ours: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
+            not_envelope_log: LogLimiter::default(),
         });
         let receiver = tokio::spawn(receive(socket.clone(), shared.clone()));
         tracing::debug!(backend = %shared.name, group = %config.group, "joined multicast group");
