@@ -2,30 +2,54 @@
 //! (SPEC §8), as a tiny netcat: each stdin line goes to the peer as one
 //! datagram, each datagram from the peer goes to stdout as it is. State
 //! changes and the selected candidate pair are printed on stderr.
+//!
+//! stdin is read on a thread of its own (a blocking read cannot be
+//! cancelled; on the runtime it would hold the exit) into a bounded channel,
+//! which is read whether or not a connection exists: stdin closing (or
+//! SIGINT/SIGTERM) ends `connect` with exit status 0 at any time. Lines read
+//! while no connection exists are kept, at most [`PENDING_LINES`] (the oldest
+//! are dropped beyond that, with a warning), and sent once one is
+//! established; those still kept when stdin closes are not sent (a warning
+//! says how many).
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    io::{self, BufRead},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use cunicu_signal::{Backend, Role};
 use cunicu_signal_session::{
-    Connection, Event, IceOptions, IceServer, Session, SessionOptions, WebrtcIce, candidate,
-    relays_from_server,
+    Connection, Event, IceAgentFactory, IceOptions, IceServer, ServerRelayIce, Session,
+    SessionOptions, WebrtcIce, candidate,
 };
 use tokio::{
-    io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader},
-    sync::broadcast,
+    io::AsyncWriteExt,
+    sync::{broadcast, mpsc},
     task::JoinHandle,
 };
 
-use crate::{PeerArgs, public_key_arg, read_key_file, shutdown_signal};
+use crate::{PeerArgs, Signals, public_key_arg, read_key_file};
 
 /// The longest datagram sent: longer lines go out in pieces of this size.
 /// webrtc-ice reads datagrams into 8 KiB buffers.
 const MAX_DATAGRAM: usize = 8000;
 
-/// How long to wait for a signaling server's RelayRegistry.
+/// How long to wait for a signaling server's RelayRegistry at the start.
 const RELAYS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Lines kept while no connection exists; beyond that the oldest are dropped.
+const PENDING_LINES: usize = 64;
+
+/// Lines on their way from the stdin thread (it waits when this is full).
+const STDIN_QUEUE: usize = 64;
+
+/// How long closing the session may take once stdin closed or a signal came.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Options of `connect`.
 #[derive(Args)]
@@ -39,7 +63,9 @@ pub struct ConnectArgs {
     /// turn:USER:PASS@HOST:PORT?transport=udp. None by default.
     #[arg(long = "stun", value_name = "URL")]
     servers: Vec<String>,
-    /// Also use the STUN/TURN relays that the grpc:// signaling servers hand out.
+    /// Also use the STUN/TURN relays that the grpc:// signaling servers hand
+    /// out (fetched again for a new ICE agent when their credentials expire
+    /// within a minute).
     #[arg(long)]
     relays_from_server: bool,
     /// Gather candidates only on this network interface (repeatable).
@@ -78,48 +104,93 @@ fn ice_server(text: &str) -> Result<IceServer> {
     })
 }
 
+/// What happened before the session could start.
+enum Start {
+    Started(Arc<dyn Backend>, Box<Session>),
+    /// stdin closed or a signal came: stop without a session.
+    Stop,
+}
+
 /// Runs `connect` until stdin closes (or SIGINT/SIGTERM).
 pub async fn run(args: ConnectArgs) -> Result<()> {
+    let mut signals = Signals::install()?;
     let theirs = public_key_arg("peer", &args.peer)?;
     let ours = read_key_file(&args.signaling.key_file)?;
-    let mut servers = args
+    let servers = args
         .servers
         .iter()
         .map(|s| ice_server(s))
         .collect::<Result<Vec<_>>>()?;
-    if args.relays_from_server {
-        let grpc: Vec<&String> = args
-            .signaling
-            .backends
-            .iter()
-            .filter(|url| url.starts_with("grpc://"))
-            .collect();
-        if grpc.is_empty() {
-            bail!("--relays-from-server needs a grpc:// backend");
-        }
-        for url in grpc {
-            let relays = relays_from_server(url, &ours.public_key(), RELAYS_TIMEOUT).await?;
-            eprintln!("cunicu-signal: {} relay(s) from {url}", relays.len());
-            servers.extend(relays);
-        }
+    let grpc: Vec<String> = args
+        .signaling
+        .backends
+        .iter()
+        .filter(|url| url.starts_with("grpc://"))
+        .cloned()
+        .collect();
+    if args.relays_from_server && grpc.is_empty() {
+        bail!("--relays-from-server needs a grpc:// backend");
     }
-    let ice = WebrtcIce::new(
-        IceOptions::default()
-            .with_servers(servers)
-            .only_interfaces(args.interfaces.iter().cloned())
-            .only_addresses(args.addresses.iter().copied()),
-    )?;
-    let backend: Arc<dyn Backend> =
-        Arc::new(cunicu_signal::backend::connect(&args.signaling.backends).await?);
-    let options = SessionOptions::default().with_disconnect_grace(args.disconnect_grace);
-    let mut session =
-        match Session::start(backend.clone(), ours, theirs, Arc::new(ice), options).await {
-            Ok(session) => session,
-            Err(e) => {
-                let _ = backend.close().await;
-                return Err(e.into());
+    let options = IceOptions::default()
+        .with_servers(servers)
+        .only_interfaces(args.interfaces.iter().cloned())
+        .only_addresses(args.addresses.iter().copied());
+    // Without relays from a server, bad --stun URLs fail here, before anything
+    // is contacted.
+    let ice = if args.relays_from_server {
+        None
+    } else {
+        Some(WebrtcIce::new(options.clone())?)
+    };
+    let mut input = Input::spawn()?;
+
+    let start = async {
+        let ice: Arc<dyn IceAgentFactory> = match ice {
+            Some(ice) => Arc::new(ice),
+            None => {
+                let ice =
+                    ServerRelayIce::fetch(options, grpc, ours.public_key(), RELAYS_TIMEOUT).await?;
+                for (url, relays) in ice.relays().await {
+                    eprintln!(
+                        "cunicu-signal: {} relay(s) from {url}",
+                        relays.servers.len()
+                    );
+                }
+                Arc::new(ice)
             }
         };
+        let backend: Arc<dyn Backend> =
+            Arc::new(cunicu_signal::backend::connect(&args.signaling.backends).await?);
+        let options = SessionOptions::default().with_disconnect_grace(args.disconnect_grace);
+        match Session::start(backend.clone(), ours, theirs, ice, options).await {
+            Ok(session) => anyhow::Ok((backend, session)),
+            Err(e) => {
+                let _ = backend.close().await;
+                Err(e.into())
+            }
+        }
+    };
+    tokio::pin!(start);
+    let start = loop {
+        tokio::select! {
+            started = &mut start => {
+                let (backend, session) = started?;
+                break Start::Started(backend, Box::new(session));
+            }
+            name = signals.recv() => {
+                eprintln!("cunicu-signal: {name}: stopping");
+                break Start::Stop;
+            }
+            more = input.read() => if !more? {
+                break Start::Stop;
+            },
+        }
+    };
+    let Start::Started(backend, session) = start else {
+        input.finish();
+        return Ok(());
+    };
+    let mut session = *session;
     eprintln!(
         "cunicu-signal: session as {} with {theirs}: {}",
         ours.public_key(),
@@ -130,21 +201,130 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     );
     let printer = Owned(tokio::spawn(print_events(session.events())));
     let result = tokio::select! {
-        result = pump(&session) => result,
-        signal = shutdown_signal() => signal.map(|name| eprintln!("cunicu-signal: {name}: stopping")),
+        result = pump(&session, &mut input) => result,
+        name = signals.recv() => {
+            eprintln!("cunicu-signal: {name}: stopping");
+            Ok(())
+        }
     };
-    let closed = session.close().await;
+    input.finish();
+    // Closing is quick (the agent, the subscription); should it hang, a
+    // second signal or CLOSE_LIMIT ends the wait.
+    let closed = tokio::select! {
+        closed = tokio::time::timeout(CLOSE_LIMIT, session.close()) => match closed {
+            Ok(closed) => closed.context("closing the session"),
+            Err(_) => {
+                eprintln!("cunicu-signal: the session did not close within {CLOSE_LIMIT:?}");
+                Ok(())
+            }
+        },
+        name = signals.recv() => {
+            eprintln!("cunicu-signal: {name}: exiting without closing the session");
+            Ok(())
+        }
+    };
     drop(printer);
-    let _ = backend.close().await;
+    let _ = tokio::time::timeout(CLOSE_LIMIT, backend.close()).await;
     result?;
-    closed.context("closing the session")
+    closed
 }
 
-/// Stdin lines to the current connection, its datagrams to stdout.
-async fn pump(session: &Session) -> Result<()> {
-    let mut connections = session.connections();
-    let mut stdin = BufReader::new(tokio::io::stdin());
+/// stdin, read on a thread of its own: datagrams (lines of at most
+/// [`MAX_DATAGRAM`] bytes) in a bounded channel, then those kept while no
+/// connection exists.
+struct Input {
+    /// Closed at the end of stdin (after an error, if one came).
+    lines: mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Read while no connection existed, oldest first.
+    pending: VecDeque<Vec<u8>>,
+    /// Lines dropped from `pending` so far.
+    dropped: u64,
+}
+
+impl Input {
+    /// Starts the thread that reads stdin. It ends at the end of stdin, on a
+    /// read error, or when the receiver is gone (at its next line); the
+    /// process does not wait for it.
+    fn spawn() -> Result<Input> {
+        let (tx, lines) = mpsc::channel(STDIN_QUEUE);
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || read_lines(&mut io::stdin().lock(), &tx))
+            .context("starting the stdin thread")?;
+        Ok(Input {
+            lines,
+            pending: VecDeque::new(),
+            dropped: 0,
+        })
+    }
+
+    /// Waits for the next line and keeps it for a connection to come. False
+    /// at the end of stdin. Cancel safe.
+    async fn read(&mut self) -> Result<bool> {
+        match self.lines.recv().await {
+            None => Ok(false),
+            Some(Err(e)) => Err(e).context("reading stdin"),
+            Some(Ok(line)) => {
+                self.keep(line);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Keeps `line` until a connection exists, dropping the oldest beyond
+    /// [`PENDING_LINES`].
+    fn keep(&mut self, line: Vec<u8>) {
+        if self.pending.len() == PENDING_LINES {
+            self.pending.pop_front();
+            self.dropped += 1;
+            // The first, then every PENDING_LINES-th: not a line per line.
+            if self.dropped % PENDING_LINES as u64 == 1 {
+                eprintln!(
+                    "cunicu-signal: not connected: oldest stdin line dropped \
+                     ({} so far; the last {PENDING_LINES} are kept)",
+                    self.dropped
+                );
+            }
+        }
+        self.pending.push_back(line);
+    }
+
+    /// Says what was never sent.
+    fn finish(&mut self) {
+        if !self.pending.is_empty() {
+            eprintln!(
+                "cunicu-signal: {} stdin line(s) read while not connected were not sent",
+                self.pending.len()
+            );
+        }
+    }
+}
+
+/// The stdin thread: each datagram of `input` into `tx`; a read error too,
+/// then stops. Dropping `tx` at the end tells the end of input.
+fn read_lines(input: &mut impl BufRead, tx: &mpsc::Sender<io::Result<Vec<u8>>>) {
     let mut line = Vec::new();
+    loop {
+        match next_datagram(input, &mut line) {
+            Ok(false) => return,
+            Ok(true) => {
+                if tx.blocking_send(Ok(std::mem::take(&mut line))).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// Stdin lines to the current connection, its datagrams to stdout. Returns
+/// at the end of stdin.
+async fn pump(session: &Session, input: &mut Input) -> Result<()> {
+    let mut connections = session.connections();
     let mut current: Option<Connection> = None;
     let mut receiver: Option<Owned> = None;
     loop {
@@ -157,23 +337,28 @@ async fn pump(session: &Session) -> Result<()> {
             }
             current = next;
         }
+        // What was kept (or just read) goes out while a connection exists.
+        if let Some(c) = &current {
+            while let Some(line) = input.pending.pop_front() {
+                if let Err(e) = c.send(&line).await {
+                    eprintln!(
+                        "cunicu-signal: datagram of {} bytes not sent: {e}",
+                        line.len()
+                    );
+                }
+            }
+        }
         tokio::select! {
             changed = connections.changed() => {
                 if changed.is_err() {
                     bail!("the session stopped");
                 }
             }
-            more = next_datagram(&mut stdin, &mut line), if current.is_some() => {
-                if !more.context("reading stdin")? {
+            more = input.read() => {
+                if !more? {
                     drop(receiver);
                     return Ok(());
                 }
-                if let Some(c) = &current
-                    && let Err(e) = c.send(&line).await
-                {
-                    eprintln!("cunicu-signal: datagram of {} bytes not sent: {e}", line.len());
-                }
-                line.clear();
             }
         }
     }
@@ -181,13 +366,9 @@ async fn pump(session: &Session) -> Result<()> {
 
 /// Reads the next line (with its newline) into `line`, at most
 /// [`MAX_DATAGRAM`] bytes of it. False at the end of input with nothing read.
-/// Cancel safe: what was read stays in `line`, and the next call goes on.
-async fn next_datagram(
-    input: &mut (impl AsyncBufRead + Unpin),
-    line: &mut Vec<u8>,
-) -> std::io::Result<bool> {
+fn next_datagram(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<bool> {
     loop {
-        let buf = input.fill_buf().await?;
+        let buf = input.fill_buf()?;
         if buf.is_empty() {
             return Ok(!line.is_empty());
         }
@@ -229,7 +410,7 @@ async fn receive(connection: Connection) {
 async fn print_events(mut events: broadcast::Receiver<Event>) {
     loop {
         match events.recv().await {
-            Ok(Event::State { agent, state }) => {
+            Ok(Event::State { agent, state, .. }) => {
                 eprintln!("cunicu-signal: state {state} (agent {agent})");
             }
             Ok(Event::SelectedPair {
@@ -264,15 +445,17 @@ async fn print_events(mut events: broadcast::Receiver<Event>) {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn lines_become_datagrams_of_bounded_size() {
+    #[test]
+    fn lines_become_datagrams_of_bounded_size() {
         let long = "x".repeat(MAX_DATAGRAM + 10);
         let input = format!("one\n\ntwo\n{long}\nlast");
-        let mut reader = BufReader::with_capacity(7, input.as_bytes());
-        let mut line = Vec::new();
+        let mut reader = io::BufReader::with_capacity(7, input.as_bytes());
+        let (tx, mut rx) = mpsc::channel(16);
+        read_lines(&mut reader, &tx);
+        drop(tx);
         let mut got = Vec::new();
-        while next_datagram(&mut reader, &mut line).await.unwrap() {
-            got.push(String::from_utf8(std::mem::take(&mut line)).unwrap());
+        while let Some(line) = rx.blocking_recv() {
+            got.push(String::from_utf8(line.unwrap()).unwrap());
         }
         assert_eq!(
             got,
@@ -284,6 +467,26 @@ mod tests {
                 "xxxxxxxxxx\n".into(),
                 "last".into()
             ]
+        );
+    }
+
+    #[test]
+    fn lines_kept_while_not_connected_are_bounded() {
+        let (_tx, lines) = mpsc::channel(1);
+        let mut input = Input {
+            lines,
+            pending: VecDeque::new(),
+            dropped: 0,
+        };
+        for i in 0..PENDING_LINES + 3 {
+            input.keep(format!("{i}\n").into_bytes());
+        }
+        assert_eq!(input.pending.len(), PENDING_LINES);
+        assert_eq!(input.dropped, 3);
+        assert_eq!(input.pending.front().unwrap(), b"3\n");
+        assert_eq!(
+            input.pending.back().unwrap(),
+            format!("{}\n", PENDING_LINES + 2).as_bytes()
         );
     }
 

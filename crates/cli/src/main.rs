@@ -101,6 +101,16 @@ struct ServeArgs {
     /// Envelopes queued per subscription stream; when full, the oldest is dropped.
     #[arg(long, env = "CUNICU_SIGNAL_QUEUE_DEPTH", default_value_t = 256)]
     queue_depth: usize,
+    /// Bytes queued per subscription stream; when full, the oldest envelopes are dropped.
+    #[arg(long, env = "CUNICU_SIGNAL_QUEUE_BYTES", default_value_t = 1 << 20)]
+    queue_bytes: usize,
+    /// Bytes queued for all subscription streams together; beyond it the oldest
+    /// envelopes of the stream being fed are dropped.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = 256 << 20)]
+    max_queued_bytes: usize,
+    /// Most client connections open at once; beyond it new ones wait to be accepted.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
     /// Most subscription streams open at once; more get RESOURCE_EXHAUSTED.
     #[arg(
         long,
@@ -199,7 +209,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Publish(args) => runtime()?.block_on(publish(args)),
         Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
-        Command::Connect(args) => runtime()?.block_on(connect::run(args)),
+        Command::Connect(args) => {
+            let runtime = runtime()?;
+            let result = runtime.block_on(connect::run(args));
+            // Exit now: a blocked write to stdout (spawn_blocking) must not
+            // hold the process. (stdin is read on a thread of its own.)
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            result
+        }
     }
 }
 
@@ -268,6 +285,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     config.max_envelope_size = args.max_envelope_size;
     config.queue_depth = args.queue_depth;
+    config.queue_bytes = args.queue_bytes;
+    config.max_queued_bytes = args.max_queued_bytes;
+    config.max_connections = args.max_connections;
     config.max_subscriptions = args.max_subscriptions;
     config.max_streams_per_connection = args.max_streams_per_connection;
     config.keepalive_interval = args.keepalive_interval;
@@ -289,13 +309,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 /// Waits for SIGTERM or SIGINT; returns its name.
 async fn shutdown_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(Signals::install()?.recv().await)
+}
+
+/// SIGTERM and SIGINT, caught (instead of ending the process) from the
+/// moment this is made.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Waits for the next signal; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 async fn connect(peer: &PeerArgs) -> Result<(cunicu_signal::backend::SignalingBackend, Key)> {

@@ -181,6 +181,30 @@ impl Peer {
         (status, self.output())
     }
 
+    /// Sends a signal (`kill` option, e.g. `-TERM`) with stdin left open;
+    /// waits a few seconds at most for the exit.
+    async fn signal_and_wait(mut self, signal: &str) -> (ExitStatus, String) {
+        let pid = self.child.id().expect("running").to_string();
+        let kill = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(kill.success());
+        let status = match timeout(Duration::from_secs(5), self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            _ => panic!(
+                "{}: still running 5 s after kill {signal}\n{}",
+                self.name,
+                self.output()
+            ),
+        };
+        // The rest of stderr (its reader ends with the pipe).
+        while let Ok(Some(line)) = timeout(STEP, self.stderr.recv()).await {
+            self.seen.push((line, false));
+        }
+        (status, self.output())
+    }
+
     /// SIGKILL: no goodbye of any kind.
     async fn kill(mut self) {
         self.child.kill().await.expect("kill");
@@ -378,6 +402,93 @@ async fn connect_in_two_namespaces_with_host_candidates_over_multicast() {
         println!("{output}");
         assert!(status.success(), "{status}\n{output}");
     }
+}
+
+/// A signaling server on loopback and a `connect` to a peer that never
+/// shows up, candidates limited to 127.0.0.1, stdin closed from the start.
+async fn lonely_connect(name: &str) -> (Server, Child, tempfile::TempDir) {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let server = Server::spawn(config).await.expect("server starts");
+    let url = format!("grpc://{}?insecure=true", server.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), name, &Key::generate());
+    let mut command = Command::new(BIN);
+    connect_args(&mut command, &url, &key, &Key::generate().public_key());
+    let child = command
+        .args(["--address", "127.0.0.1"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("connect starts");
+    (server, child, dir)
+}
+
+/// Waits (a few seconds at most) for the exit; returns the status and stderr.
+async fn exit_soon(name: &str, mut child: Child) -> (ExitStatus, String) {
+    let mut stderr = child.stderr.take().unwrap();
+    let read = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
+    let Ok(status) = timeout(Duration::from_secs(5), child.wait()).await else {
+        child.kill().await.unwrap();
+        let stderr = read.await.unwrap();
+        panic!("{name}: still running after 5 s\n{stderr}");
+    };
+    (status.unwrap(), read.await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_exits_when_stdin_closes_before_any_connection() {
+    let (_server, child, _dir) = lonely_connect("alone").await;
+    let (status, stderr) = exit_soon("alone", child).await;
+    assert!(status.success(), "{status}\n{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_exits_on_sigterm_and_sigint_with_stdin_open() {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let server = Server::spawn(config).await.expect("server starts");
+    let url = format!("grpc://{}?insecure=true", server.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let (fa, fb) = (
+        key_file(dir.path(), "a", &ka),
+        key_file(dir.path(), "b", &kb),
+    );
+    let start = |name: &str, key: &Path, peer: &Key| {
+        let mut command = Command::new(BIN);
+        connect_args(&mut command, &url, key, peer);
+        command.args(["--address", "127.0.0.1"]);
+        Peer::spawn(name, command)
+    };
+    let mut a = start("a", &fa, &kb.public_key());
+    // Lines read before any connection exists go out once one does.
+    a.stderr_line("state Idle (agent 1)").await;
+    a.send_line("early from a, 1").await;
+    a.send_line("early from a, 2").await;
+    let mut b = start("b", &fb, &ka.public_key());
+    a.stderr_line("connected, ").await;
+    b.stderr_line("connected, ").await;
+    assert_eq!(b.stdout_line().await, "early from a, 1");
+    assert_eq!(b.stdout_line().await, "early from a, 2");
+    // Connected: both read stdin, which stays open (and quiet) from here on.
+    b.send_line("from b").await;
+    assert_eq!(a.stdout_line().await, "from b");
+
+    let (status, output) = a.signal_and_wait("-TERM").await;
+    assert!(status.success(), "{status}\n{output}");
+    assert!(output.contains("SIGTERM: stopping"), "{output}");
+    // b, whose peer is gone, on SIGINT.
+    let (status, output) = b.signal_and_wait("-INT").await;
+    assert!(status.success(), "{status}\n{output}");
+    assert!(output.contains("SIGINT: stopping"), "{output}");
 }
 
 #[test]

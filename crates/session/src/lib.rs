@@ -17,7 +17,9 @@
 //!   webrtc-ice 0.17, with candidates limited to given interfaces or addresses.
 //! - [`candidate`]: checking the protobuf candidates that arrive from the peer.
 //! - [`Session`] (`session`): the driver that owns the tasks.
-//! - [`relays_from_server`]: STUN/TURN servers from the signaling server.
+//! - [`relays_from_server`]: STUN/TURN servers from the signaling server;
+//!   [`ServerRelayIce`]: [`WebrtcIce`] agents with them, fetched again
+//!   before their credentials expire.
 //!
 //! ```no_run
 //! # async fn run(backend: std::sync::Arc<dyn cunicu_signal::Backend>,
@@ -47,8 +49,14 @@ pub use agent::{
     IceAgentFactory, IceCredentials, IceState, PWD_LEN, UFRAG_LEN,
 };
 pub use backoff::{Backoff, BackoffOptions};
-pub use machine::{Action, Machine, MachineConfig, MachineStats, State};
+pub use machine::{
+    Action, MAX_REMOTE_CANDIDATES, Machine, MachineConfig, MachineStats, SUPERSEDED_CREDENTIALS,
+    State,
+};
 #[cfg(feature = "grpc")]
-pub use relays::{RelayError, ice_server, relays_from_server};
+pub use relays::{
+    RELAY_REFRESH_MARGIN, RELAY_REFRESH_TIMEOUT, RelayError, Relays, ServerRelayIce, fetch_relays,
+    ice_server, relays_from_server,
+};
 pub use session::{Connection, Event, Session, SessionError, SessionOptions};
 pub use webrtc::{IceOptions, IceServer, WebrtcIce};

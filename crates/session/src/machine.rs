@@ -87,8 +87,9 @@ impl fmt::Display for State {
     }
 }
 
-/// What the driver must do. Agents are named by their number.
-#[derive(Debug, Clone, PartialEq)]
+/// What the driver must do. Agents are named by their number. `Debug`
+/// hides ICE passwords.
+#[derive(Clone, PartialEq)]
 pub enum Action {
     /// Create agent `agent` with our `credentials`; then call
     /// [`Machine::agent_created`] or [`Machine::agent_create_failed`].
@@ -136,6 +137,82 @@ pub enum Action {
     },
 }
 
+impl fmt::Debug for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::CreateAgent { agent, credentials } => f
+                .debug_struct("CreateAgent")
+                .field("agent", agent)
+                .field("credentials", credentials)
+                .finish(),
+            Action::Publish(message) => f
+                .debug_tuple("Publish")
+                .field(&RedactedMessage(message))
+                .finish(),
+            Action::Gather { agent } => f.debug_struct("Gather").field("agent", agent).finish(),
+            Action::AddRemoteCandidate { agent, candidate } => f
+                .debug_struct("AddRemoteCandidate")
+                .field("agent", agent)
+                .field("candidate", candidate)
+                .finish(),
+            Action::Connect {
+                agent,
+                role,
+                remote,
+            } => f
+                .debug_struct("Connect")
+                .field("agent", agent)
+                .field("role", role)
+                .field("remote", remote)
+                .finish(),
+            Action::CloseAgent { agent } => {
+                f.debug_struct("CloseAgent").field("agent", agent).finish()
+            }
+            Action::State { agent, state } => f
+                .debug_struct("State")
+                .field("agent", agent)
+                .field("state", state)
+                .finish(),
+        }
+    }
+}
+
+/// A [`Message`] whose `Debug` shows the credentials without the password.
+struct RedactedMessage<'a>(&'a Message);
+
+/// [`Credentials`] whose `Debug` hides the password.
+struct RedactedCredentials<'a>(&'a Credentials);
+
+impl fmt::Debug for RedactedCredentials<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("ufrag", &self.0.ufrag)
+            .field("pwd", &"***")
+            .field("need_creds", &self.0.need_creds)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedactedMessage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let message = self.0;
+        let mut s = f.debug_struct("Message");
+        s.field(
+            "credentials",
+            &message.credentials.as_ref().map(RedactedCredentials),
+        )
+        .field("candidate", &message.candidate);
+        // The machine never sends these; only say whether they are there.
+        if message.peer.is_some() {
+            s.field("peer", &"..");
+        }
+        if message.pske.is_some() {
+            s.field("pske", &"..");
+        }
+        s.finish()
+    }
+}
+
 /// Settings of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -147,15 +224,30 @@ pub struct MachineConfig {
     pub backoff: BackoffOptions,
     /// How long a disconnect may last before the session restarts.
     pub disconnect_grace: Duration,
+    /// Most remote candidates handed to one agent; more are dropped and
+    /// counted ([`MachineStats::excess_candidates`]).
+    pub max_remote_candidates: u64,
 }
 
+/// Default of [`MachineConfig::max_remote_candidates`]: far more than a peer
+/// has (a host candidate per address, a server-reflexive and a relay
+/// candidate per STUN/TURN server), few enough that a peer (or a replaying
+/// signaling server) cannot make the agent check pairs without end.
+pub const MAX_REMOTE_CANDIDATES: u64 = 64;
+
+/// How many superseded credentials of the peer are remembered: credentials
+/// equal to one of them are a replay and are ignored.
+pub const SUPERSEDED_CREDENTIALS: usize = 16;
+
 impl MachineConfig {
-    /// SPEC §8's defaults for `role`: the standard backoff, 5 s grace.
+    /// SPEC §8's defaults for `role`: the standard backoff, 5 s grace, at most
+    /// [`MAX_REMOTE_CANDIDATES`] remote candidates per agent.
     pub fn new(role: Role) -> Self {
         MachineConfig {
             role,
             backoff: BackoffOptions::default(),
             disconnect_grace: Duration::from_secs(5),
+            max_remote_candidates: MAX_REMOTE_CANDIDATES,
         }
     }
 }
@@ -175,9 +267,15 @@ pub struct MachineStats {
     pub candidates_added: u64,
     /// Remote candidates refused because a field is invalid.
     pub invalid_candidates: u64,
+    /// Remote candidates dropped because the agent already has
+    /// [`MachineConfig::max_remote_candidates`].
+    pub excess_candidates: u64,
     /// Remote credentials refused: longer than 256 characters, or characters
     /// other than RFC 8445's ice-chars (letters, digits, `+`, `/`).
     pub invalid_credentials: u64,
+    /// Remote credentials ignored because the peer had replaced them before
+    /// (a replay of an old message, by the signaling server or on the LAN).
+    pub replayed_credentials: u64,
     /// Messages ignored because no agent was ready for them.
     pub ignored: u64,
 }
@@ -201,8 +299,15 @@ pub struct Machine {
     agent: u64,
     local: IceCredentials,
     remote: Option<IceCredentials>,
+    /// The peer's latest credentials, kept across agents.
+    peer_latest: Option<IceCredentials>,
+    /// Credentials the peer replaced (newest last), at most
+    /// [`SUPERSEDED_CREDENTIALS`].
+    superseded: VecDeque<IceCredentials>,
     local_candidates: u64,
     remote_candidates: u64,
+    /// Remote candidates of the current agent dropped beyond the limit.
+    excess_candidates: u64,
     next_credentials: Option<Instant>,
     disconnect_deadline: Option<Instant>,
     recreate_at: Option<Instant>,
@@ -240,8 +345,11 @@ impl Machine {
             agent: 0,
             local: IceCredentials::default(),
             remote: None,
+            peer_latest: None,
+            superseded: VecDeque::new(),
             local_candidates: 0,
             remote_candidates: 0,
+            excess_candidates: 0,
             next_credentials: None,
             disconnect_deadline: None,
             recreate_at: None,
@@ -456,6 +564,7 @@ impl Machine {
         self.remote = None;
         self.local_candidates = 0;
         self.remote_candidates = 0;
+        self.excess_candidates = 0;
         self.next_credentials = None;
         self.disconnect_deadline = None;
         self.recreate_at = None;
@@ -522,6 +631,19 @@ impl Machine {
             ufrag: credentials.ufrag.clone(),
             pwd: credentials.pwd.clone(),
         };
+        if !new.is_empty() {
+            if self.superseded.contains(&new) {
+                // Credentials are fresh with every agent of the peer: ones it
+                // replaced come from a replay (the signaling server or a LAN
+                // host can resend a genuine old envelope), not from the peer.
+                self.stats.replayed_credentials += 1;
+                tracing::debug!(agent = self.agent, ufrag = %new.ufrag,
+                    total = self.stats.replayed_credentials,
+                    "superseded credentials of the peer ignored (a replay)");
+                return;
+            }
+            self.note_peer_credentials(&new);
+        }
         if let Some(old) = &self.remote
             && !old.is_empty()
             && !new.is_empty()
@@ -543,6 +665,22 @@ impl Machine {
         }
     }
 
+    /// `new` (valid, not empty, not superseded) is now the peer's latest:
+    /// the previous latest, if different, is superseded.
+    fn note_peer_credentials(&mut self, new: &IceCredentials) {
+        match &self.peer_latest {
+            Some(latest) if latest == new => return,
+            Some(_) => {
+                if self.superseded.len() == SUPERSEDED_CREDENTIALS {
+                    self.superseded.pop_front();
+                }
+                self.superseded.extend(self.peer_latest.take());
+            }
+            None => {}
+        }
+        self.peer_latest = Some(new.clone());
+    }
+
     fn on_remote_candidate(&mut self, candidate: &Candidate) {
         if !self.live() {
             self.stats.ignored += 1;
@@ -554,6 +692,25 @@ impl Machine {
                 total = self.stats.invalid_candidates,
                 "remote candidate dropped: {e}"
             );
+            return;
+        }
+        if self.remote_candidates >= self.config.max_remote_candidates {
+            self.stats.excess_candidates += 1;
+            self.excess_candidates += 1;
+            // Once per agent as a warning, the rest at debug.
+            if self.excess_candidates == 1 {
+                tracing::warn!(
+                    agent = self.agent,
+                    limit = self.config.max_remote_candidates,
+                    "remote candidates beyond the limit of one agent are dropped"
+                );
+            } else {
+                tracing::debug!(
+                    agent = self.agent,
+                    dropped = self.excess_candidates,
+                    "remote candidate beyond the limit dropped"
+                );
+            }
             return;
         }
         self.stats.candidates_added += 1;

@@ -124,6 +124,10 @@ pub enum Event {
         agent: u64,
         /// The state entered.
         state: State,
+        /// When it was entered: the time of what made the session enter it
+        /// (a message, an agent's report, a timer). A receiver may see the
+        /// event later.
+        at: Instant,
     },
     /// The agent selected a candidate pair.
     SelectedPair {
@@ -269,8 +273,7 @@ impl Session {
             publish_rx,
             options.publish_timeout,
         ));
-        let stop_limit =
-            options.agent_timeout + options.unsubscribe_timeout + options.publish_timeout;
+        let stop_limit = stop_limit(&options);
         let driver = Driver {
             machine,
             backend,
@@ -294,6 +297,7 @@ impl Session {
             connection_tx,
             stats_tx,
             options,
+            now: Instant::now(),
         };
         let driver = tokio::spawn(driver.run());
         tracing::debug!(ours = %our_public, %theirs, ?role, "session started");
@@ -373,17 +377,42 @@ impl Session {
             .and_then(|c| c.clone())
     }
 
-    /// Stops: closes the agent, unsubscribes, and waits for the driver.
+    /// Stops: closes the agent, unsubscribes, and waits for the driver. Each
+    /// step has its time limit (see [`SessionOptions`]); together at most
+    /// 3 × `agent_timeout` + `publish_timeout` + `unsubscribe_timeout`, plus
+    /// a second (46 s by default). Should the driver still run after that (a
+    /// runtime too busy to run it), it is aborted and this returns
+    /// [`SessionError::CloseTimeout`].
     pub async fn close(mut self) -> Result<(), SessionError> {
         let _ = self.commands.try_send(());
-        if let Some(driver) = self.driver.take() {
-            match tokio::time::timeout(self.stop_limit, driver).await {
+        if let Some(mut driver) = self.driver.take() {
+            match tokio::time::timeout(self.stop_limit, &mut driver).await {
                 Ok(result) => result?,
-                Err(_) => return Err(SessionError::CloseTimeout(self.stop_limit)),
+                Err(_) => {
+                    // Nobody would own it any more: stop it here. Its tasks
+                    // (agent, publisher) are aborted with it.
+                    driver.abort();
+                    tracing::warn!(limit = ?self.stop_limit,
+                        "the session did not stop in time: aborted");
+                    return Err(SessionError::CloseTimeout(self.stop_limit));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The longest the driver can take to stop once asked, every step at its
+/// time limit: an agent being created when the close came (agent timeout),
+/// then closed (agent timeout); the tasks still running after that, e.g. a
+/// discarded agent's close (agent timeout); the queued messages going out
+/// (publish timeout); unsubscribing (unsubscribe timeout). Plus a second for
+/// the runtime to get round to it.
+fn stop_limit(options: &SessionOptions) -> Duration {
+    options.agent_timeout * 3
+        + options.publish_timeout
+        + options.unsubscribe_timeout
+        + Duration::from_secs(1)
 }
 
 // Dropping the Session drops the command sender: the driver sees that, closes
@@ -430,9 +459,18 @@ struct Driver {
     connection_tx: watch::Sender<Option<Connection>>,
     stats_tx: watch::Sender<MachineStats>,
     options: SessionOptions,
+    /// When the machine's latest input happened: the time of the states it
+    /// entered on it.
+    now: Instant,
 }
 
 impl Driver {
+    /// Reads the clock for an input to the machine.
+    fn clock(&mut self) -> Instant {
+        self.now = Instant::now();
+        self.now
+    }
+
     async fn run(mut self) {
         let mut stopping = false;
         loop {
@@ -452,16 +490,21 @@ impl Driver {
                     // A close request, or the Session was dropped.
                     let _ = command;
                     stopping = true;
-                    self.machine.close(Instant::now());
+                    let now = self.clock();
+                    self.machine.close(now);
                 }
                 Some(delivery) = self.deliveries.recv() => {
-                    self.machine.handle_message(Instant::now(), &delivery.message);
+                    let now = self.clock();
+                    self.machine.handle_message(now, &delivery.message);
                 }
                 Some((agent, event)) = self.agent_rx.recv() => self.on_agent_event(agent, event),
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.on_task(done);
                 }
-                () = sleep => self.machine.handle_timeout(Instant::now()),
+                () = sleep => {
+                    let now = self.clock();
+                    self.machine.handle_timeout(now);
+                }
             }
         }
         self.stop().await;
@@ -495,7 +538,8 @@ impl Driver {
                         && let Err(e) = current.gather()
                     {
                         tracing::warn!(agent, "{e}");
-                        self.machine.agent_failed(Instant::now(), agent);
+                        let now = self.clock();
+                        self.machine.agent_failed(now, agent);
                     }
                 }
                 Action::AddRemoteCandidate { agent, candidate } => {
@@ -549,7 +593,11 @@ impl Driver {
                 Action::State { agent, state } => {
                     tracing::debug!(agent, %state, "session state");
                     // The event first: whoever sees the new state sees its event too.
-                    let _ = self.events.send(Event::State { agent, state });
+                    let _ = self.events.send(Event::State {
+                        agent,
+                        state,
+                        at: self.now,
+                    });
                     self.state_tx.send_replace(state);
                 }
             }
@@ -606,12 +654,12 @@ impl Driver {
             }
             _ => {}
         }
-        self.machine
-            .handle_agent_event(Instant::now(), agent, &event);
+        let now = self.clock();
+        self.machine.handle_agent_event(now, agent, &event);
     }
 
     fn on_task(&mut self, done: Result<(tokio::task::Id, Done), JoinError>) {
-        let now = Instant::now();
+        let now = self.clock();
         let (id, done) = match done {
             Ok((id, done)) => (id, Ok(done)),
             Err(e) => (e.id(), Err(e)),
@@ -748,5 +796,143 @@ async fn publisher(
             Ok(Err(e)) => tracing::warn!("publishing to the peer: {e}"),
             Err(_) => tracing::warn!("publishing to the peer timed out after {limit:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use cunicu_signal::proto::signaling::BackendType;
+
+    use super::*;
+    use crate::agent::IceCredentials;
+
+    /// Agents that take `create_delay` to make and never finish closing.
+    struct Stuck {
+        create_delay: Duration,
+    }
+
+    struct StuckAgent;
+
+    #[async_trait]
+    impl IceAgentFactory for Stuck {
+        async fn create(&self, _params: AgentParams) -> Result<Arc<dyn IceAgent>, AgentError> {
+            tokio::time::sleep(self.create_delay).await;
+            Ok(Arc::new(StuckAgent))
+        }
+    }
+
+    #[async_trait]
+    impl IceAgent for StuckAgent {
+        fn gather(&self) -> Result<(), AgentError> {
+            Ok(())
+        }
+        fn add_remote_candidate(&self, _: &Candidate) -> Result<(), AgentError> {
+            Ok(())
+        }
+        async fn connect(
+            &self,
+            _: Role,
+            _: &IceCredentials,
+        ) -> Result<Arc<dyn DatagramConn>, AgentError> {
+            std::future::pending().await
+        }
+        async fn close(&self) -> Result<(), AgentError> {
+            std::future::pending().await
+        }
+    }
+
+    /// A backend whose unsubscribe never returns.
+    struct StuckUnsubscribe(Arc<dyn Backend>);
+
+    #[async_trait]
+    impl Backend for StuckUnsubscribe {
+        async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError> {
+            self.0.publish(pair, message).await
+        }
+        async fn subscribe(
+            &self,
+            pair: &KeyPair,
+            handler: Arc<dyn Handler>,
+        ) -> Result<bool, BackendError> {
+            self.0.subscribe(pair, handler).await
+        }
+        async fn unsubscribe(
+            &self,
+            _: &KeyPair,
+            _: &Arc<dyn Handler>,
+        ) -> Result<bool, BackendError> {
+            std::future::pending().await
+        }
+        fn backend_type(&self) -> BackendType {
+            self.0.backend_type()
+        }
+        async fn close(&self) -> Result<(), BackendError> {
+            self.0.close().await
+        }
+    }
+
+    async fn inprocess() -> Arc<dyn Backend> {
+        Arc::new(
+            cunicu_signal::backend::connect(&["inprocess:"])
+                .await
+                .expect("inprocess backend"),
+        )
+    }
+
+    #[tokio::test]
+    async fn close_waits_out_the_slowest_stop() {
+        // Closed while the agent is being made: creation takes nearly its
+        // limit, closing the agent and unsubscribing take all of theirs.
+        let options = SessionOptions {
+            agent_timeout: Duration::from_millis(300),
+            publish_timeout: Duration::from_millis(50),
+            unsubscribe_timeout: Duration::from_millis(300),
+            ..SessionOptions::default()
+        };
+        let backend = Arc::new(StuckUnsubscribe(inprocess().await));
+        let agents = Arc::new(Stuck {
+            create_delay: Duration::from_millis(270),
+        });
+        let (ours, theirs) = (Key::generate(), Key::generate().public_key());
+        let session = Session::start(backend, ours, theirs, agents, options)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        session.close().await.expect("the driver stops in time");
+        // 270 ms creation + 300 ms close + 300 ms unsubscribe: more than
+        // agent + publish + unsubscribe timeouts (650 ms).
+        assert!(
+            start.elapsed() >= Duration::from_millis(850),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_driver_that_does_not_stop_in_time_is_aborted() {
+        let options = SessionOptions {
+            agent_timeout: Duration::from_secs(120),
+            ..SessionOptions::default()
+        };
+        let agents = Arc::new(Stuck {
+            create_delay: Duration::ZERO,
+        });
+        let (ours, theirs) = (Key::generate(), Key::generate().public_key());
+        let mut session = Session::start(inprocess().await, ours, theirs, agents, options)
+            .await
+            .unwrap();
+        let mut states = session.states();
+        states.wait_for(|s| *s == State::Idle).await.unwrap();
+        // Closing the agent takes 2 minutes: more than this limit.
+        session.stop_limit = Duration::from_millis(100);
+        let err = session.close().await.expect_err("closing the agent hangs");
+        assert!(matches!(err, SessionError::CloseTimeout(_)), "{err}");
+        // The driver is gone (it held the state's sender), not left running.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while states.changed().await.is_ok() {}
+        })
+        .await
+        .expect("the driver was aborted");
     }
 }

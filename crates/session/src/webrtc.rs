@@ -163,11 +163,21 @@ impl IceOptions {
     }
 }
 
-/// Makes webrtc-ice agents.
-#[derive(Debug, Clone)]
+/// Makes webrtc-ice agents. `Debug` hides TURN passwords.
+#[derive(Clone)]
 pub struct WebrtcIce {
     options: IceOptions,
+    /// The servers as webrtc-ice takes them; their `Debug` shows passwords.
     urls: Vec<Url>,
+}
+
+impl fmt::Debug for WebrtcIce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The options hold the same servers, with passwords hidden.
+        f.debug_struct("WebrtcIce")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WebrtcIce {
@@ -524,5 +534,26 @@ mod tests {
         );
         let turn = IceServer::with_credentials("turn:127.0.0.1:3478?transport=udp", "u", "secret");
         assert!(!format!("{turn:?}").contains("secret"));
+    }
+
+    #[test]
+    fn debug_hides_turn_passwords() {
+        let ice =
+            WebrtcIce::new(
+                IceOptions::default().with_servers([IceServer::with_credentials(
+                    "turn:127.0.0.1:3478?transport=udp",
+                    "user",
+                    "s3cr3tpw",
+                )]),
+            )
+            .unwrap();
+        // webrtc-ice's own Url shows it: what this guards against.
+        assert!(format!("{:?}", ice.urls).contains("s3cr3tpw"));
+        let shown = format!("{ice:?} {ice:#?}");
+        assert!(!shown.contains("s3cr3tpw"), "{shown}");
+        assert!(
+            shown.contains("turn:127.0.0.1:3478") && shown.contains("user"),
+            "{shown}"
+        );
     }
 }

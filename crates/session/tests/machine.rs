@@ -585,3 +585,156 @@ fn a_late_checking_report_does_not_go_back() {
     );
     assert_eq!(m.state(), State::Completed);
 }
+
+#[test]
+fn replayed_old_credentials_of_the_peer_are_ignored() {
+    let t0 = Instant::now();
+    let mut m = machine(Role::Controlling);
+    to_idle(&mut m, t0);
+    to_connected(&mut m, t0);
+    // The peer restarts with new credentials: so do we.
+    m.handle_message(t0, &credentials("Nufrag", "Npassword0123456789", true));
+    m.agent_closed(t0, 1);
+    assert!(m.agent_created(t0, 2));
+    drain(&mut m);
+    m.handle_message(t0, &credentials("Nufrag", "Npassword0123456789", false));
+    m.handle_agent_event(t0, 2, &AgentEvent::Candidate(host(1000)));
+    m.handle_message(t0, &candidate_message(host(2000)));
+    m.handle_agent_event(t0, 2, &AgentEvent::State(IceState::Connected));
+    drain(&mut m);
+    assert_eq!(m.state(), State::Connected);
+
+    // A genuine old envelope of the peer, replayed (by the signaling server
+    // or a LAN host), asking for an answer: no restart, no answer.
+    m.handle_message(t0, &credentials("Rufrag", "Rpassword0123456789", true));
+    m.handle_message(t0, &credentials("Rufrag", "Rpassword0123456789", false));
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.state(), State::Connected);
+    assert_eq!(m.stats().replayed_credentials, 2);
+    assert_eq!(m.stats().restarts, 1);
+    // The current ones are still answered; new ones still restart.
+    m.handle_message(t0, &credentials("Nufrag", "Npassword0123456789", true));
+    assert_eq!(
+        drain(&mut m)
+            .iter()
+            .filter_map(published_credentials)
+            .count(),
+        1
+    );
+    m.handle_message(t0, &credentials("Xufrag", "Xpassword0123456789", false));
+    assert_eq!(states(&drain(&mut m)), [State::Closing]);
+    m.agent_closed(t0, 2);
+    assert!(m.agent_created(t0, 3));
+    drain(&mut m);
+    // A replay on a new agent, before the peer's current credentials came:
+    // not taken either (both old ones are remembered).
+    for (u, p) in [
+        ("Rufrag", "Rpassword0123456789"),
+        ("Nufrag", "Npassword0123456789"),
+    ] {
+        m.handle_message(t0, &credentials(u, p, true));
+    }
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.state(), State::Idle);
+    assert_eq!(m.stats().replayed_credentials, 4);
+    m.handle_message(t0, &credentials("Xufrag", "Xpassword0123456789", false));
+    assert_eq!(states(&drain(&mut m)), [State::Gathering]);
+}
+
+#[test]
+fn only_the_last_superseded_credentials_are_remembered() {
+    let t0 = Instant::now();
+    let mut m = machine(Role::Controlled);
+    to_idle(&mut m, t0);
+    let creds = |i: usize| (format!("ufrag{i}"), format!("password{i}x0123456789"));
+    // The peer goes through 1 + SUPERSEDED_CREDENTIALS + 1 credentials; each
+    // change restarts us.
+    let n = cunicu_signal_session::SUPERSEDED_CREDENTIALS + 2;
+    for i in 0..n {
+        let (u, p) = creds(i);
+        m.handle_message(t0, &credentials(&u, &p, false));
+        let agent = m.agent();
+        if m.state() == State::Closing {
+            m.agent_closed(t0, agent);
+            assert!(m.agent_created(t0, agent + 1));
+            m.handle_message(t0, &credentials(&u, &p, false));
+        }
+        assert_eq!(m.state(), State::Gathering, "credentials {i}");
+        drain(&mut m);
+    }
+    assert_eq!(m.stats().restarts, n as u64 - 1);
+    // The oldest one is forgotten (a restart); the one after is remembered.
+    let (u, p) = creds(1);
+    m.handle_message(t0, &credentials(&u, &p, false));
+    assert_eq!(m.stats().replayed_credentials, 1);
+    assert_eq!(m.state(), State::Gathering);
+    let (u, p) = creds(0);
+    m.handle_message(t0, &credentials(&u, &p, false));
+    assert_eq!(m.state(), State::Closing);
+}
+
+#[test]
+fn remote_candidates_beyond_the_limit_are_dropped() {
+    let t0 = Instant::now();
+    let mut m = machine(Role::Controlling);
+    to_idle(&mut m, t0);
+    let limit = cunicu_signal_session::MAX_REMOTE_CANDIDATES;
+    assert_eq!(
+        MachineConfig::new(Role::Controlling).max_remote_candidates,
+        limit
+    );
+    for port in 0..limit + 10 {
+        m.handle_message(t0, &candidate_message(host(1000 + port as i32)));
+    }
+    let added = drain(&mut m)
+        .into_iter()
+        .filter(|a| matches!(a, Action::AddRemoteCandidate { .. }))
+        .count();
+    assert_eq!(added as u64, limit);
+    assert_eq!(m.stats().candidates_added, limit);
+    assert_eq!(m.stats().excess_candidates, 10);
+    // The limit is per agent: a new one takes candidates again.
+    m.handle_message(t0, &credentials("Rufrag", "Rpassword0123456789", false));
+    m.handle_agent_event(t0, 1, &AgentEvent::State(IceState::Failed));
+    m.agent_failed(t0, 1);
+    m.agent_closed(t0, 1);
+    assert!(m.agent_created(t0, 2));
+    drain(&mut m);
+    m.handle_message(t0, &candidate_message(host(9)));
+    assert!(matches!(
+        drain(&mut m).as_slice(),
+        [Action::AddRemoteCandidate { agent: 2, .. }]
+    ));
+}
+
+#[test]
+fn debug_of_actions_hides_passwords() {
+    let mut m = machine(Role::Controlling);
+    let ours = to_idle(&mut m, Instant::now());
+    let publish = Action::Publish(Box::new(credentials(&ours.ufrag, &ours.pwd, true)));
+    let connect = Action::Connect {
+        agent: 1,
+        role: Role::Controlling,
+        remote: IceCredentials {
+            ufrag: "Rufrag".into(),
+            pwd: "Rpassword0123456789".into(),
+        },
+    };
+    let create = Action::CreateAgent {
+        agent: 1,
+        credentials: ours.clone(),
+    };
+    for action in [publish, connect, create] {
+        let shown = format!("{action:?} {action:#?}");
+        assert!(
+            !shown.contains(&ours.pwd) && !shown.contains("Rpassword"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(&ours.ufrag) || shown.contains("Rufrag"),
+            "{shown}"
+        );
+    }
+    let candidate = Action::Publish(Box::new(candidate_message(host(7))));
+    assert!(format!("{candidate:?}").contains("127.0.0.1"));
+}
