@@ -7,14 +7,17 @@ mod kube_env;
 
 use std::{
     future::Future,
+    pin::pin,
     sync::Arc,
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use cunicu_signal::{
     Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Registry,
+    Transport as _,
     backend::{
-        SignalingBackend, connect,
+        Multi, SignalingBackend, connect, connect_transport,
         k8s::{self, K8s, K8sError, K8sOptions, LABEL_RECIPIENT, LABEL_SENDER, SignalingEnvelope},
     },
     conformance::{Options, message_for, run},
@@ -23,6 +26,7 @@ use cunicu_signal::{
         signaling::{BackendType, Envelope, Message},
     },
 };
+use futures::poll;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     authentication::v1::{TokenRequest, TokenRequestSpec},
@@ -305,7 +309,7 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
         urls.push(kube_env::url_for(&kubeconfig, &ns, "3s"));
     }
     let (alice, alice_t) = backend(&urls[0], fast()).await;
-    let (bob, _bob_t) = backend(&urls[1], fast()).await;
+    let (bob, bob_t) = backend(&urls[1], fast()).await;
     let (a, b) = (Key::generate(), Key::generate());
     let (to_alice, mut alice_rx) = ChannelHandler::new(16);
     let (to_bob, mut bob_rx) = ChannelHandler::new(16);
@@ -358,7 +362,14 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
         }
     })
     .await;
-    assert!(alice_t.stats().deleted >= 1, "{:?}", alice_t.stats());
+    // Whichever instance looks first deletes both objects (each once).
+    assert_eq!(
+        alice_t.stats().deleted + bob_t.stats().deleted,
+        2,
+        "{:?} {:?}",
+        alice_t.stats(),
+        bob_t.stats()
+    );
     within("close", STEP, alice.close()).await.unwrap();
     within("close", STEP, bob.close()).await.unwrap();
 }
@@ -484,13 +495,39 @@ async fn a_missing_crd_fails_at_once_with_a_clear_error() {
         matches!(k8s_error(&err), K8sError::CrdMissing { .. }),
         "{err:?}"
     );
-    // No watch was left behind to retry.
+    // The key was forgotten: no watch was left behind to retry.
+    assert!(
+        transport.listening().is_empty(),
+        "{:?}",
+        transport.listening()
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(transport.stats().watch_errors, 0);
 
-    // A namespace that does not exist is named as such.
+    // Once the CRD is there, subscribing again works.
     let admin = env.admin().await;
     within("install the CRD", STEP, install_crd(&admin)).await;
+    let (handler, mut rx) = ChannelHandler::new(4);
+    within(
+        "subscribe again",
+        STEP,
+        peer.subscribe(&KeyPair::new(a, b.public_key()), handler),
+    )
+    .await
+    .unwrap();
+    within(
+        "publish",
+        STEP,
+        peer.publish(&KeyPair::new(b, a.public_key()), &credentials("x".into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ufrag(&receive(&mut rx, 1, Duration::from_millis(300)).await[0]),
+        "x"
+    );
+
+    // A namespace that does not exist is named as such.
     let (lost, _) = backend(&env.url("no-such-namespace", "1m"), fast()).await;
     let err = within(
         "publish",
@@ -514,7 +551,7 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     let admin = env.admin().await;
     within("install the CRD", STEP, install_crd(&admin)).await;
     let ns = within("namespace", STEP, namespace(&admin, "expiry")).await;
-    let url = env.url(&ns, "2s");
+    let url = env.url(&ns, "6s");
     let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
     let to_b = KeyPair::new(a, b.public_key());
 
@@ -529,7 +566,10 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     .unwrap();
     assert_eq!(objects(&admin, &ns).await.len(), 1);
 
-    // Subscribing later does not replay it.
+    // Subscribing later does not replay it. (Objects created up to CLOCK_SKEW
+    // before the subscription, plus the one-second resolution of their
+    // timestamps, count as sent after it.)
+    tokio::time::sleep(k8s::CLOCK_SKEW + Duration::from_millis(1500)).await;
     let (receiver, receiver_t) = backend(&url, fast()).await;
     let (handler, mut rx) = ChannelHandler::new(16);
     within(
@@ -551,13 +591,13 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     assert_eq!(receiver_t.stats().stale, 1, "{:?}", receiver_t.stats());
 
     // The sender stops: the recipient's instance alone deletes both objects
-    // addressed to it once they are older than the ttl (2 s).
+    // addressed to it once they are older than the ttl (6 s).
     within("sender closes", STEP, sender.close()).await.unwrap();
     assert_eq!(objects(&admin, &ns).await.len(), 2);
     let started = Instant::now();
     wait_until_empty(&admin, &ns).await;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(15),
         "took {:?}",
         started.elapsed()
     );
@@ -781,6 +821,252 @@ async fn delivery_resumes_after_an_api_server_restart_without_loss_or_duplicates
         "the transport handed an envelope over twice: {stats:?}"
     );
     eprintln!("after the restart: {stats:?}");
+    within("close", STEP, receiver.close()).await.unwrap();
+    within("close", STEP, publisher.close()).await.unwrap();
+}
+
+// ------------------------------------- subscriptions that are starting --
+
+/// Publishes `tag` from `from` to `to`.
+async fn send_to(publisher: &SignalingBackend, from: Key, to: Key, tag: String) {
+    within(
+        "publish",
+        STEP,
+        publisher.publish(&KeyPair::new(from, to.public_key()), &credentials(tag)),
+    )
+    .await
+    .unwrap();
+}
+
+/// The distinct ufrags of `got`, which must hold no duplicates.
+fn distinct(got: &[Delivery]) -> Vec<String> {
+    let mut all: Vec<String> = got.iter().map(ufrag).collect();
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!(all.len(), n, "delivered twice: {all:?}");
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_sent_while_a_subscription_starts_arrive_exactly_once() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "starting")).await;
+    let url = env.url(&ns, "1m");
+    let (publisher, _) = backend(&url, fast()).await;
+    let sender = Key::generate();
+
+    // The handler first, then listen. Five envelopes are created after listen
+    // was called and before its first list (the first poll of a fresh
+    // transport's listen waits for the access review): they are delivered,
+    // not taken for objects that existed before.
+    let (receiver, receiver_t) = backend(&url, fast()).await;
+    let b = Key::generate();
+    let (handler, mut rx) = ChannelHandler::new(64);
+    receiver
+        .registry()
+        .add(&KeyPair::new(b, Key::ZERO), handler.clone());
+    {
+        let mut listen = pin!(receiver_t.listen(b.public_key()));
+        assert!(poll!(listen.as_mut()).is_pending());
+        for i in 0..5 {
+            send_to(&publisher, sender, b, format!("early{i}")).await;
+        }
+        within("listen", STEP, listen).await.unwrap();
+    }
+    for i in 0..5 {
+        send_to(&publisher, sender, b, format!("late{i}")).await;
+    }
+    let got = receive(&mut rx, 10, Duration::from_millis(500)).await;
+    assert_eq!(distinct(&got).len(), 10);
+    let stats = receiver_t.stats();
+    assert_eq!((stats.caught_up, stats.stale), (5, 0), "{stats:?}");
+
+    // Listen first, the handler later (a multi backend adds it once every
+    // medium answered): what arrives in between waits for it.
+    let (second, second_t) = backend(&url, fast()).await;
+    let c = Key::generate();
+    {
+        let mut listen = pin!(second_t.listen(c.public_key()));
+        assert!(poll!(listen.as_mut()).is_pending());
+        for i in 0..3 {
+            send_to(&publisher, sender, c, format!("before{i}")).await;
+        }
+        within("listen", STEP, listen).await.unwrap();
+    }
+    for i in 0..2 {
+        send_to(&publisher, sender, c, format!("after{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (to_c, mut c_rx) = ChannelHandler::new(64);
+    second.registry().add(&KeyPair::new(c, Key::ZERO), to_c);
+    let got = receive(&mut c_rx, 5, Duration::from_millis(500)).await;
+    assert_eq!(distinct(&got).len(), 5);
+    let stats = second_t.stats();
+    assert_eq!(stats.caught_up, 3, "{stats:?}");
+    assert!(stats.held >= 3, "{stats:?}");
+    assert_eq!(second.registry().stats().dropped_no_subscriber, 0);
+
+    // Through subscribe, with publishers racing the subscription.
+    let d = Key::generate();
+    let (to_d, mut d_rx) = ChannelHandler::new(256);
+    let subscribe = tokio::spawn({
+        let receiver = receiver.clone();
+        async move { receiver.subscribe(&KeyPair::new(d, Key::ZERO), to_d).await }
+    });
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    send_to(&publisher, sender, d, format!("p{p}m{i}")).await;
+                }
+            })
+        })
+        .collect();
+    within("subscribe", STEP, subscribe).await.unwrap().unwrap();
+    for p in publishers {
+        within("publisher", STEP, p).await.unwrap();
+    }
+    let got = receive(&mut d_rx, 20, Duration::from_secs(1)).await;
+    assert_eq!(distinct(&got).len(), 20);
+    for backend in [&receiver, &second] {
+        assert_eq!(backend.registry().stats().dropped_duplicate, 0);
+    }
+    eprintln!("racing subscribe: {:?}", receiver_t.stats());
+    within("close", STEP, receiver.close()).await.unwrap();
+    within("close", STEP, second.close()).await.unwrap();
+    within("close", STEP, publisher.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
+    let env = KubeEnv::private("retry");
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let url = env.url("default", "1m");
+    // A multi backend: k8s and inprocess over one registry.
+    let registry = Registry::new();
+    let k8s_t = Arc::new(
+        within(
+            "connect",
+            STEP,
+            K8s::with_options(&url::Url::parse(&url).unwrap(), registry.clone(), fast()),
+        )
+        .await
+        .unwrap(),
+    );
+    let inprocess = connect_transport("inprocess:", registry.clone())
+        .await
+        .unwrap();
+    let receiver = SignalingBackend::new(
+        Box::new(Multi::new(vec![
+            Box::new(SharedTransport(k8s_t.clone())),
+            inprocess,
+        ])),
+        registry.clone(),
+    );
+    let (publisher, _) = backend(&url, fast()).await;
+    let [a, b, c, d, e, f] = [(); 6].map(|_| Key::generate());
+    let (handler, mut rx) = ChannelHandler::new(64);
+
+    // The API server is away while b subscribes: the multi backend's
+    // subscribe succeeds through inprocess; k8s's listen failed and retries.
+    tokio::task::block_in_place(|| env.stop_apiserver());
+    within(
+        "subscribe",
+        STEP,
+        receiver.subscribe(&KeyPair::new(b, Key::ZERO), handler.clone()),
+    )
+    .await
+    .unwrap();
+    for key in [c, d, e, f] {
+        registry.add(&KeyPair::new(key, Key::ZERO), handler.clone());
+    }
+    // A transient error is returned, and the key stays wanted.
+    let err = within("listen", STEP, k8s_t.listen(c.public_key()))
+        .await
+        .unwrap_err();
+    assert!(!k8s_error(&err).is_definitive(), "{err:?}");
+    // A listen dropped midway, once it has made its key wanted: it stays wanted.
+    {
+        let mut listen = pin!(k8s_t.listen(d.public_key()));
+        within("the listen of d", STEP, async {
+            loop {
+                match poll!(listen.as_mut()) {
+                    Poll::Ready(result) => {
+                        assert!(result.is_err(), "listened while the API server was away");
+                        break;
+                    }
+                    Poll::Pending if k8s_t.listening().contains(&d.public_key()) => break,
+                    Poll::Pending => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+        })
+        .await;
+    }
+    let wanted = k8s_t.listening();
+    for key in [b, c, d] {
+        assert!(wanted.contains(&key.public_key()), "{key} not wanted");
+    }
+
+    // Back: the watch lists without another listen, and what is sent now arrives once.
+    tokio::task::block_in_place(|| env.start_apiserver());
+    for key in [b, c, d] {
+        send_until_accepted(
+            &publisher,
+            &credentials(format!("to {key}"))
+                .seal(&KeyPair::new(a, key.public_key()))
+                .unwrap(),
+        )
+        .await;
+    }
+    let got = receive(&mut rx, 3, Duration::from_millis(500)).await;
+    assert_eq!(distinct(&got).len(), 3);
+    assert!(got.iter().all(|d| d.sender == a.public_key()));
+
+    // A later listen of a key that failed works; unlisten stops its retries.
+    within("listen again", STEP, k8s_t.listen(c.public_key()))
+        .await
+        .unwrap();
+    within("unlisten", STEP, k8s_t.unlisten(d.public_key()))
+        .await
+        .unwrap();
+    assert!(!k8s_t.listening().contains(&d.public_key()));
+    send_to(&publisher, a, d, "unlistened".into()).await;
+
+    // A listen dropped before it changed anything (on its access review):
+    // the key is not wanted, and listening again works.
+    {
+        let mut listen = pin!(k8s_t.listen(e.public_key()));
+        assert!(poll!(listen.as_mut()).is_pending());
+    }
+    assert!(!k8s_t.listening().contains(&e.public_key()));
+    within("listen", STEP, k8s_t.listen(e.public_key()))
+        .await
+        .unwrap();
+    // A listen dropped while it waits for its first list: listening again works.
+    {
+        let mut listen = pin!(k8s_t.listen(f.public_key()));
+        assert!(poll!(listen.as_mut()).is_pending());
+    }
+    within("listen", STEP, k8s_t.listen(f.public_key()))
+        .await
+        .unwrap();
+    for key in [e, f] {
+        send_to(&publisher, a, key, format!("to {key}")).await;
+    }
+    let got = receive(&mut rx, 2, Duration::from_millis(500)).await;
+    assert_eq!(distinct(&got).len(), 2);
+    let mut recipients: Vec<Key> = got.iter().map(|d| d.recipient).collect();
+    recipients.sort_by_key(|k| k.to_string());
+    let mut expected = vec![e.public_key(), f.public_key()];
+    expected.sort_by_key(|k| k.to_string());
+    assert_eq!(recipients, expected);
+    assert_eq!(registry.stats().dropped_duplicate, 0);
+    eprintln!("after the retries: {:?}", k8s_t.stats());
     within("close", STEP, receiver.close()).await.unwrap();
     within("close", STEP, publisher.close()).await.unwrap();
 }

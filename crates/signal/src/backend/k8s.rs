@@ -9,23 +9,55 @@
 //! changes.
 //!
 //! Delivery rules (SPEC §9):
-//! - A subscription delivers what is created after it started: objects of a
-//!   newly listened key that the watch's first list finds are remembered, not
-//!   delivered.
-//! - Every object is delivered at most once: its UID is remembered for two ttls
-//!   (at least the one ttl SPEC §9 asks), and objects older than the ttl are
-//!   expired, never delivered. After a disconnect, a relist (410 Gone after an
-//!   API server restart) or a restart of the watch for a new selector, objects
-//!   not seen before are delivered: nothing created while the watch was away
-//!   is lost.
+//! - A subscription delivers what is created after it started: objects that
+//!   the first list of a newly listened key finds are delivered if they were
+//!   created after `listen` was called (less [`CLOCK_SKEW`], see *Time* below),
+//!   and remembered, not delivered, if they are older (counted in
+//!   [`K8sStats::stale`]). So an envelope sent while the subscription is still
+//!   starting is not lost.
+//! - Each object is handed to the registry at most once *while its UID is
+//!   remembered*: UIDs are kept for two ttls (at least the one ttl SPEC §9
+//!   asks), but at most 65 536 of them; when more objects arrive within that
+//!   time, the oldest UIDs are forgotten early ([`K8sStats::forgotten_early`]
+//!   counts them). An object whose UID was forgotten early and that a later
+//!   relist or restart of the watch finds again while it is younger than the
+//!   ttl is handed over a second time (the registry's memory of recent nonces
+//!   then usually, not always, drops the copy), and an old object of a newly
+//!   listened key that was forgotten so may be replayed. Objects older than the
+//!   ttl are expired, never delivered. After a disconnect, a relist (410 Gone
+//!   after an API server restart) or a restart of the watch for a new
+//!   selector, objects not seen before are delivered: nothing created while the
+//!   watch was away is lost.
 //! - A running transport deletes the objects it sent and the objects addressed
 //!   to the keys it listens on once they are older than the ttl, so the
 //!   namespace does not grow while peers run.
 //!
-//! A missing CRD (404) or missing RBAC rights (403) fail `send` and `listen`
-//! with one [`K8sError`] that names the cause, instead of retrying without end.
-//! The rights a peer needs in its namespace are `create`, `list`, `watch` and
-//! `delete` on `signalingenvelopes.cunicu.li` (`deploy/rbac.yaml`).
+//! Failures of `listen`: a key stays *wanted* from `listen` until `unlisten`,
+//! also when its `listen` fails with a transient error (the API server is
+//! unreachable, answers 5xx or 429, or does not list within
+//! [`K8sOptions::listen_timeout`]): the error is returned all the same, the
+//! key stays in the watch's selector and the watch retries with backoff, so
+//! that in a multi backend (whose subscribe succeeds when another medium
+//! succeeded) the key is watched as soon as the API server answers. Only the
+//! definitive cases fail fast and forget the key: a missing CRD or namespace
+//! (404) and missing RBAC rights (403, also found by an access review before
+//! the first watch) give one [`K8sError`] that names the cause
+//! ([`K8sError::is_definitive`]) instead of retrying without end. `send`
+//! fails on any error; the caller decides whether to send again. The rights a
+//! peer needs in its namespace are `create`, `list`, `watch` and `delete` on
+//! `signalingenvelopes.cunicu.li` (`deploy/rbac.yaml`).
+//!
+//! `listen` is cancellation-safe: if its future is dropped midway, the key is
+//! either wanted (and retried by the watch, as after a transient error) or not
+//! wanted at all, and a later `listen` of the key works either way.
+//! [`K8s::listening`] tells which.
+//!
+//! Both orders of registering a handler and listening work. Envelopes for a
+//! wanted key that arrive while the registry has no handler for it yet (a
+//! backend that listens first and adds the handler when every medium
+//! answered) are held back, at most 1024 per transport and at most
+//! [`K8sOptions::listen_timeout`] each, and handed over as soon as a handler is
+//! there ([`K8sStats::held`]); `unlisten` drops what is held for its key.
 //!
 //! URL forms: `k8s:///path/to/kubeconfig` (an absolute path), `k8s:relative/path`,
 //! `k8s://` or `k8s:///` (the usual kubeconfig search: `$KUBECONFIG`,
@@ -40,9 +72,18 @@
 //! selector of our watch; our objects carry cunīcu's fields, so Go peers can
 //! read them.
 //!
+//! Objects whose fields are not base64 are dropped and counted
+//! ([`K8sStats::invalid`]); the first is logged as a warning, later ones at
+//! most once a minute, with the running count.
+//!
 //! Time: the age of an object is the local clock minus its `creationTimestamp`,
 //! so the clocks of peers and API server are assumed to agree to well within
-//! the ttl.
+//! the ttl. Whether an object found by a key's first list was created after
+//! `listen` was called compares its `creationTimestamp` with the local clock
+//! at that call less [`CLOCK_SKEW`] (2 s): the timestamp has a resolution of
+//! one second and the clocks may differ a little. So an envelope created up to
+//! about two seconds before the subscription may still be delivered; older
+//! ones are not replayed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -78,7 +119,11 @@ use kube::{
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
 
 use super::{BackendError, Transport, check_params};
 use crate::{
@@ -108,6 +153,19 @@ const MAX_KNOWN: usize = 65_536;
 const MAX_SENDERS: usize = 1024;
 /// How many keys one label selector of the expiry sweep names.
 const KEYS_PER_SELECTOR: usize = 64;
+/// How much earlier than the call of `listen` an object found by the key's
+/// first list may have been created and still be delivered: the
+/// `creationTimestamp` has a resolution of one second, and the clocks of peer
+/// and API server may differ a little.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(2);
+/// How many envelopes a transport holds at most for keys without a handler yet.
+const MAX_HELD: usize = 1024;
+/// How often held envelopes are looked at.
+const HELD_TICK: Duration = Duration::from_millis(20);
+/// After the first, undecodable objects are logged as warnings at most this often.
+const INVALID_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How long `unlisten` waits at most for the watch to drop the key.
+const UNLISTEN_WAIT: Duration = Duration::from_secs(5);
 
 /// The fields of a [`SignalingEnvelope`] object: cunīcu's layout, at the top
 /// level of the object (there is no `spec`). Keys and contents are standard
@@ -249,6 +307,10 @@ pub enum K8sError {
     /// The watch failed before it had listed the objects once.
     #[error("watch: {0}")]
     Watch(#[source] Box<watcher::Error>),
+    /// An error that several listens got at once, as text (the first got
+    /// the error itself).
+    #[error("{0}")]
+    Message(String),
     /// The API server did not answer in time.
     #[error("{what}: no answer within {timeout:?}")]
     Timeout {
@@ -259,6 +321,49 @@ pub enum K8sError {
     },
 }
 
+impl K8sError {
+    /// This error again, for another listen that waited for the same list:
+    /// the same variant where its fields can be copied, else its text.
+    fn duplicate(&self) -> K8sError {
+        match self {
+            K8sError::CrdMissing { server } => K8sError::CrdMissing {
+                server: server.clone(),
+            },
+            K8sError::NamespaceMissing { namespace, server } => K8sError::NamespaceMissing {
+                namespace: namespace.clone(),
+                server: server.clone(),
+            },
+            K8sError::Forbidden {
+                verbs,
+                namespace,
+                message,
+            } => K8sError::Forbidden {
+                verbs: verbs.clone(),
+                namespace: namespace.clone(),
+                message: message.clone(),
+            },
+            K8sError::Timeout { what, timeout } => K8sError::Timeout {
+                what,
+                timeout: *timeout,
+            },
+            other => K8sError::Message(other.to_string()),
+        }
+    }
+
+    /// True for the errors that retrying does not cure: the CRD or the
+    /// namespace is missing (404), or RBAC denies (403). `listen` forgets its
+    /// key on these; on every other error it keeps the key and the watch
+    /// retries.
+    pub fn is_definitive(&self) -> bool {
+        matches!(
+            self,
+            K8sError::CrdMissing { .. }
+                | K8sError::NamespaceMissing { .. }
+                | K8sError::Forbidden { .. }
+        )
+    }
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Settings of the Kubernetes backend that URLs do not carry.
@@ -267,7 +372,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub struct K8sOptions {
     /// Deadline of creating one envelope object.
     pub send_timeout: Duration,
-    /// How long `listen` waits for the watch's first list.
+    /// How long `listen` waits for the watch's first list; when it is up,
+    /// `listen` fails and the watch goes on trying until `unlisten`. Also the
+    /// longest time an envelope waits for a handler (see the module's docs).
     pub listen_timeout: Duration,
     /// First delay before a failed watch is retried.
     pub backoff_min: Duration,
@@ -426,21 +533,29 @@ fn is_dns_label(s: &str) -> bool {
 pub struct K8sStats {
     /// Envelope objects created.
     pub sent: u64,
-    /// Envelopes handed to the registry (each object once).
+    /// Envelopes handed to the registry (each object once while its UID is
+    /// remembered, see the module's docs).
     pub handed_over: u64,
     /// Objects seen again (after a relist or a restart of the watch) and skipped.
     pub seen_again: u64,
     /// Objects that existed before their key was listened on: not replayed.
     pub stale: u64,
+    /// Objects found by the first list of their key that were created after
+    /// `listen` was called (less [`CLOCK_SKEW`]): delivered, not taken for stale.
+    pub caught_up: u64,
+    /// Envelopes held back because the registry had no handler for their key
+    /// yet (a backend that listens before it adds the handler).
+    pub held: u64,
     /// Objects older than the ttl: expired, not delivered.
     pub too_old: u64,
     /// Objects that are not envelopes (fields not base64): dropped.
     pub invalid: u64,
     /// Expired objects deleted by this transport.
     pub deleted: u64,
-    /// Remembered UIDs forgotten early because the memory was full.
+    /// Remembered UIDs forgotten early because the memory was full: such an
+    /// object may be handed over again if a relist finds it within its ttl.
     pub forgotten_early: u64,
-    /// Errors of the watch after it had started (it retries with backoff).
+    /// Errors of the watch that no `listen` returned (it retries with backoff).
     pub watch_errors: u64,
 }
 
@@ -450,6 +565,8 @@ struct Counters {
     handed_over: AtomicU64,
     seen_again: AtomicU64,
     stale: AtomicU64,
+    caught_up: AtomicU64,
+    held: AtomicU64,
     too_old: AtomicU64,
     invalid: AtomicU64,
     deleted: AtomicU64,
@@ -460,14 +577,14 @@ struct Counters {
 /// UIDs of objects seen, each remembered for a while.
 #[derive(Default)]
 struct Known {
-    until: HashMap<String, tokio::time::Instant>,
-    order: VecDeque<(tokio::time::Instant, String)>,
+    until: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
 }
 
 impl Known {
     /// Remembers `uid` until `until`; false if it was known already.
-    fn insert(&mut self, uid: &str, until: tokio::time::Instant, counters: &Counters) -> bool {
-        let now = tokio::time::Instant::now();
+    fn insert(&mut self, uid: &str, until: Instant, counters: &Counters) -> bool {
+        let now = Instant::now();
         while let Some((t, _)) = self.order.front() {
             if *t > now && self.order.len() < MAX_KNOWN {
                 break;
@@ -490,13 +607,75 @@ impl Known {
     }
 }
 
+/// A `listen` that waits for the first list of its key.
+struct Waiter {
+    key: Key,
+    tx: oneshot::Sender<Result<(), K8sError>>,
+}
+
+/// An envelope for a wanted key that has no handler in the registry yet.
+struct Held {
+    recipient: Key,
+    envelope: Envelope,
+    /// Handed to the registry at this time even without a handler.
+    until: Instant,
+}
+
 #[derive(Default)]
 struct State {
     known: Known,
-    /// Keys listened on (the watch's selector).
-    listened: BTreeSet<Key>,
+    /// Keys wanted (the watch's selector): from `listen` until `unlisten`,
+    /// also while the watch fails for them.
+    wanted: BTreeSet<Key>,
+    /// Wanted keys that no watch has listed yet, with the time `listen` was
+    /// first called for them.
+    pending: HashMap<Key, SystemTime>,
+    /// The listens waiting for the first list of their key.
+    waiters: Vec<Waiter>,
+    /// Envelopes waiting for a handler.
+    held: VecDeque<Held>,
     /// Our sender keys and when they last sent.
-    senders: HashMap<Key, tokio::time::Instant>,
+    senders: HashMap<Key, Instant>,
+}
+
+impl State {
+    /// True if `key` is wanted and a watch has listed it.
+    fn is_live(&self, key: &Key) -> bool {
+        self.wanted.contains(key) && !self.pending.contains_key(key)
+    }
+}
+
+/// Lets an event through at most once per interval.
+struct RateLimit {
+    interval: Duration,
+    last: Mutex<Option<Instant>>,
+}
+
+impl RateLimit {
+    fn new(interval: Duration) -> Self {
+        RateLimit {
+            interval,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// True for the first call and then for the first call after each interval.
+    fn allow(&self, now: Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// What the watch does after an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// The wanted keys changed: start over with the new selector.
+    Restart,
 }
 
 /// What the tasks of a transport share.
@@ -505,11 +684,15 @@ struct Shared {
     server: String,
     namespace: String,
     ttl: Duration,
+    /// How long an envelope is held for a handler at most.
+    hold_for: Duration,
     registry: Arc<Registry>,
     state: Mutex<State>,
     counters: Counters,
     /// Set once a denied delete has been logged as a warning.
     delete_denied_logged: AtomicBool,
+    /// Limits the warnings about undecodable objects.
+    invalid_log: RateLimit,
 }
 
 impl Shared {
@@ -555,9 +738,14 @@ impl Shared {
         }
     }
 
+    /// The object's creation time; `None` without one.
+    fn created(object: &SignalingEnvelope) -> Option<SystemTime> {
+        Some(object.metadata.creation_timestamp.as_ref()?.0.into())
+    }
+
     /// The object's age by our clock; `None` without a creation time.
     fn age(object: &SignalingEnvelope) -> Option<Duration> {
-        let created: SystemTime = object.metadata.creation_timestamp.as_ref()?.0.into();
+        let created = Self::created(object)?;
         Some(
             SystemTime::now()
                 .duration_since(created)
@@ -565,14 +753,111 @@ impl Shared {
         )
     }
 
+    /// One event of the watch over `keys`.
+    fn on_event(
+        &self,
+        event: Result<watcher::Event<SignalingEnvelope>, watcher::Error>,
+        keys: &BTreeSet<Key>,
+        failing: &mut bool,
+    ) -> Flow {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => return self.on_error(e, keys, failing),
+        };
+        if *failing {
+            tracing::info!(backend = %self.name, "watch is back");
+            *failing = false;
+        }
+        match event {
+            watcher::Event::Init => {}
+            watcher::Event::InitApply(object) | watcher::Event::Apply(object) => {
+                self.handle(&object)
+            }
+            watcher::Event::InitDone => self.listed(keys),
+            // Deleted objects stay remembered until their time is up.
+            watcher::Event::Delete(_) => {}
+        }
+        Flow::Continue
+    }
+
+    /// An error of the watch over `keys`. The listens waiting for one of
+    /// them get the error; on a definitive one their keys are forgotten first.
+    /// Other errors are logged and counted: the stream retries with backoff.
+    fn on_error(&self, e: watcher::Error, keys: &BTreeSet<Key>, failing: &mut bool) -> Flow {
+        let error = self.watch_error(e);
+        let definitive = error.is_definitive();
+        let waiters = {
+            let mut state = self.state();
+            let state = &mut *state;
+            state.waiters.retain(|w| !w.tx.is_closed());
+            let (hit, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .partition(|w| keys.contains(&w.key) && state.pending.contains_key(&w.key));
+            state.waiters = rest;
+            if definitive {
+                for waiter in &hit {
+                    state.wanted.remove(&waiter.key);
+                    state.pending.remove(&waiter.key);
+                    state.held.retain(|h| h.recipient != waiter.key);
+                }
+            }
+            hit
+        };
+        if !waiters.is_empty() {
+            for waiter in &waiters {
+                tracing::debug!(backend = %self.name, key = %waiter.key, definitive, "first list failed: {error}");
+            }
+            let mut waiters = waiters.into_iter();
+            let first = waiters.next();
+            for waiter in waiters {
+                let _ = waiter.tx.send(Err(error.duplicate()));
+            }
+            if let Some(first) = first {
+                let _ = first.tx.send(Err(error));
+            }
+            return if definitive {
+                Flow::Restart
+            } else {
+                Flow::Continue
+            };
+        }
+        self.counters.watch_errors.fetch_add(1, Relaxed);
+        if !*failing {
+            tracing::warn!(backend = %self.name, "watch failed, retrying with backoff: {error}");
+            *failing = true;
+        } else {
+            tracing::debug!(backend = %self.name, "watch failed again: {error}");
+        }
+        Flow::Continue
+    }
+
+    /// The watch over `keys` has listed them: none is new any more, and the
+    /// listens waiting for one of them return.
+    fn listed(&self, keys: &BTreeSet<Key>) {
+        let waiters = {
+            let mut state = self.state();
+            for key in keys {
+                state.pending.remove(key);
+            }
+            let (hit, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .partition(|w| keys.contains(&w.key));
+            state.waiters = rest;
+            hit
+        };
+        for waiter in waiters {
+            let _ = waiter.tx.send(Ok(()));
+        }
+    }
+
     /// Hands `object` to the registry unless it was seen before, predates the
-    /// subscription of its recipient (`stale` holds such keys) or is expired.
-    fn handle(&self, object: &SignalingEnvelope, stale: Option<&BTreeSet<Key>>) {
+    /// listen of its recipient or is expired.
+    fn handle(&self, object: &SignalingEnvelope) {
         let Some(uid) = object.metadata.uid.as_deref() else {
             self.counters.invalid.fetch_add(1, Relaxed);
             return;
         };
-        let until = tokio::time::Instant::now() + self.ttl * 2;
+        let until = Instant::now() + self.ttl * 2;
         if !self.state().known.insert(uid, until, &self.counters) {
             self.counters.seen_again.fetch_add(1, Relaxed);
             return;
@@ -580,23 +865,91 @@ impl Shared {
         let envelope = match object.to_envelope() {
             Ok(envelope) => envelope,
             Err(why) => {
-                self.counters.invalid.fetch_add(1, Relaxed);
-                tracing::warn!(backend = %self.name, object = %object.name_any(), "not an envelope, dropped: {why}");
+                self.invalid(object, &why);
                 return;
             }
         };
-        if let Some(stale) = stale
-            && Key::from_slice(&envelope.recipient).is_ok_and(|r| stale.contains(&r))
-        {
-            self.counters.stale.fetch_add(1, Relaxed);
-            return;
+        let recipient = Key::from_slice(&envelope.recipient).ok();
+        let since = recipient.and_then(|r| self.state().pending.get(&r).copied());
+        if let Some(since) = since {
+            // The key's first list: what existed before listen was called is stale.
+            let threshold = since.checked_sub(CLOCK_SKEW).unwrap_or(since);
+            if Self::created(object).is_none_or(|created| created < threshold) {
+                self.counters.stale.fetch_add(1, Relaxed);
+                return;
+            }
         }
         if Self::age(object).is_some_and(|age| age > self.ttl) {
             self.counters.too_old.fetch_add(1, Relaxed);
             return;
         }
+        if since.is_some() {
+            self.counters.caught_up.fetch_add(1, Relaxed);
+        }
+        if let Some(recipient) = recipient
+            && !self.registry.has_key(&recipient)
+        {
+            let mut state = self.state();
+            if state.wanted.contains(&recipient) && state.held.len() < MAX_HELD {
+                state.held.push_back(Held {
+                    recipient,
+                    envelope,
+                    until: Instant::now() + self.hold_for,
+                });
+                self.counters.held.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        self.hand_over(&envelope);
+    }
+
+    fn hand_over(&self, envelope: &Envelope) {
         self.counters.handed_over.fetch_add(1, Relaxed);
-        self.registry.deliver(&envelope);
+        self.registry.deliver(envelope);
+    }
+
+    /// Counts and (rate-limited) logs an object that is not an envelope.
+    fn invalid(&self, object: &SignalingEnvelope, why: &str) {
+        let total = self.counters.invalid.fetch_add(1, Relaxed) + 1;
+        if self.invalid_log.allow(Instant::now()) {
+            tracing::warn!(
+                backend = %self.name,
+                object = %object.name_any(),
+                total,
+                "not an envelope, dropped: {why} ({total} so far; logged at most once a minute)"
+            );
+        } else {
+            tracing::debug!(backend = %self.name, object = %object.name_any(), total, "not an envelope, dropped: {why}");
+        }
+    }
+
+    fn holding(&self) -> bool {
+        !self.state().held.is_empty()
+    }
+
+    /// Hands held envelopes to the registry once their key has a handler, or
+    /// when they have waited long enough; drops those of keys not wanted.
+    fn release_held(&self) {
+        let now = Instant::now();
+        let ready: Vec<Envelope> = {
+            let mut state = self.state();
+            let held = std::mem::take(&mut state.held);
+            let mut ready = Vec::new();
+            for h in held {
+                if !state.wanted.contains(&h.recipient) {
+                    continue;
+                }
+                if h.until <= now || self.registry.has_key(&h.recipient) {
+                    ready.push(h.envelope);
+                } else {
+                    state.held.push_back(h);
+                }
+            }
+            ready
+        };
+        for envelope in &ready {
+            self.hand_over(envelope);
+        }
     }
 }
 
@@ -616,10 +969,84 @@ impl Drop for Task {
     }
 }
 
-/// The watch and whether access was checked, changed under one lock.
+/// The label selector of the watch over `keys`.
+fn selector(keys: &BTreeSet<Key>) -> String {
+    format!(
+        "{LABEL_RECIPIENT} in ({})",
+        keys.iter()
+            .map(Key::to_base32)
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+/// Runs the one watch of a transport over the wanted keys, started over when
+/// they change (`changes` counts the changes; `applied` reports the count the
+/// running watch reflects), until the transport is closed.
+async fn run_watches(
+    shared: Arc<Shared>,
+    api: Api<SignalingEnvelope>,
+    options: K8sOptions,
+    mut changes: watch::Receiver<u64>,
+    applied: watch::Sender<u64>,
+) {
+    loop {
+        let generation = *changes.borrow_and_update();
+        let keys = shared.state().wanted.clone();
+        applied.send_replace(generation);
+        if keys.is_empty() {
+            if changes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let backoff = ResetTimerBackoff::new(
+            ExponentialBackoff::from(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(options.backoff_min)
+                    .with_max_delay(options.backoff_max)
+                    .with_factor(2.0)
+                    .with_jitter()
+                    .without_max_times(),
+            ),
+            Duration::from_secs(120),
+        );
+        let mut stream = pin!(
+            watcher(
+                api.clone(),
+                watcher::Config::default().labels(&selector(&keys)),
+            )
+            .backoff(backoff)
+        );
+        let mut failing = false;
+        let mut tick = tokio::time::interval(HELD_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let holding = shared.holding();
+            tokio::select! {
+                biased;
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = tick.tick(), if holding => shared.release_held(),
+                event = stream.next() => {
+                    // The stream retries without end; it ends only if kube changes that.
+                    let Some(event) = event else { break };
+                    if shared.on_event(event, &keys, &mut failing) == Flow::Restart {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether access was checked, under a lock that serializes the access reviews.
 #[derive(Default)]
 struct Ops {
-    watch: Option<Task>,
     access_checked: bool,
 }
 
@@ -629,8 +1056,14 @@ pub struct K8s {
     client: Client,
     api: Api<SignalingEnvelope>,
     options: K8sOptions,
+    /// Serializes the access reviews of concurrent listens.
     ops: tokio::sync::Mutex<Ops>,
-    expiry: Mutex<Option<Task>>,
+    /// The watch task and the expiry task.
+    tasks: Mutex<Option<(Task, Task)>>,
+    /// Counts changes of the wanted keys, for the watch task.
+    changes: watch::Sender<u64>,
+    /// The count of changes the running watch reflects.
+    applied: watch::Receiver<u64>,
     closed: AtomicBool,
 }
 
@@ -677,14 +1110,25 @@ impl K8s {
             server,
             namespace: target.namespace,
             ttl: target.ttl,
+            hold_for: options.listen_timeout,
             registry,
             state: Mutex::new(State::default()),
             counters: Counters::default(),
             delete_denied_logged: AtomicBool::new(false),
+            invalid_log: RateLimit::new(INVALID_LOG_INTERVAL),
         });
         let interval = options.expiry_interval.unwrap_or_else(|| {
             (target.ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
         });
+        let (changes, changes_rx) = watch::channel(0);
+        let (applied_tx, applied) = watch::channel(0);
+        let watches = Task(tokio::spawn(run_watches(
+            shared.clone(),
+            api.clone(),
+            options.clone(),
+            changes_rx,
+            applied_tx,
+        )));
         let expiry = Task(tokio::spawn(expire(shared.clone(), api.clone(), interval)));
         Ok(K8s {
             shared,
@@ -692,7 +1136,9 @@ impl K8s {
             api,
             options,
             ops: tokio::sync::Mutex::new(Ops::default()),
-            expiry: Mutex::new(Some(expiry)),
+            tasks: Mutex::new(Some((watches, expiry))),
+            changes,
+            applied,
             closed: AtomicBool::new(false),
         })
     }
@@ -707,6 +1153,12 @@ impl K8s {
         self.shared.ttl
     }
 
+    /// The keys this transport listens on: from `listen` until `unlisten`,
+    /// including those whose watch is still retrying after a transient error.
+    pub fn listening(&self) -> BTreeSet<Key> {
+        self.shared.state().wanted.clone()
+    }
+
     /// The counters.
     pub fn stats(&self) -> K8sStats {
         let c = &self.shared.counters;
@@ -715,6 +1167,8 @@ impl K8s {
             handed_over: c.handed_over.load(Relaxed),
             seen_again: c.seen_again.load(Relaxed),
             stale: c.stale.load(Relaxed),
+            caught_up: c.caught_up.load(Relaxed),
+            held: c.held.load(Relaxed),
             too_old: c.too_old.load(Relaxed),
             invalid: c.invalid.load(Relaxed),
             deleted: c.deleted.load(Relaxed),
@@ -735,11 +1189,22 @@ impl K8s {
         BackendError::transport(&self.shared.name, e)
     }
 
+    /// Tells the watch task that the wanted keys changed; returns the new count.
+    fn changed(&self) -> u64 {
+        let mut count = 0;
+        self.changes.send_modify(|c| {
+            *c += 1;
+            count = *c;
+        });
+        count
+    }
+
     /// Asks the API server whether we may `verbs` envelope objects in our
     /// namespace, so that a missing right fails at once instead of making the
-    /// watch retry forever. If the review itself fails, the check is skipped:
-    /// the requests that follow report what is wrong.
-    async fn check_access(&self, verbs: &[&str]) -> Result<(), K8sError> {
+    /// watch retry forever. Returns whether the API server answered: if the
+    /// review itself fails or times out (`timeout`), the check is skipped
+    /// and the requests that follow report what is wrong.
+    async fn check_access(&self, verbs: &[&str], timeout: Duration) -> Result<bool, K8sError> {
         let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
         let mut denied = Vec::new();
         let mut reason = String::new();
@@ -757,11 +1222,9 @@ impl K8s {
                 },
                 ..SelfSubjectAccessReview::default()
             };
-            let answer = tokio::time::timeout(
-                self.options.send_timeout,
-                reviews.create(&PostParams::default(), &review),
-            )
-            .await;
+            let answer =
+                tokio::time::timeout(timeout, reviews.create(&PostParams::default(), &review))
+                    .await;
             match answer {
                 Ok(Ok(review)) => {
                     if let Some(status) = review.status
@@ -775,18 +1238,16 @@ impl K8s {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(backend = %self.shared.name, "access review failed, not checked: {e}");
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(_) => {
-                    return Err(K8sError::Timeout {
-                        what: "access review",
-                        timeout: self.options.send_timeout,
-                    });
+                    tracing::debug!(backend = %self.shared.name, "access review: no answer within {timeout:?}, not checked");
+                    return Ok(false);
                 }
             }
         }
         if denied.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         Err(K8sError::Forbidden {
             verbs: denied.join(", "),
@@ -797,99 +1258,6 @@ impl K8s {
                 reason
             },
         })
-    }
-
-    /// Starts a watch over `keys`; `stale` are the keys new to it, whose
-    /// existing objects are not replayed. With `ready`, the task reports when
-    /// its first list is done, or fails and ends at the first error.
-    fn spawn_watch(
-        &self,
-        keys: &BTreeSet<Key>,
-        stale: BTreeSet<Key>,
-        ready: Option<oneshot::Sender<Result<(), K8sError>>>,
-    ) -> Task {
-        let selector = format!(
-            "{LABEL_RECIPIENT} in ({})",
-            keys.iter()
-                .map(Key::to_base32)
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let backoff = ResetTimerBackoff::new(
-            ExponentialBackoff::from(
-                backon::ExponentialBuilder::default()
-                    .with_min_delay(self.options.backoff_min)
-                    .with_max_delay(self.options.backoff_max)
-                    .with_factor(2.0)
-                    .with_jitter()
-                    .without_max_times(),
-            ),
-            Duration::from_secs(120),
-        );
-        let stream = watcher(
-            self.api.clone(),
-            watcher::Config::default().labels(&selector),
-        )
-        .backoff(backoff);
-        Task(tokio::spawn(run_watch(
-            self.shared.clone(),
-            stream,
-            stale,
-            ready,
-        )))
-    }
-}
-
-/// Drives one watch: hands new objects to the registry, logs errors (the
-/// stream retries them with backoff).
-async fn run_watch<S>(
-    shared: Arc<Shared>,
-    stream: S,
-    stale: BTreeSet<Key>,
-    mut ready: Option<oneshot::Sender<Result<(), K8sError>>>,
-) where
-    S: futures::Stream<Item = Result<watcher::Event<SignalingEnvelope>, watcher::Error>>,
-{
-    let mut stream = pin!(stream);
-    let mut first_list = true;
-    let mut failing = false;
-    while let Some(event) = stream.next().await {
-        let event = match event {
-            Ok(event) => event,
-            Err(e) => {
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(Err(shared.watch_error(e)));
-                    return;
-                }
-                shared.counters.watch_errors.fetch_add(1, Relaxed);
-                if !failing {
-                    tracing::warn!(backend = %shared.name, "watch failed, retrying with backoff: {e}");
-                    failing = true;
-                } else {
-                    tracing::debug!(backend = %shared.name, "watch failed again: {e}");
-                }
-                continue;
-            }
-        };
-        if failing {
-            tracing::info!(backend = %shared.name, "watch is back");
-            failing = false;
-        }
-        match event {
-            watcher::Event::Init => {}
-            watcher::Event::InitApply(object) => {
-                shared.handle(&object, first_list.then_some(&stale));
-            }
-            watcher::Event::InitDone => {
-                first_list = false;
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(Ok(()));
-                }
-            }
-            watcher::Event::Apply(object) => shared.handle(&object, None),
-            // Deleted objects stay remembered until their time is up.
-            watcher::Event::Delete(_) => {}
-        }
     }
 }
 
@@ -902,14 +1270,14 @@ async fn expire(shared: Arc<Shared>, api: Api<SignalingEnvelope>, interval: Dura
         ticker.tick().await;
         let (recipients, senders) = {
             let mut state = shared.state();
-            let now = tokio::time::Instant::now();
+            let now = Instant::now();
             // A sender key is kept until everything it sent has had time to expire.
             let keep = shared.ttl * 2 + interval;
             state
                 .senders
                 .retain(|_, last| now.duration_since(*last) < keep);
             let senders: Vec<Key> = state.senders.keys().copied().collect();
-            (state.listened.iter().copied().collect::<Vec<_>>(), senders)
+            (state.wanted.iter().copied().collect::<Vec<_>>(), senders)
         };
         for (label, keys) in [(LABEL_RECIPIENT, recipients), (LABEL_SENDER, senders)] {
             for chunk in keys.chunks(KEYS_PER_SELECTOR) {
@@ -1026,68 +1394,86 @@ impl Transport for K8s {
         {
             state.senders.remove(&oldest);
         }
-        state.senders.insert(sender, tokio::time::Instant::now());
+        state.senders.insert(sender, Instant::now());
         Ok(())
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        let mut ops = self.ops.lock().await;
+        // Objects of the key created from here on are delivered.
+        let called = SystemTime::now();
         self.check_open()?;
-        let mut keys = self.shared.state().listened.clone();
-        if !keys.insert(key) {
+        let deadline = Instant::now() + self.options.listen_timeout;
+        if self.shared.state().is_live(&key) {
             return Ok(());
         }
-        if !ops.access_checked {
-            self.check_access(&["list", "watch"])
-                .await
-                .map_err(|e| self.error(e))?;
-            ops.access_checked = true;
+        {
+            let mut ops = self.ops.lock().await;
+            if !ops.access_checked {
+                let timeout = self.options.send_timeout.min(self.options.listen_timeout);
+                ops.access_checked = self
+                    .check_access(&["list", "watch"], timeout)
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
         }
-        // The new watch runs beside the old one until its first list is done;
-        // both deliver, and the remembered UIDs keep each object to one delivery.
+        // Nothing has changed up to here. From here on the key is wanted until
+        // unlisten, or until the watch reports a definitive error to this
+        // listen: if this future is dropped, the watch goes on trying.
         let (tx, rx) = oneshot::channel();
-        let task = self.spawn_watch(&keys, BTreeSet::from([key]), Some(tx));
-        let timeout = self.options.listen_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(self.error(e)),
+        {
+            let mut state = self.shared.state();
+            // Checked under the lock that close clears the state under.
+            self.check_open()?;
+            if state.is_live(&key) {
+                return Ok(());
+            }
+            state.wanted.insert(key);
+            state.pending.entry(key).or_insert(called);
+            state.waiters.retain(|w| !w.tx.is_closed());
+            state.waiters.push(Waiter { key, tx });
+        }
+        self.changed();
+        let error = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::debug!(backend = %self.shared.name, %key, "listening");
+                return Ok(());
+            }
+            Ok(Ok(Err(e))) => e,
             Ok(Err(_)) => {
-                return Err(BackendError::transport(
-                    &self.shared.name,
-                    "watch task ended unexpectedly",
-                ));
+                // The waiter was dropped: by close, by unlisten, or the task ended.
+                self.check_open()?;
+                let why = if self.shared.state().wanted.contains(&key) {
+                    "watch task ended unexpectedly"
+                } else {
+                    "unlistened while listening"
+                };
+                return Err(BackendError::transport(&self.shared.name, why));
             }
-            Err(_) => {
-                task.stop().await;
-                return Err(self.error(K8sError::Timeout {
-                    what: "first list of the watch",
-                    timeout,
-                }));
-            }
+            Err(_) => K8sError::Timeout {
+                what: "first list of the watch",
+                timeout: self.options.listen_timeout,
+            },
+        };
+        if !error.is_definitive() {
+            tracing::debug!(backend = %self.shared.name, %key, "listen failed, the watch retries until unlisten: {error}");
         }
-        self.shared.state().listened = keys;
-        if let Some(old) = ops.watch.replace(task) {
-            old.stop().await;
-        }
-        tracing::debug!(backend = %self.shared.name, %key, "listening");
-        Ok(())
+        Err(self.error(error))
     }
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        let mut ops = self.ops.lock().await;
-        let keys = {
+        {
             let mut state = self.shared.state();
-            if !state.listened.remove(&key) {
+            if !state.wanted.remove(&key) {
                 return Ok(());
             }
-            state.listened.clone()
-        };
-        // Every key left was live: its objects not seen yet are delivered by the new watch.
-        let task = (!keys.is_empty() && !self.closed.load(Relaxed))
-            .then(|| self.spawn_watch(&keys, BTreeSet::new(), None));
-        if let Some(old) = std::mem::replace(&mut ops.watch, task) {
-            old.stop().await;
+            state.pending.remove(&key);
+            state.held.retain(|h| h.recipient != key);
+            state.waiters.retain(|w| w.key != key);
         }
+        // Wait (briefly) until the watch runs without the key.
+        let count = self.changed();
+        let mut applied = self.applied.clone();
+        let _ = tokio::time::timeout(UNLISTEN_WAIT, applied.wait_for(|c| *c >= count)).await;
         Ok(())
     }
 
@@ -1096,16 +1482,20 @@ impl Transport for K8s {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let mut ops = self.ops.lock().await;
         self.closed.store(true, Relaxed);
-        if let Some(watch) = ops.watch.take() {
-            watch.stop().await;
+        {
+            // Listens still waiting return `Closed`.
+            let mut state = self.shared.state();
+            state.wanted.clear();
+            state.pending.clear();
+            state.held.clear();
+            state.waiters.clear();
         }
-        let expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(expiry) = expiry {
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((watches, expiry)) = tasks {
+            watches.stop().await;
             expiry.stop().await;
         }
-        self.shared.state().listened.clear();
         Ok(())
     }
 
@@ -1204,11 +1594,132 @@ mod tests {
         assert!(props.get("spec").is_none(), "{props}");
     }
 
+    fn shared(registry: Arc<Registry>) -> Shared {
+        Shared {
+            name: "k8s:///test".into(),
+            server: "https://127.0.0.1:1".into(),
+            namespace: "default".into(),
+            ttl: Duration::from_secs(60),
+            hold_for: Duration::from_secs(30),
+            registry,
+            state: Mutex::new(State::default()),
+            counters: Counters::default(),
+            delete_denied_logged: AtomicBool::new(false),
+            invalid_log: RateLimit::new(INVALID_LOG_INTERVAL),
+        }
+    }
+
+    /// An object from `a` to `b`, created `ago` ago.
+    fn object(a: &Key, b: &Key, ago: Duration, uid: &str) -> SignalingEnvelope {
+        let envelope = crate::proto::signaling::Message::default()
+            .seal(&crate::KeyPair::new(*a, b.public_key()))
+            .unwrap();
+        let mut object = SignalingEnvelope::from_envelope(&envelope).unwrap();
+        object.metadata.uid = Some(uid.into());
+        let created = k8s_openapi::jiff::Timestamp::try_from(SystemTime::now() - ago).unwrap();
+        object.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created),
+        );
+        object
+    }
+
+    #[tokio::test]
+    async fn a_first_list_delivers_what_was_created_after_listen_was_called() {
+        let registry = Registry::new();
+        let (a, b) = (Key::generate(), Key::generate());
+        let count = Arc::new(AtomicU64::new(0));
+        let c = count.clone();
+        registry.add(
+            &crate::KeyPair::new(b, Key::ZERO),
+            Arc::new(move |_: &crate::Delivery| {
+                c.fetch_add(1, Relaxed);
+            }),
+        );
+        let shared = shared(registry);
+        {
+            let mut state = shared.state();
+            state.wanted.insert(b.public_key());
+            // listen was called 10 s ago.
+            state
+                .pending
+                .insert(b.public_key(), SystemTime::now() - Duration::from_secs(10));
+        }
+        // Created before the call, beyond the allowance: stale.
+        shared.handle(&object(&a, &b, Duration::from_secs(13), "old"));
+        // Within the allowance, and after the call: delivered.
+        shared.handle(&object(&a, &b, Duration::from_secs(11), "skewed"));
+        shared.handle(&object(&a, &b, Duration::from_secs(5), "new"));
+        shared.handle(&object(&a, &b, Duration::from_secs(5), "new"));
+        let stats = &shared.counters;
+        assert_eq!(stats.stale.load(Relaxed), 1);
+        assert_eq!(stats.caught_up.load(Relaxed), 2);
+        assert_eq!(stats.seen_again.load(Relaxed), 1);
+        assert_eq!(count.load(Relaxed), 2);
+        // Once listed, the key is live: everything not seen is delivered.
+        shared.listed(&BTreeSet::from([b.public_key()]));
+        shared.handle(&object(&a, &b, Duration::from_secs(30), "relisted"));
+        assert_eq!(count.load(Relaxed), 3);
+        assert_eq!(stats.stale.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn envelopes_wait_for_a_handler_that_comes_after_listen() {
+        let registry = Registry::new();
+        let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
+        let shared = shared(registry.clone());
+        shared.state().wanted.insert(b.public_key());
+        shared.handle(&object(&a, &b, Duration::ZERO, "1"));
+        // Not wanted at all: handed over (and dropped by the registry).
+        shared.handle(&object(&a, &c, Duration::ZERO, "2"));
+        assert_eq!(shared.counters.held.load(Relaxed), 1);
+        assert_eq!(registry.stats().dropped_no_subscriber, 1);
+        shared.release_held();
+        assert!(shared.holding(), "released without a handler");
+        let (handler, mut rx) = crate::ChannelHandler::new(4);
+        registry.add(&crate::KeyPair::new(b, Key::ZERO), handler);
+        shared.release_held();
+        assert!(!shared.holding());
+        assert_eq!(rx.try_recv().unwrap().sender, a.public_key());
+        assert_eq!(registry.stats().dropped_no_subscriber, 1);
+    }
+
+    #[test]
+    fn warnings_about_undecodable_objects_are_rate_limited() {
+        let limit = RateLimit::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(limit.allow(t0));
+        assert!(!limit.allow(t0 + Duration::from_secs(1)));
+        assert!(!limit.allow(t0 + Duration::from_secs(59)));
+        assert!(limit.allow(t0 + Duration::from_secs(60)));
+        assert!(!limit.allow(t0 + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn only_403_and_404_are_definitive() {
+        let server = String::from("https://x");
+        assert!(K8sError::CrdMissing { server }.is_definitive());
+        assert!(
+            K8sError::Forbidden {
+                verbs: "list".into(),
+                namespace: "n".into(),
+                message: String::new(),
+            }
+            .is_definitive()
+        );
+        assert!(
+            !K8sError::Timeout {
+                what: "list",
+                timeout: Duration::from_secs(1),
+            }
+            .is_definitive()
+        );
+    }
+
     #[test]
     fn known_uids_are_remembered_and_bounded() {
         let counters = Counters::default();
         let mut known = Known::default();
-        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let until = Instant::now() + Duration::from_secs(60);
         assert!(known.insert("a", until, &counters));
         assert!(!known.insert("a", until, &counters));
         for i in 0..MAX_KNOWN + 10 {
