@@ -1,51 +1,21 @@
 //! The `cunicu-signal` binary as users run it: child processes, pipes, signals.
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    path::{Path, PathBuf},
-    process::{Child, ChildStderr, Command, Output, Stdio},
+    io::{BufRead, BufReader, Read},
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
+use common::{
+    BIN, Killed, WAIT, assert_fails, key_file, lines_of, run, spawn_server, terminate,
+    wait_for_line,
+};
 use cunicu_signal::Key;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
-const WAIT: Duration = Duration::from_secs(20);
-
-fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cunicu-signal");
-    // The command may exit before reading its input (a bad flag): ignore a broken pipe.
-    let _ = child.stdin.take().unwrap().write_all(stdin);
-    child.wait_with_output().unwrap()
-}
-
-/// Asserts a failure as users should see it: non-zero, nothing on stdout, one line on stderr.
-fn assert_fails(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "succeeded; stderr: {stderr}");
-    assert!(output.stdout.is_empty(), "stdout: {:?}", output.stdout);
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "stderr is not one line: {stderr}"
-    );
-    assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
-}
-
-fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{key}\n")).unwrap();
-    path
-}
 
 #[test]
 fn keygen_and_pubkey_work_like_wg() {
@@ -189,81 +159,6 @@ fn envelope_open_reads_libsodium_vectors() {
     }
 }
 
-/// Collects a child's stderr lines on a thread.
-fn lines_of(stderr: ChildStderr) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {needle:?}: {e}"),
-        }
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn terminate(child: &mut Child) -> (std::process::ExitStatus, Duration) {
-    let started = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status, started.elapsed());
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn spawn_server(extra_env: &[(&str, &str)]) -> (Killed, mpsc::Receiver<String>, String) {
-    let mut command = Command::new(BIN);
-    command
-        .arg("serve")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in extra_env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().unwrap();
-    let lines = lines_of(child.stderr.take().unwrap());
-    let line = wait_for_line(&lines, "signaling server listening");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("local_addr="))
-        .unwrap_or_else(|| panic!("no address in {line}"))
-        .to_string();
-    (Killed(child), lines, addr)
-}
-
 #[test]
 fn serve_publish_subscribe_and_sigterm() {
     // Listen address from the environment, as operators configure it.
@@ -275,7 +170,7 @@ fn serve_publish_subscribe_and_sigterm() {
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
 
-    let mut subscriber = Command::new(BIN)
+    let subscriber = Command::new(BIN)
         .args([
             "subscribe",
             "--backend",
@@ -289,16 +184,17 @@ fn serve_publish_subscribe_and_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let sub_err = lines_of(subscriber.stderr.take().unwrap());
+    // Owned at once, so that a failure below does not leave it running.
+    let mut subscriber = Killed(subscriber);
+    let sub_err = lines_of(subscriber.0.stderr.take().unwrap());
     wait_for_line(&sub_err, "subscribed as");
     let (tx, received) = mpsc::channel();
-    let stdout = subscriber.stdout.take().unwrap();
+    let stdout = subscriber.0.stdout.take().unwrap();
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let mut subscriber = Killed(subscriber);
 
     let input = "{\"credentials\":{\"ufrag\":\"one\",\"pwd\":\"p\"}}\n\n{\"credentials\":{\"ufrag\":\"two\",\"needCreds\":true}}\n";
     let out = run(

@@ -6,17 +6,19 @@
 //! veth pair: no connectivity check reaches an address of the machine's
 //! real interfaces.
 
+mod common;
 #[path = "../../signal/tests/common/netns.rs"]
 mod netns;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use common::{BIN, key_file};
 use cunicu_signal::Key;
 use cunicu_signal_server::{Config, Server};
 use netns::{Netns, Veth};
@@ -27,15 +29,8 @@ use tokio::{
     time::timeout,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
 /// Limit of one step (a line, a connection, an exit).
 const STEP: Duration = Duration::from_secs(30);
-
-fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{key}\n")).unwrap();
-    path
-}
 
 /// A running `connect`: stdin to write, stdout and stderr lines to wait for.
 struct Peer {

@@ -2,106 +2,19 @@
 //! kube-apiserver from `scripts/kube-test-env` (started by this test binary,
 //! or the one named by `CUNICU_KUBE_TEST_ENV`).
 
+mod common;
 #[path = "../../signal/tests/common/kube_env.rs"]
 mod kube_env;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
-    process::{Child, ChildStderr, Command, Output, Stdio},
+    path::Path,
+    process::{ChildStderr, Command, Stdio},
     sync::mpsc,
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use common::{BIN, Killed, WAIT, key_file, lines_of, run, terminate, wait_for_line};
 use cunicu_signal::Key;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
-const WAIT: Duration = Duration::from_secs(30);
-
-fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{key}\n")).unwrap();
-    path
-}
-
-/// Runs the binary to its end, killing it after [`WAIT`].
-fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cunicu-signal");
-    let _ = child.stdin.take().unwrap().write_all(stdin);
-    let id = child.id();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(WAIT) {
-        Ok(output) => output.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &id.to_string()])
-                .status();
-            panic!("cunicu-signal {args:?} did not finish within {WAIT:?}");
-        }
-    }
-}
-
-fn lines_of<R: std::io::Read + Send + 'static>(stream: R) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {needle:?}: {e}"),
-        }
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    let started = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn spawn_subscriber(url: &str, key: &Path, from: &Key) -> (Killed, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
@@ -179,7 +92,7 @@ fn publish_and_subscribe_through_the_api_server() {
         received.recv_timeout(Duration::from_millis(500)).is_err(),
         "a third line"
     );
-    let status = terminate(&mut subscriber.0);
+    let (status, _) = terminate(&mut subscriber.0);
     assert!(status.success(), "subscriber exit: {status}");
 }
 

@@ -3,11 +3,13 @@
 //! (gRPC and multicast) deliver through whichever reaches the peer.
 //! Everything runs inside namespaces these tests create (root).
 
+mod common;
 #[path = "../../signal/tests/common/netns.rs"]
 mod netns;
 
 use std::{path::Path, process::Stdio, time::Duration};
 
+use common::{BIN, key_file};
 use cunicu_signal::Key;
 use netns::{Netns, Veth};
 use tokio::{
@@ -16,14 +18,7 @@ use tokio::{
     time::timeout,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
 const WAIT: Duration = Duration::from_secs(20);
-
-fn key_file(dir: &Path, name: &str, key: &Key) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{key}\n")).unwrap();
-    path.to_string_lossy().into_owned()
-}
 
 /// A port for this test process, so that parallel runs do not hear each other.
 fn port(offset: u16) -> u16 {
@@ -37,9 +32,9 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    async fn start(ns: &Netns, backends: &[String], key_file: &str) -> Self {
+    async fn start(ns: &Netns, backends: &[String], key_file: &Path) -> Self {
         let mut command = ns.command(BIN);
-        command.arg("subscribe").args(["--key-file", key_file]);
+        command.args(["subscribe", "--key-file"]).arg(key_file);
         for b in backends {
             command.args(["--backend", b]);
         }
@@ -100,14 +95,15 @@ impl Subscriber {
 async fn publish(
     ns: &Netns,
     backends: &[String],
-    key_file: &str,
+    key_file: &Path,
     to: &Key,
     input: &str,
 ) -> std::process::Output {
     let mut command = ns.command(BIN);
     command
-        .arg("publish")
-        .args(["--key-file", key_file, "--to", &to.to_string()]);
+        .args(["publish", "--key-file"])
+        .arg(key_file)
+        .args(["--to", &to.to_string()]);
     for b in backends {
         command.args(["--backend", b]);
     }
