@@ -3,17 +3,14 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     process::{Command, Stdio},
-    sync::mpsc,
-    thread,
     time::Duration,
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use common::{
-    BIN, Killed, WAIT, assert_fails, key_file, lines_of, run, spawn_server, terminate,
-    wait_for_line,
+    BIN, WAIT, assert_fails, key_file, publish, run, spawn_server, spawn_subscriber, terminate,
 };
 use cunicu_signal::Key;
 
@@ -170,43 +167,13 @@ fn serve_publish_subscribe_and_sigterm() {
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
 
-    let subscriber = Command::new(BIN)
-        .args([
-            "subscribe",
-            "--backend",
-            &url,
-            "--key-file",
-            bob_file.to_str().unwrap(),
-        ])
-        .args(["--from", &alice.public_key().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Owned at once, so that a failure below does not leave it running.
-    let mut subscriber = Killed(subscriber);
-    let sub_err = lines_of(subscriber.0.stderr.take().unwrap());
-    wait_for_line(&sub_err, "subscribed as");
-    let (tx, received) = mpsc::channel();
-    let stdout = subscriber.0.stdout.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut subscriber, received) = spawn_subscriber(&url, &bob_file, Some(&alice.public_key()));
 
     let input = "{\"credentials\":{\"ufrag\":\"one\",\"pwd\":\"p\"}}\n\n{\"credentials\":{\"ufrag\":\"two\",\"needCreds\":true}}\n";
-    let out = run(
-        &[
-            "publish",
-            "--backend",
-            &url,
-            "--key-file",
-            alice_file.to_str().unwrap(),
-            "--to",
-            &bob.public_key().to_string(),
-        ],
+    let out = publish(
+        &url,
+        &alice_file,
+        &bob.public_key().to_string(),
         input.as_bytes(),
     );
     assert!(
@@ -243,16 +210,10 @@ fn serve_publish_subscribe_and_sigterm() {
 
     // A message from someone else is not printed with --from.
     let carol_file = key_file(dir.path(), "carol", &Key::generate());
-    let out = run(
-        &[
-            "publish",
-            "--backend",
-            &url,
-            "--key-file",
-            carol_file.to_str().unwrap(),
-            "--to",
-            &bob.public_key().to_string(),
-        ],
+    let out = publish(
+        &url,
+        &carol_file,
+        &bob.public_key().to_string(),
         b"{\"credentials\":{\"ufrag\":\"carol\"}}\n",
     );
     assert!(out.status.success());
@@ -262,16 +223,10 @@ fn serve_publish_subscribe_and_sigterm() {
     );
 
     // A bad line: non-zero exit, one line naming the line.
-    let out = run(
-        &[
-            "publish",
-            "--backend",
-            &url,
-            "--key-file",
-            alice_file.to_str().unwrap(),
-            "--to",
-            &bob.public_key().to_string(),
-        ],
+    let out = publish(
+        &url,
+        &alice_file,
+        &bob.public_key().to_string(),
         b"{}\n{bad\n",
     );
     assert_fails(&out, "stdin line 2");
@@ -295,18 +250,7 @@ fn bad_backend_urls_fail_clearly() {
         ("grpc://h:1?insecure=perhaps", "not a boolean"),
         ("grpc://h:1?colour=blue", "unknown parameter"),
     ] {
-        let out = run(
-            &[
-                "publish",
-                "--backend",
-                url,
-                "--key-file",
-                file.to_str().unwrap(),
-                "--to",
-                &to,
-            ],
-            b"",
-        );
+        let out = publish(url, &file, &to, b"");
         assert_fails(&out, needle);
         let out = run(
             &[

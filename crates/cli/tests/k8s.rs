@@ -6,33 +6,10 @@ mod common;
 #[path = "../../signal/tests/common/kube_env.rs"]
 mod kube_env;
 
-use std::{
-    path::Path,
-    process::{ChildStderr, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::time::Duration;
 
-use common::{BIN, Killed, WAIT, key_file, lines_of, run, terminate, wait_for_line};
+use common::{WAIT, key_file, publish, spawn_subscriber, terminate};
 use cunicu_signal::Key;
-
-fn spawn_subscriber(url: &str, key: &Path, from: &Key) -> (Killed, mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(["subscribe", "--backend", url, "--key-file"])
-        .arg(key)
-        .args(["--from", &from.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr: ChildStderr = child.stderr.take().unwrap();
-    let stderr = lines_of(stderr);
-    let stdout = lines_of(child.stdout.take().unwrap());
-    let child = Killed(child);
-    wait_for_line(&stderr, "subscribed as");
-    (child, stdout)
-}
 
 #[test]
 fn publish_and_subscribe_through_the_api_server() {
@@ -53,18 +30,12 @@ fn publish_and_subscribe_through_the_api_server() {
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
 
-    let (mut subscriber, received) = spawn_subscriber(&url, &bob_file, &alice.public_key());
+    let (mut subscriber, received) = spawn_subscriber(&url, &bob_file, Some(&alice.public_key()));
     let input = "{\"credentials\":{\"ufrag\":\"one\",\"pwd\":\"p\"}}\n{\"credentials\":{\"ufrag\":\"two\"}}\n";
-    let out = run(
-        &[
-            "publish",
-            "--backend",
-            &url,
-            "--key-file",
-            alice_file.to_str().unwrap(),
-            "--to",
-            &bob.public_key().to_string(),
-        ],
+    let out = publish(
+        &url,
+        &alice_file,
+        &bob.public_key().to_string(),
         input.as_bytes(),
     );
     assert!(
@@ -112,18 +83,7 @@ fn k8s_errors_are_one_clear_line() {
         ),
         ("k8s:///x?ttl=later".to_string(), "is not a duration"),
     ] {
-        let out = run(
-            &[
-                "publish",
-                "--backend",
-                &url,
-                "--key-file",
-                key.to_str().unwrap(),
-                "--to",
-                &to,
-            ],
-            b"",
-        );
+        let out = publish(&url, &key, &to, b"");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{url}: succeeded");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{url}: {stderr}");

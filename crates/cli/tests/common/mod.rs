@@ -146,3 +146,40 @@ pub fn spawn_server(extra_env: &[(&str, &str)]) -> (Killed, mpsc::Receiver<Strin
         .to_string();
     (child, lines, addr)
 }
+
+/// Starts `cunicu-signal subscribe` (from `from` only, if given) and waits until
+/// it has subscribed; returns it with its stdout lines.
+pub fn spawn_subscriber(
+    url: &str,
+    key: &Path,
+    from: Option<&Key>,
+) -> (Killed, mpsc::Receiver<String>) {
+    let mut command = Command::new(BIN);
+    command
+        .args(["subscribe", "--backend", url, "--key-file"])
+        .arg(key);
+    if let Some(from) = from {
+        command.args(["--from", &from.to_string()]);
+    }
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Owned at once, so that a failure below does not leave it running.
+    let mut child = Killed(child);
+    let stderr = lines_of(child.0.stderr.take().unwrap());
+    let stdout = lines_of(child.0.stdout.take().unwrap());
+    wait_for_line(&stderr, "subscribed as");
+    (child, stdout)
+}
+
+/// Runs `cunicu-signal publish` with `input` on stdin.
+pub fn publish(url: &str, key: &Path, to: &str, input: &[u8]) -> Output {
+    let key = key.to_str().unwrap();
+    run(
+        &["publish", "--backend", url, "--key-file", key, "--to", to],
+        input,
+    )
+}
