@@ -171,6 +171,30 @@ pub trait Transport: Send + Sync + 'static {
     fn name(&self) -> &str;
 }
 
+/// A shared transport is a transport: keep an `Arc` to read its counters
+/// (e.g. `Multicast::stats`) while a backend owns a clone.
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        (**self).send(envelope).await
+    }
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        (**self).listen(key).await
+    }
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        (**self).unlisten(key).await
+    }
+    fn backend_type(&self) -> BackendType {
+        (**self).backend_type()
+    }
+    async fn close(&self) -> Result<(), BackendError> {
+        (**self).close().await
+    }
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}
+
 /// A backend: the subscription [`Registry`] over a [`Transport`].
 pub struct SignalingBackend {
     transport: Box<dyn Transport>,

@@ -70,36 +70,8 @@ async fn backend(url: &str, options: K8sOptions) -> (Arc<SignalingBackend>, Arc<
         .await
         .unwrap_or_else(|e| panic!("{e}")),
     );
-    let backend = SignalingBackend::new(Box::new(SharedTransport(transport.clone())), registry);
+    let backend = SignalingBackend::new(Box::new(transport.clone()), registry);
     (Arc::new(backend), transport)
-}
-
-/// Lets the test keep a handle on the transport for its counters.
-struct SharedTransport(Arc<K8s>);
-
-#[async_trait::async_trait]
-impl cunicu_signal::Transport for SharedTransport {
-    async fn send(
-        &self,
-        envelope: &cunicu_signal::proto::signaling::Envelope,
-    ) -> Result<(), BackendError> {
-        self.0.send(envelope).await
-    }
-    async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        self.0.listen(key).await
-    }
-    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        self.0.unlisten(key).await
-    }
-    fn backend_type(&self) -> BackendType {
-        self.0.backend_type()
-    }
-    async fn close(&self) -> Result<(), BackendError> {
-        self.0.close().await
-    }
-    fn name(&self) -> &str {
-        self.0.name()
-    }
 }
 
 fn credentials(ufrag: String) -> Message {
@@ -962,10 +934,7 @@ async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
         .await
         .unwrap();
     let receiver = SignalingBackend::new(
-        Box::new(Multi::new(vec![
-            Box::new(SharedTransport(k8s_t.clone())),
-            inprocess,
-        ])),
+        Box::new(Multi::new(vec![Box::new(k8s_t.clone()), inprocess])),
         registry.clone(),
     );
     let (publisher, _) = backend(&url, fast()).await;

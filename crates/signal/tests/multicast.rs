@@ -22,7 +22,6 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
 use cunicu_signal::{
     Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Registry, Transport,
     backend::{
@@ -223,31 +222,6 @@ fn lo_namespace(tag: &str) -> Netns {
 
 // --------------------------------------------------------------- helpers --
 
-/// A transport shared with the test, which reads its counters.
-struct Shared(Arc<Multicast>);
-
-#[async_trait]
-impl Transport for Shared {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
-        self.0.send(envelope).await
-    }
-    async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        self.0.listen(key).await
-    }
-    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        self.0.unlisten(key).await
-    }
-    fn backend_type(&self) -> BackendType {
-        self.0.backend_type()
-    }
-    async fn close(&self) -> Result<(), BackendError> {
-        self.0.close().await
-    }
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-}
-
 async fn multicast(url: &str, registry: Arc<Registry>) -> Multicast {
     let parsed = url::Url::parse(url).unwrap();
     within("connect", STEP, Multicast::connect(&parsed, registry))
@@ -417,7 +391,7 @@ async fn veth_peer() {
 
     let registry = Registry::new();
     let transport = Arc::new(multicast(&url, registry.clone()).await);
-    let backend = SignalingBackend::new(Box::new(Shared(transport.clone())), registry.clone());
+    let backend = SignalingBackend::new(Box::new(transport.clone()), registry.clone());
     let (handler, mut rx) = ChannelHandler::new(16);
     let first = within(
         "subscribe",
