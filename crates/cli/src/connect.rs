@@ -51,6 +51,9 @@ const STDIN_QUEUE: usize = 64;
 /// How long closing the session may take once stdin closed or a signal came.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long the last session events may take to print once it closed.
+const PRINT_LIMIT: Duration = Duration::from_secs(1);
+
 /// Options of `connect`.
 #[derive(Args)]
 pub struct ConnectArgs {
@@ -199,7 +202,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
             Role::Controlled => "controlled (accepts)",
         }
     );
-    let printer = Owned(tokio::spawn(print_events(session.events())));
+    let mut printer = Owned(tokio::spawn(print_events(session.events())));
     let result = tokio::select! {
         result = pump(&session, &mut input) => result,
         name = signals.recv() => {
@@ -210,19 +213,25 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     input.finish();
     // Closing is quick (the agent, the subscription); should it hang, a
     // second signal or CLOSE_LIMIT ends the wait.
-    let closed = tokio::select! {
+    let (closed, driver_ended) = tokio::select! {
         closed = tokio::time::timeout(CLOSE_LIMIT, session.close()) => match closed {
-            Ok(closed) => closed.context("closing the session"),
+            Ok(closed) => (closed.context("closing the session"), true),
             Err(_) => {
                 eprintln!("cunicu-signal: the session did not close within {CLOSE_LIMIT:?}");
-                Ok(())
+                (Ok(()), false)
             }
         },
         name = signals.recv() => {
             eprintln!("cunicu-signal: {name}: exiting without closing the session");
-            Ok(())
+            (Ok(()), false)
         }
     };
+    if driver_ended {
+        // The session and its driver are gone, so the events channel is
+        // closed: the printer shows what is left in it (the last states,
+        // down to Closed) and ends. Not waiting here lost those lines.
+        let _ = tokio::time::timeout(PRINT_LIMIT, &mut printer.0).await;
+    }
     drop(printer);
     let _ = tokio::time::timeout(CLOSE_LIMIT, backend.close()).await;
     result?;
