@@ -197,6 +197,14 @@ fn is_loopback_host(c: &Candidate) -> bool {
     c.r#type == CandidateType::Host as i32 && c.address == "127.0.0.1"
 }
 
+/// The peer's end of a selected pair: its host candidate, or the same
+/// address learned as peer-reflexive when its check arrived before its
+/// candidate did.
+fn is_loopback_peer(c: &Candidate) -> bool {
+    (c.r#type == CandidateType::Host as i32 || c.r#type == CandidateType::PeerReflexive as i32)
+        && c.address == "127.0.0.1"
+}
+
 /// Waits for the next event that enters `want`; returns its agent and when
 /// the state was entered (stamped by the session, not on receipt here).
 async fn next_state(events: &mut broadcast::Receiver<Event>, want: State) -> (u64, Instant) {
@@ -298,7 +306,10 @@ async fn two_peers_connect(url: &str) -> Result<()> {
             .collect();
         assert!(!pairs.is_empty(), "no selected pair reported");
         for (local, remote) in pairs {
-            assert!(is_loopback_host(local) && is_loopback_host(remote));
+            assert!(
+                is_loopback_host(local) && is_loopback_peer(remote),
+                "{local:?} <-> {remote:?}"
+            );
         }
         let connected: Vec<_> = events
             .iter()
