@@ -50,6 +50,17 @@ async fn within<T>(what: &str, limit: Duration, future: impl Future<Output = T>)
         .unwrap_or_else(|_| panic!("{what}: no result within {limit:?}"))
 }
 
+/// Waits until `counted` holds: an object can be gone from the API server
+/// before the instance that deleted it has counted the answer.
+async fn until_counted(what: &str, counted: impl Fn() -> bool) {
+    within(what, STEP, async {
+        while !counted() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 /// Short backoffs, so that the tests recover quickly.
 fn fast() -> K8sOptions {
     K8sOptions::default()
@@ -335,6 +346,10 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
     })
     .await;
     // Whichever instance looks first deletes both objects (each once).
+    until_counted("both deletions", || {
+        alice_t.stats().deleted + bob_t.stats().deleted >= 2
+    })
+    .await;
     assert_eq!(
         alice_t.stats().deleted + bob_t.stats().deleted,
         2,
@@ -573,6 +588,10 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
         "took {:?}",
         started.elapsed()
     );
+    until_counted("the receiver's deletions", || {
+        receiver_t.stats().deleted >= 2
+    })
+    .await;
     assert_eq!(receiver_t.stats().deleted, 2, "{:?}", receiver_t.stats());
     assert_eq!(sender_t.stats().deleted, 0, "{:?}", sender_t.stats());
 
@@ -593,6 +612,7 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     .await
     .unwrap();
     wait_until_empty(&admin, &ns).await;
+    until_counted("the sender's deletion", || sender_t.stats().deleted >= 1).await;
     assert_eq!(sender_t.stats().deleted, 1, "{:?}", sender_t.stats());
     assert!(rx.try_recv().is_err(), "a delivery after close");
     within("close", STEP, sender.close()).await.unwrap();
