@@ -118,6 +118,14 @@ struct ServeArgs {
         default_value_t = 100_000
     )]
     max_subscriptions: usize,
+    /// Most subscription streams open at once from one client (an IP address,
+    /// or a /64 for IPv6); more get RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_CLIENT",
+        default_value_t = 10_000
+    )]
+    max_subscriptions_per_client: usize,
     /// Most concurrent HTTP/2 streams (subscriptions and calls) on one connection.
     #[arg(
         long,
@@ -289,6 +297,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.max_queued_bytes = args.max_queued_bytes;
     config.max_connections = args.max_connections;
     config.max_subscriptions = args.max_subscriptions;
+    config.max_subscriptions_per_client = args.max_subscriptions_per_client;
     config.max_streams_per_connection = args.max_streams_per_connection;
     config.keepalive_interval = args.keepalive_interval;
     config.keepalive_timeout = args.keepalive_timeout;

@@ -4,10 +4,13 @@
 //! bytes, and all queues together are bounded in bytes. Publishing pushes into
 //! every queue of the key without waiting; a full queue drops its oldest
 //! envelopes (newer credentials matter more) and counts them. A key's state
-//! goes away with its last subscription.
+//! goes away with its last subscription. Subscriptions are bounded in all and
+//! per client, so that one client cannot take every slot.
 
 use std::{
     collections::{HashMap, VecDeque},
+    fmt,
+    net::{IpAddr, Ipv6Addr},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering::Relaxed},
@@ -33,6 +36,37 @@ pub struct Limits {
     pub total_bytes: usize,
     /// Subscriptions at once.
     pub subscriptions: usize,
+    /// Subscriptions at once of one [`Client`].
+    pub per_client: usize,
+}
+
+/// Who opened a subscription, for the per-client limit: the remote IP
+/// address; an IPv6 address by its /64, as a host usually holds a whole /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Client(IpAddr);
+
+impl Client {
+    /// The client at `addr`.
+    pub fn of(addr: IpAddr) -> Client {
+        match addr {
+            IpAddr::V4(_) => Client(addr),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Client(IpAddr::V4(v4)),
+                None => Client(IpAddr::V6(Ipv6Addr::from_bits(
+                    v6.to_bits() & !u128::from(u64::MAX),
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => v4.fmt(f),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -53,8 +87,15 @@ impl Queue {
     }
 }
 
+#[derive(Default)]
+struct Tables {
+    topics: HashMap<Topic, Vec<Arc<Queue>>>,
+    /// Open subscriptions by client (only those with some).
+    clients: HashMap<Client, usize>,
+}
+
 struct Inner {
-    topics: Mutex<HashMap<Topic, Vec<Arc<Queue>>>>,
+    tables: Mutex<Tables>,
     limits: Limits,
     /// Bytes in all queues.
     queued: AtomicUsize,
@@ -67,17 +108,28 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
-/// The limit on subscriptions was reached.
+/// A limit on subscriptions was reached.
 #[derive(Debug, thiserror::Error)]
-#[error("the server has reached its limit of {0} subscriptions")]
-pub struct TooManySubscriptions(pub usize);
+pub enum TooManySubscriptions {
+    /// The server's limit, for all clients together.
+    #[error("the server has reached its limit of {0} subscriptions")]
+    Server(usize),
+    /// The limit of one client.
+    #[error("{client} has reached the limit of {limit} subscriptions per client")]
+    Client {
+        /// The client.
+        client: Client,
+        /// Its limit.
+        limit: usize,
+    },
+}
 
 impl Hub {
     /// A hub with these limits.
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
         Hub {
             inner: Arc::new(Inner {
-                topics: Mutex::new(HashMap::new()),
+                tables: Mutex::new(Tables::default()),
                 limits: Limits {
                     depth: limits.depth.max(1),
                     ..limits
@@ -88,22 +140,40 @@ impl Hub {
         }
     }
 
-    fn topics(&self) -> MutexGuard<'_, HashMap<Topic, Vec<Arc<Queue>>>> {
-        self.inner.topics.lock().unwrap_or_else(|e| e.into_inner())
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.inner.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens a subscription to `key`. It ends when the returned value drops.
-    pub fn subscribe(&self, key: Topic) -> Result<Subscription, TooManySubscriptions> {
+    /// Opens a subscription to `key` for `client` (none: only the server's
+    /// limit applies). It ends when the returned value drops.
+    pub fn subscribe(
+        &self,
+        key: Topic,
+        client: Option<Client>,
+    ) -> Result<Subscription, TooManySubscriptions> {
         let queue = Arc::new(Queue {
             items: Mutex::new(Items::default()),
             ready: Notify::new(),
         });
-        let mut topics = self.topics();
-        let metrics = &self.inner.metrics;
-        if metrics.subscriptions.get() as usize >= self.inner.limits.subscriptions {
-            return Err(TooManySubscriptions(self.inner.limits.subscriptions));
+        let mut tables = self.tables();
+        let (metrics, limits) = (&self.inner.metrics, &self.inner.limits);
+        if metrics.subscriptions.get() as usize >= limits.subscriptions {
+            return Err(TooManySubscriptions::Server(limits.subscriptions));
         }
-        let list = topics.entry(key).or_insert_with(|| {
+        if let Some(client) = client {
+            let open = tables.clients.entry(client).or_default();
+            if *open >= limits.per_client {
+                if *open == 0 {
+                    tables.clients.remove(&client);
+                }
+                return Err(TooManySubscriptions::Client {
+                    client,
+                    limit: limits.per_client,
+                });
+            }
+            *open += 1;
+        }
+        let list = tables.topics.entry(key).or_insert_with(|| {
             metrics.topics.inc();
             Vec::new()
         });
@@ -112,6 +182,7 @@ impl Hub {
         Ok(Subscription {
             hub: self.clone(),
             key,
+            client,
             queue,
         })
     }
@@ -119,7 +190,7 @@ impl Hub {
     /// Hands `envelope` to every subscription of `key`; returns how many there were.
     pub fn publish(&self, key: &Topic, envelope: Envelope) -> usize {
         // Copy the queue list out so that the fan-out does not hold the map's lock.
-        let queues: Vec<Arc<Queue>> = match self.topics().get(key) {
+        let queues: Vec<Arc<Queue>> = match self.tables().topics.get(key) {
             Some(list) => list.clone(),
             None => return 0,
         };
@@ -156,7 +227,12 @@ impl Hub {
 
     /// Number of keys with subscriptions.
     pub fn topic_count(&self) -> usize {
-        self.topics().len()
+        self.tables().topics.len()
+    }
+
+    /// Number of clients with subscriptions.
+    pub fn client_count(&self) -> usize {
+        self.tables().clients.len()
     }
 }
 
@@ -164,6 +240,7 @@ impl Hub {
 pub struct Subscription {
     hub: Hub,
     key: Topic,
+    client: Option<Client>,
     queue: Arc<Queue>,
 }
 
@@ -197,12 +274,20 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let metrics = &self.hub.inner.metrics;
-        let mut topics = self.hub.topics();
-        if let Some(list) = topics.get_mut(&self.key) {
+        let mut tables = self.hub.tables();
+        if let Some(list) = tables.topics.get_mut(&self.key) {
             list.retain(|q| !Arc::ptr_eq(q, &self.queue));
             if list.is_empty() {
-                topics.remove(&self.key);
+                tables.topics.remove(&self.key);
                 metrics.topics.dec();
+            }
+        }
+        if let Some(client) = self.client
+            && let Some(open) = tables.clients.get_mut(&client)
+        {
+            *open -= 1;
+            if *open == 0 {
+                tables.clients.remove(&client);
             }
         }
         metrics.subscriptions.dec();
@@ -221,6 +306,7 @@ mod tests {
             queue_bytes: 1 << 20,
             total_bytes: 1 << 30,
             subscriptions,
+            per_client: subscriptions,
         }
     }
 
@@ -246,16 +332,17 @@ mod tests {
                 queue_bytes: 3 * size,
                 total_bytes: 5 * size,
                 subscriptions: 10,
+                per_client: 10,
             },
             metrics.clone(),
         );
-        let a = hub.subscribe([1; 32]).unwrap();
+        let a = hub.subscribe([1; 32], None).unwrap();
         for n in 0..10 {
             hub.publish(&[1; 32], sized(n, 1000));
         }
         assert_eq!(a.queued(), 3, "per-queue byte limit");
         assert_eq!(a.next().await, sized(7, 1000), "the oldest went first");
-        let b = hub.subscribe([2; 32]).unwrap();
+        let b = hub.subscribe([2; 32], None).unwrap();
         for n in 0..10 {
             hub.publish(&[2; 32], sized(n, 1000));
         }
@@ -285,8 +372,8 @@ mod tests {
     async fn fan_out_and_cleanup() {
         let metrics = Metrics::new();
         let hub = Hub::new(limits(4, 10), metrics.clone());
-        let a = hub.subscribe([1; 32]).unwrap();
-        let b = hub.subscribe([1; 32]).unwrap();
+        let a = hub.subscribe([1; 32], None).unwrap();
+        let b = hub.subscribe([1; 32], None).unwrap();
         assert_eq!(hub.publish(&[1; 32], envelope(7)), 2);
         assert_eq!(hub.publish(&[2; 32], envelope(8)), 0);
         assert_eq!(a.next().await, envelope(7));
@@ -303,7 +390,7 @@ mod tests {
     async fn full_queue_drops_oldest_first() {
         let metrics = Metrics::new();
         let hub = Hub::new(limits(3, 10), metrics.clone());
-        let slow = hub.subscribe([1; 32]).unwrap();
+        let slow = hub.subscribe([1; 32], None).unwrap();
         for n in 0..5 {
             hub.publish(&[1; 32], envelope(n));
         }
@@ -321,8 +408,75 @@ mod tests {
     #[test]
     fn subscription_limit() {
         let hub = Hub::new(limits(3, 2), Metrics::new());
-        let _a = hub.subscribe([1; 32]).unwrap();
-        let _b = hub.subscribe([2; 32]).unwrap();
-        assert!(hub.subscribe([3; 32]).is_err());
+        let _a = hub.subscribe([1; 32], None).unwrap();
+        let _b = hub.subscribe([2; 32], None).unwrap();
+        assert!(matches!(
+            hub.subscribe([3; 32], None),
+            Err(TooManySubscriptions::Server(2))
+        ));
+    }
+
+    fn client(text: &str) -> Option<Client> {
+        Some(Client::of(text.parse().unwrap()))
+    }
+
+    #[test]
+    fn per_client_limit() {
+        let hub = Hub::new(
+            Limits {
+                per_client: 2,
+                ..limits(3, 5)
+            },
+            Metrics::new(),
+        );
+        let a1 = hub.subscribe([1; 32], client("192.0.2.1")).unwrap();
+        let _a2 = hub.subscribe([1; 32], client("::ffff:192.0.2.1")).unwrap();
+        let refused = hub.subscribe([2; 32], client("192.0.2.1")).err();
+        assert!(
+            matches!(refused, Some(TooManySubscriptions::Client { limit: 2, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused.map(|e| e.to_string()).as_deref(),
+            Some("192.0.2.1 has reached the limit of 2 subscriptions per client")
+        );
+        // Others are not affected, and neither is a subscription without a client.
+        let _b = hub.subscribe([2; 32], client("192.0.2.2")).unwrap();
+        let _none = hub.subscribe([2; 32], None).unwrap();
+        // A closed subscription frees its slot.
+        drop(a1);
+        let _a3 = hub.subscribe([3; 32], client("192.0.2.1")).unwrap();
+        assert_eq!(hub.client_count(), 2);
+        // The server's limit still holds for all.
+        let _c = hub.subscribe([3; 32], client("192.0.2.3")).unwrap();
+        assert!(matches!(
+            hub.subscribe([3; 32], client("192.0.2.4")),
+            Err(TooManySubscriptions::Server(5))
+        ));
+        assert_eq!(hub.client_count(), 3, "a refused client leaves no entry");
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let hub = Hub::new(
+            Limits {
+                per_client: 1,
+                ..limits(3, 5)
+            },
+            Metrics::new(),
+        );
+        let a = hub.subscribe([1; 32], client("2001:db8:1:2::1")).unwrap();
+        let refused = hub
+            .subscribe([1; 32], client("2001:db8:1:2:ffff::9"))
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            refused.as_deref(),
+            Some("2001:db8:1:2::/64 has reached the limit of 1 subscriptions per client")
+        );
+        let _other = hub.subscribe([1; 32], client("2001:db8:1:3::1")).unwrap();
+        drop(a);
+        let _again = hub.subscribe([1; 32], client("2001:db8:1:2::7")).unwrap();
+        assert_eq!(hub.client_count(), 2);
     }
 }

@@ -63,6 +63,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Most subscription streams open at once.
     pub max_subscriptions: usize,
+    /// Most subscription streams open at once from one client: one IP
+    /// address, or one /64 for IPv6.
+    pub max_subscriptions_per_client: usize,
     /// Most concurrent HTTP/2 streams on one connection.
     pub max_streams_per_connection: u32,
     /// Interval of the server's HTTP/2 keepalive pings to clients.
@@ -93,6 +96,7 @@ impl Default for Config {
             max_queued_bytes: 256 << 20,
             max_connections: 10_000,
             max_subscriptions: 100_000,
+            max_subscriptions_per_client: 10_000,
             max_streams_per_connection: 1024,
             keepalive_interval: Duration::from_secs(120),
             keepalive_timeout: Duration::from_secs(20),
@@ -198,6 +202,7 @@ impl Server {
                 queue_bytes: config.queue_bytes,
                 total_bytes: config.max_queued_bytes,
                 subscriptions: config.max_subscriptions,
+                per_client: config.max_subscriptions_per_client,
             },
             metrics.clone(),
         );

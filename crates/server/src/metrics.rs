@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 /// Label of the drop and reject counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
-    /// `queue_full`, `no_subscriber`, `invalid_key`, `oversize`, `too_many_subscriptions`.
+    /// `queue_full`, `no_subscriber`, `invalid_key`, `oversize`, `too_many_subscriptions`,
+    /// `too_many_client_subscriptions`.
     pub reason: &'static str,
 }
 
@@ -40,7 +41,8 @@ pub struct Metrics {
     pub delivered: Counter,
     /// Envelopes dropped, by reason (`queue_full`, `no_subscriber`).
     pub dropped: Family<Reason, Counter>,
-    /// Requests refused, by reason (`invalid_key`, `oversize`, `too_many_subscriptions`).
+    /// Requests refused, by reason (`invalid_key`, `oversize`, `too_many_subscriptions`,
+    /// `too_many_client_subscriptions`).
     pub rejected: Family<Reason, Counter>,
     /// Open subscription streams.
     pub subscriptions: Gauge,
@@ -84,7 +86,8 @@ impl Metrics {
         );
         registry.register(
             "signaling_requests_rejected",
-            "Requests refused: invalid_key, oversize or too_many_subscriptions",
+            "Requests refused: invalid_key, oversize, too_many_subscriptions \
+             or too_many_client_subscriptions",
             rejected.clone(),
         );
         registry.register(

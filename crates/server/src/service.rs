@@ -17,7 +17,11 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{hub::Hub, metrics::Metrics, relay::Relay};
+use crate::{
+    hub::{Client, Hub, TooManySubscriptions},
+    metrics::Metrics,
+    relay::Relay,
+};
 
 /// The version, commit and build date of this server.
 pub fn build_info() -> BuildInfo {
@@ -70,8 +74,14 @@ impl Signaling for SignalingService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let _timer = self.metrics.time("Subscribe");
         let key = key_field(&self.metrics, "subscription", &request.get_ref().key)?;
-        let subscription = self.hub.subscribe(key).map_err(|e| {
-            self.metrics.reject_for("too_many_subscriptions");
+        let client = request.remote_addr().map(|addr| Client::of(addr.ip()));
+        let subscription = self.hub.subscribe(key, client).map_err(|e| {
+            // Counted, not logged: a full server would log every retry.
+            self.metrics.reject_for(match e {
+                TooManySubscriptions::Server(_) => "too_many_subscriptions",
+                TooManySubscriptions::Client { .. } => "too_many_client_subscriptions",
+            });
+            tracing::debug!("subscription refused: {e}");
             Status::resource_exhausted(e.to_string())
         })?;
         tracing::debug!(key = %Key::from(key), "subscribed");

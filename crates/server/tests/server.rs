@@ -273,6 +273,85 @@ async fn invalid_keys_and_oversize_envelopes_are_refused() -> Result<()> {
     Ok(())
 }
 
+/// A client whose connections come from `local` (an address of 127.0.0.0/8).
+async fn client_from(server: &Server, local: [u8; 4]) -> SignalingClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
+        .unwrap()
+        .local_address(Some(local.into()))
+        .connect()
+        .await
+        .expect("connects");
+    SignalingClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_limited_per_client_and_in_all() -> Result<()> {
+    let mut config = config();
+    config.max_subscriptions = 3;
+    config.max_subscriptions_per_client = 2;
+    let server = start(config).await;
+    let (mut one, mut two) = (
+        client_from(&server, [127, 0, 0, 1]).await,
+        client_from(&server, [127, 0, 0, 2]).await,
+    );
+    let key = |n: u8| SubscribeParams { key: vec![n; 32] };
+    let mut first = one.subscribe(key(1)).await?.into_inner();
+    assert_eq!(first.message().await?, Some(Envelope::default()));
+    let mut second = one.subscribe(key(2)).await?.into_inner();
+    assert_eq!(second.message().await?, Some(Envelope::default()));
+
+    // A third from the same address is refused; another address still gets one.
+    let status = one.subscribe(key(3)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "127.0.0.1 has reached the limit of 2 subscriptions per client"
+    );
+    let mut other = two.subscribe(key(3)).await?.into_inner();
+    assert_eq!(other.message().await?, Some(Envelope::default()));
+    // Now the server is full, for everyone.
+    let status = two.subscribe(key(4)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "the server has reached its limit of 3 subscriptions"
+    );
+
+    // A stream that ends frees its client's slot.
+    drop(first);
+    timeout(WAIT, async {
+        while server.metrics().subscriptions.get() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    let mut again = one.subscribe(key(3)).await?.into_inner();
+    assert_eq!(again.message().await?, Some(Envelope::default()));
+    // Both streams on key 3 get what is published to it, once.
+    one.publish(raw_envelope([3; 32], 42)).await?;
+    for stream in [&mut again, &mut other] {
+        let got = timeout(WAIT, stream.message()).await??.context("ended")?;
+        assert_eq!(got, raw_envelope([3; 32], 42));
+    }
+    assert!(
+        timeout(Duration::from_millis(200), second.message())
+            .await
+            .is_err(),
+        "key 2 got something"
+    );
+
+    let text = server.metrics().encode();
+    for reason in ["too_many_client_subscriptions", "too_many_subscriptions"] {
+        assert!(
+            text.contains(&format!(
+                "signaling_requests_rejected_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{text}"
+        );
+    }
+    Ok(())
+}
+
 fn self_signed(dir: &std::path::Path) -> TlsFiles {
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
