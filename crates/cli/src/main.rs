@@ -190,10 +190,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cunicu-signal: {e:#}");
+            eprintln!("cunicu-signal: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line. Many errors (ours, kube's) already
+/// show their source in their own text: a cause is added only when the line
+/// does not hold it yet, so that nothing is said twice.
+fn report(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -415,4 +433,37 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
     .await;
     backend.close().await?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fmt, io};
+
+    use super::report;
+
+    /// An error that shows its source in its own text, as many do.
+    #[derive(Debug)]
+    struct Outer(io::Error);
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "outer: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn report_says_each_cause_once() {
+        let e = anyhow::Error::new(Outer(io::Error::other("inner"))).context("doing it");
+        assert_eq!(report(&e), "doing it: outer: inner");
+        let e = anyhow::Error::new(io::Error::other("plain"))
+            .context("a")
+            .context("b");
+        assert_eq!(report(&e), "b: a: plain");
+    }
 }

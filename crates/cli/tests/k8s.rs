@@ -1,14 +1,17 @@
 //! `cunicu-signal publish/subscribe --backend k8s://...` against a real
 //! kube-apiserver from `scripts/kube-test-env` (started by this test binary,
-//! or the one named by `CUNICU_KUBE_TEST_ENV`).
+//! or the one named by `CUNICU_KUBE_TEST_ENV`), also as peers in a pod would
+//! run (root: a mount namespace per process).
 
 mod common;
 #[path = "../../signal/tests/common/kube_env.rs"]
 mod kube_env;
 
-use std::time::Duration;
+use std::{path::Path, process::Command, time::Duration};
 
-use common::{WAIT, key_file, publish, spawn_subscriber, terminate};
+use common::{
+    BIN, WAIT, key_file, publish, publish_in, spawn_subscriber, spawn_subscriber_in, terminate,
+};
 use cunicu_signal::Key;
 
 #[test]
@@ -89,4 +92,132 @@ fn k8s_errors_are_one_clear_line() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{url}: {stderr}");
         assert!(stderr.contains(needle), "{url}: {needle:?} not in {stderr}");
     }
+}
+
+/// Where kubelet mounts a pod's ServiceAccount (`/var/run` is `/run` here).
+const SERVICE_ACCOUNT_DIR: &str = "/run/secrets/kubernetes.io/serviceaccount";
+
+/// Runs the binary as in a pod: in a mount namespace of its own, with a tmpfs
+/// on `/run` holding the ServiceAccount's files from `pod` where kubelet puts
+/// them, `KUBERNETES_SERVICE_HOST` and `_PORT` set, and no kubeconfig.
+fn in_pod(pod: &Path, home: &Path, api_server: &str) -> Command {
+    let (host, port) = api_server
+        .strip_prefix("https://")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .unwrap_or_else(|| panic!("API server URL {api_server:?}"));
+    let script = format!(
+        "set -e; mount -t tmpfs -o size=1m,mode=0755 cunicu-pod /run; \
+         mkdir -p {SERVICE_ACCOUNT_DIR}; \
+         cp \"$0\"/token \"$0\"/ca.crt \"$0\"/namespace {SERVICE_ACCOUNT_DIR}/; \
+         exec \"$@\""
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(pod)
+        .arg(BIN)
+        .env_remove("KUBECONFIG")
+        .env("HOME", home)
+        .env("KUBERNETES_SERVICE_HOST", host)
+        .env("KUBERNETES_SERVICE_PORT", port);
+    command
+}
+
+#[test]
+fn peers_in_a_pod_use_its_service_account() {
+    let env = kube_env::shared();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (ns, token) = runtime.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            let admin = env.admin().await;
+            kube_env::install_crd(&admin).await;
+            let ns = kube_env::namespace(&admin, "pod").await;
+            kube_env::apply_deploy(&admin, "rbac.yaml", Some(&ns)).await;
+            let token = kube_env::service_account_token(&admin, &ns).await;
+            (ns, token)
+        })
+        .await
+        .expect("CRD, namespace, RBAC and token within 30 s")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (pod, home) = (dir.path().join("pod"), dir.path().join("home"));
+    for d in [&pod, &home] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(pod.join("token"), &token).unwrap();
+    std::fs::copy(env.ca(), pod.join("ca.crt")).unwrap();
+    std::fs::write(pod.join("namespace"), &ns).unwrap();
+    let server = env.server();
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+
+    // `k8s:incluster` names the pod's ServiceAccount; `k8s://` finds it after
+    // $KUBECONFIG and ~/.kube/config, which a pod does not have.
+    let (mut subscriber, received) = spawn_subscriber_in(
+        in_pod(&pod, &home, &server),
+        &format!("k8s:incluster?namespace={ns}"),
+        &bob_file,
+        Some(&alice.public_key()),
+    );
+    let out = publish_in(
+        in_pod(&pod, &home, &server),
+        &format!("k8s://?namespace={ns}"),
+        &alice_file,
+        &bob.public_key().to_string(),
+        b"{\"credentials\":{\"ufrag\":\"from-a-pod\",\"pwd\":\"p\"}}\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(&received.recv_timeout(WAIT).expect("a line")).unwrap();
+    assert_eq!(
+        got,
+        serde_json::json!({
+            "sender": alice.public_key().to_string(),
+            "recipient": bob.public_key().to_string(),
+            "message": {"credentials": {"ufrag": "from-a-pod", "pwd": "p"}},
+        })
+    );
+    assert!(
+        received.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a second line"
+    );
+
+    // The ServiceAccount has no rights beyond its namespace: one clear line.
+    let out = publish_in(
+        in_pod(&pod, &home, &server),
+        "k8s:incluster?namespace=default",
+        &alice_file,
+        &bob.public_key().to_string(),
+        b"{\"credentials\":{\"ufrag\":\"x\"}}\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "published in default: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("not allowed to") && stderr.contains("\"default\""),
+        "{stderr}"
+    );
+
+    // Without the pod's files and variables, in-cluster fails and says so.
+    let out = common::run(
+        &[
+            "publish",
+            "--backend",
+            "k8s:incluster",
+            "--key-file",
+            alice_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+        ],
+        b"",
+    );
+    common::assert_fails(&out, "KUBERNETES_SERVICE_HOST");
+
+    let (status, _) = terminate(&mut subscriber.0);
+    assert!(status.success(), "subscriber exit: {status}");
 }

@@ -29,15 +29,11 @@ use cunicu_signal::{
 use futures::poll;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Service, ServiceAccount},
+    core::v1::Service,
     rbac::v1::{Role, RoleBinding},
 };
-use kube::{
-    Api, Client,
-    api::{ListParams, PostParams},
-};
-use kube_env::{KubeEnv, apply_deploy, install_crd, namespace, shared};
+use kube::{Api, Client, api::ListParams};
+use kube_env::{KubeEnv, apply_deploy, install_crd, namespace, service_account_token, shared};
 use tokio::sync::mpsc;
 
 /// Limit of one step of a test.
@@ -142,32 +138,6 @@ fn k8s_error(err: &BackendError) -> &K8sError {
             .unwrap_or_else(|| panic!("not a K8sError: {err:?}")),
         other => panic!("not a transport error: {other:?}"),
     }
-}
-
-/// A token of the ServiceAccount of deploy/rbac.yaml in `ns`, from the TokenRequest API.
-async fn service_account_token(client: &Client, ns: &str) -> String {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let answer = within(
-        "token request",
-        STEP,
-        Api::<ServiceAccount>::namespaced(client.clone(), ns).create_token_request(
-            "cunicu-signal",
-            &PostParams::default(),
-            &request,
-        ),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("TokenRequest for cunicu-signal in {ns}: {e}"));
-    answer
-        .status
-        .and_then(|s| s.token)
-        .expect("a token in the answer")
 }
 
 // ------------------------------------------------------------------ CRD --
@@ -287,7 +257,7 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
     let dir = tempfile::tempdir().unwrap();
     let mut urls = Vec::new();
     for _ in 0..2 {
-        let token = service_account_token(&admin, &ns).await;
+        let token = within("token", STEP, service_account_token(&admin, &ns)).await;
         let kubeconfig = env.kubeconfig_with_token(dir.path(), &token);
         urls.push(kube_env::url_for(&kubeconfig, &ns, "3s"));
     }
@@ -377,7 +347,7 @@ async fn a_namespace_without_rights_fails_at_once_with_a_clear_error() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let token = service_account_token(&admin, &home).await;
+    let token = within("token", STEP, service_account_token(&admin, &home)).await;
     let kubeconfig = env.kubeconfig_with_token(dir.path(), &token);
     // The ServiceAccount's token, used in a namespace where it has no Role.
     let url = kube_env::url_for(&kubeconfig, &elsewhere, "1m");

@@ -27,7 +27,13 @@ pub fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
 
 /// Runs the binary to its end, killing it after [`WAIT`].
 pub fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
+    run_command(Command::new(BIN), args, stdin)
+}
+
+/// Runs `command` (the binary, or a wrapper that ends by executing it) with
+/// `args` to its end, killing it after [`WAIT`].
+pub fn run_command(mut command: Command, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = command
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -154,7 +160,17 @@ pub fn spawn_subscriber(
     key: &Path,
     from: Option<&Key>,
 ) -> (Killed, mpsc::Receiver<String>) {
-    let mut command = Command::new(BIN);
+    spawn_subscriber_in(Command::new(BIN), url, key, from)
+}
+
+/// [`spawn_subscriber`] with `command`: the binary, or a wrapper that ends by
+/// executing it.
+pub fn spawn_subscriber_in(
+    mut command: Command,
+    url: &str,
+    key: &Path,
+    from: Option<&Key>,
+) -> (Killed, mpsc::Receiver<String>) {
     command
         .args(["subscribe", "--backend", url, "--key-file"])
         .arg(key);
@@ -177,8 +193,14 @@ pub fn spawn_subscriber(
 
 /// Runs `cunicu-signal publish` with `input` on stdin.
 pub fn publish(url: &str, key: &Path, to: &str, input: &[u8]) -> Output {
+    publish_in(Command::new(BIN), url, key, to, input)
+}
+
+/// [`publish`] with `command`: the binary, or a wrapper that ends by executing it.
+pub fn publish_in(command: Command, url: &str, key: &Path, to: &str, input: &[u8]) -> Output {
     let key = key.to_str().unwrap();
-    run(
+    run_command(
+        command,
         &["publish", "--backend", url, "--key-file", key, "--to", to],
         input,
     )

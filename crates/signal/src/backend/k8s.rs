@@ -1345,7 +1345,9 @@ async fn load_config(source: &KubeconfigSource) -> Result<Config, K8sError> {
             source: Box::new(e),
         }),
         KubeconfigSource::InCluster => Config::incluster().map_err(|e| K8sError::Config {
-            what: "in-cluster configuration".into(),
+            what: "in-cluster configuration (KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT \
+                   and /var/run/secrets/kubernetes.io/serviceaccount, as in a pod)"
+                .into(),
             source: Box::new(e),
         }),
         KubeconfigSource::File(path) => {

@@ -26,7 +26,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::{
-    api::core::v1::Namespace,
+    api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::{Namespace, ServiceAccount},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -223,6 +226,26 @@ pub async fn client_for(kubeconfig: &Path) -> Client {
         .await
         .unwrap();
     Client::try_from(config).unwrap()
+}
+
+/// A token of the ServiceAccount of deploy/rbac.yaml in `ns`, from the
+/// TokenRequest API.
+pub async fn service_account_token(client: &Client, ns: &str) -> String {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request("cunicu-signal", &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for cunicu-signal in {ns}: {e}"));
+    answer
+        .status
+        .and_then(|s| s.token)
+        .expect("a token in the answer")
 }
 
 /// A fresh namespace with a name unique to this process.
