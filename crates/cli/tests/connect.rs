@@ -23,7 +23,7 @@ use cunicu_signal::Key;
 use cunicu_signal_server::{Config, Server};
 use netns::{Netns, Veth};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, ChildStdin, Command},
     sync::mpsc,
     task::JoinHandle,
@@ -47,6 +47,25 @@ struct Peer {
     readers: Vec<JoinHandle<()>>,
 }
 
+/// Copies the lines of `stream` into `log` (each after `label: `) and into
+/// the returned channel, until the stream ends.
+fn read_lines(
+    stream: impl AsyncRead + Unpin + Send + 'static,
+    label: &'static str,
+    log: &Arc<Mutex<String>>,
+) -> (mpsc::Receiver<String>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(1024);
+    let mut lines = BufReader::new(stream).lines();
+    let log = log.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.lock().unwrap().push_str(&format!("{label}: {line}\n"));
+            let _ = tx.try_send(line);
+        }
+    });
+    (rx, reader)
+}
+
 impl Peer {
     /// Starts `command` (already holding the `connect` arguments).
     fn spawn(name: &str, mut command: Command) -> Peer {
@@ -59,30 +78,8 @@ impl Peer {
             .spawn()
             .unwrap_or_else(|e| panic!("{name}: cannot start: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
-        let (out_tx, stdout) = mpsc::channel(1024);
-        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-        let out_log = log.clone();
-        let out_reader = tokio::spawn(async move {
-            while let Ok(Some(line)) = out.next_line().await {
-                out_log
-                    .lock()
-                    .unwrap()
-                    .push_str(&format!("stdout: {line}\n"));
-                let _ = out_tx.try_send(line);
-            }
-        });
-        let (err_tx, stderr) = mpsc::channel(1024);
-        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-        let err_log = log.clone();
-        let err_reader = tokio::spawn(async move {
-            while let Ok(Some(line)) = err.next_line().await {
-                err_log
-                    .lock()
-                    .unwrap()
-                    .push_str(&format!("stderr: {line}\n"));
-                let _ = err_tx.try_send(line);
-            }
-        });
+        let (stdout, out_reader) = read_lines(child.stdout.take().unwrap(), "stdout", &log);
+        let (stderr, err_reader) = read_lines(child.stderr.take().unwrap(), "stderr", &log);
         Peer {
             name: name.into(),
             stdin: child.stdin.take(),
