@@ -10,7 +10,8 @@ use std::{
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use common::{
-    BIN, WAIT, assert_fails, key_file, publish, run, spawn_server, spawn_subscriber, terminate,
+    BIN, assert_fails, assert_succeeds, json_lines, key_file, publish, run, spawn_server,
+    spawn_subscriber, terminate,
 };
 use cunicu_signal::Key;
 
@@ -51,20 +52,12 @@ fn envelope_seal_and_open() {
         ],
         json.as_bytes(),
     );
-    assert!(
-        sealed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sealed.stderr)
-    );
+    assert_succeeds(&sealed);
     let opened = run(
         &["envelope", "open", "--key-file", bob_file.to_str().unwrap()],
         &sealed.stdout,
     );
-    assert!(
-        opened.status.success(),
-        "{}",
-        String::from_utf8_lossy(&opened.stderr)
-    );
+    assert_succeeds(&opened);
     let got: serde_json::Value = serde_json::from_slice(&opened.stdout).unwrap();
     let want: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(got, want);
@@ -146,11 +139,7 @@ fn envelope_open_reads_libsodium_vectors() {
             &["envelope", "open", "--key-file", file.to_str().unwrap()],
             &envelope,
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeds(&out);
         let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(got, case["message_json"], "{}", case["name"]);
     }
@@ -176,15 +165,9 @@ fn serve_publish_subscribe_and_sigterm() {
         &bob.public_key().to_string(),
         input.as_bytes(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeds(&out);
 
-    let mut got: Vec<serde_json::Value> = (0..2)
-        .map(|_| serde_json::from_str(&received.recv_timeout(WAIT).expect("a line")).unwrap())
-        .collect();
+    let mut got = json_lines(&received, 2);
     got.sort_by_key(|v| {
         v["message"]["credentials"]["ufrag"]
             .as_str()
@@ -347,11 +330,7 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
         ],
         b"",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeds(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let published = report["published"].as_u64().unwrap();
     assert!(published > 0, "{report}");

@@ -180,31 +180,29 @@ impl Peer {
     /// Closes stdin and waits for the exit.
     async fn finish(mut self) -> (ExitStatus, String) {
         drop(self.stdin.take());
-        let status = match timeout(STEP, self.child.wait()).await {
-            Ok(Ok(status)) => status,
-            _ => panic!(
-                "{}: no exit after stdin closed\n{}",
-                self.name,
-                self.output()
-            ),
-        };
-        self.read_to_end().await;
-        (status, self.output())
+        self.exit_within(STEP, "stdin closed").await
     }
 
     /// Sends a signal (`kill` option, e.g. `-TERM`) with stdin left open;
     /// waits a few seconds at most for the exit.
-    async fn signal_and_wait(mut self, signal: &str) -> (ExitStatus, String) {
+    async fn signal_and_wait(self, signal: &str) -> (ExitStatus, String) {
         let pid = self.child.id().expect("running").to_string();
         let kill = std::process::Command::new("kill")
             .args([signal, &pid])
             .status()
             .expect("kill runs");
         assert!(kill.success());
-        let status = match timeout(Duration::from_secs(5), self.child.wait()).await {
+        self.exit_within(Duration::from_secs(5), &format!("kill {signal}"))
+            .await
+    }
+
+    /// Waits up to `limit` for the exit `after` something, then for the
+    /// rest of the output; returns the status and the whole output.
+    async fn exit_within(mut self, limit: Duration, after: &str) -> (ExitStatus, String) {
+        let status = match timeout(limit, self.child.wait()).await {
             Ok(Ok(status)) => status,
             _ => panic!(
-                "{}: still running 5 s after kill {signal}\n{}",
+                "{}: still running {limit:?} after {after}\n{}",
                 self.name,
                 self.output()
             ),

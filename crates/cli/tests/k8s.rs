@@ -10,7 +10,8 @@ mod kube_env;
 use std::{path::Path, process::Command, time::Duration};
 
 use common::{
-    BIN, WAIT, key_file, publish, publish_in, spawn_subscriber, spawn_subscriber_in, terminate,
+    BIN, WAIT, assert_fails, assert_succeeds, json_lines, key_file, publish, publish_in,
+    spawn_subscriber, spawn_subscriber_in, terminate,
 };
 use cunicu_signal::Key;
 
@@ -41,14 +42,8 @@ fn publish_and_subscribe_through_the_api_server() {
         &bob.public_key().to_string(),
         input.as_bytes(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut got: Vec<serde_json::Value> = (0..2)
-        .map(|_| serde_json::from_str(&received.recv_timeout(WAIT).expect("a line")).unwrap())
-        .collect();
+    assert_succeeds(&out);
+    let mut got = json_lines(&received, 2);
     got.sort_by_key(|v| v["message"]["credentials"]["ufrag"].to_string());
     assert_eq!(
         got[0],
@@ -86,11 +81,8 @@ fn k8s_errors_are_one_clear_line() {
         ),
         ("k8s:///x?ttl=later".to_string(), "is not a duration"),
     ] {
-        let out = publish(&url, &key, &to, b"");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{url}: succeeded");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "{url}: {stderr}");
-        assert!(stderr.contains(needle), "{url}: {needle:?} not in {stderr}");
+        // The line names the URL, so a failure shows which one.
+        assert_fails(&publish(&url, &key, &to, b""), needle);
     }
 }
 
@@ -167,20 +159,14 @@ fn peers_in_a_pod_use_its_service_account() {
         &bob.public_key().to_string(),
         b"{\"credentials\":{\"ufrag\":\"from-a-pod\",\"pwd\":\"p\"}}\n",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value =
-        serde_json::from_str(&received.recv_timeout(WAIT).expect("a line")).unwrap();
+    assert_succeeds(&out);
     assert_eq!(
-        got,
-        serde_json::json!({
+        json_lines(&received, 1),
+        [serde_json::json!({
             "sender": alice.public_key().to_string(),
             "recipient": bob.public_key().to_string(),
             "message": {"credentials": {"ufrag": "from-a-pod", "pwd": "p"}},
-        })
+        })]
     );
     assert!(
         received.recv_timeout(Duration::from_millis(500)).is_err(),
@@ -195,13 +181,8 @@ fn peers_in_a_pod_use_its_service_account() {
         &bob.public_key().to_string(),
         b"{\"credentials\":{\"ufrag\":\"x\"}}\n",
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "published in default: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("not allowed to") && stderr.contains("\"default\""),
-        "{stderr}"
-    );
+    assert_fails(&out, "not allowed to create");
+    assert_fails(&out, "in namespace \"default\"");
 
     // Without the pod's files and variables, in-cluster fails and says so.
     let out = common::run(
@@ -216,7 +197,7 @@ fn peers_in_a_pod_use_its_service_account() {
         ],
         b"",
     );
-    common::assert_fails(&out, "KUBERNETES_SERVICE_HOST");
+    assert_fails(&out, "KUBERNETES_SERVICE_HOST");
 
     let (status, _) = terminate(&mut subscriber.0);
     assert!(status.success(), "subscriber exit: {status}");

@@ -9,7 +9,7 @@ mod netns;
 
 use std::{path::Path, process::Stdio, time::Duration};
 
-use common::{BIN, key_file};
+use common::{BIN, assert_succeeds, key_file};
 use cunicu_signal::Key;
 use netns::{Netns, Veth};
 use tokio::{
@@ -157,11 +157,7 @@ async fn two_hosts_on_a_veth_lan_exchange_messages_both_ways() {
         "{\"credentials\":{\"ufrag\":\"a-to-b\"}}\n",
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeds(&out);
     let got = bob_sub.next().await;
     assert_eq!(
         got,
@@ -183,11 +179,7 @@ async fn two_hosts_on_a_veth_lan_exchange_messages_both_ways() {
         "{\"credentials\":{\"ufrag\":\"b-to-a\"}}\n",
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeds(&out);
     let got = alice_sub.next().await;
     assert_eq!(got["sender"], bob.public_key().to_string());
     assert_eq!(ufrag(&got), "b-to-a");
@@ -269,11 +261,7 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
         "{\"credentials\":{\"ufrag\":\"both\"}}\n",
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeds(&out);
     assert_eq!(ufrag(&sub.next().await), "both");
     sub.quiet().await;
 
@@ -309,11 +297,7 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
         "{\"credentials\":{\"ufrag\":\"no-server\"}}\n",
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeds(&out);
     let got = sub.next().await;
     assert_eq!(ufrag(&got), "no-server");
     assert_eq!(got["sender"], alice.public_key().to_string());

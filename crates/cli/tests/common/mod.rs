@@ -58,6 +58,28 @@ pub fn run_command(mut command: Command, args: &[&str], stdin: &[u8]) -> Output 
     }
 }
 
+/// Asserts a success; shows stderr if not.
+pub fn assert_succeeds(output: &Output) {
+    assert!(
+        output.status.success(),
+        "{}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The next `n` lines of `lines`, each a JSON value, in arrival order.
+pub fn json_lines(lines: &mpsc::Receiver<String>, n: usize) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let line = lines
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("line {} of {n}: none within {WAIT:?}", i + 1));
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+        })
+        .collect()
+}
+
 /// Asserts a failure as users should see it: non-zero, nothing on stdout, one line on stderr.
 pub fn assert_fails(output: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
