@@ -104,8 +104,8 @@ struct ServeArgs {
     /// Bytes queued per subscription stream; when full, the oldest envelopes are dropped.
     #[arg(long, env = "CUNICU_SIGNAL_QUEUE_BYTES", default_value_t = 1 << 20)]
     queue_bytes: usize,
-    /// Bytes queued for all subscription streams together; beyond it the oldest
-    /// envelopes of the stream being fed are dropped.
+    /// Bytes queued for all subscription streams together; beyond it the stream
+    /// being fed drops its oldest envelopes, or the new one if that would not help.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = 256 << 20)]
     max_queued_bytes: usize,
     /// Most client connections open at once; beyond it new ones wait to be accepted.

@@ -74,6 +74,9 @@ struct Items {
     /// Envelopes with their encoded sizes.
     queue: VecDeque<(Arc<Envelope>, usize)>,
     bytes: usize,
+    /// The subscription has ended: a publisher that copied the queue list
+    /// before must not add to it (its bytes would never be given back).
+    closed: bool,
 }
 
 struct Queue {
@@ -92,6 +95,8 @@ struct Tables {
     topics: HashMap<Topic, Vec<Arc<Queue>>>,
     /// Open subscriptions by client (only those with some).
     clients: HashMap<Client, usize>,
+    /// Open subscriptions.
+    subscriptions: usize,
 }
 
 struct Inner {
@@ -125,15 +130,13 @@ pub enum TooManySubscriptions {
 }
 
 impl Hub {
-    /// A hub with these limits.
+    /// A hub with these limits (each at least 1, as [`crate::Server::spawn`]
+    /// checks).
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
         Hub {
             inner: Arc::new(Inner {
                 tables: Mutex::new(Tables::default()),
-                limits: Limits {
-                    depth: limits.depth.max(1),
-                    ..limits
-                },
+                limits,
                 queued: AtomicUsize::new(0),
                 metrics,
             }),
@@ -157,22 +160,23 @@ impl Hub {
         });
         let mut tables = self.tables();
         let (metrics, limits) = (&self.inner.metrics, &self.inner.limits);
-        if metrics.subscriptions.get() as usize >= limits.subscriptions {
+        if tables.subscriptions >= limits.subscriptions {
             return Err(TooManySubscriptions::Server(limits.subscriptions));
         }
         if let Some(client) = client {
-            let open = tables.clients.entry(client).or_default();
-            if *open >= limits.per_client {
-                if *open == 0 {
-                    tables.clients.remove(&client);
-                }
+            if tables
+                .clients
+                .get(&client)
+                .is_some_and(|n| *n >= limits.per_client)
+            {
                 return Err(TooManySubscriptions::Client {
                     client,
                     limit: limits.per_client,
                 });
             }
-            *open += 1;
+            *tables.clients.entry(client).or_default() += 1;
         }
+        tables.subscriptions += 1;
         let list = tables.topics.entry(key).or_insert_with(|| {
             metrics.topics.inc();
             Vec::new()
@@ -196,33 +200,59 @@ impl Hub {
         };
         let size = envelope.encoded_len();
         let envelope = Arc::new(envelope);
-        let (limits, queued) = (&self.inner.limits, &self.inner.queued);
+        let mut dropped = 0;
         for queue in &queues {
-            let mut items = queue.items();
-            // Make room, oldest first, within this queue's and the hub's limits.
-            while items.queue.len() >= limits.depth
-                || items.bytes + size > limits.queue_bytes
-                || queued.load(Relaxed) + size > limits.total_bytes
-            {
-                let Some((_, old)) = items.queue.pop_front() else {
-                    break;
-                };
-                items.bytes -= old;
-                queued.fetch_sub(old, Relaxed);
-                self.inner.metrics.drop_for("queue_full");
-            }
-            // Other queues hold the hub's budget: this stream goes without.
-            if queued.load(Relaxed) + size > limits.total_bytes {
-                self.inner.metrics.drop_for("queue_full");
-                continue;
-            }
-            items.queue.push_back((envelope.clone(), size));
-            items.bytes += size;
-            queued.fetch_add(size, Relaxed);
-            drop(items);
-            queue.ready.notify_one();
+            dropped += self.offer(queue, &envelope, size);
+        }
+        if dropped > 0 {
+            self.inner.metrics.queue_full.inc_by(dropped);
         }
         queues.len()
+    }
+
+    /// Puts `envelope` (`size` bytes encoded) into `queue`, making room by
+    /// dropping the queue's oldest envelopes; returns how many envelopes were
+    /// dropped (the new one included, when it cannot fit).
+    fn offer(&self, queue: &Queue, envelope: &Arc<Envelope>, size: usize) -> u64 {
+        let (limits, queued) = (&self.inner.limits, &self.inner.queued);
+        let mut items = queue.items();
+        if items.closed {
+            return 0;
+        }
+        // Larger than a whole queue, or than what the other queues leave of
+        // the hub's budget: emptying this queue would not make room.
+        let others = queued.load(Relaxed).saturating_sub(items.bytes);
+        if size > limits.queue_bytes || others + size > limits.total_bytes {
+            return 1;
+        }
+        let mut dropped = 0;
+        loop {
+            let fits_queue =
+                items.queue.len() < limits.depth && items.bytes + size <= limits.queue_bytes;
+            // Reserve the bytes in the hub's budget at once, so that
+            // concurrent publishers cannot overshoot it together.
+            if fits_queue
+                && queued
+                    .fetch_update(Relaxed, Relaxed, |q| {
+                        (q + size <= limits.total_bytes).then_some(q + size)
+                    })
+                    .is_ok()
+            {
+                break;
+            }
+            let Some((_, old)) = items.queue.pop_front() else {
+                // Others took the budget meanwhile.
+                return dropped + 1;
+            };
+            items.bytes -= old;
+            queued.fetch_sub(old, Relaxed);
+            dropped += 1;
+        }
+        items.queue.push_back((envelope.clone(), size));
+        items.bytes += size;
+        drop(items);
+        queue.ready.notify_one();
+        dropped
     }
 
     /// Number of keys with subscriptions.
@@ -290,8 +320,13 @@ impl Drop for Subscription {
                 tables.clients.remove(&client);
             }
         }
+        tables.subscriptions -= 1;
         metrics.subscriptions.dec();
-        let bytes = std::mem::take(&mut self.queue.items().bytes);
+        drop(tables);
+        let mut items = self.queue.items();
+        items.closed = true;
+        items.queue.clear();
+        let bytes = std::mem::take(&mut items.bytes);
         self.hub.inner.queued.fetch_sub(bytes, Relaxed);
     }
 }
@@ -358,6 +393,54 @@ mod tests {
         a.next().await;
         a.next().await;
         assert_eq!(hub.inner.queued.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_queue_keeps_its_backlog_when_the_budget_is_held_by_others() {
+        let metrics = Metrics::new();
+        let small = sized(0, 1000).encoded_len();
+        let big = sized(0, 2000).encoded_len();
+        let hub = Hub::new(
+            Limits {
+                depth: 100,
+                queue_bytes: 10 * small,
+                total_bytes: 5 * small,
+                subscriptions: 10,
+                per_client: 10,
+            },
+            metrics.clone(),
+        );
+        let (a, b) = (
+            hub.subscribe([1; 32], None).unwrap(),
+            hub.subscribe([2; 32], None).unwrap(),
+        );
+        for n in 0..4 {
+            hub.publish(&[1; 32], sized(n, 1000));
+        }
+        hub.publish(&[2; 32], sized(9, 1000));
+        // a holds 4 of the 5 budget units: b's envelope stays, the big one
+        // (which would not fit even in an empty b) is dropped.
+        hub.publish(&[2; 32], sized(10, 2000));
+        assert_eq!((a.queued(), b.queued()), (4, 1));
+        assert_eq!(b.next().await, sized(9, 1000));
+        assert_eq!(metrics.queue_full.get(), 1);
+        assert_eq!(hub.inner.queued.load(Relaxed), 4 * small);
+        assert!(big > small);
+    }
+
+    #[test]
+    fn an_ended_subscription_takes_nothing_more() {
+        let hub = Hub::new(limits(4, 10), Metrics::new());
+        let sub = hub.subscribe([1; 32], None).unwrap();
+        hub.publish(&[1; 32], envelope(1));
+        // A publisher that copied the queue list before the end offers late.
+        let queue = sub.queue.clone();
+        drop(sub);
+        assert_eq!(hub.inner.queued.load(Relaxed), 0);
+        let late = Arc::new(envelope(2));
+        assert_eq!(hub.offer(&queue, &late, late.encoded_len()), 0);
+        assert_eq!(queue.items().queue.len(), 0);
+        assert_eq!(hub.inner.queued.load(Relaxed), 0, "no bytes left behind");
     }
 
     fn envelope(n: u8) -> Envelope {
@@ -453,7 +536,7 @@ mod tests {
             hub.subscribe([3; 32], client("192.0.2.4")),
             Err(TooManySubscriptions::Server(5))
         ));
-        assert_eq!(hub.client_count(), 3, "a refused client leaves no entry");
+        assert_eq!(hub.client_count(), 3, "a refused client has no entry");
     }
 
     #[test]

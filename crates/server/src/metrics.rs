@@ -41,6 +41,10 @@ pub struct Metrics {
     pub delivered: Counter,
     /// Envelopes dropped, by reason (`queue_full`, `no_subscriber`).
     pub dropped: Family<Reason, Counter>,
+    /// `dropped` for `queue_full`, looked up once (it counts on the fan-out path).
+    pub queue_full: Counter,
+    /// `dropped` for `no_subscriber`.
+    pub no_subscriber: Counter,
     /// Requests refused, by reason (`invalid_key`, `oversize`, `too_many_subscriptions`,
     /// `too_many_client_subscriptions`).
     pub rejected: Family<Reason, Counter>,
@@ -105,21 +109,29 @@ impl Metrics {
             "Duration of RPCs by method; for Subscribe, until the stream is set up",
             rpc_duration.clone(),
         );
+        // Both drop reasons show from the start, at 0.
+        let queue_full = dropped
+            .get_or_create(&Reason {
+                reason: "queue_full",
+            })
+            .clone();
+        let no_subscriber = dropped
+            .get_or_create(&Reason {
+                reason: "no_subscriber",
+            })
+            .clone();
         Arc::new(Metrics {
             published,
             delivered,
             dropped,
+            queue_full,
+            no_subscriber,
             rejected,
             subscriptions,
             topics,
             rpc_duration,
             registry,
         })
-    }
-
-    /// Counts a drop.
-    pub fn drop_for(&self, reason: &'static str) {
-        self.dropped.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts a refused request.

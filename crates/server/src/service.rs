@@ -119,7 +119,7 @@ impl Signaling for SignalingService {
         let recipient = key_field(&self.metrics, "recipient", &envelope.recipient)?;
         self.metrics.published.inc();
         if self.hub.publish(&recipient, envelope) == 0 {
-            self.metrics.drop_for("no_subscriber");
+            self.metrics.no_subscriber.inc();
         }
         Ok(Response::new(Empty {}))
     }
