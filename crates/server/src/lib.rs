@@ -56,8 +56,10 @@ pub struct Config {
     pub queue_depth: usize,
     /// Bytes queued per subscription stream before the oldest is dropped.
     pub queue_bytes: usize,
-    /// Bytes queued for all subscription streams together; beyond it the
-    /// oldest envelope of the stream being fed is dropped.
+    /// Bytes queued for all subscription streams together. A stream being
+    /// fed drops its own oldest envelopes to stay within it; when even that
+    /// would not make room (other streams hold the rest), the new envelope is
+    /// dropped and the stream keeps what it has.
     pub max_queued_bytes: usize,
     /// Most client connections open at once; beyond it accepting waits.
     pub max_connections: usize,
@@ -161,12 +163,16 @@ impl Server {
         if config.max_envelope_size == 0
             || config.queue_depth == 0
             || config.max_connections == 0
+            || config.max_subscriptions == 0
+            || config.max_subscriptions_per_client == 0
+            || config.max_streams_per_connection == 0
             || config.queue_bytes < config.max_envelope_size
             || config.max_queued_bytes < config.queue_bytes
         {
             return Err(ServerError::Config(
-                "max envelope size, queue depth and connections must be at least 1, queue \
-                 bytes at least the max envelope size, max queued bytes at least the queue bytes"
+                "max envelope size, queue depth, connections, subscriptions, subscriptions \
+                 per client and streams per connection must be at least 1, queue bytes at \
+                 least the max envelope size, max queued bytes at least the queue bytes"
                     .into(),
             ));
         }

@@ -150,7 +150,7 @@ pub(crate) fn incoming(
     shutdown: CancellationToken,
 ) -> (ReceiverStream<io::Result<Conn>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+    let permits = Arc::new(Semaphore::new(max_connections));
     let task = tokio::spawn(async move {
         let mut handshakes = tokio::task::JoinSet::new();
         loop {
