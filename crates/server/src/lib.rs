@@ -17,6 +17,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod health;
 mod hub;
 mod listener;
 pub mod metrics;
@@ -227,7 +228,11 @@ impl Server {
             metrics: metrics.clone(),
         });
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = tonic_health::server::HealthReporter::new();
+        let health_stopped = CancellationToken::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            health::StoppingHealth::new(health.clone(), health_stopped.clone()),
+        );
         health
             .set_serving::<SignalingServer<SignalingService>>()
             .await;
@@ -262,15 +267,27 @@ impl Server {
             listener::incoming(listener, tls, config.max_connections, shutdown.clone());
         let token = shutdown.clone();
         let grpc = tokio::spawn(async move {
+            // NOT_SERVING as soon as shutdown starts, while health watchers
+            // can still see it; then their streams end.
+            let stopping = async move {
+                token.cancelled().await;
+                health
+                    .set_not_serving::<SignalingServer<SignalingService>>()
+                    .await;
+                health
+                    .set_not_serving::<RelayRegistryServer<RelayService>>()
+                    .await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                health_stopped.cancel();
+            };
             let result = router
-                .serve_with_incoming_shutdown(incoming, token.cancelled())
+                .serve_with_incoming_shutdown(incoming, stopping)
                 .await
                 .map_err(ServerError::Serve);
             // The accept loop ends with the token; wait for it to let go of the port.
             let _ = accept.await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
             result
         });
         let http = metrics_listener.map(|listener| {

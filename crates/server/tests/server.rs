@@ -468,12 +468,39 @@ async fn graceful_shutdown_ends_open_streams() -> Result<()> {
         streams.push(s);
     }
     assert_eq!(server.metrics().subscriptions.get(), 20);
+    // A health watcher sees SERVING, then NOT_SERVING once shutdown starts.
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))?
+        .connect()
+        .await?;
+    let mut health = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.map(|m| m.status);
+    assert_eq!(
+        status(health.message().await?),
+        Some(ServingStatus::Serving as i32)
+    );
     let started = std::time::Instant::now();
     server.shutdown(Duration::from_secs(5)).await?;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "shutdown took {:?}",
         started.elapsed()
+    );
+    assert_eq!(
+        status(timeout(WAIT, health.message()).await??),
+        Some(ServingStatus::NotServing as i32)
+    );
+    // Then the watch ends: it did not hold the shutdown up.
+    assert!(
+        !matches!(timeout(WAIT, health.message()).await?, Ok(Some(_))),
+        "health watch went on after shutdown"
     );
     for mut s in streams {
         // Each stream ends (cleanly or with the connection); none hangs.
