@@ -280,7 +280,8 @@ async fn invalid_keys_and_oversize_envelopes_are_refused() -> Result<()> {
 
 #[tokio::test]
 async fn settings_of_zero_are_refused() {
-    let settings: [(&str, fn(&mut Config)); 6] = [
+    type Zero = fn(&mut Config);
+    let settings: [(&str, Zero); 6] = [
         ("queue depth", |c| c.queue_depth = 0),
         ("connections", |c| c.max_connections = 0),
         ("subscriptions", |c| c.max_subscriptions = 0),
