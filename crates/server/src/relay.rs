@@ -102,7 +102,9 @@ impl FromStr for Relay {
         let (host, port) = match hostport.rsplit_once(':') {
             Some((host, port)) if !port.contains(']') => {
                 port.parse::<u16>()
-                    .map_err(|_| err("port is not a number from 1 to 65535"))?;
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| err("port is not a number from 1 to 65535"))?;
                 (host, Some(port))
             }
             _ => (hostport, None),
@@ -115,6 +117,12 @@ impl FromStr for Relay {
         let mut ttl = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if matches!(
+                (k, &transport, &secret, &ttl),
+                ("transport", Some(_), _, _) | ("secret", _, Some(_), _) | ("ttl", _, _, Some(_))
+            ) {
+                return Err(err(&format!("{k} is given twice")));
+            }
             match k {
                 "transport" => {
                     if !matches!(v, "udp" | "tcp") {
@@ -122,7 +130,8 @@ impl FromStr for Relay {
                     }
                     transport = Some(v.to_string());
                 }
-                "secret" if !v.is_empty() => secret = Some(v.to_string()),
+                "secret" if v.is_empty() => return Err(err("secret is empty")),
+                "secret" => secret = Some(v.to_string()),
                 "ttl" => {
                     ttl = Some(
                         humantime::parse_duration(v)
@@ -279,6 +288,10 @@ mod tests {
             "stun:u:p@h:1",
             "turn:h:1?ttl=1h",
             "turn:h:1?foo=bar",
+            "turn:h:0",
+            "turn:h:1?secret=",
+            "turn:h:1?secret=a&secret=b",
+            "turn:h:1?transport=udp&transport=tcp",
         ] {
             assert!(bad.parse::<Relay>().is_err(), "{bad} accepted");
         }
