@@ -143,8 +143,8 @@ pub trait Backend: Send + Sync {
     /// Which kind of backend this is.
     fn backend_type(&self) -> BackendType;
 
-    /// Stops every subscription and releases the medium. Later calls fail with
-    /// [`BackendError::Closed`].
+    /// Stops every subscription, drops its handlers and releases the medium.
+    /// Later calls fail with [`BackendError::Closed`].
     async fn close(&self) -> Result<(), BackendError>;
 }
 
@@ -300,7 +300,19 @@ impl Backend for SignalingBackend {
             let _ = self.transport.unlisten(public).await;
             return Err(e);
         }
+        // Closed while the medium was listening: the close did not see this
+        // listen, so undo it here.
+        if first && self.closed.load(Ordering::Acquire) {
+            let _ = self.transport.unlisten(public).await;
+            return Err(BackendError::Closed);
+        }
         self.registry.add(pair, handler);
+        // Closed meanwhile (close does not take the key locks): the close
+        // may have cleared the registry before this add.
+        if self.closed.load(Ordering::Acquire) {
+            self.registry.clear();
+            return Err(BackendError::Closed);
+        }
         Ok(first)
     }
 
@@ -327,7 +339,10 @@ impl Backend for SignalingBackend {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.transport.close().await
+        let closed = self.transport.close().await;
+        // The handlers go: channels they feed see their end.
+        self.registry.clear();
+        closed
     }
 }
 
@@ -455,5 +470,25 @@ mod tests {
             err.to_string().contains("unknown parameter \"foo\""),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn close_lets_the_handlers_go() {
+        let backend = connect(&["inprocess:"]).await.unwrap();
+        let (handler, mut rx) = crate::ChannelHandler::new(4);
+        let key = Key::generate();
+        backend
+            .subscribe(&KeyPair::new(key, Key::ZERO), handler)
+            .await
+            .unwrap();
+        backend.close().await.unwrap();
+        // The handler was the channel's last sender: the receiver sees the end.
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(end, Ok(None)), "{end:?}");
+        let (handler, _rx) = crate::ChannelHandler::new(4);
+        let again = backend
+            .subscribe(&KeyPair::new(key, Key::ZERO), handler)
+            .await;
+        assert!(matches!(again, Err(BackendError::Closed)), "{again:?}");
     }
 }

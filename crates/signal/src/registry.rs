@@ -255,6 +255,14 @@ impl Registry {
         }
     }
 
+    /// Removes every handler (and the private keys they came with); for a
+    /// backend that closes, so that its handlers see the end.
+    pub fn clear(&self) {
+        let keys = std::mem::take(&mut *lock(&self.keys));
+        // Dropped outside the lock: a handler's drop may do anything.
+        drop(keys);
+    }
+
     /// True if our key `public` has a handler.
     pub fn has_key(&self, public: &Key) -> bool {
         lock(&self.keys).contains_key(public)
