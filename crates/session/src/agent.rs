@@ -104,9 +104,15 @@ pub enum AgentEvent {
     },
 }
 
+/// How long [`AgentEvents::emit_state`] waits for room in the channel.
+const STATE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where an agent sends its [`AgentEvent`]s: a bounded channel to the session,
 /// tagged with the agent's number so that events of an old agent are ignored.
-/// Never blocks: when the channel is full, the event is dropped and counted.
+/// [`AgentEvents::emit`] never blocks: when the channel is full, the event is
+/// dropped and counted. State changes go through [`AgentEvents::emit_state`],
+/// which waits for room: a lost `Failed` would leave the session waiting.
+
 #[derive(Clone)]
 pub struct AgentEvents {
     agent: u64,
@@ -133,6 +139,22 @@ impl AgentEvents {
                 agent = self.agent,
                 dropped,
                 "session is not reading agent events: event dropped"
+            );
+        }
+    }
+
+    /// Hands a state change to the session, waiting (up to 5 s) for room
+    /// if the channel is full; only then is it dropped and counted.
+    pub async fn emit_state(&self, state: IceState) {
+        let sent = self.tx.send((self.agent, AgentEvent::State(state)));
+        // An Err inside: the session is gone, nothing to tell.
+        if tokio::time::timeout(STATE_WAIT, sent).await.is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                agent = self.agent,
+                dropped,
+                ?state,
+                "session is not reading agent events: state change dropped"
             );
         }
     }
@@ -268,5 +290,23 @@ mod tests {
         events.emit(AgentEvent::State(IceState::Checking));
         assert_eq!(events.dropped(), 1);
         assert_eq!(rx.recv().await, Some((3, AgentEvent::GatheringComplete)));
+    }
+
+    #[tokio::test]
+    async fn a_state_change_waits_for_room() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let events = AgentEvents::new(3, tx);
+        events.emit(AgentEvent::GatheringComplete);
+        let waiting = tokio::spawn({
+            let events = events.clone();
+            async move { events.emit_state(IceState::Failed).await }
+        });
+        assert_eq!(rx.recv().await, Some((3, AgentEvent::GatheringComplete)));
+        assert_eq!(
+            rx.recv().await,
+            Some((3, AgentEvent::State(IceState::Failed)))
+        );
+        waiting.await.unwrap();
+        assert_eq!(events.dropped(), 0);
     }
 }

@@ -249,7 +249,7 @@ impl IceAgentFactory for WebrtcIce {
             let sink = sink.clone();
             Box::pin(async move {
                 if let Some(state) = ice_state(state) {
-                    sink.emit(AgentEvent::State(state));
+                    sink.emit_state(state).await;
                 }
             })
         }));
