@@ -52,7 +52,18 @@ impl BackoffOptions {
     }
 }
 
+/// The shortest first interval and cap: a schedule of zeros would make its
+/// user spin.
+const MIN_DELAY: Duration = Duration::from_millis(1);
+
+/// `d` × `factor`, or `cap` when that is larger or not a duration.
+fn scaled(d: Duration, factor: f64, cap: Duration) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).map_or(cap, |d| d.min(cap))
+}
+
 /// A running backoff schedule: [`Backoff::next_delay`] gives the next delay.
+/// Out-of-range options are brought into range: `initial` and `max` at least
+/// 1 ms, `multiplier` at least 1, `jitter` within 0..=1.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     options: BackoffOptions,
@@ -63,36 +74,47 @@ pub struct Backoff {
 impl Backoff {
     /// A schedule at its first interval.
     pub fn new(options: BackoffOptions) -> Self {
+        let max = options.max.max(MIN_DELAY);
+        let options = BackoffOptions {
+            initial: options.initial.clamp(MIN_DELAY, max),
+            multiplier: if options.multiplier.is_finite() {
+                options.multiplier.max(1.0)
+            } else {
+                1.0
+            },
+            jitter: if options.jitter.is_nan() {
+                0.0
+            } else {
+                options.jitter.clamp(0.0, 1.0)
+            },
+            max,
+        };
         Backoff {
             options,
-            interval: options.initial.min(options.max),
+            interval: options.initial,
         }
     }
 
     /// Starts again at the first interval.
     pub fn reset(&mut self) {
-        self.interval = self.options.initial.min(self.options.max);
+        self.interval = self.options.initial;
     }
 
     /// The next delay, drawn with `rng`, and advances the schedule.
     pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let jitter = self.options.jitter.clamp(0.0, 1.0);
+        let BackoffOptions {
+            multiplier,
+            jitter,
+            max,
+            ..
+        } = self.options;
         let factor = if jitter > 0.0 {
             rng.random_range((1.0 - jitter)..=(1.0 + jitter))
         } else {
             1.0
         };
-        let delay = self.interval.mul_f64(factor).min(self.options.max);
-        let multiplier = if self.options.multiplier.is_finite() {
-            self.options.multiplier.max(1.0)
-        } else {
-            1.0
-        };
-        self.interval = self
-            .interval
-            .mul_f64(multiplier)
-            .min(self.options.max)
-            .max(self.interval.min(self.options.max));
+        let delay = scaled(self.interval, factor, max);
+        self.interval = scaled(self.interval, multiplier, max);
         delay
     }
 }
@@ -102,6 +124,29 @@ mod tests {
     use rand::{SeedableRng, rngs::StdRng};
 
     use super::*;
+
+    #[test]
+    fn options_out_of_range_neither_spin_nor_panic() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let zero = BackoffOptions {
+            initial: Duration::ZERO,
+            multiplier: 2.0,
+            jitter: 0.0,
+            max: Duration::ZERO,
+        };
+        let mut backoff = Backoff::new(zero);
+        assert_eq!(backoff.next_delay(&mut rng), MIN_DELAY);
+        let huge = BackoffOptions {
+            initial: Duration::from_secs(1),
+            multiplier: 1e300,
+            jitter: f64::NAN,
+            max: Duration::from_secs(60),
+        };
+        let mut backoff = Backoff::new(huge);
+        assert_eq!(backoff.next_delay(&mut rng), Duration::from_secs(1));
+        assert_eq!(backoff.next_delay(&mut rng), Duration::from_secs(60));
+        assert_eq!(backoff.next_delay(&mut rng), Duration::from_secs(60));
+    }
 
     #[test]
     fn spec_schedule_within_its_jitter_and_cap() {
