@@ -546,9 +546,13 @@ pub struct K8sStats {
     /// Envelopes held back because the registry had no handler for their key
     /// yet (a backend that listens before it adds the handler).
     pub held: u64,
+    /// Envelopes that would have been held but the hold was full (1024):
+    /// handed to the registry at once, which drops them for want of a handler.
+    pub held_overflow: u64,
     /// Objects older than the ttl: expired, not delivered.
     pub too_old: u64,
-    /// Objects that are not envelopes (fields not base64): dropped.
+    /// Objects that are not envelopes (fields not base64, a recipient that is
+    /// not a 32-byte key): dropped.
     pub invalid: u64,
     /// Expired objects deleted by this transport.
     pub deleted: u64,
@@ -567,6 +571,7 @@ struct Counters {
     stale: AtomicU64,
     caught_up: AtomicU64,
     held: AtomicU64,
+    held_overflow: AtomicU64,
     too_old: AtomicU64,
     invalid: AtomicU64,
     deleted: AtomicU64,
@@ -869,8 +874,11 @@ impl Shared {
                 return;
             }
         };
-        let recipient = Key::from_slice(&envelope.recipient).ok();
-        let since = recipient.and_then(|r| self.state().pending.get(&r).copied());
+        let Ok(recipient) = Key::from_slice(&envelope.recipient) else {
+            self.invalid(object, "the recipient is not a 32-byte key");
+            return;
+        };
+        let since = self.state().pending.get(&recipient).copied();
         if let Some(since) = since {
             // The key's first list: what existed before listen was called is stale.
             let threshold = since.checked_sub(CLOCK_SKEW).unwrap_or(since);
@@ -886,18 +894,19 @@ impl Shared {
         if since.is_some() {
             self.counters.caught_up.fetch_add(1, Relaxed);
         }
-        if let Some(recipient) = recipient
-            && !self.registry.has_key(&recipient)
-        {
+        if !self.registry.has_key(&recipient) {
             let mut state = self.state();
-            if state.wanted.contains(&recipient) && state.held.len() < MAX_HELD {
-                state.held.push_back(Held {
-                    recipient,
-                    envelope,
-                    until: Instant::now() + self.hold_for,
-                });
-                self.counters.held.fetch_add(1, Relaxed);
-                return;
+            if state.wanted.contains(&recipient) {
+                if state.held.len() < MAX_HELD {
+                    state.held.push_back(Held {
+                        recipient,
+                        envelope,
+                        until: Instant::now() + self.hold_for,
+                    });
+                    self.counters.held.fetch_add(1, Relaxed);
+                    return;
+                }
+                self.counters.held_overflow.fetch_add(1, Relaxed);
             }
         }
         self.hand_over(&envelope);
@@ -970,14 +979,9 @@ impl Drop for Task {
 }
 
 /// The label selector of the watch over `keys`.
-fn selector(keys: &BTreeSet<Key>) -> String {
-    format!(
-        "{LABEL_RECIPIENT} in ({})",
-        keys.iter()
-            .map(Key::to_base32)
-            .collect::<Vec<_>>()
-            .join(",")
-    )
+fn selector<'a>(label: &str, keys: impl IntoIterator<Item = &'a Key>) -> String {
+    let values: Vec<String> = keys.into_iter().map(Key::to_base32).collect();
+    format!("{label} in ({})", values.join(","))
 }
 
 /// Runs the one watch of a transport over the wanted keys, started over when
@@ -1014,7 +1018,7 @@ async fn run_watches(
         let mut stream = pin!(
             watcher(
                 api.clone(),
-                watcher::Config::default().labels(&selector(&keys)),
+                watcher::Config::default().labels(&selector(LABEL_RECIPIENT, &keys)),
             )
             .backoff(backoff)
         );
@@ -1129,7 +1133,12 @@ impl K8s {
             changes_rx,
             applied_tx,
         )));
-        let expiry = Task(tokio::spawn(expire(shared.clone(), api.clone(), interval)));
+        let expiry = Task(tokio::spawn(expire(
+            shared.clone(),
+            api.clone(),
+            interval,
+            options.send_timeout,
+        )));
         Ok(K8s {
             shared,
             client,
@@ -1169,6 +1178,7 @@ impl K8s {
             stale: c.stale.load(Relaxed),
             caught_up: c.caught_up.load(Relaxed),
             held: c.held.load(Relaxed),
+            held_overflow: c.held_overflow.load(Relaxed),
             too_old: c.too_old.load(Relaxed),
             invalid: c.invalid.load(Relaxed),
             deleted: c.deleted.load(Relaxed),
@@ -1206,9 +1216,7 @@ impl K8s {
     /// and the requests that follow report what is wrong.
     async fn check_access(&self, verbs: &[&str], timeout: Duration) -> Result<bool, K8sError> {
         let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
-        let mut denied = Vec::new();
-        let mut reason = String::new();
-        for verb in verbs {
+        let ask = |verb: &str| {
             let review = SelfSubjectAccessReview {
                 spec: SelfSubjectAccessReviewSpec {
                     resource_attributes: Some(ResourceAttributes {
@@ -1222,9 +1230,16 @@ impl K8s {
                 },
                 ..SelfSubjectAccessReview::default()
             };
-            let answer =
-                tokio::time::timeout(timeout, reviews.create(&PostParams::default(), &review))
-                    .await;
+            let reviews = reviews.clone();
+            async move {
+                tokio::time::timeout(timeout, reviews.create(&PostParams::default(), &review)).await
+            }
+        };
+        // All verbs at once: the whole check takes one `timeout` at most.
+        let answers = futures::future::join_all(verbs.iter().map(|verb| ask(verb))).await;
+        let mut denied = Vec::new();
+        let mut reason = String::new();
+        for (verb, answer) in verbs.iter().zip(answers) {
             match answer {
                 Ok(Ok(review)) => {
                     if let Some(status) = review.status
@@ -1262,8 +1277,13 @@ impl K8s {
 }
 
 /// Deletes, every `interval`, the objects this transport sent or listens for
-/// once they are older than the ttl.
-async fn expire(shared: Arc<Shared>, api: Api<SignalingEnvelope>, interval: Duration) {
+/// once they are older than the ttl; each request within `limit`.
+async fn expire(
+    shared: Arc<Shared>,
+    api: Api<SignalingEnvelope>,
+    interval: Duration,
+    limit: Duration,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1281,25 +1301,27 @@ async fn expire(shared: Arc<Shared>, api: Api<SignalingEnvelope>, interval: Dura
         };
         for (label, keys) in [(LABEL_RECIPIENT, recipients), (LABEL_SENDER, senders)] {
             for chunk in keys.chunks(KEYS_PER_SELECTOR) {
-                let selector = format!(
-                    "{label} in ({})",
-                    chunk
-                        .iter()
-                        .map(Key::to_base32)
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
-                expire_matching(&shared, &api, &selector).await;
+                expire_matching(&shared, &api, &selector(label, chunk), limit).await;
             }
         }
     }
 }
 
-async fn expire_matching(shared: &Shared, api: &Api<SignalingEnvelope>, selector: &str) {
-    let objects = match api.list(&ListParams::default().labels(selector)).await {
-        Ok(list) => list.items,
-        Err(e) => {
+async fn expire_matching(
+    shared: &Shared,
+    api: &Api<SignalingEnvelope>,
+    selector: &str,
+    limit: Duration,
+) {
+    let params = ListParams::default().labels(selector);
+    let objects = match tokio::time::timeout(limit, api.list(&params)).await {
+        Ok(Ok(list)) => list.items,
+        Ok(Err(e)) => {
             tracing::debug!(backend = %shared.name, "expiry: list failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(backend = %shared.name, "expiry: list: no answer within {limit:?}");
             return;
         }
     };
@@ -1317,7 +1339,11 @@ async fn expire_matching(shared: &Shared, api: &Api<SignalingEnvelope>, selector
             }),
             ..DeleteParams::default()
         };
-        match api.delete(name, &params).await {
+        let Ok(deleted) = tokio::time::timeout(limit, api.delete(name, &params)).await else {
+            tracing::debug!(backend = %shared.name, object = name, "expiry: delete: no answer within {limit:?}");
+            return;
+        };
+        match deleted {
             Ok(_) => {
                 shared.counters.deleted.fetch_add(1, Relaxed);
                 tracing::debug!(backend = %shared.name, object = name, "expired envelope deleted");
@@ -1408,14 +1434,24 @@ impl Transport for K8s {
         if self.shared.state().is_live(&key) {
             return Ok(());
         }
-        {
+        // The access review, once per transport, within this listen's time.
+        let reviewed = tokio::time::timeout_at(deadline, async {
             let mut ops = self.ops.lock().await;
             if !ops.access_checked {
                 let timeout = self.options.send_timeout.min(self.options.listen_timeout);
-                ops.access_checked = self
-                    .check_access(&["list", "watch"], timeout)
-                    .await
-                    .map_err(|e| self.error(e))?;
+                // Unanswered: the next listen asks again, within its own time.
+                ops.access_checked = self.check_access(&["list", "watch"], timeout).await?;
+            }
+            Ok(())
+        });
+        match reviewed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.error(e)),
+            Err(_) => {
+                return Err(self.error(K8sError::Timeout {
+                    what: "access review",
+                    timeout: self.options.listen_timeout,
+                }));
             }
         }
         // Nothing has changed up to here. From here on the key is wanted until
