@@ -104,6 +104,8 @@ pub struct MulticastStats {
     pub not_ours: u64,
     /// Envelopes handed to the registry, which opens them and drops copies.
     pub handed_over: u64,
+    /// Reads from the socket that failed (each followed by a short pause).
+    pub read_errors: u64,
 }
 
 /// The parsed URL.
@@ -325,7 +327,9 @@ struct Shared {
     not_envelopes: AtomicU64,
     not_ours: AtomicU64,
     handed_over: AtomicU64,
+    read_errors: AtomicU64,
     not_envelope_log: LogLimiter,
+    read_error_log: LogLimiter,
 }
 
 impl Shared {
@@ -377,7 +381,11 @@ async fn receive(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
         match socket.recv_from(&mut buffer).await {
             Ok((len, from)) => shared.on_datagram(&buffer[..len], from),
             Err(e) => {
-                tracing::warn!(backend = %shared.name, "receiving a datagram failed: {e}");
+                let total = shared.read_errors.fetch_add(1, Relaxed) + 1;
+                // A lasting error would repeat every pause: log some, count all.
+                if shared.read_error_log.allow() {
+                    tracing::warn!(backend = %shared.name, total, "receiving a datagram failed: {e}");
+                }
                 tokio::time::sleep(READ_ERROR_BACKOFF).await;
             }
         }
@@ -414,7 +422,9 @@ impl Multicast {
             not_envelopes: AtomicU64::new(0),
             not_ours: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
+            read_errors: AtomicU64::new(0),
             not_envelope_log: LogLimiter::default(),
+            read_error_log: LogLimiter::default(),
         });
         let receiver = tokio::spawn(receive(socket.clone(), shared.clone()));
         tracing::debug!(backend = %shared.name, group = %config.group, "joined multicast group");
@@ -440,12 +450,8 @@ impl Multicast {
             not_envelopes: s.not_envelopes.load(Relaxed),
             not_ours: s.not_ours.load(Relaxed),
             handed_over: s.handed_over.load(Relaxed),
+            read_errors: s.read_errors.load(Relaxed),
         }
-    }
-
-    /// How many datagrams were dropped because they are not envelopes.
-    pub fn dropped_not_envelopes(&self) -> u64 {
-        self.shared.not_envelopes.load(Relaxed)
     }
 
     fn socket(&self) -> Result<Arc<UdpSocket>, BackendError> {
