@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     fmt,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, LazyLock, Mutex},
     time::Duration,
 };
 
@@ -150,6 +150,14 @@ impl GrpcTarget {
 /// Aborts the task when dropped.
 struct Subscription(JoinHandle<()>);
 
+impl Subscription {
+    /// Aborts the stream's task and waits until it is gone.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.0.abort();
@@ -257,16 +265,15 @@ fn channel(
             client_config(roots)
         }
         Security::CaFile(path) => {
+            let ca_error = |e: &dyn fmt::Display| {
+                BackendError::url(url, format!("ca file {}: {e}", path.display()))
+            };
             let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| BackendError::url(url, format!("ca file {}: {e}", path.display())))?;
+            let certs = CertificateDer::pem_file_iter(path).map_err(|e| ca_error(&e))?;
             for cert in certs {
-                let cert = cert.map_err(|e| {
-                    BackendError::url(url, format!("ca file {}: {e}", path.display()))
-                })?;
-                roots.add(cert).map_err(|e| {
-                    BackendError::url(url, format!("ca file {}: {e}", path.display()))
-                })?;
+                roots
+                    .add(cert.map_err(|e| ca_error(&e))?)
+                    .map_err(|e| ca_error(&e))?;
             }
             if roots.is_empty() {
                 return Err(BackendError::url(
@@ -276,16 +283,12 @@ fn channel(
             }
             client_config(roots)
         }
-        Security::SkipVerify => {
-            let mut config = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap_or_else(|_| unreachable_versions())
+        Security::SkipVerify => with_h2(
+            config_builder()
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerification))
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            config
-        }
+                .with_no_client_auth(),
+        ),
     };
     let server_name = ServerName::try_from(target.host.clone())
         .map_err(|e| BackendError::url(url, format!("host {:?}: {e}", target.host)))?;
@@ -304,23 +307,33 @@ fn channel(
     Ok(endpoint.connect_with_connector_lazy(service))
 }
 
+/// The ring provider, made once (it is asked on every handshake too).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: LazyLock<Arc<rustls::crypto::CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
 }
 
-fn unreachable_versions() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
-    // The ring provider supports the safe default versions; this is never reached.
-    ClientConfig::builder()
+/// A client configuration with our provider and the safe default versions.
+fn config_builder() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
+    ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        // The ring provider supports them: never reached.
+        .unwrap_or_else(|_| ClientConfig::builder())
+}
+
+/// `config` speaking HTTP/2 (ALPN `h2`), as gRPC needs.
+fn with_h2(mut config: ClientConfig) -> ClientConfig {
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
 }
 
 fn client_config(roots: RootCertStore) -> ClientConfig {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap_or_else(|_| unreachable_versions())
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    config
+    with_h2(
+        config_builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// Accepts every certificate: `skip_verify=true`.
@@ -573,9 +586,8 @@ impl Transport for Grpc {
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
         let subscription = self.streams().remove(&key);
-        if let Some(mut subscription) = subscription {
-            subscription.0.abort();
-            let _ = (&mut subscription.0).await;
+        if let Some(subscription) = subscription {
+            subscription.stop().await;
         }
         Ok(())
     }
@@ -586,9 +598,8 @@ impl Transport for Grpc {
 
     async fn close(&self) -> Result<(), BackendError> {
         let subscriptions: Vec<Subscription> = self.streams().drain().map(|(_, s)| s).collect();
-        for mut subscription in subscriptions {
-            subscription.0.abort();
-            let _ = (&mut subscription.0).await;
+        for subscription in subscriptions {
+            subscription.stop().await;
         }
         Ok(())
     }

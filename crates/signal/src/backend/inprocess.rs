@@ -58,6 +58,14 @@ impl InProcess {
             }
         }
     }
+
+    /// Leaves the exchange for every key.
+    fn remove_all(&self) {
+        let keys: Vec<Key> = self.keys().drain().collect();
+        for key in keys {
+            self.remove(&key);
+        }
+    }
 }
 
 #[async_trait]
@@ -99,10 +107,7 @@ impl Transport for InProcess {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let keys: Vec<Key> = self.keys().drain().collect();
-        for key in keys {
-            self.remove(&key);
-        }
+        self.remove_all();
         Ok(())
     }
 
@@ -113,9 +118,6 @@ impl Transport for InProcess {
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        let keys: Vec<Key> = self.keys().drain().collect();
-        for key in keys {
-            self.remove(&key);
-        }
+        self.remove_all();
     }
 }
