@@ -154,6 +154,9 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// Ends the connections still open: after a graceful shutdown ran out of
+    /// time, or on drop.
+    kill: CancellationToken,
     grpc: Option<JoinHandle<Result<(), ServerError>>>,
     http: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -263,8 +266,14 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        let (incoming, accept) =
-            listener::incoming(listener, tls, config.max_connections, shutdown.clone());
+        let kill = CancellationToken::new();
+        let (incoming, accept) = listener::incoming(
+            listener,
+            tls,
+            config.max_connections,
+            shutdown.clone(),
+            kill.clone(),
+        );
         let token = shutdown.clone();
         let grpc = tokio::spawn(async move {
             // NOT_SERVING as soon as shutdown starts, while health watchers
@@ -310,6 +319,7 @@ impl Server {
             metrics_addr,
             metrics,
             shutdown,
+            kill,
             grpc: Some(grpc),
             http,
         })
@@ -331,7 +341,8 @@ impl Server {
     }
 
     /// Stops accepting connections, ends every subscription stream and waits
-    /// for the connections to close, for at most `grace`; then stops at once.
+    /// for the connections to close, for at most `grace`; then cuts the
+    /// connections still open and fails with [`ServerError::ShutdownTimeout`].
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), ServerError> {
         self.shutdown.cancel();
         let tasks = [self.grpc.take(), self.http.take()];
@@ -343,12 +354,13 @@ impl Server {
         };
         match tokio::time::timeout(grace, join).await {
             Ok(result) => result,
-            // Dropping self aborts what is left.
+            // Dropping self aborts what is left and ends the connections.
             Err(_) => Err(ServerError::ShutdownTimeout(grace)),
         }
     }
 
-    /// Waits until the server stops by itself (it does only on an error).
+    /// Waits until the gRPC server's task ends: only if it fails, as
+    /// nothing else stops it while this `Server` is borrowed.
     pub async fn join(&mut self) -> Result<(), ServerError> {
         if let Some(task) = self.grpc.as_mut() {
             let result = task.await;
@@ -362,6 +374,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        self.kill.cancel();
         for task in [self.grpc.take(), self.http.take()].into_iter().flatten() {
             task.abort();
         }

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::ServerError;
@@ -64,10 +64,24 @@ pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Serve
 }
 
 /// An accepted connection, plain or TLS, that holds its permit until dropped.
+/// Once `killed` fires, every read and write fails: the connection's task
+/// (which tonic spawns and nobody else owns) then ends.
 pub(crate) struct Conn {
     io: Io,
     info: TcpConnectInfo,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// An error once the server stopped hard; wakes the task when it does.
+    fn killed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.killed
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "the server stopped"))
+    }
 }
 
 enum Io {
@@ -89,7 +103,11 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Some(e) = this.killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -102,7 +120,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Some(e) = this.killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -113,7 +135,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Some(e) = this.killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -127,7 +153,11 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Some(e) = this.killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -142,12 +172,14 @@ impl AsyncWrite for Conn {
 }
 
 /// Accepts connections on `listener` until `shutdown`; the returned stream
-/// feeds tonic. The task is owned by the caller.
+/// feeds tonic. The task is owned by the caller. `kill` ends the connections
+/// still open (a graceful shutdown that ran out of time, or a drop).
 pub(crate) fn incoming(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
     shutdown: CancellationToken,
+    kill: CancellationToken,
 ) -> (ReceiverStream<io::Result<Conn>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -184,6 +216,7 @@ pub(crate) fn incoming(
                     let conn = Conn {
                         io: Io::Plain(stream),
                         info,
+                        killed: Box::pin(kill.clone().cancelled_owned()),
                         _permit: permit,
                     };
                     if tx.send(Ok(conn)).await.is_err() {
@@ -191,7 +224,7 @@ pub(crate) fn incoming(
                     }
                 }
                 Some(acceptor) => {
-                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    let (acceptor, tx, kill) = (acceptor.clone(), tx.clone(), kill.clone());
                     handshakes.spawn(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                         {
@@ -199,6 +232,7 @@ pub(crate) fn incoming(
                                 let conn = Conn {
                                     io: Io::Tls(Box::new(tls)),
                                     info,
+                                    killed: Box::pin(kill.cancelled_owned()),
                                     _permit: permit,
                                 };
                                 let _ = tx.send(Ok(conn)).await;

@@ -278,6 +278,47 @@ async fn invalid_keys_and_oversize_envelopes_are_refused() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_server_cannot_end_ends_when_the_grace_runs_out() -> Result<()> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let server = start(config()).await;
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr()))?
+        .connect()
+        .await?;
+    // A reflection stream whose client keeps its side open: nothing in the
+    // server ends it.
+    let (requests, rx) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await?;
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    assert!(responses.message().await?.is_some());
+    let result = server.shutdown(Duration::from_millis(300)).await;
+    assert!(
+        matches!(
+            result,
+            Err(cunicu_signal_server::ServerError::ShutdownTimeout(_))
+        ),
+        "{result:?}"
+    );
+    // Past the grace the connection is cut: the stream ends, and soon.
+    let end = timeout(Duration::from_secs(5), responses.message())
+        .await
+        .expect("the stream ended after the grace");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    drop(requests);
+    Ok(())
+}
+
 #[tokio::test]
 async fn settings_of_zero_are_refused() {
     type Zero = fn(&mut Config);
