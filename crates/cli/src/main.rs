@@ -8,9 +8,10 @@ mod connect;
 use std::{
     io::{IsTerminal, Read, Write},
     net::SocketAddr,
+    num::NonZeroU32,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
@@ -21,7 +22,7 @@ use cunicu_signal::{
     json::{message_from_json, message_to_json},
     proto::signaling::Envelope,
 };
-use cunicu_signal_server::{Config, Relay, Server, TlsFiles};
+use cunicu_signal_server::{Config, Rate, Relay, Server, TlsFiles};
 use prost::Message as _;
 use tokio::io::AsyncBufReadExt;
 
@@ -77,10 +78,36 @@ enum EnvelopeCommand {
     },
 }
 
+/// The server's built-in defaults: the flags show and use them.
+static DEFAULTS: LazyLock<Config> = LazyLock::new(Config::default);
+
+fn default_duration(d: Duration) -> humantime::Duration {
+    d.into()
+}
+
+fn memory_help() -> String {
+    format!(
+        "With every limit reached at once, the server's memory adds up to about {} \
+         (defaults, plaintext; TLS adds {:.0} MiB). Lower --max-connections, \
+         --max-subscriptions, --max-calls or --max-queued-bytes to fit a smaller limit.",
+        DEFAULTS.memory_bound(),
+        {
+            let mut tls = DEFAULTS.clone();
+            tls.tls = Some(TlsFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            });
+            (tls.memory_bound().total() - DEFAULTS.memory_bound().total()) as f64
+                / f64::from(1 << 20)
+        }
+    )
+}
+
 #[derive(Args)]
+#[command(after_help = memory_help())]
 struct ServeArgs {
     /// Address of the gRPC port.
-    #[arg(long, env = "CUNICU_SIGNAL_LISTEN", default_value = "[::]:8080")]
+    #[arg(long, env = "CUNICU_SIGNAL_LISTEN", default_value_t = DEFAULTS.listen)]
     listen: SocketAddr,
     /// Address of the HTTP port with Prometheus metrics at /metrics and liveness at /healthz.
     #[arg(long, env = "CUNICU_SIGNAL_METRICS_LISTEN")]
@@ -96,49 +123,134 @@ struct ServeArgs {
     #[arg(long, env = "CUNICU_SIGNAL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Largest encoded envelope accepted; larger ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CUNICU_SIGNAL_MAX_ENVELOPE_SIZE", default_value_t = 65536)]
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_ENVELOPE_SIZE", default_value_t = DEFAULTS.max_envelope_size)]
     max_envelope_size: usize,
     /// Envelopes queued per subscription stream; when full, the oldest is dropped.
-    #[arg(long, env = "CUNICU_SIGNAL_QUEUE_DEPTH", default_value_t = 256)]
+    #[arg(long, env = "CUNICU_SIGNAL_QUEUE_DEPTH", default_value_t = DEFAULTS.queue_depth)]
     queue_depth: usize,
     /// Bytes queued per subscription stream; when full, the oldest envelopes are dropped.
-    #[arg(long, env = "CUNICU_SIGNAL_QUEUE_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "CUNICU_SIGNAL_QUEUE_BYTES", default_value_t = DEFAULTS.queue_bytes)]
     queue_bytes: usize,
-    /// Bytes queued for all subscription streams together; beyond it the stream
-    /// being fed drops its oldest envelopes, or the new one if that would not help.
-    #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = 256 << 20)]
+    /// Bytes one client (an IP address, an IPv6 /64) may make the server hold: queued for
+    /// its subscriptions, in HTTP/2 send buffers, its requests being read. Beyond it, that
+    /// client loses its own oldest envelopes, and only it.
+    #[arg(long, env = "CUNICU_SIGNAL_CLIENT_QUEUED_BYTES", default_value_t = DEFAULTS.client_queued_bytes)]
+    client_queued_bytes: usize,
+    /// The same for all clients together.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = DEFAULTS.max_queued_bytes)]
     max_queued_bytes: usize,
+    /// A subscriber that takes nothing for this long while envelopes wait for it is cut off
+    /// (UNAVAILABLE "subscriber too slow").
+    #[arg(long, env = "CUNICU_SIGNAL_STALL_TIMEOUT", default_value_t = default_duration(DEFAULTS.stall_timeout))]
+    stall_timeout: humantime::Duration,
     /// Most client connections open at once; beyond it new ones wait to be accepted.
-    #[arg(long, env = "CUNICU_SIGNAL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_CONNECTIONS", default_value_t = DEFAULTS.max_connections)]
     max_connections: usize,
+    /// Most connections open at once from one client; more are refused.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_CONNECTIONS_PER_CLIENT", default_value_t = DEFAULTS.max_connections_per_client)]
+    max_connections_per_client: usize,
+    /// New connections per second from one client (a token bucket); more are refused.
+    #[arg(long, env = "CUNICU_SIGNAL_CONNECTION_RATE", default_value_t = DEFAULTS.connection_rate.per_second)]
+    connection_rate: NonZeroU32,
+    /// New connections one client may open at once before --connection-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_CONNECTION_BURST", default_value_t = DEFAULTS.connection_rate.burst)]
+    connection_burst: NonZeroU32,
+    /// Deadline of a connection's TLS handshake, HTTP/2 preface and first request.
+    #[arg(long, env = "CUNICU_SIGNAL_HANDSHAKE_TIMEOUT", default_value_t = default_duration(DEFAULTS.handshake_timeout))]
+    handshake_timeout: humantime::Duration,
+    /// Deadline of a request's message once its stream opened.
+    #[arg(long, env = "CUNICU_SIGNAL_REQUEST_TIMEOUT", default_value_t = default_duration(DEFAULTS.request_timeout))]
+    request_timeout: humantime::Duration,
+    /// A connection without a stream for this long is closed (GOAWAY).
+    #[arg(long, env = "CUNICU_SIGNAL_IDLE_TIMEOUT", default_value_t = default_duration(DEFAULTS.idle_timeout))]
+    idle_timeout: humantime::Duration,
     /// Most subscription streams open at once; more get RESOURCE_EXHAUSTED.
-    #[arg(
-        long,
-        env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS",
-        default_value_t = 100_000
-    )]
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS", default_value_t = DEFAULTS.max_subscriptions)]
     max_subscriptions: usize,
-    /// Most subscription streams open at once from one client (an IP address,
-    /// or a /64 for IPv6); more get RESOURCE_EXHAUSTED.
-    #[arg(
-        long,
-        env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_CLIENT",
-        default_value_t = 10_000
-    )]
+    /// Most subscription streams open at once from one client; more get RESOURCE_EXHAUSTED.
+    /// Raise it when many peers share one address (NAT, a proxy).
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_CLIENT", default_value_t = DEFAULTS.max_subscriptions_per_client)]
     max_subscriptions_per_client: usize,
+    /// Most calls in progress at once (publishes being read, subscriptions being set up,
+    /// GetRelays, health, reflection); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_CALLS", default_value_t = DEFAULTS.max_calls)]
+    max_calls: usize,
+    /// The same per client.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_CALLS_PER_CLIENT", default_value_t = DEFAULTS.max_calls_per_client)]
+    max_calls_per_client: usize,
+    /// Publishes per second from one client (a token bucket); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CUNICU_SIGNAL_PUBLISH_RATE", default_value_t = DEFAULTS.publish_rate.per_second)]
+    publish_rate: NonZeroU32,
+    /// Publishes one client may send at once before --publish-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_PUBLISH_BURST", default_value_t = DEFAULTS.publish_rate.burst)]
+    publish_burst: NonZeroU32,
+    /// Published bytes per second from one client (a token bucket).
+    #[arg(long, env = "CUNICU_SIGNAL_PUBLISH_BYTES_RATE", default_value_t = DEFAULTS.publish_bytes_rate.per_second)]
+    publish_bytes_rate: NonZeroU32,
+    /// Bytes one client may publish at once before --publish-bytes-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_PUBLISH_BYTES_BURST", default_value_t = DEFAULTS.publish_bytes_rate.burst)]
+    publish_bytes_burst: NonZeroU32,
     /// Most concurrent HTTP/2 streams (subscriptions and calls) on one connection.
-    #[arg(
-        long,
-        env = "CUNICU_SIGNAL_MAX_STREAMS_PER_CONNECTION",
-        default_value_t = 1024
-    )]
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULTS.max_streams_per_connection)]
     max_streams_per_connection: u32,
-    /// Interval of the server's HTTP/2 keepalive pings (e.g. 2m).
-    #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_INTERVAL", default_value = "2m", value_parser = humantime::parse_duration)]
-    keepalive_interval: Duration,
+    /// Interval of the server's HTTP/2 keepalive pings.
+    #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_INTERVAL", default_value_t = default_duration(DEFAULTS.keepalive_interval))]
+    keepalive_interval: humantime::Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
-    keepalive_timeout: Duration,
+    #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_TIMEOUT", default_value_t = default_duration(DEFAULTS.keepalive_timeout))]
+    keepalive_timeout: humantime::Duration,
+}
+
+impl ServeArgs {
+    /// The server's configuration: these flags over the defaults.
+    fn config(self) -> Result<Config> {
+        let relays = self
+            .relays
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| r.parse::<Relay>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut config = Config::default();
+        config.listen = self.listen;
+        config.metrics_listen = self.metrics_listen;
+        config.relays = relays;
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
+        config.max_envelope_size = self.max_envelope_size;
+        config.queue_depth = self.queue_depth;
+        config.queue_bytes = self.queue_bytes;
+        config.client_queued_bytes = self.client_queued_bytes;
+        config.max_queued_bytes = self.max_queued_bytes;
+        config.stall_timeout = self.stall_timeout.into();
+        config.max_connections = self.max_connections;
+        config.max_connections_per_client = self.max_connections_per_client;
+        config.connection_rate = Rate {
+            per_second: self.connection_rate,
+            burst: self.connection_burst,
+        };
+        config.handshake_timeout = self.handshake_timeout.into();
+        config.request_timeout = self.request_timeout.into();
+        config.idle_timeout = self.idle_timeout.into();
+        config.max_subscriptions = self.max_subscriptions;
+        config.max_subscriptions_per_client = self.max_subscriptions_per_client;
+        config.max_calls = self.max_calls;
+        config.max_calls_per_client = self.max_calls_per_client;
+        config.publish_rate = Rate {
+            per_second: self.publish_rate,
+            burst: self.publish_burst,
+        };
+        config.publish_bytes_rate = Rate {
+            per_second: self.publish_bytes_rate,
+            burst: self.publish_bytes_burst,
+        };
+        config.max_streams_per_connection = self.max_streams_per_connection;
+        config.keepalive_interval = self.keepalive_interval.into();
+        config.keepalive_timeout = self.keepalive_timeout.into();
+        config.check()?;
+        Ok(config)
+    }
 }
 
 /// Backends and our key, shared by publish and subscribe.
@@ -295,31 +407,11 @@ fn open(key_file: &Path) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let relays = args
-        .relays
-        .iter()
-        .filter(|r| !r.is_empty())
-        .map(|r| r.parse::<Relay>())
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut config = Config::default();
-    config.listen = args.listen;
-    config.metrics_listen = args.metrics_listen;
-    config.relays = relays;
-    config.tls = match (args.tls_cert, args.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-        _ => None,
-    };
-    config.max_envelope_size = args.max_envelope_size;
-    config.queue_depth = args.queue_depth;
-    config.queue_bytes = args.queue_bytes;
-    config.max_queued_bytes = args.max_queued_bytes;
-    config.max_connections = args.max_connections;
-    config.max_subscriptions = args.max_subscriptions;
-    config.max_subscriptions_per_client = args.max_subscriptions_per_client;
-    config.max_streams_per_connection = args.max_streams_per_connection;
-    config.keepalive_interval = args.keepalive_interval;
-    config.keepalive_timeout = args.keepalive_timeout;
-
+    let config = args.config()?;
+    tracing::info!(
+        "worst-case memory with these limits: {}",
+        config.memory_bound()
+    );
     let mut server = Server::spawn(config).await?;
     tokio::select! {
         signal = shutdown_signal() => {

@@ -1,565 +1,715 @@
-//! The fan-out core: subscription queues by key. No gRPC in here.
+//! The fan-out core: subscriptions by key, their queues and their budgets.
+//! No HTTP/2 in here; the connection task ([`crate::conn`]) takes envelopes
+//! out of a subscription's queue when its [`Mailbox`] says there are some.
 //!
-//! Each subscription stream has its own queue, bounded in envelopes and in
-//! bytes, and all queues together are bounded in bytes. Publishing pushes into
-//! every queue of the key without waiting; a full queue drops its oldest
-//! envelopes (newer credentials matter more) and counts them. A key's state
-//! goes away with its last subscription. Subscriptions are bounded in all and
-//! per client, so that one client cannot take every slot.
+//! An envelope travels as a [`Frame`]: its gRPC message frame (the 5-byte
+//! prefix and the envelope's bytes exactly as the publisher sent them), one
+//! buffer shared by every subscriber. Each subscription has its own queue,
+//! bounded in envelopes and bytes; a full queue drops its oldest envelopes
+//! first (newer credentials matter more) and counts them. The bytes of an
+//! envelope count against the subscriber's client and the server from the
+//! moment they are queued until HTTP/2 has written them out (see
+//! [`Sub::take`]): a client whose budget is full loses its own envelopes, and
+//! only its own.
 
 use std::{
     collections::{HashMap, VecDeque},
-    fmt,
-    net::{IpAddr, Ipv6Addr},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
+    task::Wake,
 };
 
-use cunicu_signal::proto::signaling::Envelope;
-use prost::Message as _;
-use tokio::sync::Notify;
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::{
+    client::{Budget, ClientState, Exhausted, SlotGuard, reserve},
+    metrics::Metrics,
+};
 
-type Topic = [u8; 32];
+/// A key: what subscriptions are for and envelopes addressed to.
+pub(crate) type Topic = [u8; 32];
 
-/// The limits of a [`Hub`].
+/// An envelope as a gRPC message frame: 5-byte prefix, then the envelope.
+pub(crate) type Frame = Bytes;
+
+/// At most this many bytes of one subscription are handed to HTTP/2 and not
+/// yet written: more waits in the subscription's queue, where it is dropped
+/// oldest first if the subscriber does not keep up. One envelope larger than
+/// this goes alone.
+pub(crate) const IN_FLIGHT_PER_STREAM: usize = 16 * 1024;
+
+/// The limits of the subscriptions in a [`Hub`].
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct QueueLimits {
     /// Envelopes per queue.
-    pub depth: usize,
-    /// Bytes per queue (encoded envelope sizes).
-    pub queue_bytes: usize,
-    /// Bytes in all queues together.
-    pub total_bytes: usize,
-    /// Subscriptions at once.
-    pub subscriptions: usize,
-    /// Subscriptions at once of one [`Client`].
-    pub per_client: usize,
+    pub(crate) depth: usize,
+    /// Bytes per queue (frame sizes).
+    pub(crate) bytes: usize,
 }
 
-/// Who opened a subscription, for the per-client limit: the remote IP
-/// address; an IPv6 address by its /64, as a host usually holds a whole /64.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Client(IpAddr);
+/// What a connection task has to look at: the slots of its subscriptions
+/// that have envelopes to send or whose HTTP/2 stream changed.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    slots: Mutex<Vec<usize>>,
+    waker: AtomicWaker,
+    /// Subscriptions of this connection that have envelopes waiting.
+    waiting: AtomicUsize,
+}
 
-impl Client {
-    /// The client at `addr`.
-    pub fn of(addr: IpAddr) -> Client {
-        match addr {
-            IpAddr::V4(_) => Client(addr),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Client(IpAddr::V4(v4)),
-                None => Client(IpAddr::V6(Ipv6Addr::from_bits(
-                    v6.to_bits() & !u128::from(u64::MAX),
-                ))),
-            },
-        }
+impl Mailbox {
+    fn post(&self, slot: usize) {
+        lock(&self.slots).push(slot);
+        self.waker.wake();
+    }
+
+    /// The slots posted since the last call (into `out`, which is cleared).
+    pub(crate) fn take(&self, out: &mut Vec<usize>) {
+        out.clear();
+        std::mem::swap(&mut *lock(&self.slots), out);
+    }
+
+    /// Wakes the connection task with this waker.
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// How many subscriptions of this connection have envelopes waiting.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Relaxed)
     }
 }
 
-impl fmt::Display for Client {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            IpAddr::V4(v4) => v4.fmt(f),
-            IpAddr::V6(v6) => write!(f, "{v6}/64"),
-        }
-    }
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]
-struct Items {
-    /// Envelopes with their encoded sizes.
-    queue: VecDeque<(Arc<Envelope>, usize)>,
-    bytes: usize,
-    /// The subscription has ended: a publisher that copied the queue list
-    /// before must not add to it (its bytes would never be given back).
+struct State {
+    queue: VecDeque<Frame>,
+    /// Bytes in `queue`.
+    queued: usize,
+    /// Bytes handed to HTTP/2 and not yet written.
+    in_flight: usize,
+    /// Since when envelopes have been waiting without any being taken.
+    waiting_since: Option<Instant>,
+    /// The slot is posted to the mailbox or being drained.
+    posted: bool,
+    /// The subscription has ended: nothing more is queued.
     closed: bool,
 }
 
-struct Queue {
-    items: Mutex<Items>,
-    ready: Notify,
-}
+impl State {
+    fn pending(&self) -> bool {
+        self.queued > 0 || self.in_flight > 0
+    }
 
-impl Queue {
-    fn items(&self) -> MutexGuard<'_, Items> {
-        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    fn can_send(&self) -> bool {
+        !self.queue.is_empty()
+            && (self.in_flight == 0 || self.in_flight + self.queue[0].len() <= IN_FLIGHT_PER_STREAM)
     }
 }
 
-#[derive(Default)]
-struct Tables {
-    topics: HashMap<Topic, Vec<Arc<Queue>>>,
-    /// Open subscriptions by client (only those with some).
-    clients: HashMap<Client, usize>,
-    /// Open subscriptions.
-    subscriptions: usize,
+/// Why an envelope was not queued for a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drop {
+    /// The subscription's own queue was full (its oldest went).
+    QueueFull,
+    /// The subscriber's client has queued all it may.
+    ClientBudget,
+    /// The server has queued all it may.
+    ServerBudget,
+}
+
+/// What [`Sub::take`] gives.
+#[derive(Debug)]
+pub(crate) enum Take {
+    /// An envelope to send.
+    Frame(Bytes),
+    /// Nothing may go now.
+    Nothing,
+    /// The next envelopes need this much of the stream's window.
+    Window(usize),
+}
+
+/// What [`Sub::offer`] did: how many envelopes were dropped, and why.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Offered {
+    pub(crate) queue_full: u64,
+    pub(crate) client_budget: u64,
+    pub(crate) server_budget: u64,
+}
+
+impl Offered {
+    fn add(&mut self, why: Drop) {
+        match why {
+            Drop::QueueFull => self.queue_full += 1,
+            Drop::ClientBudget => self.client_budget += 1,
+            Drop::ServerBudget => self.server_budget += 1,
+        }
+    }
+
+    fn merge(&mut self, other: Offered) {
+        self.queue_full += other.queue_full;
+        self.client_budget += other.client_budget;
+        self.server_budget += other.server_budget;
+    }
+}
+
+/// One subscription stream: its queue, and where its envelopes go.
+pub(crate) struct Sub {
+    key: Topic,
+    client: Arc<ClientState>,
+    server: Arc<Budget>,
+    limits: QueueLimits,
+    mailbox: Arc<Mailbox>,
+    slot: usize,
+    state: Mutex<State>,
+}
+
+impl Sub {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The key subscribed to.
+    pub(crate) fn key(&self) -> &Topic {
+        &self.key
+    }
+
+    /// Queues `frame`, dropping this queue's oldest envelopes to make room
+    /// within the queue's, the client's and the server's limits; drops
+    /// `frame` itself when even an empty queue would not make room.
+    pub(crate) fn offer(&self, frame: &Frame) -> Offered {
+        let size = frame.len();
+        let mut out = Offered::default();
+        let mut state = self.state();
+        if state.closed {
+            return out;
+        }
+        if size > self.limits.bytes {
+            out.add(Drop::QueueFull);
+            return out;
+        }
+        // When others hold so much of a budget that even emptying this queue
+        // would not make room, the new envelope goes and the backlog stays.
+        for (budget, why) in [
+            (&self.client.budget, Drop::ClientBudget),
+            (&*self.server, Drop::ServerBudget),
+        ] {
+            if budget.used().saturating_sub(state.queued) + size > budget.limit() {
+                out.add(why);
+                return out;
+            }
+        }
+        loop {
+            let fits_queue =
+                state.queue.len() < self.limits.depth && state.queued + size <= self.limits.bytes;
+            let why = if !fits_queue {
+                Drop::QueueFull
+            } else {
+                match reserve(&self.client.budget, &self.server, size) {
+                    Ok(()) => break,
+                    Err(Exhausted::Client) => Drop::ClientBudget,
+                    Err(Exhausted::Server) => Drop::ServerBudget,
+                }
+            };
+            // Make room by dropping our oldest; when there is none, others
+            // hold the budget: drop the new one and keep the backlog.
+            let Some(old) = state.queue.pop_front() else {
+                out.add(why);
+                return out;
+            };
+            state.queued -= old.len();
+            self.client.budget.release(old.len());
+            self.server.release(old.len());
+            out.add(why);
+        }
+        state.queue.push_back(frame.clone());
+        state.queued += size;
+        if state.waiting_since.is_none() {
+            state.waiting_since = Some(Instant::now());
+            self.mailbox.waiting.fetch_add(1, Relaxed);
+        }
+        if !state.posted && state.can_send() {
+            state.posted = true;
+            drop(state);
+            self.mailbox.post(self.slot);
+        }
+        out
+    }
+
+    /// The next envelope to hand to HTTP/2, if one may go: the stream has
+    /// room in flight, and `window` (the stream's send capacity) holds it,
+    /// or nothing is in flight and the window is open at all (a frame larger
+    /// than the peer's window goes alone). Its bytes stay counted until the
+    /// returned buffer (and every piece of it) is dropped, which HTTP/2 does
+    /// once it wrote them or the stream is gone. [`Take::Nothing`] ends a
+    /// drain: the slot is posted again when there is more to send.
+    pub(crate) fn take(self: &Arc<Self>, window: usize) -> Take {
+        let mut state = self.state();
+        if state.closed || !state.can_send() {
+            state.posted = false;
+            return Take::Nothing;
+        }
+        let len = state.queue[0].len();
+        if len > window && (state.in_flight > 0 || window == 0) {
+            // What may go now, for the reservation of the stream's window.
+            let room = IN_FLIGHT_PER_STREAM.saturating_sub(state.in_flight);
+            return Take::Window(state.queued.min(room).max(len));
+        }
+        let Some(frame) = state.queue.pop_front() else {
+            state.posted = false;
+            return Take::Nothing;
+        };
+        state.queued -= frame.len();
+        state.in_flight += frame.len();
+        drop(state);
+        Take::Frame(Bytes::from_owner(InFlight {
+            frame,
+            sub: self.clone(),
+        }))
+    }
+
+    /// Bytes handed out by [`Sub::take`] were written (or thrown away).
+    fn written(&self, size: usize) {
+        self.client.budget.release(size);
+        self.server.release(size);
+        let mut state = self.state();
+        state.in_flight -= size;
+        if state.closed {
+            return;
+        }
+        if state.pending() {
+            state.waiting_since = Some(Instant::now());
+        } else if state.waiting_since.take().is_some() {
+            self.mailbox.waiting.fetch_sub(1, Relaxed);
+        }
+        if !state.posted && state.can_send() {
+            state.posted = true;
+            drop(state);
+            self.mailbox.post(self.slot);
+        }
+    }
+
+    /// Since when envelopes have waited with none taken, if they wait.
+    pub(crate) fn waiting_since(&self) -> Option<Instant> {
+        self.state().waiting_since
+    }
+
+    /// Bytes handed to HTTP/2 and not yet written.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.state().in_flight
+    }
+
+    /// Ends the queue: what it holds is dropped and its bytes given back;
+    /// nothing more is queued. Bytes in flight come back as HTTP/2 drops them.
+    fn close(&self) {
+        let mut state = self.state();
+        if state.closed {
+            return;
+        }
+        state.closed = true;
+        let queued = std::mem::take(&mut state.queued);
+        state.queue = VecDeque::new();
+        if state.waiting_since.take().is_some() {
+            self.mailbox.waiting.fetch_sub(1, Relaxed);
+        }
+        drop(state);
+        self.client.budget.release(queued);
+        self.server.release(queued);
+    }
+}
+
+/// The HTTP/2 stream of a subscription changed (it may have been reset):
+/// the connection task looks at it.
+impl Wake for Sub {
+    fn wake(self: Arc<Self>) {
+        self.mailbox.post(self.slot);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.mailbox.post(self.slot);
+    }
+}
+
+/// An envelope handed to HTTP/2: its bytes are given back when dropped.
+struct InFlight {
+    frame: Frame,
+    sub: Arc<Sub>,
+}
+
+impl AsRef<[u8]> for InFlight {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl std::ops::Drop for InFlight {
+    fn drop(&mut self) {
+        self.sub.written(self.frame.len());
+    }
 }
 
 struct Inner {
-    tables: Mutex<Tables>,
-    limits: Limits,
-    /// Bytes in all queues.
-    queued: AtomicUsize,
+    topics: Mutex<HashMap<Topic, Arc<[Arc<Sub>]>>>,
+    limits: QueueLimits,
+    server: Arc<Budget>,
     metrics: Arc<Metrics>,
 }
 
 /// Subscriptions by key. Cheap to clone.
 #[derive(Clone)]
-pub struct Hub {
+pub(crate) struct Hub {
     inner: Arc<Inner>,
 }
 
-/// A limit on subscriptions was reached.
-#[derive(Debug, thiserror::Error)]
-pub enum TooManySubscriptions {
-    /// The server's limit, for all clients together.
-    #[error("the server has reached its limit of {0} subscriptions")]
-    Server(usize),
-    /// The limit of one client.
-    #[error("{client} has reached the limit of {limit} subscriptions per client")]
-    Client {
-        /// The client.
-        client: Client,
-        /// Its limit.
-        limit: usize,
-    },
-}
-
 impl Hub {
-    /// A hub with these limits (each at least 1, as [`crate::Server::spawn`]
-    /// checks).
-    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(limits: QueueLimits, server: Arc<Budget>, metrics: Arc<Metrics>) -> Self {
         Hub {
             inner: Arc::new(Inner {
-                tables: Mutex::new(Tables::default()),
+                topics: Mutex::new(HashMap::new()),
                 limits,
-                queued: AtomicUsize::new(0),
+                server,
                 metrics,
             }),
         }
     }
 
-    fn tables(&self) -> MutexGuard<'_, Tables> {
-        self.inner.tables.lock().unwrap_or_else(|e| e.into_inner())
+    fn topics(&self) -> MutexGuard<'_, HashMap<Topic, Arc<[Arc<Sub>]>>> {
+        lock(&self.inner.topics)
     }
 
-    /// Opens a subscription to `key` for `client` (none: only the server's
-    /// limit applies). It ends when the returned value drops.
-    pub fn subscribe(
+    /// The server's byte budget.
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.inner.server
+    }
+
+    /// Adds a subscription to `key` whose envelopes are announced to
+    /// `mailbox` as `slot`; `slot_guard` is its place in the limits. It ends
+    /// when the returned handle drops. Returns the handle and whether it is
+    /// the key's first subscription here.
+    pub(crate) fn subscribe(
         &self,
         key: Topic,
-        client: Option<Client>,
-    ) -> Result<Subscription, TooManySubscriptions> {
-        let queue = Arc::new(Queue {
-            items: Mutex::new(Items::default()),
-            ready: Notify::new(),
-        });
-        let mut tables = self.tables();
-        let (metrics, limits) = (&self.inner.metrics, &self.inner.limits);
-        if tables.subscriptions >= limits.subscriptions {
-            return Err(TooManySubscriptions::Server(limits.subscriptions));
-        }
-        if let Some(client) = client {
-            if tables
-                .clients
-                .get(&client)
-                .is_some_and(|n| *n >= limits.per_client)
-            {
-                return Err(TooManySubscriptions::Client {
-                    client,
-                    limit: limits.per_client,
-                });
-            }
-            *tables.clients.entry(client).or_default() += 1;
-        }
-        tables.subscriptions += 1;
-        let list = tables.topics.entry(key).or_insert_with(|| {
-            metrics.topics.inc();
-            Vec::new()
-        });
-        list.push(queue.clone());
-        metrics.subscriptions.inc();
-        Ok(Subscription {
-            hub: self.clone(),
+        client: Arc<ClientState>,
+        slot_guard: SlotGuard,
+        mailbox: Arc<Mailbox>,
+        slot: usize,
+    ) -> (Subscription, bool) {
+        let sub = Arc::new(Sub {
             key,
             client,
-            queue,
-        })
-    }
-
-    /// Hands `envelope` to every subscription of `key`; returns how many there were.
-    pub fn publish(&self, key: &Topic, envelope: Envelope) -> usize {
-        // Copy the queue list out so that the fan-out does not hold the map's lock.
-        let queues: Vec<Arc<Queue>> = match self.tables().topics.get(key) {
-            Some(list) => list.clone(),
-            None => return 0,
+            server: self.inner.server.clone(),
+            limits: self.inner.limits,
+            mailbox,
+            slot,
+            state: Mutex::new(State::default()),
+        });
+        let first = {
+            let mut topics = self.topics();
+            let list = topics.entry(key).or_insert_with(|| Arc::from([]));
+            let first = list.is_empty();
+            let mut next = Vec::with_capacity(list.len() + 1);
+            next.extend(list.iter().cloned());
+            next.push(sub.clone());
+            *list = next.into();
+            first
         };
-        let size = envelope.encoded_len();
-        let envelope = Arc::new(envelope);
-        let mut dropped = 0;
-        for queue in &queues {
-            dropped += self.offer(queue, &envelope, size);
+        let metrics = &self.inner.metrics;
+        metrics.subscriptions.inc();
+        if first {
+            metrics.topics.inc();
         }
-        if dropped > 0 {
-            self.inner.metrics.queue_full.inc_by(dropped);
-        }
-        queues.len()
+        (
+            Subscription {
+                hub: self.clone(),
+                sub,
+                _slot: slot_guard,
+            },
+            first,
+        )
     }
 
-    /// Puts `envelope` (`size` bytes encoded) into `queue`, making room by
-    /// dropping the queue's oldest envelopes; returns how many envelopes were
-    /// dropped (the new one included, when it cannot fit).
-    fn offer(&self, queue: &Queue, envelope: &Arc<Envelope>, size: usize) -> u64 {
-        let (limits, queued) = (&self.inner.limits, &self.inner.queued);
-        let mut items = queue.items();
-        if items.closed {
+    /// Queues `frame` for every subscription of `key`; returns how many there were.
+    pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> usize {
+        let Some(subs) = self.topics().get(key).cloned() else {
             return 0;
+        };
+        let mut offered = Offered::default();
+        for sub in subs.iter() {
+            offered.merge(sub.offer(frame));
         }
-        // Larger than a whole queue, or than what the other queues leave of
-        // the hub's budget: emptying this queue would not make room.
-        let others = queued.load(Relaxed).saturating_sub(items.bytes);
-        if size > limits.queue_bytes || others + size > limits.total_bytes {
-            return 1;
+        let metrics = &self.inner.metrics;
+        if offered != Offered::default() {
+            metrics.queue_full.inc_by(offered.queue_full);
+            metrics.client_budget.inc_by(offered.client_budget);
+            metrics.server_budget.inc_by(offered.server_budget);
         }
-        let mut dropped = 0;
-        loop {
-            let fits_queue =
-                items.queue.len() < limits.depth && items.bytes + size <= limits.queue_bytes;
-            // Reserve the bytes in the hub's budget at once, so that
-            // concurrent publishers cannot overshoot it together.
-            if fits_queue
-                && queued
-                    .fetch_update(Relaxed, Relaxed, |q| {
-                        (q + size <= limits.total_bytes).then_some(q + size)
-                    })
-                    .is_ok()
-            {
-                break;
-            }
-            let Some((_, old)) = items.queue.pop_front() else {
-                // Others took the budget meanwhile.
-                return dropped + 1;
-            };
-            items.bytes -= old;
-            queued.fetch_sub(old, Relaxed);
-            dropped += 1;
-        }
-        items.queue.push_back((envelope.clone(), size));
-        items.bytes += size;
-        drop(items);
-        queue.ready.notify_one();
-        dropped
+        subs.len()
     }
 
     /// Number of keys with subscriptions.
-    pub fn topic_count(&self) -> usize {
-        self.tables().topics.len()
-    }
-
-    /// Number of clients with subscriptions.
-    pub fn client_count(&self) -> usize {
-        self.tables().clients.len()
+    #[cfg(test)]
+    pub(crate) fn topic_count(&self) -> usize {
+        self.topics().len()
     }
 }
 
-/// One subscription stream's queue. Dropping it unsubscribes.
-pub struct Subscription {
+/// A subscription in the hub; dropping it unsubscribes and frees its queue.
+pub(crate) struct Subscription {
     hub: Hub,
-    key: Topic,
-    client: Option<Client>,
-    queue: Arc<Queue>,
+    sub: Arc<Sub>,
+    _slot: SlotGuard,
 }
 
 impl Subscription {
-    /// The next envelope, waiting for one if the queue is empty.
-    pub async fn next(&self) -> Envelope {
-        loop {
-            let popped = {
-                let mut items = self.queue.items();
-                items
-                    .queue
-                    .pop_front()
-                    .inspect(|(_, size)| items.bytes -= size)
-            };
-            if let Some((envelope, size)) = popped {
-                self.hub.inner.queued.fetch_sub(size, Relaxed);
-                self.hub.inner.metrics.delivered.inc();
-                return Arc::unwrap_or_clone(envelope);
-            }
-            // notify_one keeps a permit if nobody waits: no wake-up is lost.
-            self.queue.ready.notified().await;
-        }
-    }
-
-    /// How many envelopes wait in the queue.
-    pub fn queued(&self) -> usize {
-        self.queue.items().queue.len()
+    pub(crate) fn sub(&self) -> &Arc<Sub> {
+        &self.sub
     }
 }
 
-impl Drop for Subscription {
+impl std::ops::Drop for Subscription {
     fn drop(&mut self) {
+        let key = self.sub.key;
+        let last = {
+            let mut topics = self.hub.topics();
+            let mut last = false;
+            if let Some(list) = topics.get_mut(&key) {
+                let next: Vec<Arc<Sub>> = list
+                    .iter()
+                    .filter(|s| !Arc::ptr_eq(s, &self.sub))
+                    .cloned()
+                    .collect();
+                if next.is_empty() {
+                    topics.remove(&key);
+                    last = true;
+                } else {
+                    *list = next.into();
+                }
+            }
+            last
+        };
         let metrics = &self.hub.inner.metrics;
-        let mut tables = self.hub.tables();
-        if let Some(list) = tables.topics.get_mut(&self.key) {
-            list.retain(|q| !Arc::ptr_eq(q, &self.queue));
-            if list.is_empty() {
-                tables.topics.remove(&self.key);
-                metrics.topics.dec();
-            }
-        }
-        if let Some(client) = self.client
-            && let Some(open) = tables.clients.get_mut(&client)
-        {
-            *open -= 1;
-            if *open == 0 {
-                tables.clients.remove(&client);
-            }
-        }
-        tables.subscriptions -= 1;
         metrics.subscriptions.dec();
-        drop(tables);
-        let mut items = self.queue.items();
-        items.closed = true;
-        items.queue.clear();
-        let bytes = std::mem::take(&mut items.bytes);
-        self.hub.inner.queued.fetch_sub(bytes, Relaxed);
+        if last {
+            metrics.topics.dec();
+        }
+        self.sub.close();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
+    use crate::client::{ClientLimits, Clients, Rate};
 
-    fn limits(depth: usize, subscriptions: usize) -> Limits {
-        Limits {
-            depth,
-            queue_bytes: 1 << 20,
-            total_bytes: 1 << 30,
-            subscriptions,
-            per_client: subscriptions,
-        }
+    fn frame(n: u8, body: usize) -> Frame {
+        let mut v = vec![0u8; 5 + body];
+        v[5..].fill(n);
+        Bytes::from(v)
     }
 
-    fn sized(n: u8, body: usize) -> Envelope {
-        Envelope {
-            sender: vec![n; 32],
-            recipient: vec![1; 32],
-            contents: Some(cunicu_signal::proto::signaling::EncryptedMessage {
-                body: vec![0; body],
-                nonce: vec![0; 24],
-            }),
-        }
+    struct Fixture {
+        clients: Arc<Clients>,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        _conns: Vec<crate::client::ConnectionGuard>,
     }
 
-    #[tokio::test]
-    async fn byte_budgets_bound_memory() {
-        let metrics = Metrics::new();
-        let size = sized(0, 1000).encoded_len();
-        // Each queue holds 3 envelopes by bytes; all queues together 5.
-        let hub = Hub::new(
-            Limits {
-                depth: 100,
-                queue_bytes: 3 * size,
-                total_bytes: 5 * size,
+    fn fixture(
+        depth: usize,
+        queue_bytes: usize,
+        client_bytes: usize,
+        server_bytes: usize,
+    ) -> Fixture {
+        let one = std::num::NonZeroU32::new(1000).unwrap();
+        let rate = Rate {
+            per_second: one,
+            burst: one,
+        };
+        let clients = Arc::new(Clients::new(
+            ClientLimits {
+                connections: 10,
                 subscriptions: 10,
-                per_client: 10,
+                calls: 10,
+                queued_bytes: client_bytes,
+                connection_rate: rate,
+                publish_rate: rate,
+                publish_bytes_rate: rate,
             },
+            100,
+            100,
+            Default::default(),
+        ));
+        let metrics = Metrics::new();
+        let hub = Hub::new(
+            QueueLimits {
+                depth,
+                bytes: queue_bytes,
+            },
+            Arc::new(Budget::new(server_bytes)),
             metrics.clone(),
         );
-        let a = hub.subscribe([1; 32], None).unwrap();
-        for n in 0..10 {
-            hub.publish(&[1; 32], sized(n, 1000));
+        Fixture {
+            clients,
+            hub,
+            metrics,
+            _conns: Vec::new(),
         }
-        assert_eq!(a.queued(), 3, "per-queue byte limit");
-        assert_eq!(a.next().await, sized(7, 1000), "the oldest went first");
-        let b = hub.subscribe([2; 32], None).unwrap();
-        for n in 0..10 {
-            hub.publish(&[2; 32], sized(n, 1000));
-        }
-        // a holds 2, so b gets the 3 the hub budget has left.
-        assert_eq!((a.queued(), b.queued()), (2, 3));
-        assert_eq!(hub.inner.queued.load(Relaxed), 5 * size);
-        drop(b);
-        assert_eq!(
-            hub.inner.queued.load(Relaxed),
-            2 * size,
-            "a dropped stream returns its bytes"
-        );
-        a.next().await;
-        a.next().await;
-        assert_eq!(hub.inner.queued.load(Relaxed), 0);
     }
 
-    #[tokio::test]
-    async fn a_queue_keeps_its_backlog_when_the_budget_is_held_by_others() {
-        let metrics = Metrics::new();
-        let small = sized(0, 1000).encoded_len();
-        let big = sized(0, 2000).encoded_len();
-        let hub = Hub::new(
-            Limits {
-                depth: 100,
-                queue_bytes: 10 * small,
-                total_bytes: 5 * small,
-                subscriptions: 10,
-                per_client: 10,
-            },
-            metrics.clone(),
-        );
-        let (a, b) = (
-            hub.subscribe([1; 32], None).unwrap(),
-            hub.subscribe([2; 32], None).unwrap(),
-        );
+    impl Fixture {
+        fn subscribe(
+            &mut self,
+            key: u8,
+            ip: &str,
+            mailbox: &Arc<Mailbox>,
+            slot: usize,
+        ) -> Subscription {
+            let client = crate::client::Client::of(ip.parse::<IpAddr>().unwrap());
+            let conn = self.clients.connect(client).unwrap();
+            let state = conn.state().clone();
+            self._conns.push(conn);
+            let guard = self.clients.subscribe(client).unwrap();
+            self.hub
+                .subscribe([key; 32], state, guard, mailbox.clone(), slot)
+                .0
+        }
+    }
+
+    fn drain(sub: &Arc<Sub>) -> Vec<Bytes> {
+        std::iter::from_fn(|| match sub.take(usize::MAX) {
+            Take::Frame(frame) => Some(frame),
+            _ => None,
+        })
+        .collect()
+    }
+
+    #[test]
+    fn fan_out_posts_each_slot_once_and_drops_oldest_first() {
+        let mut f = fixture(3, 1 << 20, 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        let a = f.subscribe(1, "192.0.2.1", &mailbox, 7);
+        let b = f.subscribe(1, "192.0.2.2", &mailbox, 8);
+        for n in 0..5 {
+            assert_eq!(f.hub.publish(&[1; 32], &frame(n, 10)), 2);
+        }
+        let mut slots = Vec::new();
+        mailbox.take(&mut slots);
+        assert_eq!(slots, vec![7, 8], "posted once each");
+        let got: Vec<u8> = drain(a.sub()).iter().map(|f| f[5]).collect();
+        assert_eq!(got, vec![2, 3, 4], "the oldest two went");
+        assert_eq!(f.metrics.queue_full.get(), 4);
+        assert_eq!(f.hub.publish(&[2; 32], &frame(9, 10)), 0);
+        drop((a, b));
+        assert_eq!(f.hub.topic_count(), 0);
+        assert_eq!(f.hub.budget().used(), 0, "everything given back");
+    }
+
+    #[test]
+    fn bytes_count_until_written_and_in_flight_is_bounded() {
+        let mut f = fixture(100, 1 << 20, 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        let a = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        let size = frame(0, 4000).len();
+        for n in 0..10 {
+            f.hub.publish(&[1; 32], &frame(n, 4000));
+        }
+        let handed = drain(a.sub());
+        // 16 KiB in flight: four 4005-byte frames.
+        assert_eq!(handed.len(), IN_FLIGHT_PER_STREAM / size);
+        assert_eq!(f.hub.budget().used(), 10 * size);
+        assert_eq!(mailbox.waiting(), 1);
+        // Written: the bytes come back and the slot is posted again.
+        let mut slots = Vec::new();
+        mailbox.take(&mut slots);
+        drop(handed);
+        assert_eq!(f.hub.budget().used(), (10 - 4) * size);
+        mailbox.take(&mut slots);
+        assert_eq!(slots, vec![0]);
+        let rest = drain(a.sub());
+        assert_eq!(rest.len(), 4);
+        // A piece of a frame (HTTP/2 may split it) keeps the whole counted.
+        let mut first = rest.into_iter().next().unwrap();
+        let tail = first.split_off(100);
+        drop(first);
+        assert!(f.hub.budget().used() >= size);
+        drop(tail);
+        drop(a);
+        assert_eq!(f.hub.budget().used(), 0);
+        assert_eq!(mailbox.waiting(), 0);
+    }
+
+    #[test]
+    fn a_full_client_budget_costs_that_client_only() {
+        let size = frame(0, 1000).len();
+        let mut f = fixture(100, 1 << 20, 3 * size, 100 * size);
+        let mailbox = Arc::new(Mailbox::default());
+        // Two subscriptions of one client, one of another, all on one key.
+        let a1 = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        let a2 = f.subscribe(1, "192.0.2.1", &mailbox, 1);
+        let b = f.subscribe(1, "192.0.2.2", &mailbox, 2);
+        for n in 0..3 {
+            f.hub.publish(&[1; 32], &frame(n, 1000));
+        }
+        let seqs = |s: &Subscription| {
+            let state = s.sub().state();
+            state.queue.iter().map(|f| f[5]).collect::<Vec<_>>()
+        };
+        // Client A needs two copies of each and may hold 3 in all: it lost
+        // some of its own; B, holding 3 of its own 3, lost nothing.
+        assert_eq!(seqs(&b), vec![0, 1, 2]);
+        assert_eq!(seqs(&a1).len() + seqs(&a2).len(), 3);
+        assert_eq!(seqs(&a2).last(), Some(&2), "the newest is kept");
+        assert_eq!(f.metrics.client_budget.get(), 3);
+        drop((a1, a2, b));
+        assert_eq!(f.hub.budget().used(), 0);
+    }
+
+    #[test]
+    fn the_server_budget_keeps_a_backlog_and_refuses_what_cannot_fit() {
+        let size = frame(0, 1000).len();
+        let mut f = fixture(100, 1 << 20, 100 * size, 5 * size);
+        let mailbox = Arc::new(Mailbox::default());
+        let a = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        let b = f.subscribe(2, "192.0.2.2", &mailbox, 1);
         for n in 0..4 {
-            hub.publish(&[1; 32], sized(n, 1000));
+            f.hub.publish(&[1; 32], &frame(n, 1000));
         }
-        hub.publish(&[2; 32], sized(9, 1000));
-        // a holds 4 of the 5 budget units: b's envelope stays, the big one
-        // (which would not fit even in an empty b) is dropped.
-        hub.publish(&[2; 32], sized(10, 2000));
-        assert_eq!((a.queued(), b.queued()), (4, 1));
-        assert_eq!(b.next().await, sized(9, 1000));
-        assert_eq!(metrics.queue_full.get(), 1);
-        assert_eq!(hub.inner.queued.load(Relaxed), 4 * small);
-        assert!(big > small);
+        f.hub.publish(&[2; 32], &frame(9, 1000));
+        // A bigger one would not fit even in an empty b: it goes, b keeps 9.
+        f.hub.publish(&[2; 32], &frame(10, 2000));
+        assert_eq!(b.sub().state().queue.len(), 1);
+        assert_eq!(b.sub().state().queue[0][5], 9);
+        assert_eq!(f.metrics.server_budget.get(), 1);
+        // One of the same size takes the place of b's oldest.
+        f.hub.publish(&[2; 32], &frame(11, 1000));
+        assert_eq!(b.sub().state().queue[0][5], 11);
+        assert_eq!(f.metrics.server_budget.get(), 2);
+        drop((a, b));
+        assert_eq!(f.hub.budget().used(), 0);
     }
 
     #[test]
     fn an_ended_subscription_takes_nothing_more() {
-        let hub = Hub::new(limits(4, 10), Metrics::new());
-        let sub = hub.subscribe([1; 32], None).unwrap();
-        hub.publish(&[1; 32], envelope(1));
-        // A publisher that copied the queue list before the end offers late.
-        let queue = sub.queue.clone();
-        drop(sub);
-        assert_eq!(hub.inner.queued.load(Relaxed), 0);
-        let late = Arc::new(envelope(2));
-        assert_eq!(hub.offer(&queue, &late, late.encoded_len()), 0);
-        assert_eq!(queue.items().queue.len(), 0);
-        assert_eq!(hub.inner.queued.load(Relaxed), 0, "no bytes left behind");
-    }
-
-    fn envelope(n: u8) -> Envelope {
-        Envelope {
-            sender: vec![n; 32],
-            recipient: vec![1; 32],
-            contents: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn fan_out_and_cleanup() {
-        let metrics = Metrics::new();
-        let hub = Hub::new(limits(4, 10), metrics.clone());
-        let a = hub.subscribe([1; 32], None).unwrap();
-        let b = hub.subscribe([1; 32], None).unwrap();
-        assert_eq!(hub.publish(&[1; 32], envelope(7)), 2);
-        assert_eq!(hub.publish(&[2; 32], envelope(8)), 0);
-        assert_eq!(a.next().await, envelope(7));
-        assert_eq!(b.next().await, envelope(7));
-        assert_eq!((metrics.subscriptions.get(), metrics.topics.get()), (2, 1));
+        let mut f = fixture(4, 1 << 20, 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        let a = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        f.hub.publish(&[1; 32], &frame(1, 10));
+        let sub = a.sub().clone();
         drop(a);
-        drop(b);
-        assert_eq!(hub.topic_count(), 0);
-        assert_eq!((metrics.subscriptions.get(), metrics.topics.get()), (0, 0));
-        assert_eq!(metrics.delivered.get(), 2);
-    }
-
-    #[tokio::test]
-    async fn full_queue_drops_oldest_first() {
-        let metrics = Metrics::new();
-        let hub = Hub::new(limits(3, 10), metrics.clone());
-        let slow = hub.subscribe([1; 32], None).unwrap();
-        for n in 0..5 {
-            hub.publish(&[1; 32], envelope(n));
-        }
-        assert_eq!(slow.queued(), 3);
-        for n in 2..5 {
-            assert_eq!(slow.next().await, envelope(n));
-        }
-        assert!(
-            metrics
-                .encode()
-                .contains("signaling_envelopes_dropped_total{reason=\"queue_full\"} 2")
-        );
-    }
-
-    #[test]
-    fn subscription_limit() {
-        let hub = Hub::new(limits(3, 2), Metrics::new());
-        let _a = hub.subscribe([1; 32], None).unwrap();
-        let _b = hub.subscribe([2; 32], None).unwrap();
-        assert!(matches!(
-            hub.subscribe([3; 32], None),
-            Err(TooManySubscriptions::Server(2))
-        ));
-    }
-
-    fn client(text: &str) -> Option<Client> {
-        Some(Client::of(text.parse().unwrap()))
-    }
-
-    #[test]
-    fn per_client_limit() {
-        let hub = Hub::new(
-            Limits {
-                per_client: 2,
-                ..limits(3, 5)
-            },
-            Metrics::new(),
-        );
-        let a1 = hub.subscribe([1; 32], client("192.0.2.1")).unwrap();
-        let _a2 = hub.subscribe([1; 32], client("::ffff:192.0.2.1")).unwrap();
-        let refused = hub.subscribe([2; 32], client("192.0.2.1")).err();
-        assert!(
-            matches!(refused, Some(TooManySubscriptions::Client { limit: 2, .. })),
-            "{refused:?}"
-        );
-        assert_eq!(
-            refused.map(|e| e.to_string()).as_deref(),
-            Some("192.0.2.1 has reached the limit of 2 subscriptions per client")
-        );
-        // Others are not affected, and neither is a subscription without a client.
-        let _b = hub.subscribe([2; 32], client("192.0.2.2")).unwrap();
-        let _none = hub.subscribe([2; 32], None).unwrap();
-        // A closed subscription frees its slot.
-        drop(a1);
-        let _a3 = hub.subscribe([3; 32], client("192.0.2.1")).unwrap();
-        assert_eq!(hub.client_count(), 2);
-        // The server's limit still holds for all.
-        let _c = hub.subscribe([3; 32], client("192.0.2.3")).unwrap();
-        assert!(matches!(
-            hub.subscribe([3; 32], client("192.0.2.4")),
-            Err(TooManySubscriptions::Server(5))
-        ));
-        assert_eq!(hub.client_count(), 3, "a refused client has no entry");
-    }
-
-    #[test]
-    fn ipv6_clients_are_counted_by_their_64() {
-        let hub = Hub::new(
-            Limits {
-                per_client: 1,
-                ..limits(3, 5)
-            },
-            Metrics::new(),
-        );
-        let a = hub.subscribe([1; 32], client("2001:db8:1:2::1")).unwrap();
-        let refused = hub
-            .subscribe([1; 32], client("2001:db8:1:2:ffff::9"))
-            .err()
-            .map(|e| e.to_string());
-        assert_eq!(
-            refused.as_deref(),
-            Some("2001:db8:1:2::/64 has reached the limit of 1 subscriptions per client")
-        );
-        let _other = hub.subscribe([1; 32], client("2001:db8:1:3::1")).unwrap();
-        drop(a);
-        let _again = hub.subscribe([1; 32], client("2001:db8:1:2::7")).unwrap();
-        assert_eq!(hub.client_count(), 2);
+        assert_eq!(f.hub.budget().used(), 0);
+        // A publisher that copied the list before the end offers late.
+        assert_eq!(sub.offer(&frame(2, 10)), Offered::default());
+        assert!(matches!(sub.take(usize::MAX), Take::Nothing));
+        assert_eq!(f.hub.budget().used(), 0, "no bytes left behind");
     }
 }

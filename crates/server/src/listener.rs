@@ -1,9 +1,6 @@
-//! The accept loop: a cap on open connections, TLS handshakes with a deadline.
-//!
-//! tonic's own loop neither limits connections nor times TLS handshakes out,
-//! so a peer that opens connections and never speaks would hold memory for
-//! ever. Here each connection holds a permit of a semaphore until it closes;
-//! at the limit, accepting waits (the kernel's backlog absorbs the rest).
+//! The accept loop: connections capped in all and per client, new ones
+//! rate-limited per client; each accepted connection gets its own task
+//! ([`crate::conn`]), which does the TLS handshake within its deadline.
 
 use std::{
     io,
@@ -19,18 +16,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
-    task::JoinHandle,
+    sync::Semaphore,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::ServerError;
-
-/// How long a TLS handshake may take.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{ServerError, client::Client, conn, conn::Shared};
 /// Pause after an accept error (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -63,68 +54,32 @@ pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Serve
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// An accepted connection, plain or TLS, that holds its permit until dropped.
-/// Once `killed` fires, every read and write fails: the connection's task
-/// (which tonic spawns and nobody else owns) then ends.
-pub(crate) struct Conn {
-    io: Io,
-    info: TcpConnectInfo,
-    killed: Pin<Box<WaitForCancellationFutureOwned>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Conn {
-    /// An error once the server stopped hard; wakes the task when it does.
-    fn killed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        self.killed
-            .as_mut()
-            .poll(cx)
-            .is_ready()
-            .then(|| io::Error::new(io::ErrorKind::ConnectionAborted, "the server stopped"))
-    }
-}
-
-enum Io {
+/// An accepted connection, plain or TLS.
+pub(crate) enum Io {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for Conn {
+impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(e) = this.killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.io {
+        match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Io {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(e) = this.killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.io {
+        match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -135,118 +90,93 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(e) = this.killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.io {
+        match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.io {
+        match self {
             Io::Plain(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(e) = this.killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.io {
+        match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
-/// Accepts connections on `listener` until `shutdown`; the returned stream
-/// feeds tonic. The task is owned by the caller. `kill` ends the connections
-/// still open (a graceful shutdown that ran out of time, or a drop).
-pub(crate) fn incoming(
+/// How often the rate limiters forget clients that are back to a full bucket.
+const FORGET_RATES_EVERY: Duration = Duration::from_secs(30);
+
+/// Accepts connections on `listener` until `shutdown` and serves each in a
+/// task of `tasks`. A connection holds a permit of `max_connections` until
+/// it closes (at the limit, accepting waits: the kernel's backlog absorbs
+/// the rest); a client over its connection limit or rate is refused at once.
+pub(crate) async fn accept(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
     max_connections: usize,
     shutdown: CancellationToken,
     kill: CancellationToken,
-) -> (ReceiverStream<io::Result<Conn>>, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(64);
+    tasks: TaskTracker,
+) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    let task = tokio::spawn(async move {
-        let mut handshakes = tokio::task::JoinSet::new();
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
-            let (stream, remote) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!("accepting a connection failed: {e}");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                        continue;
-                    }
-                },
-            };
-            // Finished handshakes need no joining; keep the set small.
-            while handshakes.try_join_next().is_some() {}
-            let _ = stream.set_nodelay(true);
-            let info = TcpConnectInfo {
-                local_addr: stream.local_addr().ok(),
-                remote_addr: Some(remote),
-            };
-            match &tls {
-                None => {
-                    let conn = Conn {
-                        io: Io::Plain(stream),
-                        info,
-                        killed: Box::pin(kill.clone().cancelled_owned()),
-                        _permit: permit,
-                    };
-                    if tx.send(Ok(conn)).await.is_err() {
-                        break;
-                    }
-                }
-                Some(acceptor) => {
-                    let (acceptor, tx, kill) = (acceptor.clone(), tx.clone(), kill.clone());
-                    handshakes.spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls)) => {
-                                let conn = Conn {
-                                    io: Io::Tls(Box::new(tls)),
-                                    info,
-                                    killed: Box::pin(kill.cancelled_owned()),
-                                    _permit: permit,
-                                };
-                                let _ = tx.send(Ok(conn)).await;
-                            }
-                            Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
-                            Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                        }
-                    });
-                }
+    let mut forget = tokio::time::interval(FORGET_RATES_EVERY);
+    forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = forget.tick() => {
+                shared.clients.forget_idle_rates();
+                continue;
             }
-        }
-        handshakes.shutdown().await;
-    });
-    (ReceiverStream::new(rx), task)
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let client = Client::of(remote.ip());
+        let guard = match shared.clients.connect(client) {
+            Ok(guard) => guard,
+            Err(refused) => {
+                shared.metrics.refuse_connection_for(refused.reason());
+                if shared.logs.refused.allow() {
+                    tracing::info!(%remote, "connection refused: {refused}");
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (shared, shutdown, kill) = (shared.clone(), shutdown.clone(), kill.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            conn::serve(stream, remote, guard, shared, shutdown, kill).await;
+        });
+    }
 }
 
 /// The address a listener is bound to.

@@ -19,8 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// Label of the drop and reject counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
-    /// `queue_full`, `no_subscriber`, `invalid_key`, `oversize`, `too_many_subscriptions`,
-    /// `too_many_client_subscriptions`.
+    /// Why: see the metric's help text.
     pub reason: &'static str,
 }
 
@@ -34,24 +33,48 @@ pub struct Method {
 type HistogramFamily = Family<Method, Histogram, fn() -> Histogram>;
 
 /// The server's counters, gauges and histograms. Cheap to share.
+///
+/// A client's address is never a label (it would let clients grow the
+/// metrics without bound); the logs name it.
 pub struct Metrics {
     /// Envelopes accepted by Publish.
     pub published: Counter,
     /// Envelopes written to subscription streams.
     pub delivered: Counter,
-    /// Envelopes dropped, by reason (`queue_full`, `no_subscriber`).
+    /// Envelopes dropped, by reason (`queue_full`, `client_budget`,
+    /// `server_budget`, `no_subscriber`).
     pub dropped: Family<Reason, Counter>,
-    /// `dropped` for `queue_full`, looked up once (it counts on the fan-out path).
+    /// `dropped` for `queue_full`: a subscription's own queue was full and
+    /// lost its oldest envelope.
     pub queue_full: Counter,
+    /// `dropped` for `client_budget`: the subscriber's client held all the
+    /// bytes it may.
+    pub client_budget: Counter,
+    /// `dropped` for `server_budget`: the server held all the bytes it may.
+    pub server_budget: Counter,
     /// `dropped` for `no_subscriber`.
     pub no_subscriber: Counter,
-    /// Requests refused, by reason (`invalid_key`, `oversize`, `too_many_subscriptions`,
-    /// `too_many_client_subscriptions`).
+    /// Requests refused, by reason.
     pub rejected: Family<Reason, Counter>,
+    /// Subscription streams the server ended, by reason (`stalled`).
+    pub subscribers_cut: Family<Reason, Counter>,
+    /// Connections refused at accept, by reason (`too_many_client_connections`,
+    /// `connection_rate`).
+    pub connections_refused: Family<Reason, Counter>,
+    /// Connections the server closed, by reason (`handshake_timeout`, `idle`,
+    /// `keepalive_timeout`).
+    pub connections_closed: Family<Reason, Counter>,
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Clients (IP addresses, IPv6 /64s) with a connection open.
+    pub clients: Gauge,
     /// Open subscription streams.
     pub subscriptions: Gauge,
     /// Keys with at least one subscription stream.
     pub topics: Gauge,
+    /// Bytes the server holds for clients: queued for subscribers, handed to
+    /// HTTP/2 and not yet written, and requests being received.
+    pub queued_bytes: Gauge,
     /// Duration of unary RPCs; for Subscribe, the time until the stream is set up.
     pub rpc_duration: HistogramFamily,
     registry: Registry,
@@ -70,8 +93,14 @@ impl Metrics {
         let delivered = Counter::default();
         let dropped = Family::<Reason, Counter>::default();
         let rejected = Family::<Reason, Counter>::default();
+        let subscribers_cut = Family::<Reason, Counter>::default();
+        let connections_refused = Family::<Reason, Counter>::default();
+        let connections_closed = Family::<Reason, Counter>::default();
+        let connections = Gauge::default();
+        let clients = Gauge::default();
         let subscriptions = Gauge::default();
         let topics = Gauge::default();
+        let queued_bytes = Gauge::default();
         let rpc_duration = HistogramFamily::new_with_constructor(rpc_histogram);
         registry.register(
             "signaling_envelopes_published",
@@ -85,14 +114,39 @@ impl Metrics {
         );
         registry.register(
             "signaling_envelopes_dropped",
-            "Envelopes dropped: queue_full (a slow subscriber lost its oldest envelope) or no_subscriber",
+            "Envelopes dropped: queue_full (a subscriber's queue lost its oldest), client_budget \
+             (the subscriber's client holds all it may), server_budget, no_subscriber",
             dropped.clone(),
         );
         registry.register(
             "signaling_requests_rejected",
-            "Requests refused: invalid_key, oversize, too_many_subscriptions \
-             or too_many_client_subscriptions",
+            "Requests refused, by reason",
             rejected.clone(),
+        );
+        registry.register(
+            "signaling_subscribers_cut",
+            "Subscription streams the server ended: stalled (took nothing while envelopes waited)",
+            subscribers_cut.clone(),
+        );
+        registry.register(
+            "signaling_connections_refused",
+            "Connections refused at accept: too_many_client_connections, connection_rate",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "signaling_connections_closed",
+            "Connections the server closed: handshake_timeout, idle, keepalive_timeout",
+            connections_closed.clone(),
+        );
+        registry.register(
+            "signaling_connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "signaling_clients",
+            "Clients (IP addresses, IPv6 /64s) with a connection open",
+            clients.clone(),
         );
         registry.register(
             "signaling_subscriptions",
@@ -105,30 +159,40 @@ impl Metrics {
             topics.clone(),
         );
         registry.register(
+            "signaling_queued_bytes",
+            "Bytes held for clients: queued, in HTTP/2 send buffers, requests being received",
+            queued_bytes.clone(),
+        );
+        registry.register(
             "signaling_rpc_duration_seconds",
             "Duration of RPCs by method; for Subscribe, until the stream is set up",
             rpc_duration.clone(),
         );
-        // Both drop reasons show from the start, at 0.
-        let queue_full = dropped
-            .get_or_create(&Reason {
-                reason: "queue_full",
-            })
-            .clone();
-        let no_subscriber = dropped
-            .get_or_create(&Reason {
-                reason: "no_subscriber",
-            })
-            .clone();
+        // The drop reasons show from the start, at 0.
+        let reason = |reason| dropped.get_or_create(&Reason { reason }).clone();
+        let (queue_full, client_budget, server_budget, no_subscriber) = (
+            reason("queue_full"),
+            reason("client_budget"),
+            reason("server_budget"),
+            reason("no_subscriber"),
+        );
         Arc::new(Metrics {
             published,
             delivered,
             dropped,
             queue_full,
+            client_budget,
+            server_budget,
             no_subscriber,
             rejected,
+            subscribers_cut,
+            connections_refused,
+            connections_closed,
+            connections,
+            clients,
             subscriptions,
             topics,
+            queued_bytes,
             rpc_duration,
             registry,
         })
@@ -137,6 +201,25 @@ impl Metrics {
     /// Counts a refused request.
     pub fn reject_for(&self, reason: &'static str) {
         self.rejected.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a subscription stream the server ended.
+    pub fn cut_for(&self, reason: &'static str) {
+        self.subscribers_cut.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn refuse_connection_for(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    /// Counts a connection the server closed.
+    pub fn close_connection_for(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     /// Starts timing a call of `method`; the time is recorded when the guard drops.

@@ -1,4 +1,6 @@
-//! The gRPC services: `cunicu.signaling.Signaling` and `cunicu.signaling.RelayRegistry`.
+//! The services tonic serves: `cunicu.signaling.Signaling` (GetBuildInfo;
+//! Subscribe and Publish are the connection task's, see [`crate::conn`]) and
+//! `cunicu.signaling.RelayRegistry`.
 
 use std::{pin::Pin, sync::Arc, time::SystemTime};
 
@@ -13,15 +15,9 @@ use cunicu_signal::{
     },
 };
 use futures::Stream;
-use prost::Message as _;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{
-    hub::{Client, Hub, TooManySubscriptions},
-    metrics::Metrics,
-    relay::Relay,
-};
+use crate::{conn::key_field, metrics::Metrics, relay::Relay};
 
 /// The version, commit and build date of this server.
 pub fn build_info() -> BuildInfo {
@@ -41,20 +37,9 @@ pub fn build_info() -> BuildInfo {
     }
 }
 
-/// A key field checked to be 32 bytes; counts and explains a refusal.
-fn key_field(metrics: &Metrics, field: &str, bytes: &[u8]) -> Result<[u8; 32], Status> {
-    <[u8; 32]>::try_from(bytes).map_err(|_| {
-        metrics.reject_for("invalid_key");
-        Status::invalid_argument(format!("{field} key is {} bytes, expected 32", bytes.len()))
-    })
-}
-
 /// `cunicu.signaling.Signaling`.
 pub struct SignalingService {
-    pub(crate) hub: Hub,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) max_envelope_size: usize,
-    pub(crate) shutdown: CancellationToken,
 }
 
 type EnvelopeStream = Pin<Box<dyn Stream<Item = Result<Envelope, Status>> + Send>>;
@@ -68,60 +53,16 @@ impl Signaling for SignalingService {
 
     type SubscribeStream = EnvelopeStream;
 
+    // Never called: the connection task serves these paths itself.
     async fn subscribe(
         &self,
-        request: Request<SubscribeParams>,
+        _: Request<SubscribeParams>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let _timer = self.metrics.time("Subscribe");
-        let key = key_field(&self.metrics, "subscription", &request.get_ref().key)?;
-        let client = request.remote_addr().map(|addr| Client::of(addr.ip()));
-        let subscription = self.hub.subscribe(key, client).map_err(|e| {
-            // Counted, not logged: a full server would log every retry.
-            self.metrics.reject_for(match e {
-                TooManySubscriptions::Server(_) => "too_many_subscriptions",
-                TooManySubscriptions::Client { .. } => "too_many_client_subscriptions",
-            });
-            tracing::debug!("subscription refused: {e}");
-            Status::resource_exhausted(e.to_string())
-        })?;
-        tracing::debug!(key = %Key::from(key), "subscribed");
-        let shutdown = self.shutdown.clone();
-        // The empty envelope first: it tells the client the subscription exists.
-        let sync = futures::stream::once(async { Ok(Envelope::default()) });
-        let envelopes = futures::stream::unfold(subscription, move |subscription| {
-            let shutdown = shutdown.clone();
-            async move {
-                tokio::select! {
-                    biased;
-                    // Ends the stream (status OK) so that shutdown can complete.
-                    _ = shutdown.cancelled() => None,
-                    envelope = subscription.next() => Some((Ok(envelope), subscription)),
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(futures::StreamExt::chain(
-            sync, envelopes,
-        ))))
+        Err(Status::internal("Subscribe is served by the connection"))
     }
 
-    async fn publish(&self, request: Request<Envelope>) -> Result<Response<Empty>, Status> {
-        let _timer = self.metrics.time("Publish");
-        let envelope = request.into_inner();
-        let size = envelope.encoded_len();
-        if size > self.max_envelope_size {
-            self.metrics.reject_for("oversize");
-            return Err(Status::resource_exhausted(format!(
-                "envelope is {size} bytes, the limit is {}",
-                self.max_envelope_size
-            )));
-        }
-        key_field(&self.metrics, "sender", &envelope.sender)?;
-        let recipient = key_field(&self.metrics, "recipient", &envelope.recipient)?;
-        self.metrics.published.inc();
-        if self.hub.publish(&recipient, envelope) == 0 {
-            self.metrics.no_subscriber.inc();
-        }
-        Ok(Response::new(Empty {}))
+    async fn publish(&self, _: Request<Envelope>) -> Result<Response<Empty>, Status> {
+        Err(Status::internal("Publish is served by the connection"))
     }
 }
 

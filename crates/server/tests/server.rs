@@ -12,7 +12,7 @@ use cunicu_signal::{
         relay_registry_client::RelayRegistryClient, signaling_client::SignalingClient,
     },
 };
-use cunicu_signal_server::{Config, Relay, Server, TlsFiles};
+use cunicu_signal_server::{Config, Rate, Relay, Server, TlsFiles};
 use tokio::time::timeout;
 use tonic::{Code, transport::Channel};
 
@@ -22,6 +22,15 @@ fn config() -> Config {
     let mut config = Config::default();
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config
+}
+
+/// A rate that never limits a test.
+fn unlimited() -> Rate {
+    let max = std::num::NonZeroU32::MAX;
+    Rate {
+        per_second: max,
+        burst: max,
+    }
 }
 
 async fn start(config: Config) -> Server {
@@ -157,6 +166,11 @@ async fn subscribers_come_back_after_a_server_restart() -> Result<()> {
 async fn a_slow_subscriber_loses_only_its_own_oldest_envelopes() -> Result<()> {
     let mut config = config();
     config.queue_depth = 16;
+    // This test publishes as fast as it can, and its slow subscriber reads
+    // nothing for a while: lift the rate and the stall cut-off.
+    config.publish_rate = unlimited();
+    config.publish_bytes_rate = unlimited();
+    config.stall_timeout = Duration::from_secs(600);
     let server = start(config).await;
     let key = [3u8; 32];
     // The slow subscriber reads the sync envelope, then nothing.
@@ -322,25 +336,45 @@ async fn a_stream_the_server_cannot_end_ends_when_the_grace_runs_out() -> Result
 #[tokio::test]
 async fn settings_of_zero_are_refused() {
     type Zero = fn(&mut Config);
-    let settings: [(&str, Zero); 6] = [
-        ("queue depth", |c| c.queue_depth = 0),
-        ("connections", |c| c.max_connections = 0),
-        ("subscriptions", |c| c.max_subscriptions = 0),
-        ("per client", |c| c.max_subscriptions_per_client = 0),
-        ("streams", |c| c.max_streams_per_connection = 0),
-        ("envelope size", |c| c.max_envelope_size = 0),
+    let settings: [(&str, Zero); 8] = [
+        ("queue-depth", |c| c.queue_depth = 0),
+        ("max-connections", |c| c.max_connections = 0),
+        ("max-connections-per-client", |c| {
+            c.max_connections_per_client = 0
+        }),
+        ("max-subscriptions", |c| c.max_subscriptions = 0),
+        ("max-subscriptions-per-client", |c| {
+            c.max_subscriptions_per_client = 0
+        }),
+        ("max-streams-per-connection", |c| {
+            c.max_streams_per_connection = 0
+        }),
+        ("max-envelope-size", |c| c.max_envelope_size = 0),
+        ("max-calls", |c| c.max_calls = 0),
     ];
     for (what, zero) in settings {
-        let mut config = config();
-        zero(&mut config);
-        match Server::spawn(config).await {
-            Err(cunicu_signal_server::ServerError::Config(message)) => {
-                assert!(message.contains("at least 1"), "{what}: {message}")
+        let mut c = config();
+        zero(&mut c);
+        match Server::spawn(c).await {
+            Err(cunicu_signal_server::ServerError::Config(e)) => {
+                assert_eq!(e.to_string(), format!("{what} must be at least 1"))
             }
             Err(e) => panic!("{what}: {e}"),
             Ok(_) => panic!("{what} = 0 accepted"),
         }
     }
+    let mut c = config();
+    c.stall_timeout = Duration::ZERO;
+    assert_eq!(
+        Server::spawn(c).await.err().map(|e| e.to_string()),
+        Some("stall-timeout must be longer than 0".into())
+    );
+    let mut c = config();
+    c.client_queued_bytes = 1000;
+    assert_eq!(
+        Server::spawn(c).await.err().map(|e| e.to_string()),
+        Some("client-queued-bytes (1000) must be at least max-envelope-size + 5 (65541)".into())
+    );
 }
 
 /// A client whose connections come from `local` (an address of 127.0.0.0/8).

@@ -1,0 +1,603 @@
+//! Clients and what each may hold (SPEC §10).
+//!
+//! A client is a remote IP address, an IPv6 address by its /64. Everything a
+//! client makes the server hold is counted against it: its connections,
+//! subscriptions and calls in progress (counts), the bytes queued for its
+//! subscriptions, handed to HTTP/2 and not yet written, and the bytes of its
+//! requests being received (its byte [`Budget`]), and its rates (new
+//! connections, publishes and published bytes per second, token buckets).
+//! The server's own limits apply besides, so that many clients together stay
+//! bounded too.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
+    },
+};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus_client::metrics::gauge::Gauge;
+
+/// Who a connection, subscription or call belongs to: the remote IP address;
+/// an IPv6 address by its /64, as a host usually holds a whole /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Client(IpAddr);
+
+impl Client {
+    /// The client at `addr`.
+    pub fn of(addr: IpAddr) -> Client {
+        match addr {
+            IpAddr::V4(_) => Client(addr),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Client(IpAddr::V4(v4)),
+                None => Client(IpAddr::V6(Ipv6Addr::from_bits(
+                    v6.to_bits() & !u128::from(u64::MAX),
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => v4.fmt(f),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// A bound on bytes held, shared by everything that holds them.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: Used,
+    limit: usize,
+}
+
+/// The counter of a budget: its own, or a metrics gauge's, so that the gauge
+/// is the counter and costs nothing more.
+#[derive(Debug)]
+enum Used {
+    Own(AtomicUsize),
+    Gauge(Gauge),
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Self {
+        Budget {
+            used: Used::Own(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// A budget counted in `gauge` (which nothing else may change).
+    pub(crate) fn in_gauge(limit: usize, gauge: Gauge) -> Self {
+        Budget {
+            used: Used::Gauge(gauge),
+            limit,
+        }
+    }
+
+    /// Takes `n` bytes if they fit.
+    pub(crate) fn try_reserve(&self, n: usize) -> bool {
+        let limit = self.limit;
+        match &self.used {
+            Used::Own(used) => used
+                .fetch_update(Relaxed, Relaxed, |u| {
+                    (u.checked_add(n)? <= limit).then_some(u + n)
+                })
+                .is_ok(),
+            Used::Gauge(gauge) => {
+                let inner: &AtomicI64 = gauge.inner();
+                inner
+                    .fetch_update(Relaxed, Relaxed, |u| {
+                        let next = u.checked_add(i64::try_from(n).ok()?)?;
+                        (usize::try_from(next).ok()? <= limit).then_some(next)
+                    })
+                    .is_ok()
+            }
+        }
+    }
+
+    /// Gives `n` bytes back.
+    pub(crate) fn release(&self, n: usize) {
+        match &self.used {
+            Used::Own(used) => {
+                used.fetch_sub(n, Relaxed);
+            }
+            Used::Gauge(gauge) => {
+                gauge.dec_by(n as i64);
+            }
+        }
+    }
+
+    /// The bound.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes held now.
+    pub(crate) fn used(&self) -> usize {
+        match &self.used {
+            Used::Own(used) => used.load(Relaxed),
+            Used::Gauge(gauge) => usize::try_from(gauge.get()).unwrap_or(0),
+        }
+    }
+}
+
+/// Which budget was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exhausted {
+    /// The client's own.
+    Client,
+    /// The server's, for all clients together.
+    Server,
+}
+
+/// Takes `n` bytes from both budgets, or from neither.
+pub(crate) fn reserve(client: &Budget, server: &Budget, n: usize) -> Result<(), Exhausted> {
+    if !client.try_reserve(n) {
+        return Err(Exhausted::Client);
+    }
+    if !server.try_reserve(n) {
+        client.release(n);
+        return Err(Exhausted::Server);
+    }
+    Ok(())
+}
+
+/// Bytes reserved in a client's and the server's budget, given back on drop.
+pub(crate) struct Reserved {
+    client: Arc<ClientState>,
+    server: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// Reserves `bytes` for `client`.
+    pub(crate) fn new(
+        client: &Arc<ClientState>,
+        server: &Arc<Budget>,
+        bytes: usize,
+    ) -> Result<Self, Exhausted> {
+        reserve(&client.budget, server, bytes)?;
+        Ok(Reserved {
+            client: client.clone(),
+            server: server.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.client.budget.release(self.bytes);
+        self.server.release(self.bytes);
+    }
+}
+
+/// One client's state that outlives a single connection.
+#[derive(Debug)]
+pub(crate) struct ClientState {
+    /// Who.
+    pub(crate) client: Client,
+    /// Bytes this client makes the server hold.
+    pub(crate) budget: Budget,
+}
+
+/// The limits of one client.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientLimits {
+    pub(crate) connections: usize,
+    pub(crate) subscriptions: usize,
+    pub(crate) calls: usize,
+    pub(crate) queued_bytes: usize,
+    pub(crate) connection_rate: Rate,
+    pub(crate) publish_rate: Rate,
+    pub(crate) publish_bytes_rate: Rate,
+}
+
+/// A token bucket: so many per second, with a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_second: NonZeroU32,
+    /// Tokens the bucket holds at most.
+    pub burst: NonZeroU32,
+}
+
+impl Rate {
+    fn quota(self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: Arc<ClientState>,
+    connections: usize,
+    subscriptions: usize,
+    calls: usize,
+}
+
+/// A limit of a client or of the server was reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Refused {
+    #[error("{0} has reached the limit of {1} connections per client")]
+    ClientConnections(Client, usize),
+    #[error("{0} opens connections faster than {1} per second")]
+    ConnectionRate(Client, u32),
+    #[error("{0} has reached the limit of {1} subscriptions per client")]
+    ClientSubscriptions(Client, usize),
+    #[error("the server has reached its limit of {0} subscriptions")]
+    Subscriptions(usize),
+    #[error("{0} has reached the limit of {1} calls in progress per client")]
+    ClientCalls(Client, usize),
+    #[error("the server has reached its limit of {0} calls in progress")]
+    Calls(usize),
+    #[error("{0} publishes faster than {1} envelopes per second")]
+    PublishRate(Client, u32),
+    #[error("{0} publishes faster than {1} bytes per second")]
+    PublishBytesRate(Client, u32),
+}
+
+impl Refused {
+    /// The `reason` label of the metric that counts it.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Refused::ClientConnections(..) => "too_many_client_connections",
+            Refused::ConnectionRate(..) => "connection_rate",
+            Refused::ClientSubscriptions(..) => "too_many_client_subscriptions",
+            Refused::Subscriptions(..) => "too_many_subscriptions",
+            Refused::ClientCalls(..) => "too_many_client_calls",
+            Refused::Calls(..) => "too_many_calls",
+            Refused::PublishRate(..) => "publish_rate",
+            Refused::PublishBytesRate(..) => "publish_bytes_rate",
+        }
+    }
+}
+
+/// Every client with something open, and the rate limiters of all.
+pub(crate) struct Clients {
+    table: Mutex<HashMap<Client, Entry>>,
+    limits: ClientLimits,
+    subscriptions: AtomicUsize,
+    max_subscriptions: usize,
+    calls: AtomicUsize,
+    max_calls: usize,
+    connection_rate: DefaultKeyedRateLimiter<Client>,
+    publish_rate: DefaultKeyedRateLimiter<Client>,
+    publish_bytes_rate: DefaultKeyedRateLimiter<Client>,
+    /// Clients in the table.
+    gauge: Gauge,
+}
+
+impl Clients {
+    /// Clients with these limits, counted in `gauge`.
+    pub(crate) fn new(
+        limits: ClientLimits,
+        max_subscriptions: usize,
+        max_calls: usize,
+        gauge: Gauge,
+    ) -> Self {
+        Clients {
+            table: Mutex::new(HashMap::new()),
+            limits,
+            subscriptions: AtomicUsize::new(0),
+            max_subscriptions,
+            calls: AtomicUsize::new(0),
+            max_calls,
+            connection_rate: RateLimiter::keyed(limits.connection_rate.quota()),
+            publish_rate: RateLimiter::keyed(limits.publish_rate.quota()),
+            publish_bytes_rate: RateLimiter::keyed(limits.publish_bytes_rate.quota()),
+            gauge,
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<Client, Entry>> {
+        // Every critical section leaves the table consistent.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new connection of `client`: within its rate and its limit.
+    pub(crate) fn connect(self: &Arc<Self>, client: Client) -> Result<ConnectionGuard, Refused> {
+        if self.connection_rate.check_key(&client).is_err() {
+            return Err(Refused::ConnectionRate(
+                client,
+                self.limits.connection_rate.per_second.get(),
+            ));
+        }
+        let mut table = self.table();
+        let entry = table.entry(client).or_insert_with(|| {
+            self.gauge.inc();
+            Entry {
+                state: Arc::new(ClientState {
+                    client,
+                    budget: Budget::new(self.limits.queued_bytes),
+                }),
+                connections: 0,
+                subscriptions: 0,
+                calls: 0,
+            }
+        });
+        if entry.connections >= self.limits.connections {
+            return Err(Refused::ClientConnections(client, self.limits.connections));
+        }
+        entry.connections += 1;
+        Ok(ConnectionGuard {
+            clients: self.clone(),
+            state: entry.state.clone(),
+        })
+    }
+
+    /// Takes a subscription slot of `client` and of the server.
+    pub(crate) fn subscribe(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
+        let mut table = self.table();
+        let entry = table
+            .get_mut(&client)
+            // A client with a subscription has a connection, so an entry.
+            .ok_or(Refused::ClientSubscriptions(client, 0))?;
+        if entry.subscriptions >= self.limits.subscriptions {
+            return Err(Refused::ClientSubscriptions(
+                client,
+                self.limits.subscriptions,
+            ));
+        }
+        if self
+            .subscriptions
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < self.max_subscriptions).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(Refused::Subscriptions(self.max_subscriptions));
+        }
+        entry.subscriptions += 1;
+        Ok(SlotGuard {
+            clients: self.clone(),
+            client,
+            kind: Slot::Subscription,
+        })
+    }
+
+    /// Takes a slot for a call in progress (anything but an established
+    /// subscription) of `client` and of the server.
+    pub(crate) fn call(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
+        let mut table = self.table();
+        let entry = table
+            .get_mut(&client)
+            .ok_or(Refused::ClientCalls(client, 0))?;
+        if entry.calls >= self.limits.calls {
+            return Err(Refused::ClientCalls(client, self.limits.calls));
+        }
+        if self
+            .calls
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.max_calls).then_some(n + 1))
+            .is_err()
+        {
+            return Err(Refused::Calls(self.max_calls));
+        }
+        entry.calls += 1;
+        Ok(SlotGuard {
+            clients: self.clone(),
+            client,
+            kind: Slot::Call,
+        })
+    }
+
+    /// One publish of `bytes` bytes by `client`, within its rates.
+    pub(crate) fn check_publish(&self, client: Client, bytes: usize) -> Result<(), Refused> {
+        if self.publish_rate.check_key(&client).is_err() {
+            return Err(Refused::PublishRate(
+                client,
+                self.limits.publish_rate.per_second.get(),
+            ));
+        }
+        let refused =
+            || Refused::PublishBytesRate(client, self.limits.publish_bytes_rate.per_second.get());
+        let n =
+            NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        match self.publish_bytes_rate.check_key_n(&client, n) {
+            Ok(Ok(())) => Ok(()),
+            // More than a whole burst, or not now.
+            Ok(Err(_)) | Err(_) => Err(refused()),
+        }
+    }
+
+    /// Forgets the rate state of clients that would start afresh anyway.
+    pub(crate) fn forget_idle_rates(&self) {
+        for limiter in [
+            &self.connection_rate,
+            &self.publish_rate,
+            &self.publish_bytes_rate,
+        ] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// `(connections, subscriptions, calls)` of `client`, for tests.
+    #[cfg(test)]
+    pub(crate) fn counts(&self, client: Client) -> Option<(usize, usize, usize)> {
+        self.table()
+            .get(&client)
+            .map(|e| (e.connections, e.subscriptions, e.calls))
+    }
+
+    fn release(&self, client: Client, kind: Option<Slot>) {
+        let mut table = self.table();
+        let Some(entry) = table.get_mut(&client) else {
+            return;
+        };
+        match kind {
+            None => entry.connections -= 1,
+            Some(Slot::Subscription) => {
+                entry.subscriptions -= 1;
+                self.subscriptions.fetch_sub(1, Relaxed);
+            }
+            Some(Slot::Call) => {
+                entry.calls -= 1;
+                self.calls.fetch_sub(1, Relaxed);
+            }
+        }
+        if entry.connections == 0 && entry.subscriptions == 0 && entry.calls == 0 {
+            table.remove(&client);
+            self.gauge.dec();
+        }
+    }
+}
+
+/// A connection of a client; released on drop.
+pub(crate) struct ConnectionGuard {
+    clients: Arc<Clients>,
+    state: Arc<ClientState>,
+}
+
+impl ConnectionGuard {
+    pub(crate) fn state(&self) -> &Arc<ClientState> {
+        &self.state
+    }
+
+    pub(crate) fn clients(&self) -> &Arc<Clients> {
+        &self.clients
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.clients.release(self.state.client, None);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Subscription,
+    Call,
+}
+
+/// A subscription or call slot of a client; released on drop.
+pub(crate) struct SlotGuard {
+    clients: Arc<Clients>,
+    client: Client,
+    kind: Slot,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.clients.release(self.client, Some(self.kind));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(n: u32) -> Rate {
+        let n = NonZeroU32::new(n).unwrap();
+        Rate {
+            per_second: n,
+            burst: n,
+        }
+    }
+
+    fn clients(connections: usize, subscriptions: usize, calls: usize) -> Arc<Clients> {
+        Arc::new(Clients::new(
+            ClientLimits {
+                connections,
+                subscriptions,
+                calls,
+                queued_bytes: 1000,
+                connection_rate: rate(100),
+                publish_rate: rate(3),
+                publish_bytes_rate: rate(1000),
+            },
+            5,
+            4,
+            Gauge::default(),
+        ))
+    }
+
+    fn client(text: &str) -> Client {
+        Client::of(text.parse().unwrap())
+    }
+
+    #[test]
+    fn ipv6_clients_are_their_64_and_mapped_v4_is_v4() {
+        assert_eq!(client("2001:db8:1:2::1"), client("2001:db8:1:2:ffff::9"));
+        assert_ne!(client("2001:db8:1:2::1"), client("2001:db8:1:3::1"));
+        assert_eq!(client("::ffff:192.0.2.1"), client("192.0.2.1"));
+        assert_eq!(client("2001:db8:1:2::1").to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn limits_per_client_and_in_all_and_no_leftover_entries() {
+        let clients = clients(2, 2, 1);
+        let (a, b) = (client("192.0.2.1"), client("192.0.2.2"));
+        let a1 = clients.connect(a).unwrap();
+        let _a2 = clients.connect(a).unwrap();
+        assert_eq!(
+            clients.connect(a).err(),
+            Some(Refused::ClientConnections(a, 2))
+        );
+        let _b1 = clients.connect(b).unwrap();
+        let s1 = clients.subscribe(a).unwrap();
+        let _s2 = clients.subscribe(a).unwrap();
+        assert_eq!(
+            clients.subscribe(a).err().map(|e| e.to_string()).as_deref(),
+            Some("192.0.2.1 has reached the limit of 2 subscriptions per client")
+        );
+        let _s3 = clients.subscribe(b).unwrap();
+        let _s4 = clients.subscribe(b).unwrap();
+        drop(s1);
+        let _s5 = clients.subscribe(a).unwrap();
+        // The server's limit (5) holds for all.
+        let c = client("192.0.2.3");
+        let _c1 = clients.connect(c).unwrap();
+        let _c2 = clients.subscribe(c).unwrap();
+        assert_eq!(clients.subscribe(c).err(), Some(Refused::Subscriptions(5)));
+        let call = clients.call(a).unwrap();
+        assert_eq!(clients.call(a).err(), Some(Refused::ClientCalls(a, 1)));
+        drop(call);
+        drop(a1);
+        assert_eq!(clients.counts(a), Some((1, 2, 0)));
+        drop((_a2, _s2, _s5));
+        assert_eq!(clients.counts(a), None, "an idle client leaves no entry");
+    }
+
+    #[test]
+    fn publish_rates() {
+        let clients = clients(1, 1, 1);
+        let a = client("192.0.2.1");
+        for _ in 0..3 {
+            clients.check_publish(a, 10).unwrap();
+        }
+        assert_eq!(
+            clients.check_publish(a, 10).err(),
+            Some(Refused::PublishRate(a, 3))
+        );
+        // Another client has its own buckets; bytes beyond a burst are refused.
+        let b = client("192.0.2.2");
+        assert_eq!(
+            clients.check_publish(b, 1001).err(),
+            Some(Refused::PublishBytesRate(b, 1000))
+        );
+    }
+
+    #[test]
+    fn budgets_reserve_both_or_neither() {
+        let (client, server) = (Budget::new(10), Budget::new(15));
+        reserve(&client, &server, 8).unwrap();
+        assert_eq!(reserve(&client, &server, 3), Err(Exhausted::Client));
+        let other = Budget::new(10);
+        assert_eq!(reserve(&other, &server, 8), Err(Exhausted::Server));
+        assert_eq!((client.used(), other.used(), server.used()), (8, 0, 8));
+        client.release(8);
+        server.release(8);
+        assert_eq!(server.used(), 0);
+    }
+}

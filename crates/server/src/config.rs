@@ -1,0 +1,331 @@
+//! The server's settings, their defaults and checks, and the worst-case
+//! memory they add up to (SPEC §10).
+
+use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+
+use crate::{
+    client::{ClientLimits, Rate},
+    hub::IN_FLIGHT_PER_STREAM,
+    relay::Relay,
+};
+
+/// How the server runs. `Default` gives the built-in defaults, which the
+/// command line shows and uses too.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Address of the gRPC port.
+    pub listen: SocketAddr,
+    /// Address of the metrics port; none by default.
+    pub metrics_listen: Option<SocketAddr>,
+    /// STUN/TURN relays handed out by `GetRelays`.
+    pub relays: Vec<Relay>,
+    /// PEM certificate chain and key files; plaintext HTTP/2 without them.
+    pub tls: Option<TlsFiles>,
+    /// Largest encoded envelope accepted by Publish.
+    pub max_envelope_size: usize,
+    /// Envelopes queued per subscription stream before the oldest is dropped.
+    pub queue_depth: usize,
+    /// Bytes queued per subscription stream before the oldest is dropped.
+    pub queue_bytes: usize,
+    /// Bytes one client may make the server hold: queued for its
+    /// subscriptions, in HTTP/2 send buffers, and its requests being read.
+    /// Beyond it, that client's oldest envelopes are dropped.
+    pub client_queued_bytes: usize,
+    /// The same, for all clients together.
+    pub max_queued_bytes: usize,
+    /// A subscriber that takes nothing for this long while envelopes wait
+    /// for it is cut off (UNAVAILABLE "subscriber too slow").
+    pub stall_timeout: Duration,
+    /// Most client connections open at once; beyond it accepting waits.
+    pub max_connections: usize,
+    /// Most connections open at once from one client (an IP address, an IPv6
+    /// /64); more are refused.
+    pub max_connections_per_client: usize,
+    /// New connections per second from one client (a token bucket).
+    pub connection_rate: Rate,
+    /// Deadline of a connection's TLS handshake, HTTP/2 preface and first request.
+    pub handshake_timeout: Duration,
+    /// Deadline of a request's message once its stream opened.
+    pub request_timeout: Duration,
+    /// A connection without a stream for this long is closed with GOAWAY.
+    pub idle_timeout: Duration,
+    /// Most subscription streams open at once.
+    pub max_subscriptions: usize,
+    /// Most subscription streams open at once from one client.
+    pub max_subscriptions_per_client: usize,
+    /// Most calls in progress at once (anything but an established
+    /// subscription: a Publish being read, a subscription being set up,
+    /// GetRelays, health, reflection).
+    pub max_calls: usize,
+    /// Most calls in progress at once from one client.
+    pub max_calls_per_client: usize,
+    /// Publishes per second from one client (a token bucket).
+    pub publish_rate: Rate,
+    /// Published bytes per second from one client (a token bucket; the
+    /// burst is at least one largest envelope).
+    pub publish_bytes_rate: Rate,
+    /// Most concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
+    /// Interval of the server's HTTP/2 keepalive pings to clients.
+    pub keepalive_interval: Duration,
+    /// How long a ping may stay unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+const fn rate(per_second: u32, burst: u32) -> Rate {
+    match (NonZeroU32::new(per_second), NonZeroU32::new(burst)) {
+        (Some(per_second), Some(burst)) => Rate { per_second, burst },
+        _ => panic!("a default rate of 0"),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0u16; 8], 8080)),
+            metrics_listen: None,
+            relays: Vec::new(),
+            tls: None,
+            max_envelope_size: 65536,
+            queue_depth: 256,
+            queue_bytes: 1 << 20,
+            client_queued_bytes: 4 << 20,
+            max_queued_bytes: 64 << 20,
+            stall_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_connections_per_client: 64,
+            connection_rate: rate(10, 64),
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_subscriptions: 100_000,
+            max_subscriptions_per_client: 1_000,
+            max_calls: 4_096,
+            max_calls_per_client: 64,
+            publish_rate: rate(200, 1_000),
+            publish_bytes_rate: rate(1 << 20, 4 << 20),
+            max_streams_per_connection: 1024,
+            keepalive_interval: Duration::from_secs(120),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A count or size is 0.
+    #[error("{setting} must be at least 1")]
+    Zero {
+        /// The setting, as its command-line flag names it.
+        setting: &'static str,
+    },
+    /// A duration is 0.
+    #[error("{setting} must be longer than 0")]
+    ZeroDuration {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// One setting must be at least another.
+    #[error("{setting} ({value}) must be at least {other} ({minimum})")]
+    Below {
+        /// The setting.
+        setting: &'static str,
+        /// Its value.
+        value: usize,
+        /// The setting it is compared with.
+        other: &'static str,
+        /// That setting's value.
+        minimum: usize,
+    },
+}
+
+/// HTTP/2 receive window of one stream: one largest request fits, so a
+/// Publish needs no window update, and a client can make a stream hold no more.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 receive window of a connection.
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Largest header block a client may send.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// What h2 may buffer per stream for the responses of bridged calls.
+const SEND_BUFFER: usize = 64 * 1024;
+
+impl Config {
+    /// Checks that every setting can work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let counts: [(&'static str, usize); 11] = [
+            ("max-envelope-size", self.max_envelope_size),
+            ("queue-depth", self.queue_depth),
+            ("max-connections", self.max_connections),
+            (
+                "max-connections-per-client",
+                self.max_connections_per_client,
+            ),
+            ("max-subscriptions", self.max_subscriptions),
+            (
+                "max-subscriptions-per-client",
+                self.max_subscriptions_per_client,
+            ),
+            ("max-calls", self.max_calls),
+            ("max-calls-per-client", self.max_calls_per_client),
+            (
+                "max-streams-per-connection",
+                self.max_streams_per_connection as usize,
+            ),
+            ("client-queued-bytes", self.client_queued_bytes),
+            ("max-queued-bytes", self.max_queued_bytes),
+        ];
+        for (setting, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::Zero { setting });
+            }
+        }
+        let durations = [
+            ("stall-timeout", self.stall_timeout),
+            ("handshake-timeout", self.handshake_timeout),
+            ("request-timeout", self.request_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("keepalive-interval", self.keepalive_interval),
+            ("keepalive-timeout", self.keepalive_timeout),
+        ];
+        for (setting, value) in durations {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration { setting });
+            }
+        }
+        // One largest envelope (and its 5-byte frame prefix) must fit everywhere.
+        let frame = self.max_envelope_size.saturating_add(5);
+        let at_least: [(&'static str, usize); 4] = [
+            ("queue-bytes", self.queue_bytes),
+            ("client-queued-bytes", self.client_queued_bytes),
+            ("max-queued-bytes", self.max_queued_bytes),
+            (
+                "publish-bytes-burst",
+                self.publish_bytes_rate.burst.get() as usize,
+            ),
+        ];
+        for (setting, value) in at_least {
+            if value < frame {
+                return Err(ConfigError::Below {
+                    setting,
+                    value,
+                    other: "max-envelope-size + 5",
+                    minimum: frame,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            connections: self.max_connections_per_client,
+            subscriptions: self.max_subscriptions_per_client,
+            calls: self.max_calls_per_client,
+            queued_bytes: self.client_queued_bytes,
+            connection_rate: self.connection_rate,
+            publish_rate: self.publish_rate,
+            publish_bytes_rate: self.publish_bytes_rate,
+        }
+    }
+
+    pub(crate) fn h2_builder(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .max_concurrent_streams(self.max_streams_per_connection)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(SEND_BUFFER);
+        builder
+    }
+
+    /// What the server's memory adds up to with every limit reached at once.
+    pub fn memory_bound(&self) -> MemoryBound {
+        let tls = self.tls.is_some();
+        let connection = if tls {
+            CONNECTION_BYTES + TLS_CONNECTION_BYTES
+        } else {
+            CONNECTION_BYTES
+        };
+        MemoryBound {
+            base: BASE_BYTES,
+            connections: self.max_connections.saturating_mul(connection),
+            subscriptions: self.max_subscriptions.saturating_mul(SUBSCRIPTION_BYTES),
+            calls: self.max_calls.saturating_mul(CALL_BYTES),
+            queued: self.max_queued_bytes,
+        }
+    }
+}
+
+/// The process without clients: code, runtime, tables.
+const BASE_BYTES: usize = 16 << 20;
+/// One connection (HTTP/2 state and buffers, its task), without TLS.
+const CONNECTION_BYTES: usize = 40 << 10;
+/// What TLS adds to a connection (rustls's buffers).
+const TLS_CONNECTION_BYTES: usize = 40 << 10;
+/// One open subscription stream (its HTTP/2 stream, queue and entries).
+const SUBSCRIPTION_BYTES: usize = 4 << 10;
+/// One call in progress, apart from the request bytes the budget counts: its
+/// stream, its future, and for a bridged call its response buffers.
+const CALL_BYTES: usize = SEND_BUFFER + 32 * 1024 + IN_FLIGHT_PER_STREAM;
+
+/// The worst case of the server's memory, by what holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBound {
+    /// The process without clients.
+    pub base: usize,
+    /// Every connection open.
+    pub connections: usize,
+    /// Every subscription open.
+    pub subscriptions: usize,
+    /// Every call in progress.
+    pub calls: usize,
+    /// Every byte budget full (`max_queued_bytes`).
+    pub queued: usize,
+}
+
+impl MemoryBound {
+    /// The sum.
+    pub fn total(&self) -> usize {
+        [
+            self.base,
+            self.connections,
+            self.subscriptions,
+            self.calls,
+            self.queued,
+        ]
+        .into_iter()
+        .fold(0, usize::saturating_add)
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+impl fmt::Display for MemoryBound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.0} MiB: {:.0} base + {:.0} connections + {:.0} subscriptions + {:.0} calls + {:.0} queued bytes",
+            mib(self.total()),
+            mib(self.base),
+            mib(self.connections),
+            mib(self.subscriptions),
+            mib(self.calls),
+            mib(self.queued),
+        )
+    }
+}

@@ -1,0 +1,816 @@
+//! One task per client connection: its HTTP/2 (the h2 crate), its
+//! subscription streams, its calls in progress and its timers.
+//!
+//! Subscribe and Publish are served here, the rest through tonic
+//! ([`crate::bridge`]). The hub announces envelopes for this connection's
+//! subscriptions in its [`Mailbox`]; the task hands them to HTTP/2 and lets
+//! h2 write everything that is ready in one go, so that one write carries
+//! the envelopes of many streams. Nothing waits on anything else: a call in
+//! progress is a future the task polls, and a subscriber that does not read
+//! only fills its own queue.
+//!
+//! Limits (SPEC §10): the TLS handshake, the HTTP/2 preface and the first
+//! request must come within the handshake timeout; a request body within
+//! the request timeout; a connection without streams is closed (GOAWAY)
+//! after the idle timeout; one whose keepalive ping goes unanswered is
+//! dropped; a subscriber that takes nothing while envelopes wait for it is
+//! cut off after the stall timeout. Whatever way the connection ends, its
+//! subscriptions, their queues and their bytes go with it at once.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use cunicu_signal::proto::signaling::{Envelope, SubscribeParams};
+use futures::{StreamExt as _, stream::FuturesUnordered};
+use h2::{
+    Ping, PingPong, RecvStream, SendStream,
+    server::{Builder, SendResponse},
+};
+use http::{HeaderMap, Request};
+use prost::Message as _;
+use slab::Slab;
+use tokio::{
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::{Status, service::Routes};
+
+use crate::{
+    bridge,
+    client::{ClientState, Clients, ConnectionGuard, Exhausted, Refused, Reserved, SlotGuard},
+    hub::{Hub, Mailbox, Subscription, Take},
+    listener::Io,
+    log::LogLimiter,
+    metrics::Metrics,
+    wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
+};
+
+/// The request message of a Subscribe is a key: a few dozen bytes.
+const MAX_SUBSCRIBE_MESSAGE: usize = 1024;
+/// Loop turns before the task lets others run.
+const MAX_TURNS: usize = 64;
+
+/// Timeouts of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    /// TLS handshake, HTTP/2 preface and the first request.
+    pub(crate) handshake: Duration,
+    /// A request's message, once its stream is open.
+    pub(crate) request: Duration,
+    /// A connection without streams.
+    pub(crate) idle: Duration,
+    /// A subscriber that takes nothing while envelopes wait.
+    pub(crate) stall: Duration,
+    /// Interval of keepalive pings.
+    pub(crate) keepalive_interval: Duration,
+    /// How long a ping may go unanswered.
+    pub(crate) keepalive_timeout: Duration,
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub(crate) hub: Hub,
+    pub(crate) clients: Arc<Clients>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The services served through tonic.
+    pub(crate) routes: Routes,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) max_envelope_size: usize,
+    pub(crate) h2: Builder,
+    pub(crate) tls: Option<TlsAcceptor>,
+    /// Metadata of every response.
+    pub(crate) response_headers: HeaderMap,
+    pub(crate) logs: Logs,
+}
+
+/// Log limiters of what clients can cause many times.
+#[derive(Default)]
+pub(crate) struct Logs {
+    pub(crate) refused: LogLimiter,
+    pub(crate) cut: LogLimiter,
+    pub(crate) closed: LogLimiter,
+}
+
+/// Serves one accepted connection until it ends, `kill` fires, or (after a
+/// graceful end of its streams) `shutdown` completes.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    guard: ConnectionGuard,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    kill: CancellationToken,
+) {
+    let metrics = shared.metrics.clone();
+    metrics.connections.inc();
+    let _open = scopeguard(move || {
+        metrics.connections.dec();
+    });
+    let deadline = Instant::now() + shared.timeouts.handshake;
+    let set_up = async {
+        let io = match &shared.tls {
+            None => Io::Plain(stream),
+            Some(acceptor) => Io::Tls(Box::new(
+                acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?,
+            )),
+        };
+        shared
+            .h2
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))
+    };
+    let h2 = tokio::select! {
+        _ = kill.cancelled() => return,
+        _ = shutdown.cancelled() => return,
+        set_up = tokio::time::timeout_at(deadline, set_up) => match set_up {
+            Ok(Ok(h2)) => h2,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, "connection not set up: {e}");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.close_connection_for("handshake_timeout");
+                if shared.logs.closed.allow() {
+                    tracing::info!(%remote, "connection closed: no HTTP/2 set-up within the handshake timeout");
+                }
+                return;
+            }
+        },
+    };
+    let mut connection = Connection::new(h2, shared, guard, remote, shutdown, kill, deadline);
+    let end = std::future::poll_fn(|cx| connection.poll_run(cx)).await;
+    match end {
+        End::Closed | End::Killed => {}
+        End::Error(e) => tracing::debug!(%remote, "connection ended: {e}"),
+        End::Timeout(reason) => {
+            connection.shared.metrics.close_connection_for(reason);
+            if connection.shared.logs.closed.allow() {
+                tracing::info!(%remote, reason, "connection closed");
+            }
+        }
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+enum End {
+    /// HTTP/2 closed the connection (the peer, or a GOAWAY that completed).
+    Closed,
+    /// The server stopped hard.
+    Killed,
+    Error(h2::Error),
+    /// A timeout cut the connection (the metric's reason).
+    Timeout(&'static str),
+}
+
+/// What a call in progress ends with.
+enum Done {
+    /// Answered.
+    Finished,
+    /// A subscription is in the hub: its stream opens.
+    Subscribed {
+        slot: usize,
+        respond: SendResponse<Bytes>,
+        subscription: Subscription,
+    },
+    /// A subscription was refused (answered); its slot goes.
+    NotSubscribed { slot: usize },
+}
+
+type Call = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// A subscription stream of this connection.
+enum Slot {
+    /// Being set up by a call in progress.
+    Pending,
+    Open {
+        send: SendStream<Bytes>,
+        subscription: Subscription,
+    },
+}
+
+enum Keepalive {
+    /// The next ping goes at this time.
+    Next(Instant),
+    /// A ping is out; without its answer by this time the connection goes.
+    Waiting(Instant),
+}
+
+struct Connection {
+    h2: h2::server::Connection<Io, Bytes>,
+    shared: Arc<Shared>,
+    client: ConnectionGuard,
+    remote: SocketAddr,
+    mailbox: Arc<Mailbox>,
+    subs: Slab<Slot>,
+    calls: FuturesUnordered<Call>,
+    /// Scratch list of posted slots.
+    posted: Vec<usize>,
+    /// HTTP/2 streams open: calls in progress and subscriptions.
+    streams: usize,
+    timer: Pin<Box<Sleep>>,
+    ping_pong: Option<PingPong>,
+    keepalive: Keepalive,
+    first_request_at: Option<Instant>,
+    idle_at: Option<Instant>,
+    stall_at: Option<Instant>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: bool,
+    /// A GOAWAY went out: the connection ends with its last stream.
+    closing: bool,
+}
+
+impl Connection {
+    fn new(
+        mut h2: h2::server::Connection<Io, Bytes>,
+        shared: Arc<Shared>,
+        client: ConnectionGuard,
+        remote: SocketAddr,
+        shutdown: CancellationToken,
+        kill: CancellationToken,
+        first_request_at: Instant,
+    ) -> Self {
+        let now = Instant::now();
+        let keepalive = Keepalive::Next(now + shared.timeouts.keepalive_interval);
+        Connection {
+            ping_pong: h2.ping_pong(),
+            h2,
+            client,
+            remote,
+            mailbox: Arc::new(Mailbox::default()),
+            subs: Slab::new(),
+            calls: FuturesUnordered::new(),
+            posted: Vec::new(),
+            streams: 0,
+            timer: Box::pin(tokio::time::sleep_until(first_request_at)),
+            keepalive,
+            first_request_at: Some(first_request_at),
+            idle_at: None,
+            stall_at: None,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            kill: Box::pin(kill.cancelled_owned()),
+            stopping: false,
+            closing: false,
+            shared,
+        }
+    }
+
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        self.mailbox.register(cx.waker());
+        for _ in 0..MAX_TURNS {
+            let mut busy = false;
+            if self.kill.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Killed);
+            }
+            if !self.stopping && self.shutdown.as_mut().poll(cx).is_ready() {
+                self.stop();
+                busy = true;
+            }
+            // Envelopes to send, and streams that changed.
+            self.mailbox.take(&mut self.posted);
+            if !self.posted.is_empty() {
+                busy = true;
+                let posted = std::mem::take(&mut self.posted);
+                for &slot in &posted {
+                    self.drain(slot);
+                }
+                self.posted = posted;
+            }
+            while let Poll::Ready(Some(done)) = self.calls.poll_next_unpin(cx) {
+                self.finish(done);
+                busy = true;
+            }
+            // Reads frames, and writes what the above queued: once for all.
+            match self.h2.poll_accept(cx) {
+                Poll::Ready(Some(Ok((request, respond)))) => {
+                    self.accept(request, respond);
+                    busy = true;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Error(e)),
+                Poll::Ready(None) => return Poll::Ready(End::Closed),
+                Poll::Pending => {}
+            }
+            match self.poll_timers(cx) {
+                Ok(acted) => busy |= acted,
+                Err(end) => return Poll::Ready(end),
+            }
+            if !busy {
+                return Poll::Pending;
+            }
+        }
+        // Busy for long: let other tasks run, then go on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn client(&self) -> &Arc<ClientState> {
+        self.client.state()
+    }
+
+    /// A new stream: a call starts.
+    fn accept(&mut self, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        self.first_request_at = None;
+        self.idle_at = None;
+        self.streams += 1;
+        let shared = self.shared.clone();
+        if self.stopping {
+            let status = Status::unavailable("the server is shutting down");
+            let _ = respond.send_response(
+                wire::error_response(&status, &shared.response_headers),
+                true,
+            );
+            self.stream_done();
+            return;
+        }
+        let call = match self.client.clients().call(self.client().client) {
+            Ok(call) => call,
+            Err(refused) => {
+                self.refuse(&refused, respond);
+                self.stream_done();
+                return;
+            }
+        };
+        let client = self.client().clone();
+        let future: Call = match request.uri().path() {
+            wire::SUBSCRIBE => {
+                let slot = self.subs.insert(Slot::Pending);
+                Box::pin(subscribe(
+                    shared,
+                    client,
+                    call,
+                    request,
+                    respond,
+                    self.mailbox.clone(),
+                    slot,
+                ))
+            }
+            wire::PUBLISH => Box::pin(publish(shared, client, call, request, respond)),
+            _ => Box::pin(async move {
+                let _call = call;
+                bridge::serve(
+                    shared.routes.clone(),
+                    request,
+                    respond,
+                    &shared.response_headers,
+                )
+                .await;
+                Done::Finished
+            }),
+        };
+        self.calls.push(future);
+    }
+
+    fn refuse(&self, refused: &Refused, mut respond: SendResponse<Bytes>) {
+        let shared = &self.shared;
+        shared.metrics.reject_for(refused.reason());
+        if shared.logs.refused.allow() {
+            tracing::info!(remote = %self.remote, "request refused: {refused}");
+        }
+        let status = Status::resource_exhausted(refused.to_string());
+        let _ = respond.send_response(
+            wire::error_response(&status, &shared.response_headers),
+            true,
+        );
+    }
+
+    fn finish(&mut self, done: Done) {
+        match done {
+            Done::Finished => self.stream_done(),
+            Done::NotSubscribed { slot } => {
+                self.subs.try_remove(slot);
+                self.stream_done();
+            }
+            Done::Subscribed {
+                slot,
+                mut respond,
+                subscription,
+            } => {
+                let headers = &self.shared.response_headers;
+                if self.stopping {
+                    // Set up while stopping: end it at once.
+                    if let Ok(mut send) = respond.send_response(wire::ok_headers(headers), false) {
+                        let _ = send.send_trailers(wire::ok_trailers());
+                    }
+                    self.subs.try_remove(slot);
+                    self.stream_done();
+                    return;
+                }
+                let Ok(mut send) = respond.send_response(wire::ok_headers(headers), false) else {
+                    self.subs.try_remove(slot);
+                    self.stream_done();
+                    return;
+                };
+                // The empty envelope first: it tells the client the
+                // subscription exists.
+                if send.send_data(EMPTY_MESSAGE.clone(), false).is_err() {
+                    self.subs.try_remove(slot);
+                    self.stream_done();
+                    return;
+                }
+                tracing::debug!(remote = %self.remote, key = %cunicu_signal::Key::from(*subscription.sub().key()), "subscribed");
+                if let Some(entry) = self.subs.get_mut(slot) {
+                    *entry = Slot::Open { send, subscription };
+                }
+                // Envelopes may have come meanwhile; this also watches the stream.
+                self.drain(slot);
+            }
+        }
+    }
+
+    /// Hands what a subscription has queued to HTTP/2, within the stream's
+    /// flow-control window, and watches its stream for a reset.
+    fn drain(&mut self, slot: usize) {
+        let Some(Slot::Open { send, subscription }) = self.subs.get_mut(slot) else {
+            return;
+        };
+        let sub = subscription.sub();
+        let mut sent = 0u64;
+        let mut reserved = false;
+        let failed = loop {
+            match sub.take(send.capacity()) {
+                Take::Frame(frame) => {
+                    if send.send_data(frame, false).is_err() {
+                        break true;
+                    }
+                    sent += 1;
+                    reserved = false;
+                }
+                Take::Nothing => break false,
+                Take::Window(want) if !reserved => {
+                    send.reserve_capacity(want);
+                    reserved = true;
+                }
+                // Waits for the peer's WINDOW_UPDATE (h2 wakes the stream).
+                Take::Window(_) => break false,
+            }
+        };
+        if sent > 0 {
+            self.shared.metrics.delivered.inc_by(sent);
+        }
+        // A reset, or more capacity, wakes this slot's waker.
+        let waker = Waker::from(sub.clone());
+        let reset = send.poll_reset(&mut Context::from_waker(&waker)).is_ready();
+        if failed || reset {
+            self.subs.try_remove(slot);
+            self.stream_done();
+        }
+    }
+
+    /// A stream ended (a call, or a subscription).
+    fn stream_done(&mut self) {
+        self.streams = self.streams.saturating_sub(1);
+        if self.streams == 0 && !self.closing {
+            self.idle_at = Some(Instant::now() + self.shared.timeouts.idle);
+        }
+    }
+
+    /// Ends every subscription stream (OK) and sends GOAWAY: the connection
+    /// ends once the calls in progress are answered.
+    fn stop(&mut self) {
+        self.stopping = true;
+        let open: Vec<usize> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Open { .. }))
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in open {
+            if let Some(Slot::Open { mut send, .. }) = self.subs.try_remove(slot) {
+                let _ = send.send_trailers(wire::ok_trailers());
+            }
+            self.stream_done();
+        }
+        self.closing = true;
+        self.idle_at = None;
+        self.h2.graceful_shutdown();
+    }
+
+    /// Cuts off the subscribers that took nothing for the stall timeout.
+    fn cut_stalled(&mut self, now: Instant) {
+        let stall = self.shared.timeouts.stall;
+        let stalled: Vec<usize> = self
+            .subs
+            .iter()
+            .filter_map(|(slot, s)| match s {
+                Slot::Open { subscription, .. } => subscription
+                    .sub()
+                    .waiting_since()
+                    .is_some_and(|since| now.duration_since(since) >= stall)
+                    .then_some(slot),
+                Slot::Pending => None,
+            })
+            .collect();
+        for slot in stalled {
+            let Some(Slot::Open {
+                mut send,
+                subscription,
+            }) = self.subs.try_remove(slot)
+            else {
+                continue;
+            };
+            let shared = &self.shared;
+            shared.metrics.cut_for("stalled");
+            if shared.logs.cut.allow() {
+                tracing::info!(
+                    remote = %self.remote,
+                    key = %cunicu_signal::Key::from(*subscription.sub().key()),
+                    "subscriber cut off: took nothing for {stall:?} while envelopes waited"
+                );
+            }
+            if subscription.sub().in_flight() == 0 {
+                let status = Status::unavailable("subscriber too slow");
+                let _ = send.send_trailers(wire::status_trailers(&status));
+            } else {
+                // Its bytes are stuck behind an unread connection: free them.
+                send.send_reset(h2::Reason::CANCEL);
+            }
+            drop(subscription);
+            self.stream_done();
+        }
+    }
+
+    /// Keepalive, the first request's deadline, idleness and stalls.
+    /// `Ok(true)` if something happened.
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        let timeouts = self.shared.timeouts;
+        let now = Instant::now();
+        let mut acted = false;
+        match self.keepalive {
+            Keepalive::Next(at) if now >= at => {
+                let sent = self
+                    .ping_pong
+                    .as_mut()
+                    .is_some_and(|p| p.send_ping(Ping::opaque()).is_ok());
+                self.keepalive = if sent {
+                    Keepalive::Waiting(now + timeouts.keepalive_timeout)
+                } else {
+                    Keepalive::Next(now + timeouts.keepalive_interval)
+                };
+                acted = true;
+            }
+            Keepalive::Next(_) => {}
+            Keepalive::Waiting(deadline) => {
+                match self.ping_pong.as_mut().map(|p| p.poll_pong(cx)) {
+                    Some(Poll::Ready(Ok(_))) => {
+                        self.keepalive = Keepalive::Next(now + timeouts.keepalive_interval);
+                        acted = true;
+                    }
+                    Some(Poll::Ready(Err(_))) | None => {
+                        self.keepalive = Keepalive::Next(now + timeouts.keepalive_interval);
+                    }
+                    Some(Poll::Pending) if now >= deadline => {
+                        return Err(End::Timeout("keepalive_timeout"));
+                    }
+                    Some(Poll::Pending) => {}
+                }
+            }
+        }
+        if self.first_request_at.is_some_and(|at| now >= at) {
+            return Err(End::Timeout("handshake_timeout"));
+        }
+        if self.idle_at.is_some_and(|at| now >= at) {
+            self.idle_at = None;
+            if !self.closing {
+                self.closing = true;
+                self.h2.graceful_shutdown();
+                self.shared.metrics.close_connection_for("idle");
+                tracing::debug!(remote = %self.remote, "idle connection closed");
+            }
+            acted = true;
+        }
+        if self.mailbox.waiting() > 0 {
+            let check =
+                (timeouts.stall / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            match self.stall_at {
+                None => self.stall_at = Some(now + check),
+                Some(at) if now >= at => {
+                    self.cut_stalled(now);
+                    self.stall_at = (self.mailbox.waiting() > 0).then_some(now + check);
+                    acted = true;
+                }
+                Some(_) => {}
+            }
+        } else {
+            self.stall_at = None;
+        }
+        let keepalive = match self.keepalive {
+            Keepalive::Next(at) | Keepalive::Waiting(at) => at,
+        };
+        let next = [self.first_request_at, self.idle_at, self.stall_at]
+            .into_iter()
+            .flatten()
+            .fold(keepalive, Instant::min);
+        if self.timer.deadline() != next {
+            self.timer.as_mut().reset(next);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            acted = true;
+        }
+        Ok(acted)
+    }
+}
+
+/// A key field checked to be 32 bytes; counts and explains a refusal.
+pub(crate) fn key_field(metrics: &Metrics, field: &str, bytes: &[u8]) -> Result<[u8; 32], Status> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| {
+        metrics.reject_for("invalid_key");
+        Status::invalid_argument(format!("{field} key is {} bytes, expected 32", bytes.len()))
+    })
+}
+
+/// A status for a full budget, counted.
+fn over_budget(metrics: &Metrics, exhausted: Exhausted, client: &ClientState) -> Status {
+    match exhausted {
+        Exhausted::Client => {
+            metrics.reject_for("client_budget");
+            Status::resource_exhausted(format!(
+                "{} holds all the bytes a client may; read your subscriptions",
+                client.client
+            ))
+        }
+        Exhausted::Server => {
+            metrics.reject_for("server_budget");
+            Status::resource_exhausted("the server holds all the bytes it may")
+        }
+    }
+}
+
+/// Reads the one request message of a call, within the request timeout;
+/// counts what it refuses.
+async fn read_request<A>(
+    shared: &Shared,
+    recv: &mut RecvStream,
+    what: &str,
+    limit: usize,
+    admit: impl FnMut(usize) -> Result<A, Status>,
+) -> Result<(Bytes, A), Status> {
+    let metrics = &shared.metrics;
+    match tokio::time::timeout(
+        shared.timeouts.request,
+        wire::read_message(recv, limit, admit),
+    )
+    .await
+    {
+        Ok(Ok(read)) => Ok(read),
+        Ok(Err(ReadError::Oversize { len, limit })) => {
+            metrics.reject_for("oversize");
+            Err(Status::resource_exhausted(format!(
+                "{what} is {len} bytes, the limit is {limit}"
+            )))
+        }
+        Ok(Err(ReadError::Admit(status))) => Err(status),
+        Ok(Err(e)) => {
+            metrics.reject_for("malformed");
+            Err(e.into_status())
+        }
+        Err(_) => {
+            metrics.reject_for("request_timeout");
+            Err(Status::deadline_exceeded(format!(
+                "the request message did not arrive within {:?}",
+                shared.timeouts.request
+            )))
+        }
+    }
+}
+
+async fn subscribe(
+    shared: Arc<Shared>,
+    client: Arc<ClientState>,
+    call: SlotGuard,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    mailbox: Arc<Mailbox>,
+    slot: usize,
+) -> Done {
+    let timer = shared.metrics.time("Subscribe");
+    let result = async {
+        wire::check_request(&request)?;
+        let mut recv = request.into_body();
+        let (frame, _reserved) =
+            read_request(&shared, &mut recv, "request", MAX_SUBSCRIBE_MESSAGE, |n| {
+                Reserved::new(&client, shared.hub.budget(), n)
+                    .map_err(|e| over_budget(&shared.metrics, e, &client))
+            })
+            .await?;
+        let params = SubscribeParams::decode(&frame[PREFIX_LEN..]).map_err(|e| {
+            shared.metrics.reject_for("malformed");
+            Status::internal(format!("SubscribeParams does not decode: {e}"))
+        })?;
+        let key = key_field(&shared.metrics, "subscription", &params.key)?;
+        let guard = shared.clients.subscribe(client.client).map_err(|refused| {
+            shared.metrics.reject_for(refused.reason());
+            tracing::debug!("subscription refused: {refused}");
+            Status::resource_exhausted(refused.to_string())
+        })?;
+        let (subscription, _first) =
+            shared
+                .hub
+                .subscribe(key, client.clone(), guard, mailbox, slot);
+        Ok::<_, Status>(subscription)
+    }
+    .await;
+    drop(call);
+    drop(timer);
+    match result {
+        Ok(subscription) => Done::Subscribed {
+            slot,
+            respond,
+            subscription,
+        },
+        Err(status) => {
+            let _ = respond.send_response(
+                wire::error_response(&status, &shared.response_headers),
+                true,
+            );
+            Done::NotSubscribed { slot }
+        }
+    }
+}
+
+async fn publish(
+    shared: Arc<Shared>,
+    client: Arc<ClientState>,
+    call: SlotGuard,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Done {
+    let _call = call;
+    let _timer = shared.metrics.time("Publish");
+    let metrics = &shared.metrics;
+    let result = async {
+        wire::check_request(&request)?;
+        let mut recv = request.into_body();
+        let (frame, _reserved) = read_request(
+            &shared,
+            &mut recv,
+            "envelope",
+            shared.max_envelope_size,
+            |n| {
+                shared
+                    .clients
+                    .check_publish(client.client, n)
+                    .map_err(|refused| {
+                        metrics.reject_for(refused.reason());
+                        if shared.logs.refused.allow() {
+                            tracing::info!("publish refused: {refused}");
+                        }
+                        Status::resource_exhausted(refused.to_string())
+                    })?;
+                Reserved::new(&client, shared.hub.budget(), n)
+                    .map_err(|e| over_budget(metrics, e, &client))
+            },
+        )
+        .await?;
+        let envelope = Envelope::decode(&frame[PREFIX_LEN..]).map_err(|e| {
+            metrics.reject_for("malformed");
+            Status::internal(format!("Envelope does not decode: {e}"))
+        })?;
+        key_field(metrics, "sender", &envelope.sender)?;
+        let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
+        metrics.published.inc();
+        // The frame as received: the envelope unchanged, unknown fields kept.
+        if shared.hub.publish(&recipient, &frame) == 0 {
+            metrics.no_subscriber.inc();
+        }
+        Ok::<_, Status>(())
+    }
+    .await;
+    let headers = &shared.response_headers;
+    match result {
+        Ok(()) => {
+            if let Ok(mut send) = respond.send_response(wire::ok_headers(headers), false) {
+                let _ = send.send_data(EMPTY_MESSAGE.clone(), false);
+                let _ = send.send_trailers(wire::ok_trailers());
+            }
+        }
+        Err(status) => {
+            let _ = respond.send_response(wire::error_response(&status, headers), true);
+        }
+    }
+    Done::Finished
+}

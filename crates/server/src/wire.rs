@@ -1,0 +1,203 @@
+//! gRPC over HTTP/2 as the connection task speaks it for Subscribe and
+//! Publish: request checks, reading one length-prefixed message, response
+//! headers and trailers. The other services go through tonic ([`crate::bridge`]).
+
+use std::future::poll_fn;
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::RecvStream;
+use http::{HeaderMap, HeaderValue, Request, Response, header::CONTENT_TYPE};
+use tonic::Status;
+
+/// The path of `Signaling.Subscribe`.
+pub(crate) const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+/// The path of `Signaling.Publish`.
+pub(crate) const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
+
+/// Length of a message's prefix: a compression flag and a 32-bit length.
+pub(crate) const PREFIX_LEN: usize = 5;
+
+/// The message frame of an empty message: `cunicu.Empty`, and the empty
+/// `Envelope` that confirms a subscription.
+pub(crate) static EMPTY_MESSAGE: Bytes = Bytes::from_static(&[0; PREFIX_LEN]);
+
+const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+
+/// Checks what gRPC needs of a request's headers, before its body is read.
+pub(crate) fn check_request<B>(request: &Request<B>) -> Result<(), Status> {
+    if request.method() != http::Method::POST {
+        return Err(Status::unimplemented(format!(
+            "method {} (gRPC needs POST)",
+            request.method()
+        )));
+    }
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !(content_type == "application/grpc"
+        || content_type.starts_with("application/grpc+proto")
+        || content_type.starts_with("application/grpc;"))
+    {
+        return Err(Status::invalid_argument(format!(
+            "content-type {content_type:?} is not gRPC with protobuf"
+        )));
+    }
+    if let Some(encoding) = request.headers().get("grpc-encoding")
+        && encoding != "identity"
+    {
+        return Err(Status::unimplemented(format!(
+            "message compression {encoding:?} is not supported"
+        )));
+    }
+    Ok(())
+}
+
+/// The headers of a successful response, with `extra` (the server's own
+/// metadata).
+pub(crate) fn ok_headers(extra: &HeaderMap) -> Response<()> {
+    let mut response = Response::new(());
+    response.headers_mut().insert(CONTENT_TYPE, GRPC);
+    extend(response.headers_mut(), extra);
+    response
+}
+
+/// The trailers of a successful call.
+pub(crate) fn ok_trailers() -> HeaderMap {
+    status_trailers(&Status::ok(""))
+}
+
+/// The trailers that end a call with `status`.
+pub(crate) fn status_trailers(status: &Status) -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(2);
+    if status.add_header(&mut trailers).is_err() {
+        // Only a status whose details do not encode fails: send the code alone.
+        trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+    }
+    trailers
+}
+
+/// A trailers-only response that ends the call with `status`.
+pub(crate) fn error_response(status: &Status, extra: &HeaderMap) -> Response<()> {
+    let mut response = ok_headers(extra);
+    let trailers = status_trailers(status);
+    response.headers_mut().extend(trailers);
+    response
+}
+
+fn extend(headers: &mut HeaderMap, extra: &HeaderMap) {
+    for (name, value) in extra {
+        headers.insert(name, value.clone());
+    }
+}
+
+/// Why a request message could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The message is larger than the limit (known from its prefix).
+    Oversize { len: usize, limit: usize },
+    /// `admit` refused it.
+    Admit(Status),
+    /// The message is compressed.
+    Compressed,
+    /// The stream ended before a whole message.
+    Incomplete,
+    /// More than one message came.
+    Extra,
+    /// The stream failed.
+    Stream(h2::Error),
+}
+
+impl ReadError {
+    /// The status that answers it.
+    pub(crate) fn into_status(self) -> Status {
+        match self {
+            ReadError::Oversize { len, limit } => {
+                Status::resource_exhausted(format!("envelope is {len} bytes, the limit is {limit}"))
+            }
+            ReadError::Admit(status) => status,
+            ReadError::Compressed => Status::unimplemented("compressed messages are not supported"),
+            ReadError::Incomplete => {
+                Status::internal("the request message is missing or cut short")
+            }
+            ReadError::Extra => Status::unimplemented("more than one request message"),
+            ReadError::Stream(e) => Status::cancelled(format!("request stream: {e}")),
+        }
+    }
+}
+
+/// Reads one length-prefixed message of at most `limit` bytes from `recv`,
+/// releasing HTTP/2 flow control as it goes. `admit` is called with the
+/// frame's length once the prefix is known, before the rest is read: it may
+/// refuse (a rate or a budget). Returns the whole frame (prefix included),
+/// as received, and what `admit` gave.
+pub(crate) async fn read_message<A>(
+    recv: &mut RecvStream,
+    limit: usize,
+    mut admit: impl FnMut(usize) -> Result<A, Status>,
+) -> Result<(Bytes, A), ReadError> {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut have = 0usize;
+    let mut admitted: Option<(usize, A)> = None;
+    loop {
+        if let Some((want, _)) = &admitted
+            && have >= *want
+        {
+            break;
+        }
+        let chunk = match poll_fn(|cx| recv.poll_data(cx)).await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => return Err(ReadError::Stream(e)),
+            None => break,
+        };
+        // Everything read is ours now: let the client send more.
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        have += chunk.len();
+        chunks.push(chunk);
+        if admitted.is_none() && have >= PREFIX_LEN {
+            let mut prefix = [0u8; PREFIX_LEN];
+            copy_prefix(&chunks, &mut prefix);
+            if prefix[0] != 0 {
+                return Err(ReadError::Compressed);
+            }
+            let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            if len > limit {
+                return Err(ReadError::Oversize { len, limit });
+            }
+            let frame = PREFIX_LEN + len;
+            admitted = Some((frame, admit(frame).map_err(ReadError::Admit)?));
+        }
+    }
+    let Some((want, admitted)) = admitted else {
+        return Err(ReadError::Incomplete);
+    };
+    if have < want {
+        return Err(ReadError::Incomplete);
+    }
+    if have > want {
+        return Err(ReadError::Extra);
+    }
+    let frame = match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(want);
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            all.freeze()
+        }
+    };
+    Ok((frame, admitted))
+}
+
+fn copy_prefix(chunks: &[Bytes], out: &mut [u8; PREFIX_LEN]) {
+    let mut filled = 0;
+    for chunk in chunks {
+        let mut chunk = chunk.clone();
+        while filled < PREFIX_LEN && chunk.has_remaining() {
+            out[filled] = chunk.get_u8();
+            filled += 1;
+        }
+    }
+}
