@@ -178,6 +178,13 @@ struct ServeArgs {
     /// The same per client.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_CALLS_PER_CLIENT", default_value_t = DEFAULTS.max_calls_per_client)]
     max_calls_per_client: usize,
+    /// New requests (calls and subscriptions) per second from one client (a token bucket);
+    /// more are reset, and a connection that goes on is closed.
+    #[arg(long, env = "CUNICU_SIGNAL_REQUEST_RATE", default_value_t = DEFAULTS.request_rate.per_second)]
+    request_rate: NonZeroU32,
+    /// Requests one client may send at once before --request-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_REQUEST_BURST", default_value_t = DEFAULTS.request_rate.burst)]
+    request_burst: NonZeroU32,
     /// Publishes per second from one client (a token bucket); more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "CUNICU_SIGNAL_PUBLISH_RATE", default_value_t = DEFAULTS.publish_rate.per_second)]
     publish_rate: NonZeroU32,
@@ -237,6 +244,10 @@ impl ServeArgs {
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
         config.max_calls = self.max_calls;
         config.max_calls_per_client = self.max_calls_per_client;
+        config.request_rate = Rate {
+            per_second: self.request_rate,
+            burst: self.request_burst,
+        };
         config.publish_rate = Rate {
             per_second: self.publish_rate,
             burst: self.publish_burst,

@@ -198,6 +198,7 @@ pub(crate) struct ClientLimits {
     pub(crate) calls: usize,
     pub(crate) queued_bytes: usize,
     pub(crate) connection_rate: Rate,
+    pub(crate) request_rate: Rate,
     pub(crate) publish_rate: Rate,
     pub(crate) publish_bytes_rate: Rate,
 }
@@ -240,6 +241,8 @@ pub(crate) enum Refused {
     ClientCalls(Client, usize),
     #[error("the server has reached its limit of {0} calls in progress")]
     Calls(usize),
+    #[error("{0} sends requests faster than {1} per second")]
+    RequestRate(Client, u32),
     #[error("{0} publishes faster than {1} envelopes per second")]
     PublishRate(Client, u32),
     #[error("{0} publishes faster than {1} bytes per second")]
@@ -256,6 +259,7 @@ impl Refused {
             Refused::Subscriptions(..) => "too_many_subscriptions",
             Refused::ClientCalls(..) => "too_many_client_calls",
             Refused::Calls(..) => "too_many_calls",
+            Refused::RequestRate(..) => "request_rate",
             Refused::PublishRate(..) => "publish_rate",
             Refused::PublishBytesRate(..) => "publish_bytes_rate",
         }
@@ -271,6 +275,7 @@ pub(crate) struct Clients {
     calls: AtomicUsize,
     max_calls: usize,
     connection_rate: DefaultKeyedRateLimiter<Client>,
+    request_rate: DefaultKeyedRateLimiter<Client>,
     publish_rate: DefaultKeyedRateLimiter<Client>,
     publish_bytes_rate: DefaultKeyedRateLimiter<Client>,
     /// Clients in the table.
@@ -293,6 +298,7 @@ impl Clients {
             calls: AtomicUsize::new(0),
             max_calls,
             connection_rate: RateLimiter::keyed(limits.connection_rate.quota()),
+            request_rate: RateLimiter::keyed(limits.request_rate.quota()),
             publish_rate: RateLimiter::keyed(limits.publish_rate.quota()),
             publish_bytes_rate: RateLimiter::keyed(limits.publish_bytes_rate.quota()),
             gauge,
@@ -390,6 +396,13 @@ impl Clients {
         })
     }
 
+    /// One new request (an HTTP/2 stream) of `client`, within its rate.
+    pub(crate) fn check_request(&self, client: Client) -> Result<(), Refused> {
+        self.request_rate.check_key(&client).map_err(|_| {
+            Refused::RequestRate(client, self.limits.request_rate.per_second.get())
+        })
+    }
+
     /// One publish of `bytes` bytes by `client`, within its rates.
     pub(crate) fn check_publish(&self, client: Client, bytes: usize) -> Result<(), Refused> {
         if self.publish_rate.check_key(&client).is_err() {
@@ -413,6 +426,7 @@ impl Clients {
     pub(crate) fn forget_idle_rates(&self) {
         for limiter in [
             &self.connection_rate,
+            &self.request_rate,
             &self.publish_rate,
             &self.publish_bytes_rate,
         ] {
@@ -513,6 +527,7 @@ mod tests {
                 calls,
                 queued_bytes: 1000,
                 connection_rate: rate(100),
+                request_rate: rate(100),
                 publish_rate: rate(3),
                 publish_bytes_rate: rate(1000),
             },

@@ -60,6 +60,10 @@ pub struct Config {
     pub max_calls: usize,
     /// Most calls in progress at once from one client.
     pub max_calls_per_client: usize,
+    /// New requests (HTTP/2 streams: calls and subscriptions) per second from
+    /// one client (a token bucket). Beyond it streams are reset, and a
+    /// connection that goes on is closed.
+    pub request_rate: Rate,
     /// Publishes per second from one client (a token bucket).
     pub publish_rate: Rate,
     /// Published bytes per second from one client (a token bucket; the
@@ -112,6 +116,7 @@ impl Default for Config {
             max_subscriptions_per_client: 1_000,
             max_calls: 4_096,
             max_calls_per_client: 64,
+            request_rate: rate(500, 1_000),
             publish_rate: rate(200, 1_000),
             publish_bytes_rate: rate(1 << 20, 4 << 20),
             max_streams_per_connection: 1024,
@@ -235,6 +240,7 @@ impl Config {
             calls: self.max_calls_per_client,
             queued_bytes: self.client_queued_bytes,
             connection_rate: self.connection_rate,
+            request_rate: self.request_rate,
             publish_rate: self.publish_rate,
             publish_bytes_rate: self.publish_bytes_rate,
         }

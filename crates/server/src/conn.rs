@@ -58,6 +58,9 @@ use crate::{
 const MAX_SUBSCRIBE_MESSAGE: usize = 1024;
 /// Loop turns before the task lets others run.
 const MAX_TURNS: usize = 64;
+/// Streams refused on one connection for the client's request rate before
+/// the connection is closed (GOAWAY `ENHANCE_YOUR_CALM`).
+const REFUSED_BEFORE_CLOSE: u32 = 1024;
 
 /// Timeouts of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +158,7 @@ pub(crate) async fn serve(
     match end {
         End::Closed | End::Killed => {}
         End::Error(e) => tracing::debug!(%remote, "connection ended: {e}"),
-        End::Timeout(reason) => {
+        End::Cut(reason) => {
             connection.shared.metrics.close_connection_for(reason);
             if connection.shared.logs.closed.allow() {
                 tracing::info!(%remote, reason, "connection closed");
@@ -183,8 +186,8 @@ enum End {
     /// The server stopped hard.
     Killed,
     Error(h2::Error),
-    /// A timeout cut the connection (the metric's reason).
-    Timeout(&'static str),
+    /// The server cut the connection (the metric's reason).
+    Cut(&'static str),
 }
 
 /// What a call in progress ends with.
@@ -243,6 +246,8 @@ struct Connection {
     stopping: bool,
     /// A GOAWAY went out: the connection ends with its last stream.
     closing: bool,
+    /// Streams refused for the request rate.
+    refused: u32,
 }
 
 impl Connection {
@@ -276,6 +281,7 @@ impl Connection {
             kill: Box::pin(kill.cancelled_owned()),
             stopping: false,
             closing: false,
+            refused: 0,
             shared,
         }
     }
@@ -308,7 +314,9 @@ impl Connection {
             // Reads frames, and writes what the above queued: once for all.
             match self.h2.poll_accept(cx) {
                 Poll::Ready(Some(Ok((request, respond)))) => {
-                    self.accept(request, respond);
+                    if let Err(end) = self.accept(request, respond) {
+                        return Poll::Ready(end);
+                    }
                     busy = true;
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Error(e)),
@@ -332,12 +340,31 @@ impl Connection {
         self.client.state()
     }
 
-    /// A new stream: a call starts.
-    fn accept(&mut self, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    /// A new stream: a call starts. Fails when the client keeps going over
+    /// its request rate.
+    fn accept(
+        &mut self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) -> Result<(), End> {
         self.first_request_at = None;
+        let shared = self.shared.clone();
+        if let Err(refused) = shared.clients.check_request(self.client().client) {
+            // As cheap as it gets: a flood of streams costs a reset each.
+            shared.metrics.reject_for(refused.reason());
+            respond.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
+            self.refused += 1;
+            if self.refused >= REFUSED_BEFORE_CLOSE {
+                self.h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                if shared.logs.refused.allow() {
+                    tracing::info!(remote = %self.remote, "connection closed: {refused}");
+                }
+                return Err(End::Cut("request_rate"));
+            }
+            return Ok(());
+        }
         self.idle_at = None;
         self.streams += 1;
-        let shared = self.shared.clone();
         if self.stopping {
             let status = Status::unavailable("the server is shutting down");
             let _ = respond.send_response(
@@ -345,14 +372,14 @@ impl Connection {
                 true,
             );
             self.stream_done();
-            return;
+            return Ok(());
         }
         let call = match self.client.clients().call(self.client().client) {
             Ok(call) => call,
             Err(refused) => {
                 self.refuse(&refused, respond);
                 self.stream_done();
-                return;
+                return Ok(());
             }
         };
         let client = self.client().clone();
@@ -383,6 +410,7 @@ impl Connection {
             }),
         };
         self.calls.push(future);
+        Ok(())
     }
 
     fn refuse(&self, refused: &Refused, mut respond: SendResponse<Bytes>) {
@@ -584,14 +612,14 @@ impl Connection {
                         self.keepalive = Keepalive::Next(now + timeouts.keepalive_interval);
                     }
                     Some(Poll::Pending) if now >= deadline => {
-                        return Err(End::Timeout("keepalive_timeout"));
+                        return Err(End::Cut("keepalive_timeout"));
                     }
                     Some(Poll::Pending) => {}
                 }
             }
         }
         if self.first_request_at.is_some_and(|at| now >= at) {
-            return Err(End::Timeout("handshake_timeout"));
+            return Err(End::Cut("handshake_timeout"));
         }
         if self.idle_at.is_some_and(|at| now >= at) {
             self.idle_at = None;

@@ -42,6 +42,10 @@ pub(crate) type Frame = Bytes;
 /// this goes alone.
 pub(crate) const IN_FLIGHT_PER_STREAM: usize = 16 * 1024;
 
+/// The window a peer must have opened before a frame larger than it is
+/// handed to HTTP/2 (which sends the rest as the window grows).
+const LARGE_FRAME_WINDOW: usize = 16 * 1024;
+
 /// The limits of the subscriptions in a [`Hub`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueLimits {
@@ -246,8 +250,8 @@ impl Sub {
 
     /// The next envelope to hand to HTTP/2, if one may go: the stream has
     /// room in flight, and `window` (the stream's send capacity) holds it,
-    /// or nothing is in flight and the window is open at all (a frame larger
-    /// than the peer's window goes alone). Its bytes stay counted until the
+    /// or nothing is in flight and the window is open wide enough (a frame
+    /// larger than the peer's window goes alone). Its bytes stay counted until the
     /// returned buffer (and every piece of it) is dropped, which HTTP/2 does
     /// once it wrote them or the stream is gone. [`Take::Nothing`] ends a
     /// drain: the slot is posted again when there is more to send.
@@ -258,7 +262,9 @@ impl Sub {
             return Take::Nothing;
         }
         let len = state.queue[0].len();
-        if len > window && (state.in_flight > 0 || window == 0) {
+        // A frame larger than the window goes alone, once the peer opened a
+        // fair part of it (a largest envelope exceeds a default window).
+        if len > window && (state.in_flight > 0 || window < len.min(LARGE_FRAME_WINDOW)) {
             // What may go now, for the reservation of the stream's window.
             let room = IN_FLIGHT_PER_STREAM.saturating_sub(state.in_flight);
             return Take::Window(state.queued.min(room).max(len));
@@ -542,6 +548,7 @@ mod tests {
                 calls: 10,
                 queued_bytes: client_bytes,
                 connection_rate: rate,
+                request_rate: rate,
                 publish_rate: rate,
                 publish_bytes_rate: rate,
             },

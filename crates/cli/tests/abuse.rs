@@ -1,0 +1,1076 @@
+//! The server under attack (SPEC §10), as an attacker on the internet would
+//! try it: one test per attack, each from 127.0.0.1 (and a few more loopback
+//! addresses where the attack needs them) against `cunicu-signal serve` in a
+//! child process, while a well-behaved client on 127.0.0.2 publishes to its
+//! own subscription. Each test asserts that the well-behaved client loses
+//! nothing and keeps a low latency, that the server's memory stays within
+//! what its limits promise, and that the limit that held is counted.
+//!
+//! The attacks run one at a time (they measure time and memory).
+//!
+//! `CUNICU_SIGNAL_ABUSE_SERVER=/path/to/cunicu-signal` runs them against
+//! another build (flags it does not know are left out), to see an older
+//! server fail them.
+
+mod common;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use common::{Killed, lines_of, wait_for_line};
+use cunicu_signal::proto::signaling::{
+    EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    time::timeout,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// Limit of one step of a test.
+const STEP: Duration = Duration::from_secs(30);
+/// The well-behaved client's p99 publish-to-delivery latency while an attack
+/// runs. Without an attack it is about 1 ms here. The attacker, the
+/// well-behaved client and the server share 2 cores, so the server's turn
+/// can wait behind the attacker's (the OS scheduler's slices are a few ms,
+/// and the attacker's connection tasks yield after a bounded batch): 50 ms
+/// leaves room for that and is still far below what ICE signaling notices
+/// (its retries are 0.5 s apart).
+const P99_BOUND: Duration = Duration::from_millis(50);
+/// Memory the server may grow by beyond what the limits of an attack add
+/// up to: allocator pages that stay mapped, the runtime's per-thread caches.
+const SLACK_KIB: u64 = 16 * 1024;
+
+/// One attack at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The server under attack, in a child process.
+struct TestServer {
+    _child: Killed,
+    pid: u32,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+/// Limits small enough to reach in a test; a test overrides some.
+const TEST_FLAGS: &[(&str, &str)] = &[
+    ("--stall-timeout", "2s"),
+    ("--handshake-timeout", "2s"),
+    ("--request-timeout", "2s"),
+    ("--idle-timeout", "2s"),
+];
+
+impl TestServer {
+    /// Starts the server with [`TEST_FLAGS`] and then `flags`.
+    fn start(flags: &[(&str, &str)]) -> TestServer {
+        let bin = std::env::var("CUNICU_SIGNAL_ABUSE_SERVER")
+            .unwrap_or_else(|_| common::BIN.to_string());
+        let known = known_flags(&bin);
+        let mut command = Command::new(&bin);
+        command.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]);
+        let defaults = TEST_FLAGS
+            .iter()
+            .filter(|(flag, _)| !flags.iter().any(|(f, _)| f == flag));
+        for (flag, value) in defaults.chain(flags) {
+            if known.iter().any(|k| k == flag) {
+                command.args([flag, value]);
+            } else {
+                eprintln!("{bin} does not know {flag}: left out");
+            }
+        }
+        command
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = Killed(command.spawn().expect("spawn the server"));
+        let pid = child.0.id();
+        let lines = lines_of(child.0.stderr.take().expect("stderr"));
+        let line = wait_for_line(&lines, "signaling server listening");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{name} in {line}: {e}"))
+        };
+        let (addr, metrics) = (field("local_addr="), field("metrics="));
+        // Keep reading its log, so that it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        TestServer {
+            _child: child,
+            pid,
+            addr,
+            metrics,
+        }
+    }
+
+    /// The server's resident memory.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .expect("the server runs");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// The value of one metric (`name{labels}` exactly as the server writes it).
+    async fn metric(&self, name: &str) -> f64 {
+        let mut stream = TcpStream::connect(self.metrics).await.expect("metrics port");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut text = String::new();
+        timeout(STEP, stream.read_to_string(&mut text))
+            .await
+            .expect("metrics in time")
+            .expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().expect("a number"))
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `name` satisfies `ok`; returns its value.
+    async fn wait_metric(&self, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let value = self.metric(name).await;
+            if ok(value) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "{name} stayed at {value}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The long flags `bin serve --help` lists.
+fn known_flags(bin: &str) -> Vec<String> {
+    let help = Command::new(bin)
+        .args(["serve", "--help"])
+        .output()
+        .expect("serve --help");
+    String::from_utf8_lossy(&help.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.trim_end_matches([',', '.']).to_string())
+        .collect()
+}
+
+/// Reads (the server's SETTINGS may come first) until the connection ends.
+async fn until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut buf = [0u8; 256];
+    while let Ok(1..) = stream.read(&mut buf).await {}
+}
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+// ---------------------------------------------------------------------------
+// The well-behaved client.
+
+/// What the well-behaved client saw.
+#[derive(Debug)]
+struct Report {
+    sent: u64,
+    received: u64,
+    refused: u64,
+    p99: Duration,
+    #[allow(dead_code)] // shown by Debug when a test fails
+    max: Duration,
+}
+
+impl Report {
+    /// Nothing lost, nothing refused, latency within [`P99_BOUND`].
+    fn assert_served(&self) {
+        assert!(self.sent > 0, "{self:?}");
+        assert_eq!(self.refused, 0, "publishes refused: {self:?}");
+        assert_eq!(self.received, self.sent, "deliveries lost: {self:?}");
+        assert!(self.p99 <= P99_BOUND, "p99 over {P99_BOUND:?}: {self:?}");
+    }
+}
+
+/// A tonic channel from `from`.
+async fn channel_from(server: &TestServer, from: IpAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{}", server.addr))
+        .expect("endpoint")
+        .local_address(Some(from))
+        .connect_timeout(STEP)
+        .connect()
+        .await
+        .expect("the well-behaved client connects")
+}
+
+/// The well-behaved client on 127.0.0.2: subscribes to its key, then
+/// publishes to it `per_second` times a second for `duration`, and measures
+/// each envelope's way back.
+async fn well_behaved(server: &TestServer, duration: Duration, per_second: u32) -> Report {
+    let channel = timeout(STEP, channel_from(server, loopback(2)))
+        .await
+        .expect("connected in time");
+    let mut client = SignalingClient::new(channel);
+    let key = [0x77u8; 32];
+    let mut stream = timeout(STEP, client.subscribe(SubscribeParams { key: key.to_vec() }))
+        .await
+        .expect("subscribed in time")
+        .expect("subscribed")
+        .into_inner();
+    assert_eq!(
+        timeout(STEP, stream.message()).await.expect("sync in time").expect("sync"),
+        Some(Envelope::default())
+    );
+    let start = Instant::now();
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let latencies = latencies.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(envelope)) = stream.message().await {
+                let Some(sent) = envelope
+                    .contents
+                    .as_ref()
+                    .and_then(|c| c.body.get(8..16))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                else {
+                    continue;
+                };
+                let sent = Duration::from_nanos(u64::from_be_bytes(sent));
+                latencies
+                    .lock()
+                    .unwrap()
+                    .push(start.elapsed().saturating_sub(sent));
+            }
+        })
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / per_second);
+    let (mut sent, mut refused) = (0u64, 0u64);
+    while start.elapsed() < duration {
+        ticker.tick().await;
+        let mut body = sent.to_be_bytes().to_vec();
+        body.extend_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
+        body.resize(120, 0);
+        let envelope = Envelope {
+            sender: vec![1; 32],
+            recipient: key.to_vec(),
+            contents: Some(EncryptedMessage {
+                body,
+                nonce: vec![0; 24],
+            }),
+        };
+        match timeout(STEP, client.publish(envelope)).await {
+            Ok(Ok(_)) => sent += 1,
+            _ => refused += 1,
+        }
+    }
+    // Let the last ones arrive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (latencies.lock().unwrap().len() as u64) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reader.abort();
+    let mut latencies = latencies.lock().unwrap().clone();
+    latencies.sort();
+    let quantile = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(Duration::MAX)
+    };
+    Report {
+        sent,
+        received: latencies.len() as u64,
+        refused,
+        p99: quantile(0.99),
+        max: quantile(1.0),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The attacker's tools: raw HTTP/2 (the h2 crate) with its own windows.
+
+/// An HTTP/2 connection of the attacker. Its I/O runs on a task until
+/// [`Attacker::stop_reading`]; the socket stays open until dropped.
+struct Attacker {
+    send: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+/// Flow-control settings of an attacker's connection.
+#[derive(Clone, Copy)]
+struct Windows {
+    stream: u32,
+    connection: u32,
+    /// The socket's receive buffer (SO_RCVBUF), to make a non-reader block soon.
+    recv_buffer: Option<u32>,
+}
+
+impl Windows {
+    const ZERO: Windows = Windows {
+        stream: 0,
+        connection: 65_535,
+        recv_buffer: None,
+    };
+    const HUGE: Windows = Windows {
+        stream: (1 << 31) - 1,
+        connection: (1 << 31) - 1,
+        recv_buffer: Some(4096),
+    };
+}
+
+async fn tcp_from(server: SocketAddr, from: IpAddr, recv_buffer: Option<u32>) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+    }
+    socket.bind(SocketAddr::new(from, 0)).expect("bind");
+    timeout(STEP, socket.connect(server))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+impl Attacker {
+    async fn connect(server: &TestServer, from: IpAddr, windows: Windows) -> Attacker {
+        let tcp = tcp_from(server.addr, from, windows.recv_buffer).await;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(windows.stream)
+            .initial_connection_window_size(windows.connection)
+            .max_concurrent_reset_streams(usize::MAX)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .expect("HTTP/2 handshake");
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let driver = tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => {}
+                _ = stopped => {
+                    // Not read any more, but open: hold it until aborted.
+                    std::future::pending::<()>().await;
+                }
+            }
+        });
+        Attacker {
+            send,
+            addr: server.addr,
+            stop: Some(stop),
+            driver,
+        }
+    }
+
+    /// Stops reading the socket (and answering pings), keeping it open.
+    fn stop_reading(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    fn request(&self, path: &str) -> http::Request<()> {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request")
+    }
+
+    /// Opens a Subscribe stream to `key`; returns once the server answered
+    /// with its headers (the subscription exists).
+    async fn subscribe(&mut self, key: [u8; 32]) -> Result<h2::RecvStream, String> {
+        let (response, mut body) = self.send_request("/cunicu.signaling.Signaling/Subscribe")
+            .await?;
+        body.send_data(message(&SubscribeParams { key: key.to_vec() }), true)
+            .map_err(|e| e.to_string())?;
+        let response = timeout(STEP, response)
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        if let Some(status) = response.headers().get("grpc-status") {
+            return Err(format!(
+                "refused: {status:?} {:?}",
+                response.headers().get("grpc-message")
+            ));
+        }
+        Ok(response.into_body())
+    }
+
+    async fn send_request(
+        &mut self,
+        path: &str,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
+        let request = self.request(path);
+        let ready = timeout(STEP, self.send.clone().ready())
+            .await
+            .map_err(|_| "stream limit".to_string())?
+            .map_err(|e| e.to_string())?;
+        self.send = ready;
+        self.send
+            .send_request(request, false)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Publishes and waits for the answer (dropping it would cancel the call).
+    async fn publish(&mut self, recipient: [u8; 32], body: usize) -> Result<(), String> {
+        let (response, mut stream) = self
+            .send_request("/cunicu.signaling.Signaling/Publish")
+            .await?;
+        stream
+            .send_data(message(&envelope(recipient, body)), true)
+            .map_err(|e| e.to_string())?;
+        let response = timeout(STEP, response)
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        match response.headers().get("grpc-status") {
+            Some(status) => Err(format!("refused: {status:?}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// A message as gRPC frames it: no compression, 32-bit length, bytes.
+fn message(m: &impl prost::Message) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + m.encoded_len());
+    out.put_u8(0);
+    out.put_u32(m.encoded_len() as u32);
+    m.encode(&mut out).expect("encode");
+    out.freeze()
+}
+
+fn envelope(recipient: [u8; 32], body: usize) -> Envelope {
+    Envelope {
+        sender: vec![9; 32],
+        recipient: recipient.to_vec(),
+        contents: Some(EncryptedMessage {
+            body: vec![0xab; body],
+            nonce: vec![0; 24],
+        }),
+    }
+}
+
+fn key(n: u32) -> [u8; 32] {
+    let mut key = [0x42u8; 32];
+    key[..4].copy_from_slice(&n.to_be_bytes());
+    key
+}
+
+/// Bytes of the server's memory per connection and subscription, as
+/// measured (BENCHMARKS.md) with room to spare.
+const CONNECTION_KIB: u64 = 64;
+const SUBSCRIPTION_KIB: u64 = 4;
+
+fn assert_rss_within(server: &TestServer, baseline: u64, bound_kib: u64, what: &str) {
+    let rss = server.rss_kib();
+    assert!(
+        rss <= baseline + bound_kib + SLACK_KIB,
+        "{what}: RSS {rss} KiB, from {baseline} KiB, over the bound of {bound_kib} KiB + {SLACK_KIB} KiB"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The attacks.
+
+/// ~1 300 Subscribe streams whose window stays 0, then ~1.2 MB published to
+/// them: every copy waits for the attacker, who never takes it. With budgets
+/// per server only, that filled the server's budget and every other
+/// subscriber's envelopes were dropped from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_subscribers_cannot_starve_the_others() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("--max-subscriptions-per-client", "2000")]);
+    let baseline = server.rss_kib();
+    let mut streams = Vec::new();
+    let mut attackers = Vec::new();
+    for _ in 0..2 {
+        let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
+        for n in 0..650 {
+            streams.push(attacker.subscribe(key(n % 6)).await.expect("subscribed"));
+        }
+        attackers.push(attacker);
+    }
+    server
+        .wait_metric("signaling_subscriptions", |v| v >= 1300.0)
+        .await;
+    // 1 200 publishes of 1 KB: each copied to ~216 streams.
+    let mut publisher = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
+    for n in 0..1200 {
+        let _ = publisher.publish(key(n % 6), 1000).await;
+    }
+    server
+        .wait_metric("signaling_envelopes_dropped_total{reason=\"client_budget\"}", |v| {
+            v > 0.0
+        })
+        .await;
+    let report = well_behaved(&server, Duration::from_secs(2), 200).await;
+    report.assert_served();
+    let queued = server.metric("signaling_queued_bytes").await;
+    assert!(queued <= (4 << 20) as f64 + 2_000.0, "queued {queued}");
+    assert_rss_within(
+        &server,
+        baseline,
+        4 * 1024 + 1300 * SUBSCRIPTION_KIB + 3 * CONNECTION_KIB,
+        "1 300 zero-window subscribers",
+    );
+    drop((streams, attackers));
+}
+
+/// 500 subscribers on one key that grant huge windows and never read the
+/// socket, then 10 publishes of 65 KB. What had left the queues sat in
+/// HTTP/2 buffers counted nowhere: +268 MiB from 635 KB sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_never_read_hold_no_more_than_their_budget() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("--stall-timeout", "30s")]);
+    let baseline = server.rss_kib();
+    let mut attacker = Attacker::connect(&server, loopback(1), Windows::HUGE).await;
+    let mut streams = Vec::new();
+    for _ in 0..500 {
+        streams.push(attacker.subscribe(key(1)).await.expect("subscribed"));
+    }
+    attacker.stop_reading();
+    let mut publisher = Attacker::connect(&server, loopback(3), Windows::ZERO).await;
+    for _ in 0..10 {
+        publisher.publish(key(1), 65_000).await.expect("published");
+    }
+    server
+        .wait_metric("signaling_envelopes_published_total", |v| v >= 10.0)
+        .await;
+    let report = well_behaved(&server, Duration::from_secs(2), 200).await;
+    report.assert_served();
+    let queued = server.metric("signaling_queued_bytes").await;
+    assert!(queued <= (4 << 20) as f64, "queued {queued}");
+    assert_rss_within(
+        &server,
+        baseline,
+        4 * 1024 + 500 * SUBSCRIPTION_KIB + 2 * CONNECTION_KIB,
+        "500 subscribers that never read",
+    );
+    drop(streams);
+}
+
+/// Publish calls that announce a large message and never send it whole.
+/// Before, the decode limit was 4 MiB and the size was checked only once the
+/// whole message had arrived: 32 such calls held +131 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[]);
+    let baseline = server.rss_kib();
+    let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
+    // Announced larger than the envelope limit: refused from the prefix.
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let (response, mut body) = attacker
+            .send_request("/cunicu.signaling.Signaling/Publish")
+            .await
+            .expect("stream");
+        let mut prefix = BytesMut::new();
+        prefix.put_u8(0);
+        prefix.put_u32(4 << 20);
+        prefix.put_slice(&[0; 60_000]);
+        let _ = body.send_data(prefix.freeze(), false);
+        let response = timeout(STEP, response).await.expect("answered").expect("response");
+        assert_eq!(
+            response.headers().get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"8"[..]),
+            "RESOURCE_EXHAUSTED"
+        );
+        refused += 1;
+        held.push(body);
+    }
+    assert_eq!(refused, 32);
+    // Within the limit, but half sent: each holds its bytes until the
+    // request timeout, and all of one client at most its budget.
+    let mut pending = Vec::new();
+    for _ in 0..60 {
+        let (response, mut body) = attacker
+            .send_request("/cunicu.signaling.Signaling/Publish")
+            .await
+            .expect("stream");
+        let mut prefix = BytesMut::new();
+        prefix.put_u8(0);
+        prefix.put_u32(65_000);
+        prefix.put_slice(&[0; 30_000]);
+        let _ = body.send_data(prefix.freeze(), false);
+        pending.push((response, body));
+    }
+    let report = well_behaved(&server, Duration::from_secs(1), 200).await;
+    report.assert_served();
+    assert_rss_within(
+        &server,
+        baseline,
+        4 * 1024 + 64 * 64 + CONNECTION_KIB,
+        "half-sent publishes",
+    );
+    // The request timeout ends them and gives their bytes back.
+    for (response, _body) in pending {
+        let response = timeout(STEP, response).await.expect("answered").expect("response");
+        let status = response.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+        assert!(
+            status == Some(b"4".to_vec()) || status == Some(b"8".to_vec()),
+            "DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED: {status:?}"
+        );
+    }
+    server
+        .wait_metric("signaling_queued_bytes", |v| v == 0.0)
+        .await;
+    assert!(server.metric("signaling_requests_rejected_total{reason=\"request_timeout\"}").await > 0.0);
+    assert_eq!(
+        server
+            .metric("signaling_requests_rejected_total{reason=\"oversize\"}")
+            .await,
+        32.0
+    );
+}
+
+/// TCP connections that never send the HTTP/2 preface. Before, 10 000 from
+/// one address took every connection slot and nothing closed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cannot_take_every_slot() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("--max-connections", "300")]);
+    let baseline = server.rss_kib();
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        match timeout(Duration::from_secs(2), tcp_from(server.addr, loopback(1), None)).await {
+            Ok(tcp) => silent.push(tcp),
+            Err(_) => break,
+        }
+    }
+    let report = well_behaved(&server, Duration::from_secs(1), 200).await;
+    report.assert_served();
+    // Beyond 64 refused at once; the 64 closed after the handshake timeout.
+    server
+        .wait_metric(
+            "signaling_connections_refused_total{reason=\"too_many_client_connections\"}",
+            |v| v > 0.0,
+        )
+        .await;
+    server
+        .wait_metric("signaling_connections_closed_total{reason=\"handshake_timeout\"}", |v| {
+            v >= 64.0
+        })
+        .await;
+    let mut closed = 0;
+    for tcp in &mut silent {
+        if timeout(STEP, until_closed(tcp)).await.is_ok() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, silent.len(), "every silent connection was closed");
+    assert_rss_within(&server, baseline, 64 * CONNECTION_KIB, "silent connections");
+}
+
+/// A connection silent after its TLS handshake. Before, the handshake had
+/// a deadline but what came after did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_silent_after_the_tls_handshake_is_closed() {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).expect("cert");
+    std::fs::write(&key_file, signing_key.serialize_pem()).expect("key");
+    let server = TestServer::start(&[
+        ("--tls-cert", cert_file.to_str().expect("path")),
+        ("--tls-key", key_file.to_str().expect("path")),
+    ]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tcp_from(server.addr, loopback(1), None).await;
+    let mut tls = connector
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    let started = Instant::now();
+    timeout(STEP, until_closed(&mut tls))
+        .await
+        .expect("closed in time");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server
+            .metric("signaling_connections_closed_total{reason=\"handshake_timeout\"}")
+            .await,
+        1.0
+    );
+}
+
+/// Subscriptions from a few addresses (an IPv6 /60 holds 16 /64s). Before,
+/// 100 000 from 10 addresses filled the server for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_addresses_cannot_take_every_subscription() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[
+        ("--max-subscriptions", "12000"),
+        ("--max-streams-per-connection", "2000"),
+    ]);
+    let baseline = server.rss_kib();
+    let (mut held, mut attackers) = (Vec::new(), Vec::new());
+    let mut refused = 0u32;
+    for address in 10..20 {
+        let mut attacker = Attacker::connect(&server, loopback(address), Windows::ZERO).await;
+        for n in 0..1200 {
+            match attacker.subscribe(key(n)).await {
+                Ok(stream) => held.push(stream),
+                Err(_) => refused += 1,
+            }
+        }
+        attackers.push(attacker);
+    }
+    assert_eq!(refused, 10 * 200, "1 000 per address, the rest refused");
+    let report = well_behaved(&server, Duration::from_secs(1), 200).await;
+    report.assert_served();
+    assert_rss_within(
+        &server,
+        baseline,
+        10_000 * SUBSCRIPTION_KIB + 20 * CONNECTION_KIB,
+        "10 000 subscriptions",
+    );
+}
+
+/// Streams blocked on flow control, then the connection closes, or goes
+/// silent and stops answering pings. Before, they stayed (with their bytes)
+/// until a keepalive ran out (2 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_connection_releases_its_streams_and_bytes_at_once() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[
+        ("--stall-timeout", "60s"),
+        ("--keepalive-interval", "1s"),
+        ("--keepalive-timeout", "1s"),
+    ]);
+    for goes in ["closed", "silent"] {
+        let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
+        let mut streams = Vec::new();
+        for n in 0..100 {
+            streams.push(attacker.subscribe(key(n)).await.expect("subscribed"));
+        }
+        let mut publisher = Attacker::connect(&server, loopback(3), Windows::ZERO).await;
+        for n in 0..100 {
+            publisher.publish(key(n), 10_000).await.expect("published");
+        }
+        server
+            .wait_metric("signaling_queued_bytes", |v| v >= 100.0 * 10_000.0)
+            .await;
+        let started = Instant::now();
+        match goes {
+            "closed" => drop((attacker, streams)),
+            _ => {
+                attacker.stop_reading();
+                std::mem::forget(streams);
+                std::mem::forget(attacker);
+            }
+        }
+        server
+            .wait_metric("signaling_subscriptions", |v| v == 0.0)
+            .await;
+        server
+            .wait_metric("signaling_queued_bytes", |v| v == 0.0)
+            .await;
+        let bound = if goes == "closed" { 2 } else { 5 };
+        assert!(
+            started.elapsed() < Duration::from_secs(bound),
+            "{goes}: released after {:?}",
+            started.elapsed()
+        );
+        drop(publisher);
+    }
+    assert!(
+        server
+            .metric("signaling_connections_closed_total{reason=\"keepalive_timeout\"}")
+            .await
+            >= 1.0
+    );
+}
+
+/// A subscriber that takes nothing while envelopes wait is cut off with
+/// UNAVAILABLE "subscriber too slow", and its queue freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_is_cut_off() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[]);
+    // Room for the sync envelope and no more.
+    let windows = Windows {
+        stream: 5,
+        ..Windows::ZERO
+    };
+    let mut attacker = Attacker::connect(&server, loopback(1), windows).await;
+    let mut stream = attacker.subscribe(key(1)).await.expect("subscribed");
+    let mut publisher = Attacker::connect(&server, loopback(3), Windows::ZERO).await;
+    // Before the first envelope waits: the stall timeout runs from then.
+    let started = Instant::now();
+    for _ in 0..3 {
+        publisher.publish(key(1), 100).await.expect("published");
+    }
+    let mut sync = timeout(STEP, stream.data()).await.expect("sync").expect("data").expect("ok");
+    assert_eq!(sync.split_to(sync.len()).as_ref(), &[0; 5]);
+    let _ = stream.flow_control().release_capacity(5);
+    // Nothing more is read: the window stays closed.
+    let trailers = timeout(STEP, async {
+        loop {
+            match stream.data().await {
+                Some(Ok(_)) => continue,
+                _ => break stream.trailers().await,
+            }
+        }
+    })
+    .await
+    .expect("the stream ended")
+    .expect("trailers")
+    .expect("some");
+    let elapsed = started.elapsed();
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"14"[..]));
+    assert_eq!(
+        trailers.get("grpc-message").map(|v| v.as_bytes()),
+        Some(&b"subscriber%20too%20slow"[..])
+    );
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(5),
+        "cut after {elapsed:?}"
+    );
+    assert_eq!(
+        server
+            .metric("signaling_subscribers_cut_total{reason=\"stalled\"}")
+            .await,
+        1.0
+    );
+    server
+        .wait_metric("signaling_queued_bytes", |v| v == 0.0)
+        .await;
+}
+
+/// One client publishing as fast as it can gets RESOURCE_EXHAUSTED beyond
+/// its rate; the others are not slowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_flood_is_limited_to_its_client() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[
+        ("--publish-rate", "100"),
+        ("--publish-burst", "200"),
+        // The request rate is another test's.
+        ("--request-rate", "100000"),
+        ("--request-burst", "100000"),
+    ]);
+    let flood = tokio::spawn({
+        let addr = server.addr;
+        async move {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .local_address(Some(loopback(1)))
+                .connect()
+                .await
+                .expect("connect");
+            let mut client = SignalingClient::new(channel);
+            let (mut ok, mut refused) = (0u32, 0u32);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(3) {
+                match client.publish(envelope(key(1), 100)).await {
+                    Ok(_) => ok += 1,
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                        refused += 1
+                    }
+                    Err(status) => panic!("{status}"),
+                }
+            }
+            (ok, refused)
+        }
+    });
+    // Under the same rate, from another address: never refused.
+    let report = well_behaved(&server, Duration::from_secs(2), 90).await;
+    let (ok, refused) = flood.await.expect("flood");
+    report.assert_served();
+    assert!(refused > 0, "the flood was not limited");
+    assert!(ok <= 200 + 100 * 4, "{ok} publishes went through");
+    assert!(
+        server
+            .metric("signaling_requests_rejected_total{reason=\"publish_rate\"}")
+            .await
+            >= f64::from(refused)
+    );
+}
+
+/// Streams opened and reset at once, as fast as possible (the HTTP/2 rapid
+/// reset attack), then a flood of streams: each costs the server a reset,
+/// and a connection that goes on is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_floods_and_rapid_resets_are_cut_short() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[]);
+    let attack = tokio::spawn({
+        let addr = server.addr;
+        async move {
+            let tcp = tcp_from(addr, loopback(1), None).await;
+            let (mut send, connection) = h2::client::Builder::new()
+                .max_concurrent_reset_streams(usize::MAX)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .expect("handshake");
+            let driver = tokio::spawn(connection);
+            let started = Instant::now();
+            let mut opened = 0u32;
+            while started.elapsed() < Duration::from_secs(5) {
+                let request = http::Request::builder()
+                    .method("POST")
+                    .uri(format!("http://{addr}/cunicu.signaling.Signaling/Publish"))
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .expect("request");
+                send = match send.ready().await {
+                    Ok(send) => send,
+                    Err(_) => break,
+                };
+                match send.send_request(request, false) {
+                    Ok((_response, mut body)) => body.send_reset(h2::Reason::CANCEL),
+                    Err(_) => break,
+                }
+                opened += 1;
+                // An attacker has a process of its own; this one shares the
+                // test's runtime with the well-behaved client.
+                if opened % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            driver.abort();
+            (opened, started.elapsed())
+        }
+    });
+    let report = well_behaved(&server, Duration::from_secs(2), 200).await;
+    let (opened, took) = attack.await.expect("attack");
+    report.assert_served();
+    assert!(
+        took < Duration::from_secs(5),
+        "the connection was not closed: {opened} streams in {took:?}"
+    );
+}
+
+/// A connection without streams is closed (GOAWAY) after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[]);
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        // One call (without a call, the handshake timeout closes it), then nothing.
+        let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
+        attacker.publish(key(1), 10).await.expect("published");
+        idle.push(attacker);
+    }
+    server
+        .wait_metric("signaling_connections_closed_total{reason=\"idle\"}", |v| v >= 20.0)
+        .await;
+    server.wait_metric("signaling_connections", |v| v == 0.0).await;
+    let report = well_behaved(&server, Duration::from_secs(1), 100).await;
+    report.assert_served();
+}
+
+/// New connections from one address as fast as possible: beyond the rate,
+/// refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_floods_are_rate_limited_per_client() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[]);
+    let flood = tokio::spawn({
+        let addr = server.addr;
+        async move {
+            let started = Instant::now();
+            let mut n = 0;
+            while started.elapsed() < Duration::from_secs(2) {
+                if let Ok(mut tcp) =
+                    timeout(Duration::from_secs(1), tcp_from(addr, loopback(1), None)).await
+                {
+                    let _ = tcp.shutdown().await;
+                }
+                n += 1;
+            }
+            n
+        }
+    });
+    let report = well_behaved(&server, Duration::from_secs(2), 200).await;
+    let attempts = flood.await.expect("flood");
+    report.assert_served();
+    let refused = server
+        .metric("signaling_connections_refused_total{reason=\"connection_rate\"}")
+        .await;
+    assert!(refused > 0.0 && attempts > 100, "{refused} of {attempts} refused");
+}
+
+/// More calls at once than a client may have: refused, and the others served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_progress_are_limited_per_client() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[]);
+    let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
+    let (mut open, mut bodies) = (Vec::new(), Vec::new());
+    let mut refused = 0;
+    // Reflection streams whose answers the attacker never takes.
+    for _ in 0..200 {
+        let (response, mut body) = attacker
+            .send_request("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+            .await
+            .expect("stream");
+        let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                ),
+            ),
+        };
+        let _ = body.send_data(message(&request), false);
+        bodies.push(body);
+        let response = timeout(STEP, response).await.expect("answered").expect("response");
+        if response.headers().get("grpc-status").is_some() {
+            refused += 1;
+        } else {
+            open.push(response);
+        }
+    }
+    assert_eq!(refused, 200 - 64, "64 in progress, the rest refused");
+    let report = well_behaved(&server, Duration::from_secs(1), 100).await;
+    report.assert_served();
+    assert_eq!(
+        server
+            .metric("signaling_requests_rejected_total{reason=\"too_many_client_calls\"}")
+            .await,
+        f64::from(refused)
+    );
+}
