@@ -63,7 +63,11 @@ fn envelopes(c: &mut Criterion) {
         .expect("seal");
     forged.contents.as_mut().expect("contents").body[20] ^= 1;
     group.bench_function("open_forged_new_sender", |b| {
-        b.iter(|| black_box(&forged).open(black_box(&bob)).expect_err("forged"))
+        b.iter(|| {
+            black_box(&forged)
+                .open(black_box(&bob))
+                .expect_err("forged")
+        })
     });
     // One X25519 (variable base), the unit the figures above are counted in.
     let their_public = x25519_dalek::PublicKey::from(*alice.public_key().as_bytes());
