@@ -438,6 +438,7 @@ async fn veth_peer() {
     // Every copy the other side sent arrives (veth loses nothing at this rate),
     // and nothing else: with loopback=false we do not hear our own datagrams.
     until("all copies", || transport.stats().handed_over == REPEATS).await;
+    within("the registry's worker", STEP, registry.flush()).await;
     let stats = transport.stats();
     assert_eq!(stats.sent, REPEATS);
     assert_eq!(stats.received, REPEATS, "{stats:?}");
@@ -625,6 +626,7 @@ async fn datagrams_that_are_not_envelopes_are_counted_not_delivered() {
         s.not_envelopes + s.not_ours + s.handed_over == 7
     })
     .await;
+    within("the registry's worker", STEP, registry.flush()).await;
     let stats = receiver.stats();
     assert_eq!(stats.not_envelopes, 5, "{stats:?}");
     assert_eq!(stats.read_errors, 0, "{stats:?}");
