@@ -1,5 +1,6 @@
 //! Seal and open of a typical candidate message, with cached and uncached
-//! shared keys; protobuf encode and decode. Run: `cargo bench -p cunicu-signal`.
+//! shared keys; what a forged envelope from a new sender costs; protobuf
+//! encode and decode. Run: `cargo bench -p cunicu-signal`.
 
 use std::{hint::black_box, time::Duration};
 
@@ -52,6 +53,27 @@ fn envelopes(c: &mut Criterion) {
             let env = black_box(&message).seal(&pair).expect("seal");
             env.open(&bob).expect("open")
         })
+    });
+    // What a forgery costs a receiver: a made-up sender is never cached, so
+    // every such envelope pays for the shared key (X25519) and one failed
+    // Poly1305 check. The envelope is built once; its sender is fresh to the
+    // cache every time because forgeries are never cached.
+    let mut forged = candidate()
+        .seal(&KeyPair::new(Key::generate(), bob.public_key()))
+        .expect("seal");
+    forged.contents.as_mut().expect("contents").body[20] ^= 1;
+    group.bench_function("open_forged_new_sender", |b| {
+        b.iter(|| {
+            black_box(&forged)
+                .open(black_box(&bob))
+                .expect_err("forged")
+        })
+    });
+    // One X25519 (variable base), the unit the figures above are counted in.
+    let their_public = x25519_dalek::PublicKey::from(*alice.public_key().as_bytes());
+    let our_secret = x25519_dalek::StaticSecret::from(*bob.as_bytes());
+    group.bench_function("x25519", |b| {
+        b.iter(|| black_box(&our_secret).diffie_hellman(black_box(&their_public)))
     });
     group.bench_function("seal_open_uncached", |b| {
         b.iter(|| {

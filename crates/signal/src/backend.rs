@@ -151,8 +151,8 @@ pub trait Backend: Send + Sync {
 /// A medium that moves sealed envelopes: what a new kind of backend implements.
 ///
 /// A transport hands every envelope it receives for a key it listens on to the
-/// [`Registry`] it was built with ([`Registry::deliver`]); it never opens
-/// envelopes itself.
+/// [`Registry`] it was built with ([`Registry::deliver`], which only queues it
+/// for the registry's worker); it never opens envelopes itself.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Sends a sealed envelope to its recipient.
@@ -340,8 +340,8 @@ impl Backend for SignalingBackend {
             return Ok(());
         }
         let closed = self.transport.close().await;
-        // The handlers go: channels they feed see their end.
-        self.registry.clear();
+        // The worker stops and the handlers go: channels they feed see their end.
+        self.registry.close().await;
         closed
     }
 }

@@ -49,7 +49,7 @@ impl Key {
 
     /// A fresh private key from the operating system's random number generator.
     pub fn generate() -> Self {
-        Key(StaticSecret::random_from_rng(crypto_box::aead::OsRng).to_bytes())
+        Key(StaticSecret::random_from_rng(crypto_secretbox::aead::OsRng).to_bytes())
     }
 
     /// The public key of this private key: X25519(self, 9). The private key need

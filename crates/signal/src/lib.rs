@@ -12,7 +12,8 @@
 //!   [`Envelope::open`](proto::signaling::Envelope::open): the one place envelopes are
 //!   sealed and opened (`envelope`).
 //! - [`Backend`]: the API every backend offers; [`Registry`]: the subscription registry
-//!   every backend shares (open the envelope, find the handlers, call them);
+//!   every backend shares (queue what a medium received, then, on its worker task, open
+//!   the envelope, drop copies, find the handlers, call them);
 //!   [`Transport`]: what a medium (gRPC, in-process, ...) must provide underneath.
 //! - [`backend::connect`]: builds a backend from URLs, one per medium.
 #![deny(missing_docs)]
@@ -31,7 +32,9 @@ mod registry;
 pub use backend::{Backend, BackendError, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
 pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
-pub use registry::{ChannelHandler, Delivery, Handler, Registry, RegistryStats};
+pub use registry::{
+    ChannelHandler, Delivery, Handler, Registry, RegistryOptions, RegistryStats, Removal,
+};
 
 /// The protobuf types of SPEC §5, generated from `proto/` at build time.
 ///

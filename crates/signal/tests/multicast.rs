@@ -26,7 +26,7 @@ use cunicu_signal::{
     Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Registry, Transport,
     backend::{
         SignalingBackend, connect,
-        multicast::{MAX_DATAGRAM, Multicast, MulticastError},
+        multicast::{MAX_DATAGRAM, Multicast, MulticastError, SOURCE_BURST, SOURCE_RATE},
     },
     conformance::{Options, message_for, run},
     proto::{
@@ -438,6 +438,7 @@ async fn veth_peer() {
     // Every copy the other side sent arrives (veth loses nothing at this rate),
     // and nothing else: with loopback=false we do not hear our own datagrams.
     until("all copies", || transport.stats().handed_over == REPEATS).await;
+    within("the registry's worker", STEP, registry.flush()).await;
     let stats = transport.stats();
     assert_eq!(stats.sent, REPEATS);
     assert_eq!(stats.received, REPEATS, "{stats:?}");
@@ -625,6 +626,7 @@ async fn datagrams_that_are_not_envelopes_are_counted_not_delivered() {
         s.not_envelopes + s.not_ours + s.handed_over == 7
     })
     .await;
+    within("the registry's worker", STEP, registry.flush()).await;
     let stats = receiver.stats();
     assert_eq!(stats.not_envelopes, 5, "{stats:?}");
     assert_eq!(stats.read_errors, 0, "{stats:?}");
@@ -632,6 +634,98 @@ async fn datagrams_that_are_not_envelopes_are_counted_not_delivered() {
     assert_eq!(stats.handed_over, 1, "{stats:?}");
     let reg = registry.stats();
     assert_eq!((reg.opened, reg.dropped_invalid), (1, 0), "{reg:?}");
+    assert!(rx.try_recv().is_err(), "a second delivery");
+    println!("{DONE}");
+}
+
+// ------------------------------------------------- a flooding source --
+
+/// A UDP socket with the source address `ip` (any of 127.0.0.0/8 is on `lo`).
+fn sender_from(ip: &str) -> StdUdpSocket {
+    let socket = StdUdpSocket::bind((ip, 0)).unwrap();
+    socket.set_multicast_loop_v4(true).unwrap();
+    socket.set_multicast_ttl_v4(1).unwrap();
+    socket
+}
+
+#[tokio::test]
+async fn a_flooding_source_is_limited_before_opening_and_others_get_through() {
+    const TEST: &str = "a_flooding_source_is_limited_before_opening_and_others_get_through";
+    if !in_netns(TEST) {
+        let ns = lo_namespace("flood");
+        return run_in(&ns, TEST).await;
+    }
+    const URL: &str = "multicast://239.255.77.8:7708?interface=lo&loopback=true";
+    let group: SocketAddr = "239.255.77.8:7708".parse().unwrap();
+    let (a, b) = (Key::generate(), Key::generate());
+    let (receiver, registry, mut rx) = listener(URL, &KeyPair::new(b, Key::ZERO)).await;
+
+    // Forged envelopes to b, each from a made-up sender: every one that got
+    // through would cost b an X25519.
+    const FLOOD: u64 = 2_000;
+    let forged = |i: u64| {
+        let mut envelope = credentials(format!("forged {i}"))
+            .seal(&KeyPair::new(Key::generate(), b.public_key()))
+            .unwrap();
+        envelope.contents.as_mut().unwrap().body[20] ^= 1;
+        envelope.encode_to_vec()
+    };
+    let datagrams: Vec<Vec<u8>> = (0..FLOOD).map(forged).collect();
+    let genuine = credentials("genuine".into())
+        .seal(&KeyPair::new(a, b.public_key()))
+        .unwrap()
+        .encode_to_vec();
+    let flooder = sender_from("127.0.0.2");
+    let other = sender_from("127.0.0.3");
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    for (i, datagram) in datagrams.iter().enumerate() {
+        flooder.send_to(datagram, group).unwrap();
+        sent += 1;
+        // Another host, while the flooder is far over its limit.
+        if i as u64 == FLOOD / 2 {
+            other.send_to(&genuine, group).unwrap();
+            sent += 1;
+        }
+        // Paced so that the socket's receive buffer loses nothing: the counts
+        // below are exact.
+        if i % 100 == 99 {
+            until("the flood read", || receiver.stats().received == sent).await;
+        }
+    }
+    let delivery = within("the genuine envelope", STEP, rx.recv())
+        .await
+        .unwrap();
+    assert_eq!(delivery.message, credentials("genuine".into()));
+    assert_eq!(delivery.sender, a.public_key());
+    until("the flood read", || receiver.stats().received == FLOOD + 1).await;
+    let elapsed = started.elapsed();
+
+    let stats = receiver.stats();
+    assert_eq!(
+        stats.rate_limited + stats.handed_over,
+        FLOOD + 1,
+        "{stats:?}"
+    );
+    // The flooder got its burst and what refilled while it sent, rounded up.
+    let refill = (elapsed.as_secs_f64() * f64::from(SOURCE_RATE)).ceil() as u64 + 1;
+    let let_through = u64::from(SOURCE_BURST) + refill;
+    let flooder_through = stats.handed_over - 1;
+    assert!(
+        (u64::from(SOURCE_BURST)..=let_through).contains(&flooder_through),
+        "{stats:?}, at most {let_through} of the flood expected in {elapsed:?}"
+    );
+    assert_eq!(
+        (stats.not_envelopes, stats.not_ours, stats.sources_full),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    // Only what was let through reached the registry and was tried.
+    within("the registry's worker", STEP, registry.flush()).await;
+    let reg = registry.stats();
+    assert_eq!(reg.dropped_invalid, flooder_through, "{reg:?}");
+    assert_eq!((reg.opened, reg.delivered), (1, 1), "{reg:?}");
+    assert_eq!(reg.dropped_queue_full, 0, "{reg:?}");
     assert!(rx.try_recv().is_err(), "a second delivery");
     println!("{DONE}");
 }

@@ -154,3 +154,46 @@ fn invalid_envelopes_fail_with_the_specific_error() {
     }
     assert_eq!(checked, 11);
 }
+
+/// Our box is assembled from crypto_box's parts (one X25519, then HSalsa20 and
+/// XSalsa20-Poly1305): for random keys, nonces and messages it seals exactly
+/// the bytes of crypto_box's `SalsaBox`, and opens what `SalsaBox` seals.
+#[test]
+fn same_bytes_as_crypto_box() {
+    use crypto_box::{
+        SalsaBox,
+        aead::{Aead, AeadCore, OsRng},
+    };
+    for i in 0..64 {
+        let (sender, recipient) = (Key::generate(), Key::generate());
+        let salsa = SalsaBox::new(
+            &crypto_box::PublicKey::from(*recipient.public_key().as_bytes()),
+            &crypto_box::SecretKey::from(*sender.as_bytes()),
+        );
+        let nonce = SalsaBox::generate_nonce(&mut OsRng);
+        let message = Message {
+            credentials: Some(cunicu_signal::proto::epdisc::Credentials {
+                ufrag: "u".repeat(i * 7),
+                pwd: "p".repeat(i),
+                need_creds: i % 2 == 0,
+            }),
+            ..Default::default()
+        };
+        let theirs = salsa
+            .encrypt(&nonce, message.encode_to_vec().as_slice())
+            .unwrap();
+        let ours = SharedKey::new(&sender, &recipient.public_key())
+            .unwrap()
+            .seal_with_nonce(
+                sender.public_key(),
+                recipient.public_key(),
+                &message,
+                nonce.into(),
+            );
+        assert_eq!(ours.contents.as_ref().unwrap().body, theirs, "case {i}");
+
+        let mut from_crypto_box = ours.clone();
+        from_crypto_box.contents.as_mut().unwrap().body = theirs;
+        assert_eq!(from_crypto_box.open_uncached(&recipient).unwrap(), message);
+    }
+}

@@ -27,7 +27,8 @@ fn exchange() -> std::sync::MutexGuard<'static, Listeners> {
 }
 
 /// The in-process transport. Envelopes are handed to the listening registries
-/// on the publisher's task, before `send` returns.
+/// on the publisher's task, before `send` returns; each registry's worker opens
+/// and delivers them.
 pub struct InProcess {
     id: u64,
     registry: Arc<Registry>,

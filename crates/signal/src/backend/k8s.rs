@@ -1661,6 +1661,13 @@ mod tests {
         object
     }
 
+    /// Waits until the registry's worker has handled what was handed over.
+    async fn flush(registry: &Registry) {
+        tokio::time::timeout(Duration::from_secs(10), registry.flush())
+            .await
+            .expect("the registry's worker finishes within 10 s");
+    }
+
     #[tokio::test]
     async fn a_first_list_delivers_what_was_created_after_listen_was_called() {
         let registry = Registry::new();
@@ -1673,7 +1680,7 @@ mod tests {
                 c.fetch_add(1, Relaxed);
             }),
         );
-        let shared = shared(registry);
+        let shared = shared(registry.clone());
         {
             let mut state = shared.state();
             state.wanted.insert(b.public_key());
@@ -1688,6 +1695,7 @@ mod tests {
         shared.handle(&object(&a, &b, Duration::from_secs(11), "skewed"));
         shared.handle(&object(&a, &b, Duration::from_secs(5), "new"));
         shared.handle(&object(&a, &b, Duration::from_secs(5), "new"));
+        flush(&registry).await;
         let stats = &shared.counters;
         assert_eq!(stats.stale.load(Relaxed), 1);
         assert_eq!(stats.caught_up.load(Relaxed), 2);
@@ -1696,6 +1704,7 @@ mod tests {
         // Once listed, the key is live: everything not seen is delivered.
         shared.listed(&BTreeSet::from([b.public_key()]));
         shared.handle(&object(&a, &b, Duration::from_secs(30), "relisted"));
+        flush(&registry).await;
         assert_eq!(count.load(Relaxed), 3);
         assert_eq!(stats.stale.load(Relaxed), 1);
     }
@@ -1717,6 +1726,7 @@ mod tests {
         registry.add(&crate::KeyPair::new(b, Key::ZERO), handler);
         shared.release_held();
         assert!(!shared.holding());
+        flush(&registry).await;
         assert_eq!(rx.try_recv().unwrap().sender, a.public_key());
         assert_eq!(registry.stats().dropped_no_subscriber, 1);
     }

@@ -13,6 +13,22 @@
 //! the others quietly. Datagrams that are not envelopes are dropped and counted
 //! ([`Multicast::stats`]).
 //!
+//! Any host on the link can send datagrams, and a forged envelope from a
+//! made-up sender costs its recipient one X25519 (tens of microseconds). So
+//! every source address has a token bucket ([`SOURCE_BURST`] datagrams at once,
+//! [`SOURCE_RATE`] a second in the long run), checked first for every datagram,
+//! before it is decoded: what is over the limit is dropped and counted
+//! ([`MulticastStats::rate_limited`]), and one flooding host takes nothing from
+//! the others. The bucket counts all of a source's datagrams, those to other
+//! peers too. Sources are told apart by their whole address (on one link every
+//! host shares the IPv6 /64). At most [`MAX_SOURCES`] are tracked; a new source
+//! takes the place of the least recently heard one if that one's bucket has
+//! filled up again (it then has nothing to remember), and otherwise shares one
+//! bucket with every other source in that situation
+//! ([`MulticastStats::sources_full`]). A host that forges many source
+//! addresses gets a bucket for each; the registry's bounded queue is what
+//! limits it then.
+//!
 //! Parameters:
 //! - `interface`: the network interface to join the group on and send through
 //!   (default: the one the routing table picks for the group). IPv6 groups of
@@ -35,14 +51,16 @@ use std::{
     collections::HashSet,
     fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    num::NonZeroUsize,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
+use lru::LruCache;
 use prost::Message as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::UdpSocket, task::JoinHandle};
@@ -61,6 +79,16 @@ pub const MAX_DATAGRAM: usize = 4096;
 /// How long the receive task waits after a failed read before it reads again,
 /// so that a persistent socket error does not spin.
 const READ_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Datagrams one source address may send at once (its bucket's size): room for
+/// the credentials and candidates of a few sessions that start together.
+pub const SOURCE_BURST: u32 = 256;
+/// Datagrams per second one source address may send in the long run. Forged
+/// envelopes at this rate cost a receiver about 64 X25519 a second, well under
+/// one percent of a core.
+pub const SOURCE_RATE: u32 = 64;
+/// Source addresses whose buckets are kept at most.
+pub const MAX_SOURCES: usize = 1024;
 
 /// Why the multicast medium failed: the source of a
 /// [`BackendError::Transport`] from this backend.
@@ -102,10 +130,110 @@ pub struct MulticastStats {
     /// Envelopes ignored because they are addressed to a key this transport
     /// does not listen on (other peers' traffic).
     pub not_ours: u64,
-    /// Envelopes handed to the registry, which opens them and drops copies.
+    /// Envelopes handed to the registry, which queues them for its worker
+    /// (that opens them and drops copies).
     pub handed_over: u64,
     /// Reads from the socket that failed (each followed by a short pause).
     pub read_errors: u64,
+    /// Datagrams dropped unread because their source address sent more than
+    /// its share ([`SOURCE_BURST`], [`SOURCE_RATE`]).
+    pub rate_limited: u64,
+    /// Datagrams from a source that found the table of sources full, with no
+    /// idle source to replace: such sources share one bucket ([`MAX_SOURCES`]).
+    pub sources_full: u64,
+}
+
+/// A token bucket of [`SOURCE_BURST`] datagrams that refills at [`SOURCE_RATE`].
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(now: Instant) -> Self {
+        Bucket {
+            tokens: f64::from(SOURCE_BURST),
+            at: now,
+        }
+    }
+
+    /// The tokens at `now`.
+    fn tokens_at(&self, now: Instant) -> f64 {
+        let refilled =
+            now.saturating_duration_since(self.at).as_secs_f64() * f64::from(SOURCE_RATE);
+        (self.tokens + refilled).min(f64::from(SOURCE_BURST))
+    }
+
+    /// Takes a token; false if there is none.
+    fn take(&mut self, now: Instant) -> bool {
+        self.tokens = self.tokens_at(now);
+        self.at = self.at.max(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// True if the bucket has filled up again: forgetting it changes nothing.
+    fn is_full_at(&self, now: Instant) -> bool {
+        self.tokens_at(now) >= f64::from(SOURCE_BURST)
+    }
+}
+
+/// What [`Sources::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Admission {
+    /// The datagram may be read.
+    pass: bool,
+    /// It was charged to the bucket that sources share when the table is full.
+    shared: bool,
+}
+
+/// The buckets of the sources heard recently, least recently heard first out.
+struct Sources {
+    buckets: LruCache<IpAddr, Bucket>,
+    /// For sources that find the table full.
+    overflow: Bucket,
+}
+
+impl Sources {
+    fn new(capacity: usize, now: Instant) -> Self {
+        Sources {
+            buckets: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
+            overflow: Bucket::full(now),
+        }
+    }
+
+    /// Charges one datagram from `source`.
+    fn admit(&mut self, source: IpAddr, now: Instant) -> Admission {
+        if let Some(bucket) = self.buckets.get_mut(&source) {
+            return Admission {
+                pass: bucket.take(now),
+                shared: false,
+            };
+        }
+        let room = self.buckets.len() < self.buckets.cap().get()
+            || self
+                .buckets
+                .peek_lru()
+                .is_some_and(|(_, oldest)| oldest.is_full_at(now));
+        if !room {
+            return Admission {
+                pass: self.overflow.take(now),
+                shared: true,
+            };
+        }
+        let mut bucket = Bucket::full(now);
+        let pass = bucket.take(now);
+        // Full: pushes out the least recently heard source, idle as checked.
+        self.buckets.push(source, bucket);
+        Admission {
+            pass,
+            shared: false,
+        }
+    }
 }
 
 /// The parsed URL.
@@ -328,13 +456,36 @@ struct Shared {
     not_ours: AtomicU64,
     handed_over: AtomicU64,
     read_errors: AtomicU64,
+    rate_limited: AtomicU64,
+    sources_full: AtomicU64,
+    sources: Mutex<Sources>,
     not_envelope_log: LogLimiter,
     read_error_log: LogLimiter,
+    rate_limit_log: LogLimiter,
 }
 
 impl Shared {
     fn on_datagram(&self, datagram: &[u8], from: SocketAddr) {
         self.received.fetch_add(1, Relaxed);
+        // First, before decoding: a flood from one host costs the others nothing.
+        let admission = lock(&self.sources).admit(from.ip(), Instant::now());
+        if admission.shared {
+            self.sources_full.fetch_add(1, Relaxed);
+        }
+        if !admission.pass {
+            let total = self.rate_limited.fetch_add(1, Relaxed) + 1;
+            // The flood itself would repeat this line: log some, count all.
+            if self.rate_limit_log.allow() {
+                tracing::warn!(
+                    backend = %self.name,
+                    %from,
+                    total,
+                    shared = admission.shared,
+                    "source sends more than {SOURCE_RATE} datagrams a second (burst {SOURCE_BURST}): dropped"
+                );
+            }
+            return;
+        }
         if datagram.len() > MAX_DATAGRAM {
             self.not_envelope(from, &format!("more than {MAX_DATAGRAM} bytes"));
             return;
@@ -423,8 +574,12 @@ impl Multicast {
             not_ours: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            sources_full: AtomicU64::new(0),
+            sources: Mutex::new(Sources::new(MAX_SOURCES, Instant::now())),
             not_envelope_log: LogLimiter::default(),
             read_error_log: LogLimiter::default(),
+            rate_limit_log: LogLimiter::default(),
         });
         let receiver = tokio::spawn(receive(socket.clone(), shared.clone()));
         tracing::debug!(backend = %shared.name, group = %config.group, "joined multicast group");
@@ -451,6 +606,8 @@ impl Multicast {
             not_ours: s.not_ours.load(Relaxed),
             handed_over: s.handed_over.load(Relaxed),
             read_errors: s.read_errors.load(Relaxed),
+            rate_limited: s.rate_limited.load(Relaxed),
+            sources_full: s.sources_full.load(Relaxed),
         }
     }
 
@@ -567,6 +724,78 @@ mod tests {
             }
         );
         assert!(parse("multicast://[ff15::7]:7000/").is_ok());
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+    }
+
+    /// Admits datagrams from `source` at `now` until one is refused; how many passed.
+    fn drain(sources: &mut Sources, source: IpAddr, now: Instant) -> u32 {
+        let mut passed = 0;
+        while sources.admit(source, now).pass {
+            passed += 1;
+            assert!(passed <= SOURCE_BURST, "the bucket does not run dry");
+        }
+        passed
+    }
+
+    #[test]
+    fn each_source_has_its_own_bucket() {
+        let t0 = Instant::now();
+        let mut sources = Sources::new(8, t0);
+        assert_eq!(drain(&mut sources, ip(1), t0), SOURCE_BURST);
+        // Another source is not affected.
+        assert_eq!(
+            sources.admit(ip(2), t0),
+            Admission {
+                pass: true,
+                shared: false
+            }
+        );
+        // The rate refills: one second gives SOURCE_RATE more, no more.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(drain(&mut sources, ip(1), t1), SOURCE_RATE);
+        // Never beyond the burst, however long it was quiet.
+        let later = t1 + Duration::from_secs(3600);
+        assert_eq!(drain(&mut sources, ip(1), later), SOURCE_BURST);
+    }
+
+    #[test]
+    fn the_table_of_sources_is_bounded() {
+        let t0 = Instant::now();
+        let mut sources = Sources::new(2, t0);
+        assert!(sources.admit(ip(1), t0).pass);
+        assert!(sources.admit(ip(2), t0).pass);
+        // Full, and neither bucket has filled up again: a third source shares
+        // the overflow bucket, as does a fourth.
+        let third = sources.admit(ip(3), t0);
+        assert_eq!(
+            third,
+            Admission {
+                pass: true,
+                shared: true
+            }
+        );
+        assert_eq!(drain(&mut sources, ip(4), t0), SOURCE_BURST - 1);
+        assert!(!sources.admit(ip(3), t0).pass);
+        assert_eq!(sources.buckets.len(), 2);
+        // Once the least recently heard source (1) is idle long enough for its
+        // bucket to be full, a new source takes its place.
+        let refill = Duration::from_secs_f64(1.0 / f64::from(SOURCE_RATE));
+        let t1 = t0 + refill;
+        assert!(sources.admit(ip(2), t1).pass);
+        let t2 = t1 + refill;
+        assert_eq!(
+            sources.admit(ip(3), t2),
+            Admission {
+                pass: true,
+                shared: false
+            }
+        );
+        assert!(sources.buckets.contains(&ip(3)));
+        assert!(!sources.buckets.contains(&ip(1)));
+        assert!(sources.buckets.contains(&ip(2)));
     }
 
     #[test]
