@@ -168,6 +168,7 @@ async fn a_slow_subscriber_loses_only_its_own_oldest_envelopes() -> Result<()> {
     config.queue_depth = 16;
     // This test publishes as fast as it can, and its slow subscriber reads
     // nothing for a while: lift the rate and the stall cut-off.
+    config.request_rate = unlimited();
     config.publish_rate = unlimited();
     config.publish_bytes_rate = unlimited();
     config.stall_timeout = Duration::from_secs(600);
