@@ -52,13 +52,6 @@
 //! wanted at all, and a later `listen` of the key works either way.
 //! [`K8s::listening`] tells which.
 //!
-//! Both orders of registering a handler and listening work. Envelopes for a
-//! wanted key that arrive while the registry has no handler for it yet (a
-//! backend that listens first and adds the handler when every medium
-//! answered) are held back, at most 1024 per transport and at most
-//! [`K8sOptions::listen_timeout`] each, and handed over as soon as a handler is
-//! there ([`K8sStats::held`]); `unlisten` drops what is held for its key.
-//!
 //! URL forms: `k8s:///path/to/kubeconfig` (an absolute path), `k8s:relative/path`,
 //! `k8s://` or `k8s:///` (the usual kubeconfig search: `$KUBECONFIG`,
 //! `~/.kube/config`, then the pod's service account), and `k8s:incluster`
@@ -158,10 +151,6 @@ const KEYS_PER_SELECTOR: usize = 64;
 /// `creationTimestamp` has a resolution of one second, and the clocks of peer
 /// and API server may differ a little.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(2);
-/// How many envelopes a transport holds at most for keys without a handler yet.
-const MAX_HELD: usize = 1024;
-/// How often held envelopes are looked at.
-const HELD_TICK: Duration = Duration::from_millis(20);
 /// After the first, undecodable objects are logged as warnings at most this often.
 const INVALID_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How long `unlisten` waits at most for the watch to drop the key.
@@ -373,8 +362,7 @@ pub struct K8sOptions {
     /// Deadline of creating one envelope object.
     pub send_timeout: Duration,
     /// How long `listen` waits for the watch's first list; when it is up,
-    /// `listen` fails and the watch goes on trying until `unlisten`. Also the
-    /// longest time an envelope waits for a handler (see the module's docs).
+    /// `listen` fails and the watch goes on trying until `unlisten`.
     pub listen_timeout: Duration,
     /// First delay before a failed watch is retried.
     pub backoff_min: Duration,
@@ -543,12 +531,6 @@ pub struct K8sStats {
     /// Objects found by the first list of their key that were created after
     /// `listen` was called (less [`CLOCK_SKEW`]): delivered, not taken for stale.
     pub caught_up: u64,
-    /// Envelopes held back because the registry had no handler for their key
-    /// yet (a backend that listens before it adds the handler).
-    pub held: u64,
-    /// Envelopes that would have been held but the hold was full (1024):
-    /// handed to the registry at once, which drops them for want of a handler.
-    pub held_overflow: u64,
     /// Objects older than the ttl: expired, not delivered.
     pub too_old: u64,
     /// Objects that are not envelopes (fields not base64, a recipient that is
@@ -570,8 +552,6 @@ struct Counters {
     seen_again: AtomicU64,
     stale: AtomicU64,
     caught_up: AtomicU64,
-    held: AtomicU64,
-    held_overflow: AtomicU64,
     too_old: AtomicU64,
     invalid: AtomicU64,
     deleted: AtomicU64,
@@ -618,14 +598,6 @@ struct Waiter {
     tx: oneshot::Sender<Result<(), K8sError>>,
 }
 
-/// An envelope for a wanted key that has no handler in the registry yet.
-struct Held {
-    recipient: Key,
-    envelope: Envelope,
-    /// Handed to the registry at this time even without a handler.
-    until: Instant,
-}
-
 #[derive(Default)]
 struct State {
     known: Known,
@@ -637,8 +609,6 @@ struct State {
     pending: HashMap<Key, SystemTime>,
     /// The listens waiting for the first list of their key.
     waiters: Vec<Waiter>,
-    /// Envelopes waiting for a handler.
-    held: VecDeque<Held>,
     /// Our sender keys and when they last sent.
     senders: HashMap<Key, Instant>,
 }
@@ -689,8 +659,6 @@ struct Shared {
     server: String,
     namespace: String,
     ttl: Duration,
-    /// How long an envelope is held for a handler at most.
-    hold_for: Duration,
     registry: Arc<Registry>,
     state: Mutex<State>,
     counters: Counters,
@@ -803,7 +771,6 @@ impl Shared {
                 for waiter in &hit {
                     state.wanted.remove(&waiter.key);
                     state.pending.remove(&waiter.key);
-                    state.held.retain(|h| h.recipient != waiter.key);
                 }
             }
             hit
@@ -894,21 +861,6 @@ impl Shared {
         if since.is_some() {
             self.counters.caught_up.fetch_add(1, Relaxed);
         }
-        if !self.registry.has_key(&recipient) {
-            let mut state = self.state();
-            if state.wanted.contains(&recipient) {
-                if state.held.len() < MAX_HELD {
-                    state.held.push_back(Held {
-                        recipient,
-                        envelope,
-                        until: Instant::now() + self.hold_for,
-                    });
-                    self.counters.held.fetch_add(1, Relaxed);
-                    return;
-                }
-                self.counters.held_overflow.fetch_add(1, Relaxed);
-            }
-        }
         self.hand_over(&envelope);
     }
 
@@ -929,35 +881,6 @@ impl Shared {
             );
         } else {
             tracing::debug!(backend = %self.name, object = %object.name_any(), total, "not an envelope, dropped: {why}");
-        }
-    }
-
-    fn holding(&self) -> bool {
-        !self.state().held.is_empty()
-    }
-
-    /// Hands held envelopes to the registry once their key has a handler, or
-    /// when they have waited long enough; drops those of keys not wanted.
-    fn release_held(&self) {
-        let now = Instant::now();
-        let ready: Vec<Envelope> = {
-            let mut state = self.state();
-            let held = std::mem::take(&mut state.held);
-            let mut ready = Vec::new();
-            for h in held {
-                if !state.wanted.contains(&h.recipient) {
-                    continue;
-                }
-                if h.until <= now || self.registry.has_key(&h.recipient) {
-                    ready.push(h.envelope);
-                } else {
-                    state.held.push_back(h);
-                }
-            }
-            ready
-        };
-        for envelope in &ready {
-            self.hand_over(envelope);
         }
     }
 }
@@ -1023,10 +946,7 @@ async fn run_watches(
             .backoff(backoff)
         );
         let mut failing = false;
-        let mut tick = tokio::time::interval(HELD_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let holding = shared.holding();
             tokio::select! {
                 biased;
                 changed = changes.changed() => {
@@ -1035,7 +955,6 @@ async fn run_watches(
                     }
                     break;
                 }
-                _ = tick.tick(), if holding => shared.release_held(),
                 event = stream.next() => {
                     // The stream retries without end; it ends only if kube changes that.
                     let Some(event) = event else { break };
@@ -1114,7 +1033,6 @@ impl K8s {
             server,
             namespace: target.namespace,
             ttl: target.ttl,
-            hold_for: options.listen_timeout,
             registry,
             state: Mutex::new(State::default()),
             counters: Counters::default(),
@@ -1177,8 +1095,6 @@ impl K8s {
             seen_again: c.seen_again.load(Relaxed),
             stale: c.stale.load(Relaxed),
             caught_up: c.caught_up.load(Relaxed),
-            held: c.held.load(Relaxed),
-            held_overflow: c.held_overflow.load(Relaxed),
             too_old: c.too_old.load(Relaxed),
             invalid: c.invalid.load(Relaxed),
             deleted: c.deleted.load(Relaxed),
@@ -1505,7 +1421,6 @@ impl Transport for K8s {
                 return Ok(());
             }
             state.pending.remove(&key);
-            state.held.retain(|h| h.recipient != key);
             state.waiters.retain(|w| w.key != key);
         }
         // Wait (briefly) until the watch runs without the key.
@@ -1526,7 +1441,6 @@ impl Transport for K8s {
             let mut state = self.shared.state();
             state.wanted.clear();
             state.pending.clear();
-            state.held.clear();
             state.waiters.clear();
         }
         let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -1638,7 +1552,6 @@ mod tests {
             server: "https://127.0.0.1:1".into(),
             namespace: "default".into(),
             ttl: Duration::from_secs(60),
-            hold_for: Duration::from_secs(30),
             registry,
             state: Mutex::new(State::default()),
             counters: Counters::default(),
@@ -1698,27 +1611,6 @@ mod tests {
         shared.handle(&object(&a, &b, Duration::from_secs(30), "relisted"));
         assert_eq!(count.load(Relaxed), 3);
         assert_eq!(stats.stale.load(Relaxed), 1);
-    }
-
-    #[tokio::test]
-    async fn envelopes_wait_for_a_handler_that_comes_after_listen() {
-        let registry = Registry::new();
-        let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
-        let shared = shared(registry.clone());
-        shared.state().wanted.insert(b.public_key());
-        shared.handle(&object(&a, &b, Duration::ZERO, "1"));
-        // Not wanted at all: handed over (and dropped by the registry).
-        shared.handle(&object(&a, &c, Duration::ZERO, "2"));
-        assert_eq!(shared.counters.held.load(Relaxed), 1);
-        assert_eq!(registry.stats().dropped_no_subscriber, 1);
-        shared.release_held();
-        assert!(shared.holding(), "released without a handler");
-        let (handler, mut rx) = crate::ChannelHandler::new(4);
-        registry.add(&crate::KeyPair::new(b, Key::ZERO), handler);
-        shared.release_held();
-        assert!(!shared.holding());
-        assert_eq!(rx.try_recv().unwrap().sender, a.public_key());
-        assert_eq!(registry.stats().dropped_no_subscriber, 1);
     }
 
     #[test]
