@@ -29,10 +29,13 @@ use cunicu_signal::{
 use futures::poll;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::Service,
+    core::v1::{ResourceQuota, Service},
     rbac::v1::{Role, RoleBinding},
 };
-use kube::{Api, Client, api::ListParams};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
 use kube_env::{KubeEnv, apply_deploy, install_crd, namespace, service_account_token, shared};
 use tokio::sync::mpsc;
 
@@ -153,6 +156,166 @@ fn deploy_crd_yaml_is_generated_from_the_type() {
          `cargo run -p cunicu-signal --example crd > deploy/crd.yaml`\n--- generated:\n{generated}",
         path.display()
     );
+}
+
+/// The CRD bounds each field (SPEC §10): the API server takes the largest
+/// body and refuses anything longer, and objects whose fields are not what a
+/// key, a nonce or base64 looks like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_refuses_fields_beyond_their_bounds() {
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "bounds")).await;
+    let api: Api<SignalingEnvelope> = Api::namespaced(admin.clone(), &ns);
+    let (a, b) = (Key::generate(), Key::generate());
+    let envelope = credentials("x".into())
+        .seal(&KeyPair::new(a, b.public_key()))
+        .unwrap();
+    let object = SignalingEnvelope::from_envelope(&envelope).unwrap();
+    let create = |object: SignalingEnvelope| {
+        let api = api.clone();
+        async move { within("create", STEP, api.create(&PostParams::default(), &object)).await }
+    };
+
+    // The largest body the CRD allows is taken.
+    let mut largest = object.clone();
+    largest.spec.contents.body = "A".repeat(k8s::MAX_BODY_FIELD_LEN);
+    create(largest).await.unwrap();
+
+    let edits: [(&str, fn(&mut SignalingEnvelope)); 6] = [
+        ("contents.body", |o| {
+            o.spec.contents.body = "A".repeat(k8s::MAX_BODY_FIELD_LEN + 4)
+        }),
+        ("contents.body", |o| {
+            o.spec.contents.body = "not base64!".into()
+        }),
+        ("contents.nonce", |o| o.spec.contents.nonce.push_str("AAAA")),
+        ("sender", |o| {
+            o.spec.sender = format!("AAAA{}", o.spec.sender)
+        }),
+        ("recipient", |o| o.spec.recipient.truncate(40)),
+        ("recipient", |o| {
+            o.spec.recipient = o.spec.recipient.replace('=', "A")
+        }),
+    ];
+    for (field, edit) in edits {
+        let mut broken = object.clone();
+        edit(&mut broken);
+        match create(broken).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{field}: {status:?}");
+                assert!(
+                    status.message.contains(field),
+                    "{field}: {}",
+                    status.message
+                );
+            }
+            other => panic!("{field}: an object beyond the bounds was taken: {other:?}"),
+        }
+    }
+
+    // Through the backend: a message whose body is beyond the bound fails to
+    // send, with the API server's reason.
+    let (publisher, publisher_t) = backend(&env.url(&ns, "1m"), fast()).await;
+    let err = within(
+        "publish",
+        STEP,
+        publisher.publish(
+            &KeyPair::new(a, b.public_key()),
+            &credentials("u".repeat(k8s::MAX_BODY_LEN)),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("contents.body"), "{err}");
+    assert_eq!(publisher_t.stats().sent, 0);
+    assert_eq!(objects(&admin, &ns).await.len(), 1);
+    within("close", STEP, publisher.close()).await.unwrap();
+}
+
+/// `deploy/resourcequota.yaml` limits the envelope objects of its namespace,
+/// and a publish beyond it fails with an error that says so. No quota
+/// controller runs here (only kube-apiserver and etcd), so the test writes
+/// the quota's status itself, as that controller would after counting all
+/// but two of the allowed objects: the next two are taken, the third is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resource_quota_example_limits_the_envelope_count() {
+    const COUNT: &str = "count/signalingenvelopes.cunicu.li";
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "quota")).await;
+    within(
+        "apply resourcequota.yaml",
+        STEP,
+        apply_deploy(&admin, "resourcequota.yaml", Some(&ns)),
+    )
+    .await;
+    let quotas: Api<ResourceQuota> = Api::namespaced(admin.clone(), &ns);
+    let quota = within("the quota", STEP, quotas.get("cunicu-signal"))
+        .await
+        .unwrap();
+    let hard = quota
+        .spec
+        .and_then(|s| s.hard)
+        .and_then(|h| h.get(COUNT).cloned())
+        .unwrap_or_else(|| panic!("resourcequota.yaml does not limit {COUNT}"));
+    // The API server writes 2000 as "2k".
+    let limit: u64 = match hard.0.strip_suffix('k') {
+        Some(thousands) => thousands.parse::<u64>().unwrap() * 1000,
+        None => hard.0.parse().unwrap(),
+    };
+    assert!(limit >= 100, "{}", hard.0);
+    let status = serde_json::json!({"status": {
+        "hard": {COUNT: limit.to_string()},
+        "used": {COUNT: (limit - 2).to_string()},
+    }});
+    within(
+        "the quota's status",
+        STEP,
+        quotas.patch_status(
+            "cunicu-signal",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let (publisher, publisher_t) = backend(&env.url(&ns, "1m"), fast()).await;
+    let (a, b) = (Key::generate(), Key::generate());
+    let to_b = KeyPair::new(a, b.public_key());
+    // The admission may see the new status a moment later.
+    within("the first publish", STEP, async {
+        while let Err(e) = publisher.publish(&to_b, &credentials("1".into())).await {
+            eprintln!("publish failed, retrying: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    within(
+        "publish",
+        STEP,
+        publisher.publish(&to_b, &credentials("2".into())),
+    )
+    .await
+    .unwrap();
+    let err = within(
+        "publish",
+        STEP,
+        publisher.publish(&to_b, &credentials("3".into())),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(k8s_error(&err), K8sError::QuotaExceeded { namespace, .. } if *namespace == ns),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("ResourceQuota"), "{err}");
+    assert_eq!(publisher_t.stats().sent, 2);
+    assert_eq!(objects(&admin, &ns).await.len(), 2);
+    within("close", STEP, publisher.close()).await.unwrap();
 }
 
 // ---------------------------------------------------------- conformance --

@@ -30,10 +30,31 @@ pub const LABEL_SENDER: &str = "cunicu.li/sender";
 const NAME_PREFIX: &str = "env-";
 /// The resource name in RBAC rules and errors.
 pub(super) const RESOURCE: &str = "signalingenvelopes";
+/// The largest body (tag and ciphertext) an envelope object carries, in
+/// bytes: the signaling server's default envelope limit
+/// (`--max-envelope-size`), which the body of an envelope it passes never
+/// exceeds. The CRD refuses longer ones (SPEC §10).
+pub const MAX_BODY_LEN: usize = 65_536;
+/// The longest `contents.body` field: [`MAX_BODY_LEN`] bytes in base64.
+pub const MAX_BODY_FIELD_LEN: usize = MAX_BODY_LEN.div_ceil(3) * 4;
+/// The length of a key field: 32 bytes in base64 (with one `=`).
+const KEY_FIELD_LEN: usize = 44;
+/// The length of the nonce field: 24 bytes in base64 (no padding).
+const NONCE_FIELD_LEN: usize = 32;
+/// The shortest body field: the 16-byte tag of an empty message in base64.
+const MIN_BODY_FIELD_LEN: usize = 24;
+/// A key field: 43 base64 characters and the padding.
+const KEY_PATTERN: &str = "^[A-Za-z0-9+/]{43}=$";
+/// The nonce field.
+const NONCE_PATTERN: &str = "^[A-Za-z0-9+/]{32}$";
+/// The body field: standard base64 with padding.
+const BODY_PATTERN: &str = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$";
 
 /// The fields of a [`SignalingEnvelope`] object: cunīcu's layout, at the top
 /// level of the object (there is no `spec`). Keys and contents are standard
-/// base64, so that `kubectl get env -o yaml` shows them readably.
+/// base64, so that `kubectl get env -o yaml` shows them readably. The schema
+/// bounds each field (32-byte keys, a 24-byte nonce, a body of at most
+/// [`MAX_BODY_LEN`] bytes), so the API server refuses objects beyond them.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[kube(
     group = "cunicu.li",
@@ -47,8 +68,10 @@ pub(super) const RESOURCE: &str = "signalingenvelopes";
 )]
 pub struct SignalingEnvelopeFields {
     /// The sender's public key, base64.
+    #[schemars(length(equal = KEY_FIELD_LEN), pattern(KEY_PATTERN))]
     pub sender: String,
     /// The recipient's public key, base64.
+    #[schemars(length(equal = KEY_FIELD_LEN), pattern(KEY_PATTERN))]
     pub recipient: String,
     /// The sealed message.
     pub contents: EnvelopeContents,
@@ -58,8 +81,10 @@ pub struct SignalingEnvelopeFields {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EnvelopeContents {
     /// The 24-byte nonce, base64.
+    #[schemars(length(equal = NONCE_FIELD_LEN), pattern(NONCE_PATTERN))]
     pub nonce: String,
     /// The NaCl box (tag, then ciphertext), base64.
+    #[schemars(length(min = MIN_BODY_FIELD_LEN, max = MAX_BODY_FIELD_LEN), pattern(BODY_PATTERN))]
     pub body: String,
 }
 
@@ -166,5 +191,39 @@ mod tests {
             assert!(props.get(field).is_some(), "{field} missing: {props}");
         }
         assert!(props.get("spec").is_none(), "{props}");
+    }
+
+    #[test]
+    fn the_crd_bounds_every_field() {
+        let crd = serde_json::to_value(crd()).unwrap();
+        let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+        let contents = &props["contents"]["properties"];
+        for (field, schema, min, max) in [
+            ("sender", &props["sender"], 44, 44),
+            ("recipient", &props["recipient"], 44, 44),
+            ("nonce", &contents["nonce"], 32, 32),
+            ("body", &contents["body"], 24, 87_384),
+        ] {
+            assert_eq!(schema["minLength"], min, "{field}: {schema}");
+            assert_eq!(schema["maxLength"], max, "{field}: {schema}");
+            assert!(schema["pattern"].is_string(), "{field}: {schema}");
+        }
+        // What we send fits: the largest body, and the shortest.
+        let (a, b) = (Key::generate(), Key::generate());
+        for len in [0, MAX_BODY_LEN - crate::TAG_LEN] {
+            let mut envelope = crate::proto::signaling::Message::default()
+                .seal(&crate::KeyPair::new(a, b.public_key()))
+                .unwrap();
+            envelope.contents.as_mut().unwrap().body = vec![0xfb; len + crate::TAG_LEN];
+            let object = SignalingEnvelope::from_envelope(&envelope).unwrap();
+            let body = &object.spec.contents.body;
+            assert!(
+                (MIN_BODY_FIELD_LEN..=MAX_BODY_FIELD_LEN).contains(&body.len()),
+                "{}",
+                body.len()
+            );
+            assert_eq!(object.spec.sender.len(), KEY_FIELD_LEN);
+            assert_eq!(object.spec.contents.nonce.len(), NONCE_FIELD_LEN);
+        }
     }
 }

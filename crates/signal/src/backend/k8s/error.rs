@@ -40,6 +40,17 @@ pub enum K8sError {
         /// The API server's explanation.
         message: String,
     },
+    /// The namespace holds as many envelope objects as its ResourceQuota
+    /// allows (`deploy/resourcequota.yaml`).
+    #[error(
+        "namespace {namespace:?} holds as many envelope objects as its ResourceQuota allows: {message}"
+    )]
+    QuotaExceeded {
+        /// The namespace of the URL.
+        namespace: String,
+        /// The API server's explanation.
+        message: String,
+    },
     /// No client configuration could be loaded.
     #[error("{what}: {source}")]
     Config {
@@ -96,6 +107,10 @@ impl K8sError {
                 namespace: namespace.clone(),
                 message: message.clone(),
             },
+            K8sError::QuotaExceeded { namespace, message } => K8sError::QuotaExceeded {
+                namespace: namespace.clone(),
+                message: message.clone(),
+            },
             K8sError::Timeout { what, timeout } => K8sError::Timeout {
                 what,
                 timeout: *timeout,
@@ -129,7 +144,8 @@ pub(super) struct Place {
 
 impl Place {
     /// The error for a failed request `what` (RBAC verb `verb`): 404 is a
-    /// missing namespace or CRD, 403 a missing right, the rest as it came.
+    /// missing namespace or CRD, 403 a full ResourceQuota or a missing
+    /// right, the rest as it came.
     pub(super) fn api_error(&self, what: &'static str, verb: &str, e: kube::Error) -> K8sError {
         match &e {
             kube::Error::Api(status) if status.code == 404 => {
@@ -146,6 +162,15 @@ impl Place {
                     K8sError::CrdMissing {
                         server: self.server.clone(),
                     }
+                }
+            }
+            // The ResourceQuota admission says so in its message only.
+            kube::Error::Api(status)
+                if status.code == 403 && status.message.contains("exceeded quota") =>
+            {
+                K8sError::QuotaExceeded {
+                    namespace: self.namespace.clone(),
+                    message: status.message.clone(),
                 }
             }
             kube::Error::Api(status) if status.code == 403 => K8sError::Forbidden {
@@ -193,5 +218,48 @@ mod tests {
             }
             .is_definitive()
         );
+    }
+
+    #[test]
+    fn api_answers_map_to_errors_that_name_the_cause() {
+        let place = Place {
+            server: "https://x".into(),
+            namespace: "ns".into(),
+        };
+        let answer = |code: u16, message: &str, details: serde_json::Value| {
+            let status = serde_json::json!({"code": code, "message": message, "details": details});
+            kube::Error::Api(Box::new(serde_json::from_value(status).unwrap()))
+        };
+        let none = serde_json::Value::Null;
+        let full = answer(
+            403,
+            "signalingenvelopes.cunicu.li \"env-x\" is forbidden: exceeded quota: cunicu-signal",
+            none.clone(),
+        );
+        let err = place.api_error("create", "create", full);
+        assert!(
+            matches!(&err, K8sError::QuotaExceeded { namespace, .. } if namespace == "ns"),
+            "{err:?}"
+        );
+        assert!(!err.is_definitive());
+        assert!(err.to_string().contains("exceeded quota"), "{err}");
+        let denied = place.api_error("list", "list", answer(403, "no", none.clone()));
+        assert!(
+            matches!(&denied, K8sError::Forbidden { verbs, .. } if verbs == "list"),
+            "{denied:?}"
+        );
+        let no_ns = answer(404, "gone", serde_json::json!({"kind": "namespaces"}));
+        assert!(matches!(
+            place.api_error("list", "list", no_ns),
+            K8sError::NamespaceMissing { .. }
+        ));
+        let no_crd = answer(404, "not found", none.clone());
+        assert!(matches!(
+            place.api_error("list", "list", no_crd),
+            K8sError::CrdMissing { .. }
+        ));
+        let other = place.api_error("create", "create", answer(500, "etcd", none));
+        assert!(matches!(other, K8sError::Api { what: "create", .. }));
+        assert!(!other.is_definitive());
     }
 }

@@ -116,8 +116,8 @@ use tokio::{
 };
 
 pub use crd::{
-    CRD_NAME, EnvelopeContents, GROUP, LABEL_RECIPIENT, LABEL_SENDER, SignalingEnvelope,
-    SignalingEnvelopeFields, crd,
+    CRD_NAME, EnvelopeContents, GROUP, LABEL_RECIPIENT, LABEL_SENDER, MAX_BODY_FIELD_LEN,
+    MAX_BODY_LEN, SignalingEnvelope, SignalingEnvelopeFields, crd,
 };
 pub use error::K8sError;
 pub use rules::CLOCK_SKEW;
