@@ -751,6 +751,92 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     within("close", STEP, sender.close()).await.unwrap();
 }
 
+/// Objects older than twice the ttl are deleted by any running instance,
+/// whoever sent them and whoever they are for, also objects without our
+/// labels (SPEC §10); younger ones of others are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_instance_deletes_objects_older_than_twice_the_ttl() {
+    const TTL: Duration = Duration::from_secs(3);
+    let env = shared();
+    let admin = env.admin().await;
+    within("install the CRD", STEP, install_crd(&admin)).await;
+    let ns = within("namespace", STEP, namespace(&admin, "abandoned")).await;
+    let api: Api<SignalingEnvelope> = Api::namespaced(admin.clone(), &ns);
+    // Objects of peers that are gone: created by the administrator, between
+    // keys no instance knows; one without labels, as cunīcu's Go peers make them.
+    let create = |unlabelled: bool| {
+        let api = api.clone();
+        async move {
+            let (a, b) = (Key::generate(), Key::generate());
+            let envelope = credentials("gone".into())
+                .seal(&KeyPair::new(a, b.public_key()))
+                .unwrap();
+            let mut object = SignalingEnvelope::from_envelope(&envelope).unwrap();
+            if unlabelled {
+                object.metadata.labels = None;
+            }
+            let created = within("create", STEP, api.create(&PostParams::default(), &object))
+                .await
+                .unwrap();
+            created.metadata.name.unwrap()
+        }
+    };
+    let started = Instant::now();
+    let old = [create(false).await, create(true).await];
+    // A bystander: it sends nothing and listens on nothing.
+    let (bystander, bystander_t) = backend(&env.url(&ns, "3s"), fast()).await;
+    tokio::time::sleep(TTL + Duration::from_secs(1)).await;
+    let young = create(false).await;
+
+    let names = || async {
+        let mut names: Vec<String> = objects(&admin, &ns)
+            .await
+            .into_iter()
+            .filter_map(|o| o.metadata.name)
+            .collect();
+        names.sort();
+        names
+    };
+    within("the old objects go", STEP, async {
+        while names().await.iter().any(|n| old.contains(n)) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Not before twice the ttl (less the one-second resolution of creation times).
+    let gone_after = started.elapsed();
+    assert!(
+        gone_after >= TTL * 2 - Duration::from_secs(1),
+        "{gone_after:?}"
+    );
+    assert_eq!(
+        names().await,
+        vec![young.clone()],
+        "the young object went too"
+    );
+    until_counted("the bystander's deletions", || {
+        bystander_t.stats().deleted >= 2
+    })
+    .await;
+    within("the young object goes", STEP, async {
+        while !names().await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    until_counted("the bystander's deletions", || {
+        bystander_t.stats().deleted >= 3
+    })
+    .await;
+    let stats = bystander_t.stats();
+    assert_eq!(
+        (stats.deleted, stats.deleted_abandoned),
+        (3, 3),
+        "{stats:?}"
+    );
+    within("close", STEP, bystander.close()).await.unwrap();
+}
+
 /// Waits until no envelope object is left in `ns`.
 async fn wait_until_empty(admin: &Client, ns: &str) {
     within("expiry", STEP, async {

@@ -1,30 +1,35 @@
 //! Deleting expired envelope objects, so that the namespace does not grow
-//! while peers run: a running transport deletes the objects it sent and the
-//! objects addressed to the keys it listens on once they are older than the
-//! ttl.
+//! while peers run (SPEC §9, §10): a running transport deletes the objects it
+//! sent and the objects addressed to the keys it listens on once they are
+//! older than the ttl, and any object once it is older than twice the ttl,
+//! whoever sent it and whoever it is for (also objects without our labels,
+//! such as cunīcu's). Each sweep reads the namespace's object metadata only
+//! (no contents), [`PAGE`] objects per request.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, SystemTime},
 };
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
-    Api, ResourceExt as _,
+    Api,
     api::{DeleteParams, ListParams, Preconditions},
 };
 use tokio::time::Instant;
 
 use super::{
     Shared,
-    crd::{LABEL_RECIPIENT, LABEL_SENDER, SignalingEnvelope, created, selector},
+    crd::{LABEL_RECIPIENT, LABEL_SENDER, SignalingEnvelope, created},
+    rules::Expiry,
 };
 use crate::Key;
 
 /// How many of our own sender keys are remembered for expiry at most.
 const MAX_SENDERS: usize = 1024;
-/// How many keys one label selector of the expiry sweep names.
-const KEYS_PER_SELECTOR: usize = 64;
+/// How many objects one list request of the sweep asks for.
+const PAGE: u32 = 500;
 
 /// Our sender keys and when each last sent: at most [`MAX_SENDERS`], the one
 /// that sent longest ago goes first.
@@ -53,8 +58,10 @@ impl Senders {
     }
 }
 
-/// Deletes, every `interval`, the objects this transport sent or listens for
-/// once they are older than the ttl; each request within `limit`.
+/// Deletes, every `interval`, the objects of the namespace that
+/// [`Ttl::expiry`](super::rules::Ttl::expiry) says to: ours (sent by this
+/// transport or addressed to a key it listens on) older than the ttl, and
+/// anyone's older than twice the ttl. Each request within `limit`.
 pub(super) async fn expire(
     shared: Arc<Shared>,
     api: Api<SignalingEnvelope>,
@@ -65,77 +72,112 @@ pub(super) async fn expire(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let (recipients, senders) = {
+        let ours: HashSet<String> = {
             let mut state = shared.state();
             // A sender key is kept until everything it sent has had time to expire.
             let keep = shared.ttl.0 * 2 + interval;
             let senders = state.senders.recent(Instant::now(), keep);
-            (state.wanted.iter().copied().collect::<Vec<_>>(), senders)
+            state
+                .wanted
+                .iter()
+                .chain(&senders)
+                .map(Key::to_base32)
+                .collect()
         };
-        for (label, keys) in [(LABEL_RECIPIENT, recipients), (LABEL_SENDER, senders)] {
-            for chunk in keys.chunks(KEYS_PER_SELECTOR) {
-                expire_matching(&shared, &api, &selector(label, chunk), limit).await;
+        sweep(&shared, &api, &ours, limit).await;
+    }
+}
+
+/// One pass over the namespace, a page of object metadata at a time.
+/// `ours` holds the label values of our keys.
+async fn sweep(
+    shared: &Shared,
+    api: &Api<SignalingEnvelope>,
+    ours: &HashSet<String>,
+    limit: Duration,
+) {
+    let mut token: Option<String> = None;
+    loop {
+        let mut params = ListParams::default().limit(PAGE);
+        if let Some(token) = &token {
+            params = params.continue_token(token);
+        }
+        let page = match tokio::time::timeout(limit, api.list_metadata(&params)).await {
+            Ok(Ok(page)) => page,
+            // Also a continue token that has expired (410): the next sweep starts over.
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %shared.name, "expiry: list failed: {e}");
+                return;
             }
+            Err(_) => {
+                tracing::debug!(backend = %shared.name, "expiry: list: no answer within {limit:?}");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        for object in &page.items {
+            let meta = &object.metadata;
+            let labels = meta.labels.as_ref();
+            let is_ours = [LABEL_RECIPIENT, LABEL_SENDER].into_iter().any(|label| {
+                labels
+                    .and_then(|labels| labels.get(label))
+                    .is_some_and(|value| ours.contains(value))
+            });
+            let expiry = shared.ttl.expiry(created(meta), is_ours, now);
+            if expiry != Expiry::Keep && !delete(shared, api, meta, expiry, limit).await {
+                return;
+            }
+        }
+        token = page.metadata.continue_.filter(|token| !token.is_empty());
+        if token.is_none() {
+            return;
         }
     }
 }
 
-async fn expire_matching(
+/// Deletes the object of `meta` (that very object: its UID is a
+/// precondition). Returns false if the sweep should stop here.
+async fn delete(
     shared: &Shared,
     api: &Api<SignalingEnvelope>,
-    selector: &str,
+    meta: &ObjectMeta,
+    expiry: Expiry,
     limit: Duration,
-) {
-    let params = ListParams::default().labels(selector);
-    let objects = match tokio::time::timeout(limit, api.list(&params)).await {
-        Ok(Ok(list)) => list.items,
-        Ok(Err(e)) => {
-            tracing::debug!(backend = %shared.name, "expiry: list failed: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(backend = %shared.name, "expiry: list: no answer within {limit:?}");
-            return;
-        }
+) -> bool {
+    let (Some(name), Some(uid)) = (meta.name.as_deref(), meta.uid.clone()) else {
+        return true;
     };
-    for object in objects {
-        if !shared
-            .ttl
-            .expired(created(&object.metadata), SystemTime::now())
-        {
-            continue;
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    let Ok(deleted) = tokio::time::timeout(limit, api.delete(name, &params)).await else {
+        tracing::debug!(backend = %shared.name, object = name, "expiry: delete: no answer within {limit:?}");
+        return false;
+    };
+    match deleted {
+        Ok(_) => {
+            shared.counters.deleted.fetch_add(1, Relaxed);
+            if expiry == Expiry::Abandoned {
+                shared.counters.deleted_abandoned.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(backend = %shared.name, object = name, ?expiry, "expired envelope deleted");
+            true
         }
-        let (Some(name), Some(uid)) = (object.metadata.name.as_deref(), object.uid()) else {
-            continue;
-        };
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: Some(uid),
-                resource_version: None,
-            }),
-            ..DeleteParams::default()
-        };
-        let Ok(deleted) = tokio::time::timeout(limit, api.delete(name, &params)).await else {
-            tracing::debug!(backend = %shared.name, object = name, "expiry: delete: no answer within {limit:?}");
-            return;
-        };
-        match deleted {
-            Ok(_) => {
-                shared.counters.deleted.fetch_add(1, Relaxed);
-                tracing::debug!(backend = %shared.name, object = name, "expired envelope deleted");
+        // Deleted meanwhile by another peer (404), or replaced (409).
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => true,
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            if !shared.delete_denied_logged.swap(true, Relaxed) {
+                tracing::warn!(backend = %shared.name, "expired envelopes cannot be deleted: {}", status.message);
             }
-            // Deleted meanwhile by another peer (404), or replaced (409).
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-            Err(kube::Error::Api(status)) if status.code == 403 => {
-                if !shared.delete_denied_logged.swap(true, Relaxed) {
-                    tracing::warn!(backend = %shared.name, "expired envelopes cannot be deleted: {}", status.message);
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(backend = %shared.name, object = name, "expiry: delete failed: {e}");
-                return;
-            }
+            false
+        }
+        Err(e) => {
+            tracing::debug!(backend = %shared.name, object = name, "expiry: delete failed: {e}");
+            false
         }
     }
 }

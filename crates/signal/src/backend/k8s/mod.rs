@@ -36,8 +36,12 @@
 //!   selector, objects not seen before are delivered: nothing created while the
 //!   watch was away is lost.
 //! - A running transport deletes the objects it sent and the objects addressed
-//!   to the keys it listens on once they are older than the ttl, so the
-//!   namespace does not grow while peers run.
+//!   to the keys it listens on once they are older than the ttl, and any
+//!   object of its namespace once it is older than twice the ttl, whoever it
+//!   is from or for ([`K8sStats::deleted_abandoned`]), so the namespace does
+//!   not grow while peers run, nor keep what peers that are gone left. The
+//!   CRD bounds each field (a body of at most [`MAX_BODY_LEN`] bytes), and
+//!   `deploy/resourcequota.yaml` the number of objects (SPEC §10).
 //!
 //! Failures of `listen`: a key stays *wanted* from `listen` until `unlisten`,
 //! also when its `listen` fails with a transient error (the API server is

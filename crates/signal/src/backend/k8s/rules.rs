@@ -20,6 +20,12 @@
 //!   after `listen` was called: delivered.
 //! - [`Verdict::Deliver`]: everything else.
 //!
+//! [`Ttl::expiry`] is the rule of the expiry sweep (SPEC §9, §10): an object
+//! sent by or addressed to one of our keys is deleted once it is older than
+//! the ttl ([`Expiry::Expired`]); anyone's, once it is older than twice the
+//! ttl ([`Expiry::Abandoned`]), so that objects of peers that are gone do not
+//! stay.
+//!
 //! Ages are the wall clock `now` less the object's `creationTimestamp`; the
 //! memory of UIDs runs on the same clock, so a clock that jumps ahead forgets
 //! UIDs early, but then also finds their objects too old.
@@ -56,6 +62,34 @@ impl Ttl {
     pub(super) fn expired(self, created: Option<SystemTime>, now: SystemTime) -> bool {
         Self::age(created, now).is_some_and(|age| age > self.0)
     }
+
+    /// What the expiry sweep does at `now` with an object created at
+    /// `created`; `ours` if it was sent by or is addressed to one of our keys.
+    /// Without a creation time an object is kept.
+    pub(super) fn expiry(self, created: Option<SystemTime>, ours: bool, now: SystemTime) -> Expiry {
+        let Some(age) = Self::age(created, now) else {
+            return Expiry::Keep;
+        };
+        if ours && age > self.0 {
+            Expiry::Expired
+        } else if age > self.0 * 2 {
+            Expiry::Abandoned
+        } else {
+            Expiry::Keep
+        }
+    }
+}
+
+/// What the expiry sweep does with an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expiry {
+    /// Leave it.
+    Keep,
+    /// Ours (sent by or addressed to one of our keys) and older than the
+    /// ttl: delete it.
+    Expired,
+    /// Whoever's, older than twice the ttl: delete it.
+    Abandoned,
 }
 
 /// What the watch knows about an object.
@@ -396,5 +430,31 @@ mod tests {
         assert!(!ttl.expired(None, now));
         assert!(!ttl.expired(Some(now - TTL), now));
         assert!(ttl.expired(Some(now - TTL - secs(1)), now));
+    }
+
+    #[test]
+    fn expiry_deletes_ours_after_one_ttl_and_anyones_after_two() {
+        let ttl = Ttl(TTL);
+        let now = t0();
+        let ago = |d: Duration| Some(now - d);
+        for (ours, age, expected) in [
+            (true, TTL, Expiry::Keep),
+            (true, TTL + secs(1), Expiry::Expired),
+            (true, TTL * 2 + secs(1), Expiry::Expired),
+            (false, TTL + secs(1), Expiry::Keep),
+            (false, TTL * 2, Expiry::Keep),
+            (false, TTL * 2 + secs(1), Expiry::Abandoned),
+        ] {
+            assert_eq!(
+                ttl.expiry(ago(age), ours, now),
+                expected,
+                "ours {ours}, age {age:?}"
+            );
+        }
+        // No creation time: nothing to go by.
+        assert_eq!(ttl.expiry(None, true, now), Expiry::Keep);
+        assert_eq!(ttl.expiry(None, false, now), Expiry::Keep);
+        // Created ahead of our clock: age zero.
+        assert_eq!(ttl.expiry(Some(now + TTL * 3), false, now), Expiry::Keep);
     }
 }

@@ -33,8 +33,12 @@ pub struct K8sStats {
     /// Objects that are not envelopes (fields not base64, a recipient that is
     /// not a 32-byte key): dropped.
     pub invalid: u64,
-    /// Expired objects deleted by this transport.
+    /// Expired objects deleted by this transport: ours older than the ttl,
+    /// and anyone's older than twice the ttl.
     pub deleted: u64,
+    /// Of `deleted`, the objects neither sent by this transport nor addressed
+    /// to a key it listens on (older than twice the ttl).
+    pub deleted_abandoned: u64,
     /// Remembered UIDs forgotten early because the memory was full: such an
     /// object may be handed over again if a relist finds it within its ttl.
     pub forgotten_early: u64,
@@ -53,6 +57,7 @@ pub(super) struct Counters {
     pub(super) too_old: AtomicU64,
     pub(super) invalid: AtomicU64,
     pub(super) deleted: AtomicU64,
+    pub(super) deleted_abandoned: AtomicU64,
     pub(super) watch_errors: AtomicU64,
 }
 
@@ -68,6 +73,7 @@ impl Counters {
             too_old: self.too_old.load(Relaxed),
             invalid: self.invalid.load(Relaxed),
             deleted: self.deleted.load(Relaxed),
+            deleted_abandoned: self.deleted_abandoned.load(Relaxed),
             forgotten_early,
             watch_errors: self.watch_errors.load(Relaxed),
         }
