@@ -158,6 +158,9 @@ fn deploy_crd_yaml_is_generated_from_the_type() {
     );
 }
 
+/// A change to an object's fields.
+type Edit = fn(&mut SignalingEnvelope);
+
 /// The CRD bounds each field (SPEC §10): the API server takes the largest
 /// body and refuses anything longer, and objects whose fields are not what a
 /// key, a nonce or base64 looks like.
@@ -183,7 +186,7 @@ async fn the_api_server_refuses_fields_beyond_their_bounds() {
     largest.spec.contents.body = "A".repeat(k8s::MAX_BODY_FIELD_LEN);
     create(largest).await.unwrap();
 
-    let edits: [(&str, fn(&mut SignalingEnvelope)); 6] = [
+    let edits: [(&str, Edit); 6] = [
         ("contents.body", |o| {
             o.spec.contents.body = "A".repeat(k8s::MAX_BODY_FIELD_LEN + 4)
         }),
