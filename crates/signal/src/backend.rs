@@ -196,6 +196,30 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     }
 }
 
+/// A boxed transport is a transport: what [`connect_transport`] returns can
+/// be wrapped (e.g. in `conformance::Gated`).
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        (**self).send(envelope).await
+    }
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        (**self).listen(key).await
+    }
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        (**self).unlisten(key).await
+    }
+    fn backend_type(&self) -> BackendType {
+        (**self).backend_type()
+    }
+    async fn close(&self) -> Result<(), BackendError> {
+        (**self).close().await
+    }
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}
+
 /// The locks of own keys, one per key that a subscribe or unsubscribe works on.
 type KeyLocks = std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
 
