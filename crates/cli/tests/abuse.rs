@@ -69,8 +69,8 @@ const TEST_FLAGS: &[(&str, &str)] = &[
 impl TestServer {
     /// Starts the server with [`TEST_FLAGS`] and then `flags`.
     fn start(flags: &[(&str, &str)]) -> TestServer {
-        let bin = std::env::var("CUNICU_SIGNAL_ABUSE_SERVER")
-            .unwrap_or_else(|_| common::BIN.to_string());
+        let bin =
+            std::env::var("CUNICU_SIGNAL_ABUSE_SERVER").unwrap_or_else(|_| common::BIN.to_string());
         let known = known_flags(&bin);
         let mut command = Command::new(&bin);
         command.args([
@@ -121,8 +121,8 @@ impl TestServer {
 
     /// The server's resident memory.
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("the server runs");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("the server runs");
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -132,7 +132,9 @@ impl TestServer {
 
     /// The value of one metric (`name{labels}` exactly as the server writes it).
     async fn metric(&self, name: &str) -> f64 {
-        let mut stream = TcpStream::connect(self.metrics).await.expect("metrics port");
+        let mut stream = TcpStream::connect(self.metrics)
+            .await
+            .expect("metrics port");
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .await
@@ -229,13 +231,19 @@ async fn well_behaved(server: &TestServer, duration: Duration, per_second: u32) 
         .expect("connected in time");
     let mut client = SignalingClient::new(channel);
     let key = [0x77u8; 32];
-    let mut stream = timeout(STEP, client.subscribe(SubscribeParams { key: key.to_vec() }))
-        .await
-        .expect("subscribed in time")
-        .expect("subscribed")
-        .into_inner();
+    let mut stream = timeout(
+        STEP,
+        client.subscribe(SubscribeParams { key: key.to_vec() }),
+    )
+    .await
+    .expect("subscribed in time")
+    .expect("subscribed")
+    .into_inner();
     assert_eq!(
-        timeout(STEP, stream.message()).await.expect("sync in time").expect("sync"),
+        timeout(STEP, stream.message())
+            .await
+            .expect("sync in time")
+            .expect("sync"),
         Some(Envelope::default())
     );
     let start = Instant::now();
@@ -398,7 +406,8 @@ impl Attacker {
     /// Opens a Subscribe stream to `key`; returns once the server answered
     /// with its headers (the subscription exists).
     async fn subscribe(&mut self, key: [u8; 32]) -> Result<h2::RecvStream, String> {
-        let (response, mut body) = self.send_request("/cunicu.signaling.Signaling/Subscribe")
+        let (response, mut body) = self
+            .send_request("/cunicu.signaling.Signaling/Subscribe")
             .await?;
         body.send_data(message(&SubscribeParams { key: key.to_vec() }), true)
             .map_err(|e| e.to_string())?;
@@ -524,9 +533,10 @@ async fn zero_window_subscribers_cannot_starve_the_others() {
         let _ = publisher.publish(key(n % 6), 1000).await;
     }
     server
-        .wait_metric("signaling_envelopes_dropped_total{reason=\"client_budget\"}", |v| {
-            v > 0.0
-        })
+        .wait_metric(
+            "signaling_envelopes_dropped_total{reason=\"client_budget\"}",
+            |v| v > 0.0,
+        )
         .await;
     let report = well_behaved(&server, Duration::from_secs(2), 200).await;
     report.assert_served();
@@ -597,7 +607,10 @@ async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
         prefix.put_u32(4 << 20);
         prefix.put_slice(&[0; 60_000]);
         let _ = body.send_data(prefix.freeze(), false);
-        let response = timeout(STEP, response).await.expect("answered").expect("response");
+        let response = timeout(STEP, response)
+            .await
+            .expect("answered")
+            .expect("response");
         assert_eq!(
             response.headers().get("grpc-status").map(|v| v.as_bytes()),
             Some(&b"8"[..]),
@@ -632,8 +645,14 @@ async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
     );
     // The request timeout ends them and gives their bytes back.
     for (response, _body) in pending {
-        let response = timeout(STEP, response).await.expect("answered").expect("response");
-        let status = response.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+        let response = timeout(STEP, response)
+            .await
+            .expect("answered")
+            .expect("response");
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.as_bytes().to_vec());
         assert!(
             status == Some(b"4".to_vec()) || status == Some(b"8".to_vec()),
             "DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED: {status:?}"
@@ -642,7 +661,12 @@ async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
     server
         .wait_metric("signaling_queued_bytes", |v| v == 0.0)
         .await;
-    assert!(server.metric("signaling_requests_rejected_total{reason=\"request_timeout\"}").await > 0.0);
+    assert!(
+        server
+            .metric("signaling_requests_rejected_total{reason=\"request_timeout\"}")
+            .await
+            > 0.0
+    );
     assert_eq!(
         server
             .metric("signaling_requests_rejected_total{reason=\"oversize\"}")
@@ -660,7 +684,12 @@ async fn silent_connections_cannot_take_every_slot() {
     let baseline = server.rss_kib();
     let mut silent = Vec::new();
     for _ in 0..1000 {
-        match timeout(Duration::from_secs(2), tcp_from(server.addr, loopback(1), None)).await {
+        match timeout(
+            Duration::from_secs(2),
+            tcp_from(server.addr, loopback(1), None),
+        )
+        .await
+        {
             Ok(tcp) => silent.push(tcp),
             Err(_) => break,
         }
@@ -675,9 +704,10 @@ async fn silent_connections_cannot_take_every_slot() {
         )
         .await;
     server
-        .wait_metric("signaling_connections_closed_total{reason=\"handshake_timeout\"}", |v| {
-            v >= 64.0
-        })
+        .wait_metric(
+            "signaling_connections_closed_total{reason=\"handshake_timeout\"}",
+            |v| v >= 64.0,
+        )
         .await;
     let mut closed = 0;
     for tcp in &mut silent {
@@ -841,7 +871,11 @@ async fn a_stalled_subscriber_is_cut_off() {
     for _ in 0..3 {
         publisher.publish(key(1), 100).await.expect("published");
     }
-    let mut sync = timeout(STEP, stream.data()).await.expect("sync").expect("data").expect("ok");
+    let mut sync = timeout(STEP, stream.data())
+        .await
+        .expect("sync")
+        .expect("data")
+        .expect("ok");
     assert_eq!(sync.split_to(sync.len()).as_ref(), &[0; 5]);
     let _ = stream.flow_control().release_capacity(5);
     // Nothing more is read: the window stays closed.
@@ -858,7 +892,10 @@ async fn a_stalled_subscriber_is_cut_off() {
     .expect("trailers")
     .expect("some");
     let elapsed = started.elapsed();
-    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"14"[..]));
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..])
+    );
     assert_eq!(
         trailers.get("grpc-message").map(|v| v.as_bytes()),
         Some(&b"subscriber%20too%20slow"[..])
@@ -905,9 +942,7 @@ async fn a_publish_flood_is_limited_to_its_client() {
             while started.elapsed() < Duration::from_secs(3) {
                 match client.publish(envelope(key(1), 100)).await {
                     Ok(_) => ok += 1,
-                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                        refused += 1
-                    }
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => refused += 1,
                     Err(status) => panic!("{status}"),
                 }
             }
@@ -995,9 +1030,13 @@ async fn idle_connections_are_closed() {
         idle.push(attacker);
     }
     server
-        .wait_metric("signaling_connections_closed_total{reason=\"idle\"}", |v| v >= 20.0)
+        .wait_metric("signaling_connections_closed_total{reason=\"idle\"}", |v| {
+            v >= 20.0
+        })
         .await;
-    server.wait_metric("signaling_connections", |v| v == 0.0).await;
+    server
+        .wait_metric("signaling_connections", |v| v == 0.0)
+        .await;
     let report = well_behaved(&server, Duration::from_secs(1), 100).await;
     report.assert_served();
 }
@@ -1030,7 +1069,10 @@ async fn connection_floods_are_rate_limited_per_client() {
     let refused = server
         .metric("signaling_connections_refused_total{reason=\"connection_rate\"}")
         .await;
-    assert!(refused > 0.0 && attempts > 100, "{refused} of {attempts} refused");
+    assert!(
+        refused > 0.0 && attempts > 100,
+        "{refused} of {attempts} refused"
+    );
 }
 
 /// More calls at once than a client may have: refused, and the others served.
@@ -1057,7 +1099,10 @@ async fn calls_in_progress_are_limited_per_client() {
         };
         let _ = body.send_data(message(&request), false);
         bodies.push(body);
-        let response = timeout(STEP, response).await.expect("answered").expect("response");
+        let response = timeout(STEP, response)
+            .await
+            .expect("answered")
+            .expect("response");
         if response.headers().get("grpc-status").is_some() {
             refused += 1;
         } else {

@@ -398,9 +398,9 @@ impl Clients {
 
     /// One new request (an HTTP/2 stream) of `client`, within its rate.
     pub(crate) fn check_request(&self, client: Client) -> Result<(), Refused> {
-        self.request_rate.check_key(&client).map_err(|_| {
-            Refused::RequestRate(client, self.limits.request_rate.per_second.get())
-        })
+        self.request_rate
+            .check_key(&client)
+            .map_err(|_| Refused::RequestRate(client, self.limits.request_rate.per_second.get()))
     }
 
     /// One publish of `bytes` bytes by `client`, within its rates.

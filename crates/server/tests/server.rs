@@ -4,8 +4,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use cunicu_signal::{
-    Backend, BackendError, ChannelHandler, Key, KeyPair,
-    backend::connect,
+    Backend, BackendError, ChannelHandler, Key, KeyPair, Registry,
+    backend::{SignalingBackend, connect, connect_transport},
     conformance::{self, Options, message_for},
     proto::signaling::{
         EncryptedMessage, Envelope, GetRelaysParams, SubscribeParams,
@@ -94,6 +94,32 @@ async fn conformance_through_one_server() {
     })
     .await
     .expect("subscriptions and topics back to 0");
+}
+
+/// An envelope that arrives while subscribe waits for the server's sync, or
+/// right after, reaches the handler exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_races_the_first_envelope() {
+    let server = start(config()).await;
+    let url = url(&server);
+    let registry = Registry::new();
+    let transport = connect_transport(&url, registry.clone())
+        .await
+        .expect("transport");
+    let (transport, gate) = conformance::gated(transport);
+    let backend = Arc::new(SignalingBackend::new(Box::new(transport), registry));
+    let publisher: Arc<dyn Backend> = Arc::new(connect(&[url.as_str()]).await.expect("publisher"));
+    conformance::subscribe_race(
+        backend,
+        gate,
+        publisher,
+        &Options {
+            timeout: Duration::from_secs(10),
+            settle: Duration::from_millis(200),
+            ..Options::default()
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use tokio::task::JoinSet;
 
 use crate::{
     EnvelopeError, Handler, Key, KeyPair, Registry, SharedKeyCache,
@@ -195,13 +196,50 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     }
 }
 
+/// A boxed transport is a transport: what [`connect_transport`] returns can
+/// be wrapped (e.g. in `conformance::Gated`).
+#[async_trait]
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        (**self).send(envelope).await
+    }
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        (**self).listen(key).await
+    }
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        (**self).unlisten(key).await
+    }
+    fn backend_type(&self) -> BackendType {
+        (**self).backend_type()
+    }
+    async fn close(&self) -> Result<(), BackendError> {
+        (**self).close().await
+    }
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}
+
+/// The locks of own keys, one per key that a subscribe or unsubscribe works on.
+type KeyLocks = std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
+
 /// A backend: the subscription [`Registry`] over a [`Transport`].
+///
+/// `subscribe` adds the handler to the registry first and then lets the
+/// medium listen, so that an envelope the medium receives as soon as it
+/// listens finds its handler. If the listen fails, or the caller drops the
+/// `subscribe` future while it waits for the medium, the handler is removed
+/// again and the medium stops listening for the key unless another handler
+/// wants it (for a dropped future, in a task that the backend owns; `close`
+/// ends it).
 pub struct SignalingBackend {
-    transport: Box<dyn Transport>,
+    transport: Arc<dyn Transport>,
     registry: Arc<Registry>,
     /// One lock per own key, held by subscribe and unsubscribe, so that
     /// listen/unlisten of a key never race while other keys go on.
-    key_locks: std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    key_locks: Arc<KeyLocks>,
+    /// Unlistens of subscribes dropped while their medium listened.
+    undos: std::sync::Mutex<JoinSet<()>>,
     closed: AtomicBool,
 }
 
@@ -209,9 +247,10 @@ impl SignalingBackend {
     /// A backend over `transport`, which delivers into `registry`.
     pub fn new(transport: Box<dyn Transport>, registry: Arc<Registry>) -> Self {
         SignalingBackend {
-            transport,
+            transport: Arc::from(transport),
             registry,
-            key_locks: std::sync::Mutex::new(HashMap::new()),
+            key_locks: Arc::default(),
+            undos: std::sync::Mutex::new(JoinSet::new()),
             closed: AtomicBool::new(false),
         }
     }
@@ -235,7 +274,7 @@ impl SignalingBackend {
     }
 
     /// Waits for the lock of our key `public`.
-    async fn lock_key(&self, public: Key) -> KeyLock<'_> {
+    async fn lock_key(&self, public: Key) -> KeyLock {
         let mutex = self
             .key_locks
             .lock()
@@ -245,33 +284,107 @@ impl SignalingBackend {
             .clone();
         let guard = mutex.clone().lock_owned().await;
         KeyLock {
-            backend: self,
+            locks: self.key_locks.clone(),
             public,
             mutex,
             guard: Some(guard),
         }
     }
+
+    /// Stops the medium listening for `public` in a task that keeps the key's
+    /// lock until it is done: for a subscribe dropped midway, which cannot
+    /// wait for the medium any more.
+    fn unlisten_later(&self, public: Key, lock: KeyLock) {
+        if self.closed.load(Ordering::Acquire) {
+            // The close stops the medium for every key.
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                backend = self.transport.name(),
+                key = %public,
+                "subscribe dropped outside a tokio runtime: the medium listens for this key until close"
+            );
+            return;
+        };
+        let transport = self.transport.clone();
+        let mut undos = self.undos.lock().unwrap_or_else(|e| e.into_inner());
+        // Those done are taken out: the set holds the running ones only.
+        while undos.try_join_next().is_some() {}
+        undos.spawn_on(
+            async move {
+                let _lock = lock;
+                if let Err(e) = transport.unlisten(public).await {
+                    tracing::debug!(backend = transport.name(), key = %public, "unlisten after a dropped subscribe failed: {e}");
+                }
+            },
+            &runtime,
+        );
+    }
 }
 
 /// The lock of one own key; the map entry goes when nobody holds or waits for it.
-struct KeyLock<'a> {
-    backend: &'a SignalingBackend,
+struct KeyLock {
+    locks: Arc<KeyLocks>,
     public: Key,
     mutex: Arc<tokio::sync::Mutex<()>>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl Drop for KeyLock<'_> {
+impl Drop for KeyLock {
     fn drop(&mut self) {
         self.guard.take();
-        let mut locks = self
-            .backend
-            .key_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         // Held by the map and by us only: nobody else waits.
         if Arc::strong_count(&self.mutex) == 2 {
             locks.remove(&self.public);
+        }
+    }
+}
+
+/// The first handler of a key, added by a subscribe whose medium does not
+/// listen yet. Unless [`Undo::keep`] is called, the handler is removed again
+/// and, if no handler is left for the key, the medium stops listening for it:
+/// by [`Undo::run`], or in a task if this is dropped. Holds the key's lock
+/// until then.
+struct Undo<'a> {
+    backend: &'a SignalingBackend,
+    pair: KeyPair,
+    handler: Arc<dyn Handler>,
+    public: Key,
+    lock: Option<KeyLock>,
+}
+
+impl Undo<'_> {
+    /// The subscription stands: nothing to undo.
+    fn keep(mut self) {
+        self.lock.take();
+    }
+
+    /// Removes the handler and, if no handler is left for the key, stops the
+    /// medium listening for it. If this future is dropped midway, the drop
+    /// finishes the job.
+    async fn run(mut self) {
+        let registry = &self.backend.registry;
+        registry.remove(&self.pair, &self.handler);
+        if !registry.has_key(&self.public)
+            && let Err(e) = self.backend.transport.unlisten(self.public).await
+        {
+            tracing::debug!(backend = self.backend.transport.name(), key = %self.public, "unlisten after a failed subscribe failed: {e}");
+        }
+        self.lock.take();
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let Some(lock) = self.lock.take() else {
+            return;
+        };
+        let registry = &self.backend.registry;
+        registry.remove(&self.pair, &self.handler);
+        if !registry.has_key(&self.public) {
+            self.backend.unlisten_later(self.public, lock);
         }
     }
 }
@@ -290,30 +403,43 @@ impl Backend for SignalingBackend {
         handler: Arc<dyn Handler>,
     ) -> Result<bool, BackendError> {
         let public = SharedKeyCache::global().public_key(&pair.ours);
-        let _lock = self.lock_key(public).await;
+        let lock = self.lock_key(public).await;
         self.check_open()?;
-        let first = !self.registry.has_key(&public);
-        // Listen first, register after: if the caller drops this future while
-        // the medium connects, no handler is left registered without a medium.
-        if first && let Err(e) = self.transport.listen(public).await {
-            // Stop what the medium may still be trying for this key.
-            let _ = self.transport.unlisten(public).await;
-            return Err(e);
+        // The handler first, then the medium: what the medium receives from
+        // the moment it listens finds the handler.
+        let first = self.registry.add(pair, handler.clone());
+        if !first {
+            // The medium listens already: the subscribe that added the key's
+            // first handler kept the key's lock until its listen was done.
+            drop(lock);
+            // Closed meanwhile (close does not take the key locks): the close
+            // may have cleared the registry before this add.
+            if self.closed.load(Ordering::Acquire) {
+                self.registry.clear();
+                return Err(BackendError::Closed);
+            }
+            return Ok(false);
         }
-        // Closed while the medium was listening: the close did not see this
-        // listen, so undo it here.
-        if first && self.closed.load(Ordering::Acquire) {
-            let _ = self.transport.unlisten(public).await;
-            return Err(BackendError::Closed);
-        }
-        self.registry.add(pair, handler);
-        // Closed meanwhile (close does not take the key locks): the close
-        // may have cleared the registry before this add.
-        if self.closed.load(Ordering::Acquire) {
-            self.registry.clear();
-            return Err(BackendError::Closed);
-        }
-        Ok(first)
+        let undo = Undo {
+            backend: self,
+            pair: *pair,
+            handler,
+            public,
+            lock: Some(lock),
+        };
+        let error = match self.transport.listen(public).await {
+            // Closed while the medium was listening: the close did not see
+            // this listen (nor, maybe, this add), so both are undone here.
+            Ok(()) if self.closed.load(Ordering::Acquire) => BackendError::Closed,
+            Ok(()) => {
+                undo.keep();
+                return Ok(true);
+            }
+            Err(e) => e,
+        };
+        // Also stops what the medium may still be trying for this key.
+        undo.run().await;
+        Err(error)
     }
 
     async fn unsubscribe(
@@ -339,6 +465,9 @@ impl Backend for SignalingBackend {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // Unlistens still running are moot: the medium stops for every key.
+        let mut undos = std::mem::take(&mut *self.undos.lock().unwrap_or_else(|e| e.into_inner()));
+        undos.shutdown().await;
         let closed = self.transport.close().await;
         // The worker stops and the handlers go: channels they feed see their end.
         self.registry.close().await;
@@ -490,5 +619,60 @@ mod tests {
             .subscribe(&KeyPair::new(key, Key::ZERO), handler)
             .await;
         assert!(matches!(again, Err(BackendError::Closed)), "{again:?}");
+    }
+
+    /// An in-process medium whose listen fails once it has joined the exchange.
+    struct FailingListen(InProcess);
+
+    #[async_trait]
+    impl Transport for FailingListen {
+        async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+            self.0.send(envelope).await
+        }
+        async fn listen(&self, key: Key) -> Result<(), BackendError> {
+            self.0.listen(key).await?;
+            Err(BackendError::transport(self.name(), "listen refused"))
+        }
+        async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+            self.0.unlisten(key).await
+        }
+        fn backend_type(&self) -> BackendType {
+            self.0.backend_type()
+        }
+        async fn close(&self) -> Result<(), BackendError> {
+            self.0.close().await
+        }
+        fn name(&self) -> &str {
+            "failing:"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_listen_takes_the_handler_and_the_medium_back() {
+        let registry = Registry::new();
+        let url = url::Url::parse("inprocess:").unwrap();
+        let medium = FailingListen(InProcess::new(&url, registry.clone()).unwrap());
+        let backend = SignalingBackend::new(Box::new(medium), registry.clone());
+        let (key, sender) = (Key::generate(), Key::generate());
+        let (handler, mut rx) = crate::ChannelHandler::new(4);
+        let err = backend
+            .subscribe(&KeyPair::new(key, Key::ZERO), handler)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("listen refused"), "{err}");
+        assert!(!registry.has_key(&key.public_key()));
+        // The handler was the channel's last sender: it is gone.
+        assert!(matches!(
+            rx.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        ));
+        // The medium left the exchange: an envelope to the key reaches nobody
+        // (in-process delivery happens before publish returns).
+        let publisher = connect(&["inprocess:"]).await.unwrap();
+        publisher
+            .publish(&KeyPair::new(sender, key.public_key()), &Message::default())
+            .await
+            .unwrap();
+        assert_eq!(registry.stats(), crate::RegistryStats::default());
     }
 }

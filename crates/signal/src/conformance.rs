@@ -9,6 +9,12 @@
 //! still do, that `first`/`last` are reported as SPEC §6 says, and that
 //! nothing arrives once every handler is unsubscribed.
 //!
+//! [`subscribe_race`] checks, on a backend whose medium is wrapped in
+//! [`Gated`], that envelopes racing a subscription are delivered exactly
+//! once: one that arrives while the subscription's listen is still under way,
+//! and one published right after `subscribe` returned. It also checks that a
+//! subscribe dropped midway leaves no handler behind and stops the medium.
+//!
 //! The suite panics with a message that says what went wrong.
 
 use std::{
@@ -18,9 +24,16 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
+use tokio::sync::watch;
+
 use crate::{
-    Backend, Delivery, Handler, Key, KeyPair,
-    proto::{epdisc::Credentials, signaling::Message},
+    Backend, BackendError, Delivery, Handler, Key, KeyPair, Transport,
+    backend::SignalingBackend,
+    proto::{
+        epdisc::Credentials,
+        signaling::{BackendType, Envelope, Message},
+    },
 };
 
 /// A handler that records what it receives.
@@ -386,4 +399,300 @@ async fn wait_for(peers: &[Peer], expected: usize, options: &Options) {
         got, expected,
         "more deliveries than expected: duplicates or strays"
     );
+}
+
+// ------------------------------------------------------- racing subscribe --
+
+/// A transport whose `listen` waits, once the medium underneath listens, until
+/// its [`Gate`] is open: it keeps a subscription in the state where its medium
+/// receives envelopes and `subscribe` has not returned yet. Made by [`gated`].
+pub struct Gated<T> {
+    inner: T,
+    gate: Gate,
+}
+
+/// Controls the [`Gated`] transport it was made with, and tells what it saw.
+#[derive(Clone)]
+pub struct Gate {
+    state: Arc<GateState>,
+}
+
+struct GateState {
+    open: watch::Sender<bool>,
+    /// How many listens have reached the gate.
+    reached: watch::Sender<u64>,
+    /// The keys unlistened, in order, each once the medium underneath was done.
+    unlistened: watch::Sender<Vec<Key>>,
+}
+
+/// `inner` behind a gate, which starts open.
+pub fn gated<T: Transport>(inner: T) -> (Gated<T>, Gate) {
+    let gate = Gate {
+        state: Arc::new(GateState {
+            open: watch::Sender::new(true),
+            reached: watch::Sender::new(0),
+            unlistened: watch::Sender::new(Vec::new()),
+        }),
+    };
+    (
+        Gated {
+            inner,
+            gate: gate.clone(),
+        },
+        gate,
+    )
+}
+
+impl Gate {
+    /// Lets waiting and later listens return.
+    pub fn open(&self) {
+        self.state.open.send_replace(true);
+    }
+
+    /// Makes later listens wait after the medium listens.
+    pub fn close(&self) {
+        self.state.open.send_replace(false);
+    }
+
+    /// How many listens have reached the gate so far.
+    pub fn reached(&self) -> u64 {
+        *self.state.reached.borrow()
+    }
+
+    /// Waits until `n` listens have reached the gate.
+    pub async fn wait_reached(&self, n: u64) {
+        let mut reached = self.state.reached.subscribe();
+        // The sender lives in `self`: the wait ends only when `n` is reached.
+        let _ = reached.wait_for(|r| *r >= n).await;
+    }
+
+    /// The keys unlistened so far.
+    pub fn unlistened(&self) -> Vec<Key> {
+        self.state.unlistened.borrow().clone()
+    }
+
+    /// Waits until `key` has been unlistened.
+    pub async fn wait_unlistened(&self, key: Key) {
+        let mut unlistened = self.state.unlistened.subscribe();
+        let _ = unlistened.wait_for(|keys| keys.contains(&key)).await;
+    }
+}
+
+#[async_trait]
+impl<T: Transport> Transport for Gated<T> {
+    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        self.inner.send(envelope).await
+    }
+
+    async fn listen(&self, key: Key) -> Result<(), BackendError> {
+        self.inner.listen(key).await?;
+        let mut open = self.gate.state.open.subscribe();
+        self.gate.state.reached.send_modify(|r| *r += 1);
+        let _ = open.wait_for(|open| *open).await;
+        Ok(())
+    }
+
+    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+        let result = self.inner.unlisten(key).await;
+        self.gate
+            .state
+            .unlistened
+            .send_modify(|keys| keys.push(key));
+        result
+    }
+
+    fn backend_type(&self) -> BackendType {
+        self.inner.backend_type()
+    }
+
+    async fn close(&self) -> Result<(), BackendError> {
+        self.inner.close().await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+}
+
+/// Awaits `future`, panicking with `what` after `limit`.
+async fn within<T>(what: &str, limit: Duration, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(out) => out,
+        Err(_) => panic!("subscribe race: {what}: nothing within {limit:?}"),
+    }
+}
+
+/// Waits until `recorder` holds `n` deliveries, then for `options.settle`,
+/// and checks that no more came.
+async fn exactly(what: &str, recorder: &Recorder, n: usize, options: &Options) {
+    within(what, options.timeout, async {
+        while recorder.len() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(options.settle).await;
+    assert_eq!(
+        recorder.len(),
+        n,
+        "subscribe race: {what}: more deliveries than sent: {:?}",
+        recorder.deliveries()
+    );
+}
+
+/// Checks that a subscription misses nothing that races it and that one
+/// dropped midway leaves nothing behind, on `backend`, whose transport is (or
+/// holds) the [`Gated`] transport of `gate`. `publisher` is another backend on
+/// the same medium.
+///
+/// 1. With the gate closed, `subscribe` runs until the medium listens; an
+///    envelope published then reaches the handler before `subscribe` returns
+///    (the handler is registered before the medium listens).
+/// 2. The gate opens, `subscribe` returns `first`, and an envelope published
+///    right after arrives. Each of the two arrives once; the registry dropped
+///    none for want of a handler.
+/// 3. A `subscribe` of another key, dropped while the medium listens: its
+///    handler is gone from the registry and the medium unlistens the key.
+///    Subscribing the key again with another handler works, and an envelope
+///    to it reaches that handler only.
+pub async fn subscribe_race(
+    backend: Arc<SignalingBackend>,
+    gate: Gate,
+    publisher: Arc<dyn Backend>,
+    options: &Options,
+) {
+    let sender = Key::generate();
+    let (b, c) = (Key::generate(), Key::generate());
+    let send = |round: u32, to: Key| {
+        let publisher = publisher.clone();
+        async move {
+            let pair = KeyPair::new(sender, to.public_key());
+            let message = message_for(round, &sender.public_key(), &to.public_key());
+            within(
+                "publish",
+                options.timeout,
+                publisher.publish(&pair, &message),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("subscribe race: publish round {round}: {e}"));
+        }
+    };
+
+    // 1. An envelope while the medium listens and subscribe has not returned.
+    gate.close();
+    let to_b = Arc::new(Recorder::default());
+    let reached = gate.reached();
+    let subscribe = tokio::spawn({
+        let backend = backend.clone();
+        let handler = as_handler(&to_b);
+        async move {
+            backend
+                .subscribe(&KeyPair::new(b, Key::ZERO), handler)
+                .await
+        }
+    });
+    within(
+        "the medium listens",
+        options.timeout,
+        gate.wait_reached(reached + 1),
+    )
+    .await;
+    send(1, b).await;
+    within(
+        "the envelope sent while subscribe waits for the medium",
+        options.timeout,
+        async {
+            while to_b.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        },
+    )
+    .await;
+    assert!(
+        !subscribe.is_finished(),
+        "subscribe race: subscribe returned before the gate opened"
+    );
+
+    // 2. Right after subscribe returned.
+    gate.open();
+    let first = within("subscribe", options.timeout, subscribe)
+        .await
+        .unwrap_or_else(|e| panic!("subscribe race: subscribe task: {e}"))
+        .unwrap_or_else(|e| panic!("subscribe race: subscribe: {e}"));
+    assert!(first, "subscribe race: the first subscription of a key");
+    send(2, b).await;
+    exactly("two envelopes to b", &to_b, 2, options).await;
+    let mut got = to_b.deliveries();
+    got.sort_by_key(|d| ufrag(d).to_string());
+    for (d, round) in got.iter().zip([1, 2]) {
+        check(d, round, &sender.public_key(), &b.public_key(), 0);
+    }
+    assert_eq!(
+        backend.registry().stats().dropped_no_subscriber,
+        0,
+        "subscribe race: envelopes dropped for want of a handler"
+    );
+
+    // 3. A subscribe dropped while the medium listens.
+    gate.close();
+    let dropped = Arc::new(Recorder::default());
+    let reached = gate.reached();
+    let subscribe = tokio::spawn({
+        let backend = backend.clone();
+        let handler = as_handler(&dropped);
+        async move {
+            backend
+                .subscribe(&KeyPair::new(c, Key::ZERO), handler)
+                .await
+        }
+    });
+    within(
+        "the medium listens",
+        options.timeout,
+        gate.wait_reached(reached + 1),
+    )
+    .await;
+    subscribe.abort();
+    let aborted = within("the dropped subscribe", options.timeout, subscribe).await;
+    assert!(
+        aborted.as_ref().is_err_and(|e| e.is_cancelled()),
+        "subscribe race: the subscribe was not dropped midway: {aborted:?}"
+    );
+    gate.open();
+    within(
+        "the unlisten after the dropped subscribe",
+        options.timeout,
+        gate.wait_unlistened(c.public_key()),
+    )
+    .await;
+    assert!(
+        !backend.registry().has_key(&c.public_key()),
+        "subscribe race: the handler of a dropped subscribe stayed"
+    );
+    let again = Arc::new(Recorder::default());
+    let first = within(
+        "subscribe again",
+        options.timeout,
+        backend.subscribe(&KeyPair::new(c, Key::ZERO), as_handler(&again)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("subscribe race: subscribe after a dropped one: {e}"));
+    assert!(first, "subscribe race: `first` after a dropped subscribe");
+    send(3, c).await;
+    exactly("the envelope to c", &again, 1, options).await;
+    check(
+        &again.deliveries()[0],
+        3,
+        &sender.public_key(),
+        &c.public_key(),
+        0,
+    );
+    assert!(
+        dropped.is_empty(),
+        "subscribe race: the handler of a dropped subscribe got {:?}",
+        dropped.deliveries()
+    );
+    within("close", options.timeout, backend.close())
+        .await
+        .unwrap_or_else(|e| panic!("subscribe race: close: {e}"));
 }

@@ -28,7 +28,7 @@ use cunicu_signal::{
         SignalingBackend, connect,
         multicast::{MAX_DATAGRAM, Multicast, MulticastError, SOURCE_BURST, SOURCE_RATE},
     },
-    conformance::{Options, message_for, run},
+    conformance::{Options, gated, message_for, run, subscribe_race},
     proto::{
         epdisc::Credentials,
         pdisc::PeerDescription,
@@ -372,6 +372,37 @@ async fn conformance_ipv6_site_scope_default_interface() {
         return;
     }
     let ns = lo_namespace("conf6s");
+    run_in(&ns, TEST).await;
+}
+
+// ------------------------------------------------------ subscribe race --
+
+/// An envelope that arrives while a subscription's listen is under way, and
+/// one sent right after subscribe returned, are delivered once each; a
+/// subscribe dropped midway leaves nothing behind (`conformance::subscribe_race`).
+#[tokio::test]
+async fn subscribe_race_on_lo() {
+    const TEST: &str = "subscribe_race_on_lo";
+    if in_netns(TEST) {
+        const URL: &str = "multicast://239.255.77.8:7708?interface=lo&loopback=true";
+        let registry = Registry::new();
+        let medium = Arc::new(multicast(URL, registry.clone()).await);
+        let (transport, gate) = gated(medium.clone());
+        let backend = Arc::new(SignalingBackend::new(Box::new(transport), registry));
+        let publisher: Arc<dyn Backend> =
+            Arc::new(within("connect", STEP, connect(&[URL])).await.unwrap());
+        let options = Options {
+            timeout: STEP,
+            settle: Duration::from_millis(200),
+            ..Options::default()
+        };
+        subscribe_race(backend, gate, publisher, &options).await;
+        // Three envelopes to our keys, each handed to the registry once.
+        assert_eq!(medium.stats().handed_over, 3, "{:?}", medium.stats());
+        println!("{DONE}");
+        return;
+    }
+    let ns = lo_namespace("race");
     run_in(&ns, TEST).await;
 }
 
