@@ -311,13 +311,31 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
     let out = run(&["bench", "--backend", "inprocess:"], b"");
     assert_fails(&out, "grpc://");
 
-    // A short run against a real server: every expected delivery arrives.
-    let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
     let out = run(
         &[
             "bench",
             "--backend",
-            &format!("grpc://{addr}?insecure=true"),
+            "grpc://localhost:1",
+            "--local-addresses",
+            "2",
+        ],
+        b"",
+    );
+    assert_fails(
+        &out,
+        "--local-addresses needs a plaintext server on 127.0.0.0/8",
+    );
+
+    // A short run against a real server: every expected delivery arrives, and
+    // the server's process is measured.
+    let (server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    let backend = format!("grpc://{addr}?insecure=true");
+    let pid = server.0.id().to_string();
+    let out = run(
+        &[
+            "bench",
+            "--backend",
+            &backend,
             "--subscribers",
             "20",
             "--keys",
@@ -326,6 +344,8 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
             "2",
             "--duration",
             "1s",
+            "--server-pid",
+            &pid,
             "--json",
         ],
         b"",
@@ -344,5 +364,62 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
         "{report}"
     );
     assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["streams_ended"], 0, "{report}");
     assert!(report["latency_p99_ms"].as_f64().unwrap() > 0.0, "{report}");
+    // Forwarding thousands of envelopes costs the server some CPU time (the
+    // clock ticks are 10 ms, the run is 1 s) and it holds memory.
+    let per_delivery = report["server_cpu_us_per_delivery"].as_f64().unwrap();
+    assert!(per_delivery > 0.0, "{report}");
+    let split = report["server_cpu_user_us_per_delivery"].as_f64().unwrap()
+        + report["server_cpu_system_us_per_delivery"]
+            .as_f64()
+            .unwrap();
+    assert!((split - per_delivery).abs() < 1e-6, "{report}");
+    assert!(
+        report["server_rss_before_kib"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["server_rss_after_kib"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+
+    // Idle peers, one subscription per connection, bound to 127.0.0.1 and
+    // 127.0.0.2; the report says what they cost the server.
+    let out = run(
+        &[
+            "bench",
+            "--backend",
+            &backend,
+            "--idle",
+            "--subscribers",
+            "40",
+            "--keys",
+            "40",
+            "--streams-per-connection",
+            "1",
+            "--local-addresses",
+            "2",
+            "--duration",
+            "300ms",
+            "--server-pid",
+            &pid,
+            "--json",
+        ],
+        b"",
+    );
+    assert_succeeds(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["connections"], 40, "{report}");
+    assert_eq!(report["streams_ended"], 0, "{report}");
+    let (before, with) = (
+        report["server_rss_before_kib"].as_u64().unwrap(),
+        report["server_rss_with_peers_kib"].as_u64().unwrap(),
+    );
+    assert!(before > 0 && with > 0, "{report}");
+    let per_subscription = report["server_rss_bytes_per_subscription"]
+        .as_f64()
+        .unwrap();
+    let expected = with.saturating_sub(before) as f64 * 1024.0 / 40.0;
+    assert!((per_subscription - expected).abs() < 1e-6, "{report}");
 }
