@@ -224,7 +224,21 @@ struct Entry {
     connections: usize,
     subscriptions: usize,
     calls: usize,
+    bridged: usize,
 }
+
+/// Calls of the services served through tonic (GetBuildInfo, GetRelays,
+/// health, reflection) in progress at once, in all and per client: each may
+/// buffer a response (a reflection answer is tens of KiB), and peers make
+/// them rarely.
+pub(crate) const BRIDGED_CALLS: usize = 256;
+/// The same per client.
+pub(crate) const BRIDGED_CALLS_PER_CLIENT: usize = 16;
+
+/// Rate-limiter entries (clients seen lately) above which the entries of
+/// clients back to a full bucket are forgotten at once, not at the next
+/// periodic sweep: many addresses each connecting once must not grow them.
+const RATE_ENTRIES: usize = 16 * 1024;
 
 /// A limit of a client or of the server was reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -241,6 +255,12 @@ pub(crate) enum Refused {
     ClientCalls(Client, usize),
     #[error("the server has reached its limit of {0} calls in progress")]
     Calls(usize),
+    #[error("{0} has reached the limit of {1} calls of GetRelays, health or reflection at once")]
+    ClientBridged(Client, usize),
+    #[error(
+        "the server has reached its limit of {0} calls of GetRelays, health or reflection at once"
+    )]
+    Bridged(usize),
     #[error("{0} sends requests faster than {1} per second")]
     RequestRate(Client, u32),
     #[error("{0} publishes faster than {1} envelopes per second")]
@@ -259,6 +279,8 @@ impl Refused {
             Refused::Subscriptions(..) => "too_many_subscriptions",
             Refused::ClientCalls(..) => "too_many_client_calls",
             Refused::Calls(..) => "too_many_calls",
+            Refused::ClientBridged(..) => "too_many_client_service_calls",
+            Refused::Bridged(..) => "too_many_service_calls",
             Refused::RequestRate(..) => "request_rate",
             Refused::PublishRate(..) => "publish_rate",
             Refused::PublishBytesRate(..) => "publish_bytes_rate",
@@ -274,6 +296,10 @@ pub(crate) struct Clients {
     max_subscriptions: usize,
     calls: AtomicUsize,
     max_calls: usize,
+    bridged: AtomicUsize,
+    /// When rate-limiter entries were last forgotten, in ms since `created`.
+    forgotten_at: std::sync::atomic::AtomicU64,
+    created: std::time::Instant,
     connection_rate: DefaultKeyedRateLimiter<Client>,
     request_rate: DefaultKeyedRateLimiter<Client>,
     publish_rate: DefaultKeyedRateLimiter<Client>,
@@ -297,6 +323,9 @@ impl Clients {
             max_subscriptions,
             calls: AtomicUsize::new(0),
             max_calls,
+            bridged: AtomicUsize::new(0),
+            forgotten_at: std::sync::atomic::AtomicU64::new(0),
+            created: std::time::Instant::now(),
             connection_rate: RateLimiter::keyed(limits.connection_rate.quota()),
             request_rate: RateLimiter::keyed(limits.request_rate.quota()),
             publish_rate: RateLimiter::keyed(limits.publish_rate.quota()),
@@ -312,6 +341,9 @@ impl Clients {
 
     /// Admits a new connection of `client`: within its rate and its limit.
     pub(crate) fn connect(self: &Arc<Self>, client: Client) -> Result<ConnectionGuard, Refused> {
+        if self.connection_rate.len() > RATE_ENTRIES {
+            self.forget_idle_rates_soon();
+        }
         if self.connection_rate.check_key(&client).is_err() {
             return Err(Refused::ConnectionRate(
                 client,
@@ -329,6 +361,7 @@ impl Clients {
                 connections: 0,
                 subscriptions: 0,
                 calls: 0,
+                bridged: 0,
             }
         });
         if entry.connections >= self.limits.connections {
@@ -396,6 +429,31 @@ impl Clients {
         })
     }
 
+    /// Takes a slot for a call of a service served through tonic, besides its
+    /// call slot.
+    pub(crate) fn bridged(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
+        let mut table = self.table();
+        let entry = table
+            .get_mut(&client)
+            .ok_or(Refused::ClientBridged(client, 0))?;
+        if entry.bridged >= BRIDGED_CALLS_PER_CLIENT {
+            return Err(Refused::ClientBridged(client, BRIDGED_CALLS_PER_CLIENT));
+        }
+        if self
+            .bridged
+            .fetch_update(Relaxed, Relaxed, |n| (n < BRIDGED_CALLS).then_some(n + 1))
+            .is_err()
+        {
+            return Err(Refused::Bridged(BRIDGED_CALLS));
+        }
+        entry.bridged += 1;
+        Ok(SlotGuard {
+            clients: self.clone(),
+            client,
+            kind: Slot::Bridged,
+        })
+    }
+
     /// One new request (an HTTP/2 stream) of `client`, within its rate.
     pub(crate) fn check_request(&self, client: Client) -> Result<(), Refused> {
         self.request_rate
@@ -419,6 +477,20 @@ impl Clients {
             Ok(Ok(())) => Ok(()),
             // More than a whole burst, or not now.
             Ok(Err(_)) | Err(_) => Err(refused()),
+        }
+    }
+
+    /// [`Clients::forget_idle_rates`], at most once a second.
+    fn forget_idle_rates_soon(&self) {
+        let now = self.created.elapsed().as_millis() as u64;
+        let last = self.forgotten_at.load(Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .forgotten_at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.forget_idle_rates();
         }
     }
 
@@ -458,8 +530,16 @@ impl Clients {
                 entry.calls -= 1;
                 self.calls.fetch_sub(1, Relaxed);
             }
+            Some(Slot::Bridged) => {
+                entry.bridged -= 1;
+                self.bridged.fetch_sub(1, Relaxed);
+            }
         }
-        if entry.connections == 0 && entry.subscriptions == 0 && entry.calls == 0 {
+        if entry.connections == 0
+            && entry.subscriptions == 0
+            && entry.calls == 0
+            && entry.bridged == 0
+        {
             table.remove(&client);
             self.gauge.dec();
         }
@@ -492,6 +572,7 @@ impl Drop for ConnectionGuard {
 enum Slot {
     Subscription,
     Call,
+    Bridged,
 }
 
 /// A subscription or call slot of a client; released on drop.

@@ -4,8 +4,7 @@
 use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use crate::{
-    client::{ClientLimits, Rate},
-    hub::IN_FLIGHT_PER_STREAM,
+    client::{BRIDGED_CALLS, ClientLimits, Rate},
     relay::Relay,
 };
 
@@ -269,7 +268,10 @@ impl Config {
             base: BASE_BYTES,
             connections: self.max_connections.saturating_mul(connection),
             subscriptions: self.max_subscriptions.saturating_mul(SUBSCRIPTION_BYTES),
-            calls: self.max_calls.saturating_mul(CALL_BYTES),
+            calls: self
+                .max_calls
+                .saturating_mul(CALL_BYTES)
+                .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
             queued: self.max_queued_bytes,
         }
     }
@@ -284,8 +286,12 @@ const TLS_CONNECTION_BYTES: usize = 40 << 10;
 /// One open subscription stream (its HTTP/2 stream, queue and entries).
 const SUBSCRIPTION_BYTES: usize = 4 << 10;
 /// One call in progress, apart from the request bytes the budget counts: its
-/// stream, its future, and for a bridged call its response buffers.
-const CALL_BYTES: usize = SEND_BUFFER + 32 * 1024 + IN_FLIGHT_PER_STREAM;
+/// HTTP/2 stream and its future.
+const CALL_BYTES: usize = 4 << 10;
+/// What a call of a service served through tonic adds: its request (at most
+/// `bridge::MAX_REQUEST_BYTES`), tonic's encoded response waiting for the
+/// window, and what h2 buffers of it.
+const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
 
 /// The worst case of the server's memory, by what holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -397,17 +397,27 @@ impl Connection {
                 ))
             }
             wire::PUBLISH => Box::pin(publish(shared, client, call, request, respond)),
-            _ => Box::pin(async move {
-                let _call = call;
-                bridge::serve(
-                    shared.routes.clone(),
-                    request,
-                    respond,
-                    &shared.response_headers,
-                )
-                .await;
-                Done::Finished
-            }),
+            _ => {
+                let bridged = match self.client.clients().bridged(self.client().client) {
+                    Ok(bridged) => bridged,
+                    Err(refused) => {
+                        self.refuse(&refused, respond);
+                        self.stream_done();
+                        return Ok(());
+                    }
+                };
+                Box::pin(async move {
+                    let _call = (call, bridged);
+                    bridge::serve(
+                        shared.routes.clone(),
+                        request,
+                        respond,
+                        &shared.response_headers,
+                    )
+                    .await;
+                    Done::Finished
+                })
+            }
         };
         self.calls.push(future);
         Ok(())

@@ -36,6 +36,19 @@ pub(crate) type Topic = [u8; 32];
 /// An envelope as a gRPC message frame: 5-byte prefix, then the envelope.
 pub(crate) type Frame = Bytes;
 
+/// What a queued or in-flight frame costs beyond its bytes: its handle in a
+/// queue, or the shared header HTTP/2 holds it by.
+const ENTRY_COST: usize = 48;
+
+/// What one copy of `frame` counts against the budgets: its bytes (each
+/// subscriber's copy counts whole, although they share one buffer) and its entry.
+fn cost(frame: &Frame) -> usize {
+    frame.len() + ENTRY_COST
+}
+
+/// A queue that empties keeps at most this many slots of the capacity it grew to.
+const IDLE_QUEUE_SLOTS: usize = 8;
+
 /// At most this many bytes of one subscription are handed to HTTP/2 and not
 /// yet written: more waits in the subscription's queue, where it is dropped
 /// oldest first if the subscriber does not keep up. One envelope larger than
@@ -115,7 +128,8 @@ impl State {
 
     fn can_send(&self) -> bool {
         !self.queue.is_empty()
-            && (self.in_flight == 0 || self.in_flight + self.queue[0].len() <= IN_FLIGHT_PER_STREAM)
+            && (self.in_flight == 0
+                || self.in_flight + cost(&self.queue[0]) <= IN_FLIGHT_PER_STREAM)
     }
 }
 
@@ -190,7 +204,7 @@ impl Sub {
     /// within the queue's, the client's and the server's limits; drops
     /// `frame` itself when even an empty queue would not make room.
     pub(crate) fn offer(&self, frame: &Frame) -> Offered {
-        let size = frame.len();
+        let size = cost(frame);
         let mut out = Offered::default();
         let mut state = self.state();
         if state.closed {
@@ -229,9 +243,9 @@ impl Sub {
                 out.add(why);
                 return out;
             };
-            state.queued -= old.len();
-            self.client.budget.release(old.len());
-            self.server.release(old.len());
+            state.queued -= cost(&old);
+            self.client.budget.release(cost(&old));
+            self.server.release(cost(&old));
             out.add(why);
         }
         state.queue.push_back(frame.clone());
@@ -261,7 +275,7 @@ impl Sub {
             state.posted = false;
             return Take::Nothing;
         }
-        let len = state.queue[0].len();
+        let len = cost(&state.queue[0]);
         // A frame larger than the window goes alone, once the peer opened a
         // fair part of it (a largest envelope exceeds a default window).
         if len > window && (state.in_flight > 0 || window < len.min(LARGE_FRAME_WINDOW)) {
@@ -273,8 +287,12 @@ impl Sub {
             state.posted = false;
             return Take::Nothing;
         };
-        state.queued -= frame.len();
-        state.in_flight += frame.len();
+        state.queued -= cost(&frame);
+        state.in_flight += cost(&frame);
+        if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_SLOTS {
+            // A burst grew it: do not keep that for an idle subscriber.
+            state.queue.shrink_to(IDLE_QUEUE_SLOTS);
+        }
         drop(state);
         Take::Frame(Bytes::from_owner(InFlight {
             frame,
@@ -358,7 +376,7 @@ impl AsRef<[u8]> for InFlight {
 
 impl std::ops::Drop for InFlight {
     fn drop(&mut self) {
-        self.sub.written(self.frame.len());
+        self.sub.written(cost(&self.frame));
     }
 }
 
@@ -626,7 +644,7 @@ mod tests {
         let mut f = fixture(100, 1 << 20, 1 << 20, 1 << 20);
         let mailbox = Arc::new(Mailbox::default());
         let a = f.subscribe(1, "192.0.2.1", &mailbox, 0);
-        let size = frame(0, 4000).len();
+        let size = cost(&frame(0, 4000));
         for n in 0..10 {
             f.hub.publish(&[1; 32], &frame(n, 4000));
         }
@@ -657,7 +675,7 @@ mod tests {
 
     #[test]
     fn a_full_client_budget_costs_that_client_only() {
-        let size = frame(0, 1000).len();
+        let size = cost(&frame(0, 1000));
         let mut f = fixture(100, 1 << 20, 3 * size, 100 * size);
         let mailbox = Arc::new(Mailbox::default());
         // Two subscriptions of one client, one of another, all on one key.
@@ -683,7 +701,7 @@ mod tests {
 
     #[test]
     fn the_server_budget_keeps_a_backlog_and_refuses_what_cannot_fit() {
-        let size = frame(0, 1000).len();
+        let size = cost(&frame(0, 1000));
         let mut f = fixture(100, 1 << 20, 100 * size, 5 * size);
         let mailbox = Arc::new(Mailbox::default());
         let a = f.subscribe(1, "192.0.2.1", &mailbox, 0);
