@@ -131,12 +131,12 @@ struct ServeArgs {
     /// Bytes queued per subscription stream; when full, the oldest envelopes are dropped.
     #[arg(long, env = "CUNICU_SIGNAL_QUEUE_BYTES", default_value_t = DEFAULTS.queue_bytes)]
     queue_bytes: usize,
-    /// Bytes one client (an IP address, an IPv6 /64) may make the server hold: queued for
-    /// its subscriptions, in HTTP/2 send buffers, its requests being read. Beyond it, that
-    /// client loses its own oldest envelopes, and only it.
+    /// Bytes one client (an IP address, an IPv6 /64) may make the server hold for its
+    /// subscriptions: queued, and in HTTP/2 send buffers. Beyond it, that client loses its
+    /// own oldest envelopes, and only it.
     #[arg(long, env = "CUNICU_SIGNAL_CLIENT_QUEUED_BYTES", default_value_t = DEFAULTS.client_queued_bytes)]
     client_queued_bytes: usize,
-    /// The same for all clients together.
+    /// Bytes held for all clients together: the above and the requests being read.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = DEFAULTS.max_queued_bytes)]
     max_queued_bytes: usize,
     /// A subscriber that takes nothing for this long while envelopes wait for it is cut off

@@ -1015,7 +1015,7 @@ async fn stream_floods_and_rapid_resets_are_cut_short() {
                 opened += 1;
                 // An attacker has a process of its own; this one shares the
                 // test's runtime with the well-behaved client.
-                if opened % 64 == 0 {
+                if opened.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }

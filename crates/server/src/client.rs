@@ -3,8 +3,8 @@
 //! A client is a remote IP address, an IPv6 address by its /64. Everything a
 //! client makes the server hold is counted against it: its connections,
 //! subscriptions and calls in progress (counts), the bytes queued for its
-//! subscriptions, handed to HTTP/2 and not yet written, and the bytes of its
-//! requests being received (its byte [`Budget`]), and its rates (new
+//! subscriptions and handed to HTTP/2 and not yet written (its byte
+//! [`Budget`]), and its rates (new
 //! connections, publishes and published bytes per second, token buckets).
 //! The server's own limits apply besides, so that many clients together stay
 //! bounded too.
@@ -151,23 +151,22 @@ pub(crate) fn reserve(client: &Budget, server: &Budget, n: usize) -> Result<(), 
     Ok(())
 }
 
-/// Bytes reserved in a client's and the server's budget, given back on drop.
+/// Bytes of a request being read, reserved in the server's budget and given
+/// back on drop. (Per client they are bounded by its calls in progress times
+/// the largest envelope; they do not take from the client's budget, which its
+/// own slow subscriptions may fill, so that those cannot stop its publishes.)
 pub(crate) struct Reserved {
-    client: Arc<ClientState>,
     server: Arc<Budget>,
     bytes: usize,
 }
 
 impl Reserved {
-    /// Reserves `bytes` for `client`.
-    pub(crate) fn new(
-        client: &Arc<ClientState>,
-        server: &Arc<Budget>,
-        bytes: usize,
-    ) -> Result<Self, Exhausted> {
-        reserve(&client.budget, server, bytes)?;
+    /// Reserves `bytes` of `server`.
+    pub(crate) fn new(server: &Arc<Budget>, bytes: usize) -> Result<Self, Exhausted> {
+        if !server.try_reserve(bytes) {
+            return Err(Exhausted::Server);
+        }
         Ok(Reserved {
-            client: client.clone(),
             server: server.clone(),
             bytes,
         })
@@ -176,7 +175,6 @@ impl Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.client.budget.release(self.bytes);
         self.server.release(self.bytes);
     }
 }

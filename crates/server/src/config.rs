@@ -27,11 +27,13 @@ pub struct Config {
     pub queue_depth: usize,
     /// Bytes queued per subscription stream before the oldest is dropped.
     pub queue_bytes: usize,
-    /// Bytes one client may make the server hold: queued for its
-    /// subscriptions, in HTTP/2 send buffers, and its requests being read.
-    /// Beyond it, that client's oldest envelopes are dropped.
+    /// Bytes one client may make the server hold for its subscriptions:
+    /// queued, and handed to HTTP/2 and not yet written. Beyond it, that
+    /// client's oldest envelopes are dropped. (Its requests being read are
+    /// bounded by its calls in progress times the largest envelope.)
     pub client_queued_bytes: usize,
-    /// The same, for all clients together.
+    /// Bytes held for all clients together: the above, and every request
+    /// being read.
     pub max_queued_bytes: usize,
     /// A subscriber that takes nothing for this long while envelopes wait
     /// for it is cut off (UNAVAILABLE "subscriber too slow").

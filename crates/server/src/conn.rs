@@ -46,7 +46,7 @@ use tonic::{Status, service::Routes};
 
 use crate::{
     bridge,
-    client::{ClientState, Clients, ConnectionGuard, Exhausted, Refused, Reserved, SlotGuard},
+    client::{ClientState, Clients, ConnectionGuard, Refused, Reserved, SlotGuard},
     hub::{Hub, Mailbox, Subscription, Take},
     listener::Io,
     log::LogLimiter,
@@ -681,21 +681,10 @@ pub(crate) fn key_field(metrics: &Metrics, field: &str, bytes: &[u8]) -> Result<
     })
 }
 
-/// A status for a full budget, counted.
-fn over_budget(metrics: &Metrics, exhausted: Exhausted, client: &ClientState) -> Status {
-    match exhausted {
-        Exhausted::Client => {
-            metrics.reject_for("client_budget");
-            Status::resource_exhausted(format!(
-                "{} holds all the bytes a client may; read your subscriptions",
-                client.client
-            ))
-        }
-        Exhausted::Server => {
-            metrics.reject_for("server_budget");
-            Status::resource_exhausted("the server holds all the bytes it may")
-        }
-    }
+/// The status for a request the server's budget has no room for, counted.
+fn over_budget(metrics: &Metrics) -> Status {
+    metrics.reject_for("server_budget");
+    Status::resource_exhausted("the server holds all the bytes it may")
 }
 
 /// Reads the one request message of a call, within the request timeout;
@@ -751,8 +740,8 @@ async fn subscribe(
         let mut recv = request.into_body();
         let (frame, _reserved) =
             read_request(&shared, &mut recv, "request", MAX_SUBSCRIBE_MESSAGE, |n| {
-                Reserved::new(&client, shared.hub.budget(), n)
-                    .map_err(|e| over_budget(&shared.metrics, e, &client))
+                Reserved::new(shared.hub.budget(), n)
+                    .map_err(|_| over_budget(&shared.metrics))
             })
             .await?;
         let params = SubscribeParams::decode(&frame[PREFIX_LEN..]).map_err(|e| {
@@ -819,8 +808,8 @@ async fn publish(
                         }
                         Status::resource_exhausted(refused.to_string())
                     })?;
-                Reserved::new(&client, shared.hub.budget(), n)
-                    .map_err(|e| over_budget(metrics, e, &client))
+                Reserved::new(shared.hub.budget(), n)
+                    .map_err(|_| over_budget(metrics))
             },
         )
         .await?;
