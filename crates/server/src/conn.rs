@@ -248,6 +248,8 @@ struct Connection {
     closing: bool,
     /// Streams refused for the request rate.
     refused: u32,
+    /// Writing was put off once to let other tasks add to it.
+    deferred: bool,
 }
 
 impl Connection {
@@ -282,6 +284,7 @@ impl Connection {
             stopping: false,
             closing: false,
             refused: 0,
+            deferred: false,
             shared,
         }
     }
@@ -311,7 +314,17 @@ impl Connection {
                 self.finish(done);
                 busy = true;
             }
-            // Reads frames, and writes what the above queued: once for all.
+            // What the above queued is written below. Once per batch, let the
+            // other tasks that are ready run first: they (publishers on other
+            // connections) may queue more for this one, and one write then
+            // carries it all. It costs a turn of the scheduler, not a wait.
+            if busy && !self.deferred {
+                self.deferred = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.deferred = false;
+            // Reads frames, and writes what is queued: once for all.
             match self.h2.poll_accept(cx) {
                 Poll::Ready(Some(Ok((request, respond)))) => {
                     if let Err(end) = self.accept(request, respond) {
@@ -697,12 +710,13 @@ async fn read_request<A>(
     admit: impl FnMut(usize) -> Result<A, Status>,
 ) -> Result<(Bytes, A), Status> {
     let metrics = &shared.metrics;
-    match tokio::time::timeout(
-        shared.timeouts.request,
-        wire::read_message(recv, limit, admit),
-    )
-    .await
-    {
+    // Usually the message came with its headers: no timer for those.
+    let mut read = std::pin::pin!(wire::read_message(recv, limit, admit));
+    let read = match futures::poll!(read.as_mut()) {
+        Poll::Ready(read) => Ok(read),
+        Poll::Pending => tokio::time::timeout(shared.timeouts.request, read).await,
+    };
+    match read {
         Ok(Ok(read)) => Ok(read),
         Ok(Err(ReadError::Oversize { len, limit })) => {
             metrics.reject_for("oversize");
