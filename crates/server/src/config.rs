@@ -282,9 +282,9 @@ impl Config {
 /// The process without clients: code, runtime, tables.
 const BASE_BYTES: usize = 16 << 20;
 /// One connection (HTTP/2 state and buffers, its task), without TLS.
-const CONNECTION_BYTES: usize = 40 << 10;
+const CONNECTION_BYTES: usize = 48 << 10;
 /// What TLS adds to a connection (rustls's buffers).
-const TLS_CONNECTION_BYTES: usize = 40 << 10;
+const TLS_CONNECTION_BYTES: usize = 48 << 10;
 /// One open subscription stream (its HTTP/2 stream, queue and entries).
 const SUBSCRIPTION_BYTES: usize = 4 << 10;
 /// One call in progress, apart from the request bytes the budget counts: its
