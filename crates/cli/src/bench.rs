@@ -25,7 +25,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use cunicu_signal::{
     Key,
-    backend::grpc::{GrpcOptions, GrpcTarget, Security, channel_for},
+    backend::grpc::{
+        GrpcOptions, GrpcTarget, PUBLISH, SUBSCRIBE, Security, ServerAuth, channel_for,
+    },
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
     },
@@ -68,6 +70,11 @@ pub struct BenchArgs {
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Prove every key to the server (SPEC §11), for a server with
+    /// `--auth required` or to measure what proofs cost: the keys subscribed to
+    /// and the publishers' keys are then real key pairs.
+    #[arg(long)]
+    auth: bool,
     /// The server's process id (on this machine): report its CPU time per
     /// delivery and its memory (RSS), read from /proc/PID/stat and /proc/PID/status.
     #[arg(long)]
@@ -301,6 +308,19 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .buffered(args.connect_concurrency)
         .try_collect()
         .await?;
+    // The keys subscribed to: with --auth, real key pairs whose holder we are.
+    let topics: Arc<Vec<(Vec<u8>, Option<Key>)>> = Arc::new(
+        (0..args.keys)
+            .map(|i| match args.auth {
+                true => {
+                    let private = Key::generate();
+                    (private.public_key().as_bytes().to_vec(), Some(private))
+                }
+                false => (topic(i), None),
+            })
+            .collect(),
+    );
+    let server_auth = ServerAuth::for_url(&url, &GrpcOptions::default())?;
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let mut subscribers = tokio::task::JoinSet::new();
@@ -309,9 +329,21 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     for i in 0..args.subscribers {
         let mut client = SignalingClient::new(channels[i / args.streams_per_connection].clone());
         let (stats, ready, mut done) = (stats.clone(), ready_tx.clone(), done_rx.clone());
-        let key = topic(i % args.keys);
+        let (key, private) = topics[i % args.keys].clone();
+        let (auth, url) = (server_auth.clone(), args.backend.clone());
         subscribers.spawn(async move {
-            let mut stream = match client.subscribe(SubscribeParams { key }).await {
+            let mut request = tonic::Request::new(SubscribeParams { key });
+            if let Some(private) = private
+                && let Err(e) = auth
+                    .prove(&url, &client, &mut request, &private, SUBSCRIBE)
+                    .await
+            {
+                let _ = ready
+                    .send(Err(tonic::Status::unauthenticated(e.to_string())))
+                    .await;
+                return;
+            }
+            let mut stream = match client.subscribe(request).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => {
                     let _ = ready.send(Err(status)).await;
@@ -461,6 +493,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             (stats.clone(), stop.clone(), expected.clone(), body.clone());
         let subs_per_key = subs_per_key.clone();
         let keys = args.keys;
+        let (topics, auth, url) = (topics.clone(), server_auth.clone(), args.backend.clone());
+        let private = args.auth.then(Key::generate);
         publishers.spawn(async move {
             let mut ticker = per_publisher_interval.map(|i| {
                 let mut t = tokio::time::interval(i);
@@ -468,7 +502,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 t
             });
             let mut seq = 0u64;
-            let sender = Key::from([p as u8; 32]).as_bytes().to_vec();
+            let sender = match private {
+                Some(private) => private.public_key().as_bytes().to_vec(),
+                None => Key::from([p as u8; 32]).as_bytes().to_vec(),
+            };
             while !stop.load(Relaxed) {
                 if let Some(t) = ticker.as_mut() {
                     t.tick().await;
@@ -480,13 +517,24 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 nonce.extend_from_slice(&(p as u64).to_be_bytes());
                 let envelope = Envelope {
                     sender: sender.clone(),
-                    recipient: topic(k),
+                    recipient: topics[k].0.clone(),
                     contents: Some(EncryptedMessage {
                         body: body.clone(),
                         nonce,
                     }),
                 };
-                match client.publish(envelope).await {
+                let mut request = tonic::Request::new(envelope);
+                if let Some(private) = &private
+                    && auth
+                        .prove(&url, &client, &mut request, private, PUBLISH)
+                        .await
+                        .is_err()
+                {
+                    stats.publish_errors.fetch_add(1, Relaxed);
+                    seq += 1;
+                    continue;
+                }
+                match client.publish(request).await {
                     Ok(_) => {
                         stats.published.fetch_add(1, Relaxed);
                         expected.fetch_add(subs_per_key[k], Relaxed);

@@ -151,8 +151,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         let ice: Arc<dyn IceAgentFactory> = match ice {
             Some(ice) => Arc::new(ice),
             None => {
-                let ice =
-                    ServerRelayIce::fetch(options, grpc, ours.public_key(), RELAYS_TIMEOUT).await?;
+                let ice = ServerRelayIce::fetch(options, grpc, ours, RELAYS_TIMEOUT).await?;
                 for (url, relays) in ice.relays().await {
                     eprintln!(
                         "cunicu-signal: {} relay(s) from {url}",

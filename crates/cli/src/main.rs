@@ -22,7 +22,7 @@ use cunicu_signal::{
     json::{message_from_json, message_to_json},
     proto::signaling::Envelope,
 };
-use cunicu_signal_server::{Config, Rate, Relay, Server, TlsFiles};
+use cunicu_signal_server::{AuthMode, Config, Rate, Relay, Server, TlsFiles};
 use prost::Message as _;
 use tokio::io::AsyncBufReadExt;
 
@@ -47,7 +47,7 @@ enum Command {
     #[command(subcommand)]
     Envelope(EnvelopeCommand),
     /// Run the gRPC signaling server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish proto3-JSON messages read from stdin, one per line, to a peer.
     Publish(PublishArgs),
     /// Print every message received, one JSON object per line.
@@ -206,6 +206,21 @@ struct ServeArgs {
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[arg(long, env = "CUNICU_SIGNAL_KEEPALIVE_TIMEOUT", default_value_t = default_duration(DEFAULTS.keepalive_timeout))]
     keepalive_timeout: humantime::Duration,
+    /// The server's private key (WireGuard base64, `cunicu-signal keygen`): its public key
+    /// goes out as cunicu-server-key with every call; needed by --auth required.
+    #[arg(long, env = "CUNICU_SIGNAL_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// off: proofs of key possession are not needed (cunicu's peers send none);
+    /// required: Subscribe, Publish and GetRelays need a proof of their key.
+    #[arg(long, env = "CUNICU_SIGNAL_AUTH", default_value_t = DEFAULTS.auth)]
+    auth: AuthMode,
+    /// How far a proof's time may be from the server's clock.
+    #[arg(long, env = "CUNICU_SIGNAL_AUTH_SKEW", default_value_t = default_duration(DEFAULTS.auth_skew))]
+    auth_skew: humantime::Duration,
+    /// Admit only the keys in this file (one base64 key a line, # comments); read again
+    /// when it changes or on SIGHUP. Needs --auth required.
+    #[arg(long, env = "CUNICU_SIGNAL_ALLOW_KEYS")]
+    allow_keys: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -259,6 +274,10 @@ impl ServeArgs {
         config.max_streams_per_connection = self.max_streams_per_connection;
         config.keepalive_interval = self.keepalive_interval.into();
         config.keepalive_timeout = self.keepalive_timeout.into();
+        config.key = self.key_file.as_deref().map(read_key_file).transpose()?;
+        config.auth = self.auth;
+        config.auth_skew = self.auth_skew.into();
+        config.allow_keys = self.allow_keys;
         config.check()?;
         Ok(config)
     }
@@ -354,7 +373,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Envelope(EnvelopeCommand::Seal { key_file, to }) => seal(&key_file, &to),
         Command::Envelope(EnvelopeCommand::Open { key_file }) => open(&key_file),
-        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Serve(args) => runtime()?.block_on(serve(*args)),
         Command::Publish(args) => runtime()?.block_on(publish(args)),
         Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),

@@ -145,6 +145,39 @@ fn envelope_open_reads_libsodium_vectors() {
     }
 }
 
+/// `serve --key-file --auth required` (from the environment, as operators
+/// configure it): our subscribe and publish prove their keys unchanged.
+#[test]
+fn publish_and_subscribe_through_a_server_that_requires_proofs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_key = key_file(dir.path(), "server", &Key::generate());
+    let (_server, _lines, addr) = spawn_server(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_KEY_FILE", server_key.to_str().unwrap()),
+        ("CUNICU_SIGNAL_AUTH", "required"),
+    ]);
+    let url = format!("grpc://{addr}?insecure=true");
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+    let (_subscriber, received) = spawn_subscriber(&url, &bob_file, None);
+    let out = publish(
+        &url,
+        &alice_file,
+        &bob.public_key().to_string(),
+        b"{\"credentials\":{\"ufrag\":\"proven\"}}\n",
+    );
+    assert_succeeds(&out);
+    let got = json_lines(&received, 1);
+    assert_eq!(got[0]["message"]["credentials"]["ufrag"], "proven");
+    // --auth required without a key: one clear line, exit non-zero.
+    let out = run(
+        &["serve", "--listen", "127.0.0.1:0", "--auth", "required"],
+        b"",
+    );
+    assert_fails(&out, "--auth required needs the server's key (--key-file)");
+}
+
 #[test]
 fn serve_publish_subscribe_and_sigterm() {
     // Listen address from the environment, as operators configure it.

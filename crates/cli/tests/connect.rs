@@ -375,6 +375,49 @@ async fn connect_on_loopback_through_the_grpc_server_and_after_a_kill() {
     }
 }
 
+/// Against a server that requires proof of key possession (SPEC §11),
+/// `connect` works unchanged: it proves its key when it subscribes,
+/// publishes and asks for relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_through_a_server_that_requires_proofs() {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    config.relays = vec!["stun:127.0.0.1:9".parse().unwrap()];
+    config.key = Some(Key::generate());
+    config.auth = cunicu_signal_server::AuthMode::Required;
+    let server = Server::spawn(config).await.expect("server starts");
+    let url = format!("grpc://{}?insecure=true", server.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let (fa, fb) = (
+        key_file(dir.path(), "a", &ka),
+        key_file(dir.path(), "b", &kb),
+    );
+    let start = |name: &str, key: &Path, peer: &Key, extra: &[&str]| {
+        let mut command = Command::new(BIN);
+        connect_args(&mut command, &url, key, peer);
+        command.args(["--address", "127.0.0.1"]).args(extra);
+        Peer::spawn(name, command)
+    };
+    let mut a = start("a", &fa, &kb.public_key(), &["--relays-from-server"]);
+    let mut b = start("b", &fb, &ka.public_key(), &[]);
+    a.stderr_line(&format!("1 relay(s) from {url}")).await;
+    for p in [&mut a, &mut b] {
+        p.stderr_line("state Connected (agent 1)").await;
+    }
+    a.send_line("proven").await;
+    assert_eq!(b.stdout_line().await, "proven");
+    let text = server.metrics().encode();
+    assert!(
+        !text.contains("signaling_auth_total{result=\"missing\"}"),
+        "a call without a proof: {text}"
+    );
+    for p in [a, b] {
+        let (status, output) = p.finish().await;
+        assert!(status.success(), "{status}\n{output}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_in_two_namespaces_with_host_candidates_over_multicast() {
     let (na, nb) = (

@@ -3,7 +3,10 @@
 
 use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
+use cunicu_signal::Key;
+
 use crate::{
+    auth::{AuthMode, MAX_NONCES, NONCE_BYTES},
     client::{BRIDGED_CALLS, ClientLimits, Rate},
     relay::Relay,
 };
@@ -76,6 +79,16 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// How long a ping may stay unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// The server's private key (SPEC §11): its public key goes out as
+    /// `cunicu-server-key` with every call, and proofs are boxes to it.
+    pub key: Option<Key>,
+    /// Whether Subscribe, Publish and GetRelays need a proof of key possession.
+    pub auth: AuthMode,
+    /// How far a proof's time may be from the server's clock (inclusive).
+    pub auth_skew: Duration,
+    /// Only the keys listed in this file may be proven (with `auth` required);
+    /// the file is read again when it changes or on SIGHUP.
+    pub allow_keys: Option<PathBuf>,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -123,6 +136,10 @@ impl Default for Config {
             max_streams_per_connection: 1024,
             keepalive_interval: Duration::from_secs(120),
             keepalive_timeout: Duration::from_secs(20),
+            key: None,
+            auth: AuthMode::Off,
+            auth_skew: Duration::from_secs(60),
+            allow_keys: None,
         }
     }
 }
@@ -143,6 +160,12 @@ pub enum ConfigError {
         /// The setting.
         setting: &'static str,
     },
+    /// `--auth required` without `--key-file`.
+    #[error("--auth required needs the server's key (--key-file)")]
+    AuthWithoutKey,
+    /// `--allow-keys` without `--auth required`.
+    #[error("--allow-keys needs --auth required")]
+    AllowKeysWithoutAuth,
     /// One setting must be at least another.
     #[error("{setting} ({value}) must be at least {other} ({minimum})")]
     Below {
@@ -210,6 +233,12 @@ impl Config {
                 return Err(ConfigError::ZeroDuration { setting });
             }
         }
+        if self.auth == AuthMode::Required && self.key.is_none() {
+            return Err(ConfigError::AuthWithoutKey);
+        }
+        if self.allow_keys.is_some() && self.auth != AuthMode::Required {
+            return Err(ConfigError::AllowKeysWithoutAuth);
+        }
         // One largest envelope (and its 5-byte frame prefix) must fit everywhere.
         let frame = self.max_envelope_size.saturating_add(5);
         let at_least: [(&'static str, usize); 4] = [
@@ -275,6 +304,11 @@ impl Config {
                 .saturating_mul(CALL_BYTES)
                 .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
             queued: self.max_queued_bytes,
+            auth: if self.key.is_some() {
+                MAX_NONCES * NONCE_BYTES + SHARED_KEY_CACHE_BYTES
+            } else {
+                0
+            },
         }
     }
 }
@@ -295,6 +329,9 @@ const CALL_BYTES: usize = 4 << 10;
 /// window, and what h2 buffers of it.
 const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
 
+/// The cache of shared keys of proven client keys.
+const SHARED_KEY_CACHE_BYTES: usize = 16_384 * 256;
+
 /// The worst case of the server's memory, by what holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBound {
@@ -308,6 +345,8 @@ pub struct MemoryBound {
     pub calls: usize,
     /// Every byte budget full (`max_queued_bytes`).
     pub queued: usize,
+    /// Proofs of key possession remembered (with a server key).
+    pub auth: usize,
 }
 
 impl MemoryBound {
@@ -319,6 +358,7 @@ impl MemoryBound {
             self.subscriptions,
             self.calls,
             self.queued,
+            self.auth,
         ]
         .into_iter()
         .fold(0, usize::saturating_add)
@@ -340,6 +380,10 @@ impl fmt::Display for MemoryBound {
             mib(self.subscriptions),
             mib(self.calls),
             mib(self.queued),
-        )
+        )?;
+        if self.auth > 0 {
+            write!(f, " + {:.0} proofs", mib(self.auth))?;
+        }
+        Ok(())
     }
 }

@@ -27,7 +27,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use cunicu_signal::proto::signaling::{Envelope, SubscribeParams};
+use cunicu_signal::{
+    Key,
+    proto::signaling::{Envelope, SubscribeParams},
+};
 use futures::{StreamExt as _, stream::FuturesUnordered};
 use h2::{
     Ping, PingPong, RecvStream, SendStream,
@@ -45,9 +48,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, service::Routes};
 
 use crate::{
+    auth::Auth,
     bridge,
     client::{ClientState, Clients, ConnectionGuard, Refused, Reserved, SlotGuard},
-    hub::{Hub, Mailbox, Subscription, Take},
+    hub::{Cut, Hub, Mailbox, Subscription, Take},
     listener::Io,
     log::LogLimiter,
     metrics::Metrics,
@@ -92,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) tls: Option<TlsAcceptor>,
     /// Metadata of every response.
     pub(crate) response_headers: HeaderMap,
+    /// Proofs of key possession.
+    pub(crate) auth: Arc<Auth>,
     pub(crate) logs: Logs,
 }
 
@@ -483,7 +489,7 @@ impl Connection {
                     self.stream_done();
                     return;
                 }
-                tracing::debug!(remote = %self.remote, key = %cunicu_signal::Key::from(*subscription.sub().key()), "subscribed");
+                tracing::debug!(remote = %self.remote, key = %Key::from(*subscription.sub().key()), "subscribed");
                 if let Some(entry) = self.subs.get_mut(slot) {
                     *entry = Slot::Open { send, subscription };
                 }
@@ -500,6 +506,19 @@ impl Connection {
             return;
         };
         let sub = subscription.sub();
+        if let Some(cut) = sub.cut() {
+            let (reason, status) = match cut {
+                Cut::NotAllowed => (
+                    "not_allowed",
+                    Status::permission_denied("this key is no longer allowed here"),
+                ),
+            };
+            let _ = send.send_trailers(wire::status_trailers(&status));
+            self.shared.metrics.cut_for(reason);
+            self.subs.try_remove(slot);
+            self.stream_done();
+            return;
+        }
         let mut sent = 0u64;
         let mut reserved = false;
         let failed = loop {
@@ -589,7 +608,7 @@ impl Connection {
             if shared.logs.cut.allow() {
                 tracing::info!(
                     remote = %self.remote,
-                    key = %cunicu_signal::Key::from(*subscription.sub().key()),
+                    key = %Key::from(*subscription.sub().key()),
                     "subscriber cut off: took nothing for {stall:?} while envelopes waited"
                 );
             }
@@ -751,11 +770,10 @@ async fn subscribe(
     let timer = shared.metrics.time("Subscribe");
     let result = async {
         wire::check_request(&request)?;
-        let mut recv = request.into_body();
+        let (parts, mut recv) = request.into_parts();
         let (frame, _reserved) =
             read_request(&shared, &mut recv, "request", MAX_SUBSCRIBE_MESSAGE, |n| {
-                Reserved::new(shared.hub.budget(), n)
-                    .map_err(|_| over_budget(&shared.metrics))
+                Reserved::new(shared.hub.budget(), n).map_err(|_| over_budget(&shared.metrics))
             })
             .await?;
         let params = SubscribeParams::decode(&frame[PREFIX_LEN..]).map_err(|e| {
@@ -763,6 +781,9 @@ async fn subscribe(
             Status::internal(format!("SubscribeParams does not decode: {e}"))
         })?;
         let key = key_field(&shared.metrics, "subscription", &params.key)?;
+        shared
+            .auth
+            .check(&parts.headers, wire::SUBSCRIBE, &Key::from(key))?;
         let guard = shared.clients.subscribe(client.client).map_err(|refused| {
             shared.metrics.reject_for(refused.reason());
             tracing::debug!("subscription refused: {refused}");
@@ -805,7 +826,7 @@ async fn publish(
     let metrics = &shared.metrics;
     let result = async {
         wire::check_request(&request)?;
-        let mut recv = request.into_body();
+        let (parts, mut recv) = request.into_parts();
         let (frame, _reserved) = read_request(
             &shared,
             &mut recv,
@@ -822,8 +843,7 @@ async fn publish(
                         }
                         Status::resource_exhausted(refused.to_string())
                     })?;
-                Reserved::new(shared.hub.budget(), n)
-                    .map_err(|_| over_budget(metrics))
+                Reserved::new(shared.hub.budget(), n).map_err(|_| over_budget(metrics))
             },
         )
         .await?;
@@ -831,8 +851,11 @@ async fn publish(
             metrics.reject_for("malformed");
             Status::internal(format!("Envelope does not decode: {e}"))
         })?;
-        key_field(metrics, "sender", &envelope.sender)?;
+        let sender = key_field(metrics, "sender", &envelope.sender)?;
         let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
+        shared
+            .auth
+            .check(&parts.headers, wire::PUBLISH, &Key::from(sender))?;
         metrics.published.inc();
         // The frame as received: the envelope unchanged, unknown fields kept.
         if shared.hub.publish(&recipient, &frame) == 0 {

@@ -119,6 +119,15 @@ struct State {
     posted: bool,
     /// The subscription has ended: nothing more is queued.
     closed: bool,
+    /// The server ends it: its connection task sends the status.
+    cut: Option<Cut>,
+}
+
+/// Why the server ends a subscription stream of its own accord.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Its key was removed from the allowed keys (SPEC §11).
+    NotAllowed,
 }
 
 impl State {
@@ -321,6 +330,22 @@ impl Sub {
         }
     }
 
+    /// Why the server ends this subscription, if it does.
+    pub(crate) fn cut(&self) -> Option<Cut> {
+        self.state().cut
+    }
+
+    /// Marks the subscription to be ended by its connection task.
+    fn cut_for(&self, why: Cut) {
+        let mut state = self.state();
+        if state.closed || state.cut.is_some() {
+            return;
+        }
+        state.cut = Some(why);
+        drop(state);
+        self.mailbox.post(self.slot);
+    }
+
     /// Since when envelopes have waited with none taken, if they wait.
     pub(crate) fn waiting_since(&self) -> Option<Instant> {
         self.state().waiting_since
@@ -474,6 +499,22 @@ impl Hub {
             metrics.queue_full.inc_by(offered.queue_full);
             metrics.client_budget.inc_by(offered.client_budget);
             metrics.server_budget.inc_by(offered.server_budget);
+        }
+        subs.len()
+    }
+
+    /// Ends every subscription of `keys` (their connection tasks send the
+    /// status); returns how many there were.
+    pub(crate) fn cut(&self, keys: &[Topic], why: Cut) -> usize {
+        let subs: Vec<Arc<Sub>> = {
+            let topics = self.topics();
+            keys.iter()
+                .filter_map(|k| topics.get(k))
+                .flat_map(|list| list.iter().cloned())
+                .collect()
+        };
+        for sub in &subs {
+            sub.cut_for(why);
         }
         subs.len()
     }

@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod auth;
 mod bridge;
 mod client;
 mod config;
@@ -47,6 +48,7 @@ use cunicu_signal::proto::{
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use auth::{AllowKeysError, AuthMode};
 pub use client::Rate;
 pub use config::{Config, ConfigError, TlsFiles};
 pub use metrics::Metrics;
@@ -80,6 +82,9 @@ pub enum ServerError {
     /// A setting is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The allowed keys could not be read at start.
+    #[error(transparent)]
+    AllowKeys(#[from] AllowKeysError),
     /// A service could not be built.
     #[error("cannot build the {service} service: {reason}")]
     Service {
@@ -163,6 +168,32 @@ impl Server {
             metrics.clients.clone(),
         ));
 
+        let allowed = match &config.allow_keys {
+            Some(path) => Some(auth::read_allowed(path)?),
+            None => None,
+        };
+        let server_key = config.key.map(|private| auth::ServerKey {
+            public: private.public_key(),
+            private,
+        });
+        let auth = Arc::new(auth::Auth::new(
+            config.auth,
+            server_key,
+            config.auth_skew,
+            allowed,
+            metrics.clone(),
+        ));
+        let mut response_headers = http::HeaderMap::new();
+        if let Some(public) = auth.server_key() {
+            let value = http::HeaderValue::from_str(&public.to_string()).map_err(|e| {
+                ServerError::Service {
+                    service: "authentication",
+                    reason: e.to_string(),
+                }
+            })?;
+            response_headers.insert(cunicu_signal::auth::SERVER_KEY_METADATA, value);
+        }
+
         // The services tonic serves (Subscribe and Publish are the connection's).
         let signaling = SignalingServer::new(SignalingService {
             metrics: metrics.clone(),
@@ -171,6 +202,7 @@ impl Server {
         let relays = RelayRegistryServer::new(RelayService {
             relays: config.relays.clone().into(),
             metrics: metrics.clone(),
+            auth: auth.clone(),
         })
         .max_decoding_message_size(bridge::MAX_REQUEST_BYTES);
         let health = tonic_health::server::HealthReporter::new();
@@ -210,7 +242,7 @@ impl Server {
             .prepare();
 
         let shared = Arc::new(conn::Shared {
-            hub,
+            hub: hub.clone(),
             clients,
             metrics: metrics.clone(),
             routes,
@@ -225,12 +257,21 @@ impl Server {
             max_envelope_size: config.max_envelope_size,
             h2: config.h2_builder(),
             tls,
-            response_headers: http::HeaderMap::new(),
+            response_headers,
+            auth: auth.clone(),
             logs: conn::Logs::default(),
         });
 
         let kill = CancellationToken::new();
         let connections = TaskTracker::new();
+        if let Some(path) = config.allow_keys.clone() {
+            connections.spawn(auth::watch_allowed(
+                path,
+                auth.clone(),
+                hub.clone(),
+                shutdown.clone(),
+            ));
+        }
         let accept = tokio::spawn(listener::accept(
             listener,
             shared,
@@ -269,6 +310,8 @@ impl Server {
             %local_addr,
             metrics = ?metrics_addr,
             tls = config.tls.is_some(),
+            auth = %config.auth,
+            server_key = ?auth.server_key().map(|k| k.to_string()),
             relays = config.relays.len(),
             "signaling server listening"
         );

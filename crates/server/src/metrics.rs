@@ -23,6 +23,13 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Label of the proof counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthResult {
+    /// What the check found.
+    pub result: &'static str,
+}
+
 /// Label of the RPC duration histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Method {
@@ -56,7 +63,11 @@ pub struct Metrics {
     pub no_subscriber: Counter,
     /// Requests refused, by reason.
     pub rejected: Family<Reason, Counter>,
-    /// Subscription streams the server ended, by reason (`stalled`).
+    /// Proofs of key possession, by result (`ok`, `missing`, `malformed`,
+    /// `bad_box`, `wrong_key`, `expired`, `replayed`, `low_order`,
+    /// `not_allowed`, `cache_full`).
+    pub auth: Family<AuthResult, Counter>,
+    /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
     /// `connection_rate`).
@@ -96,6 +107,7 @@ impl Metrics {
         let dropped = Family::<Reason, Counter>::default();
         let rejected = Family::<Reason, Counter>::default();
         let subscribers_cut = Family::<Reason, Counter>::default();
+        let auth = Family::<AuthResult, Counter>::default();
         let connections_refused = Family::<Reason, Counter>::default();
         let connections_closed = Family::<Reason, Counter>::default();
         let connections = Gauge::default();
@@ -127,8 +139,14 @@ impl Metrics {
         );
         registry.register(
             "signaling_subscribers_cut",
-            "Subscription streams the server ended: stalled (took nothing while envelopes waited)",
+            "Subscription streams the server ended: stalled (took nothing while envelopes \
+             waited), not_allowed (its key left the allowed keys)",
             subscribers_cut.clone(),
+        );
+        registry.register(
+            "signaling_auth",
+            "Proofs of key possession checked, by result",
+            auth.clone(),
         );
         registry.register(
             "signaling_connections_refused",
@@ -178,8 +196,12 @@ impl Metrics {
             reason("server_budget"),
             reason("no_subscriber"),
         );
-        let hot_rpcs = ["Publish", "Subscribe"]
-            .map(|method| (method, rpc_duration.get_or_create(&Method { method }).clone()));
+        let hot_rpcs = ["Publish", "Subscribe"].map(|method| {
+            (
+                method,
+                rpc_duration.get_or_create(&Method { method }).clone(),
+            )
+        });
         Arc::new(Metrics {
             hot_rpcs,
             published,
@@ -190,6 +212,7 @@ impl Metrics {
             server_budget,
             no_subscriber,
             rejected,
+            auth,
             subscribers_cut,
             connections_refused,
             connections_closed,
@@ -206,6 +229,11 @@ impl Metrics {
     /// Counts a refused request.
     pub fn reject_for(&self, reason: &'static str) {
         self.rejected.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a proof of key possession.
+    pub fn auth_for(&self, result: &'static str) {
+        self.auth.get_or_create(&AuthResult { result }).inc();
     }
 
     /// Counts a subscription stream the server ended.

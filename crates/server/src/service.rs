@@ -17,7 +17,7 @@ use cunicu_signal::{
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::{conn::key_field, metrics::Metrics, relay::Relay};
+use crate::{auth::Auth, conn::key_field, metrics::Metrics, relay::Relay};
 
 /// The version, commit and build date of this server.
 pub fn build_info() -> BuildInfo {
@@ -70,6 +70,7 @@ impl Signaling for SignalingService {
 pub struct RelayService {
     pub(crate) relays: Arc<[Relay]>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) auth: Arc<Auth>,
 }
 
 #[tonic::async_trait]
@@ -84,6 +85,11 @@ impl RelayRegistry for RelayService {
             "public",
             &request.get_ref().public_key,
         )?);
+        self.auth.check(
+            request.metadata().as_ref(),
+            "/cunicu.signaling.RelayRegistry/GetRelays",
+            &key,
+        )?;
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())

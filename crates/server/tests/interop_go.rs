@@ -755,3 +755,54 @@ async fn build_info_for_a_grpc_go_client() {
         "{line}"
     );
 }
+
+/// A grpc-go client that sends no proof (as cunīcu's peers) against a server
+/// that requires them (SPEC §11): refused, with a message that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_go_client_without_proofs_is_told_why_it_is_refused() {
+    go_tool();
+    let mut config = Config::default();
+    config.listen = ([127, 0, 0, 1], 0).into();
+    config.key = Some(Key::generate());
+    config.auth = cunicu_signal_server::AuthMode::Required;
+    let server = Server::spawn(config).await.expect("server starts");
+    let addr = server.local_addr().to_string();
+    let key = STANDARD.encode(Key::generate().public_key().as_bytes());
+    let (status, lines) = GoProcess::spawn("subscribe-raw", &["--server", &addr, "--key", &key])
+        .finish()
+        .await;
+    assert_eq!(status.code(), Some(1), "subscribe-raw: {lines:?}");
+    assert!(
+        lines[0].starts_with("ERROR Unauthenticated ") && lines[0].contains("cunicu-auth-bin"),
+        "{}",
+        lines[0]
+    );
+    let (status, lines) = GoProcess::spawn(
+        "publish-raw",
+        &[
+            "--server",
+            &addr,
+            "--sender",
+            &key,
+            "--recipient",
+            &key,
+            "--body",
+            "AAAA",
+            "--nonce",
+            &STANDARD.encode([0u8; 24]),
+        ],
+    )
+    .finish()
+    .await;
+    assert_eq!(status.code(), Some(1), "publish-raw: {lines:?}");
+    assert!(
+        lines[0].starts_with("ERROR Unauthenticated "),
+        "{}",
+        lines[0]
+    );
+    // GetBuildInfo needs no proof.
+    let (status, lines) = GoProcess::spawn("build-info", &["--server", &addr])
+        .finish()
+        .await;
+    assert!(status.success(), "{lines:?}");
+}

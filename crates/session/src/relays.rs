@@ -8,8 +8,11 @@ use std::{
 use async_trait::async_trait;
 use cunicu_signal::{
     BackendError, Key,
-    backend::grpc::{GrpcOptions, channel_for},
-    proto::signaling::{GetRelaysParams, RelayInfo, relay_registry_client::RelayRegistryClient},
+    backend::grpc::{GET_RELAYS, GrpcOptions, ServerAuth, channel_for},
+    proto::signaling::{
+        GetRelaysParams, RelayInfo, relay_registry_client::RelayRegistryClient,
+        signaling_client::SignalingClient,
+    },
 };
 
 use crate::{
@@ -59,28 +62,38 @@ pub struct Relays {
 }
 
 /// Asks the signaling server of `url` (`grpc://HOST:PORT?...`, secured as the
-/// backend of that URL would be) for its STUN/TURN relays for our public key.
+/// backend of that URL would be) for its STUN/TURN relays for our key `ours`
+/// (private: a server may ask for proof that we hold it, SPEC §11).
 pub async fn relays_from_server(
     url: &str,
-    our_public: &Key,
+    ours: &Key,
     limit: Duration,
 ) -> Result<Vec<IceServer>, RelayError> {
-    Ok(fetch_relays(url, our_public, limit).await?.servers)
+    Ok(fetch_relays(url, ours, limit).await?.servers)
 }
 
 /// Like [`relays_from_server`], with the expiry of the credentials.
-pub async fn fetch_relays(
-    url: &str,
-    our_public: &Key,
-    limit: Duration,
-) -> Result<Relays, RelayError> {
+pub async fn fetch_relays(url: &str, ours: &Key, limit: Duration) -> Result<Relays, RelayError> {
     let parsed = url::Url::parse(url).map_err(|e| BackendError::url(url, e))?;
     let options = GrpcOptions::default();
     let channel = channel_for(&parsed, &options)?;
-    let mut client = RelayRegistryClient::new(channel);
-    let call = client.get_relays(GetRelaysParams {
-        public_key: our_public.as_bytes().to_vec(),
+    let auth = ServerAuth::for_url(&parsed, &options)?;
+    let mut request = tonic::Request::new(GetRelaysParams {
+        public_key: ours.public_key().as_bytes().to_vec(),
     });
+    let signaling = SignalingClient::new(channel.clone());
+    let prove = auth.prove(url, &signaling, &mut request, ours, GET_RELAYS);
+    match tokio::time::timeout(limit, prove).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(RelayError::Timeout {
+                url: url.to_string(),
+                limit,
+            });
+        }
+    }
+    let mut client = RelayRegistryClient::new(channel);
+    let call = client.get_relays(request);
     let response = match tokio::time::timeout(limit, call).await {
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(source)) => {
@@ -141,7 +154,8 @@ fn needs_refresh(expires: Option<SystemTime>, now: SystemTime) -> bool {
 /// Relays without an expiry are fetched once.
 pub struct ServerRelayIce {
     options: IceOptions,
-    our_public: Key,
+    /// Our private key, to prove it to servers that ask.
+    ours: Key,
     cache: tokio::sync::Mutex<Cache>,
 }
 
@@ -164,26 +178,26 @@ impl std::fmt::Debug for ServerRelayIce {
 
 impl ServerRelayIce {
     /// Fetches the relays of the signaling servers at `urls` (`grpc://`),
-    /// each within `limit`, for our public key; agents get `options` and
-    /// these relays. Fails if a server does not answer or a relay cannot be
-    /// used.
+    /// each within `limit`, for our key `ours` (private, to prove it to a
+    /// server that asks); agents get `options` and these relays. Fails if a
+    /// server does not answer or a relay cannot be used.
     pub async fn fetch(
         options: IceOptions,
         urls: impl IntoIterator<Item = impl Into<String>>,
-        our_public: Key,
+        ours: Key,
         limit: Duration,
     ) -> Result<Self, RelayError> {
         let mut sources = Vec::new();
         for url in urls {
             let url = url.into();
-            let relays = fetch_relays(&url, &our_public, limit).await?;
+            let relays = fetch_relays(&url, &ours, limit).await?;
             sources.push((url, relays));
         }
         let fetches = sources.len() as u64;
         let ice = WebrtcIce::new(with_relays(&options, &sources))?;
         Ok(ServerRelayIce {
             options,
-            our_public,
+            ours,
             cache: tokio::sync::Mutex::new(Cache {
                 sources,
                 ice,
@@ -214,7 +228,7 @@ impl ServerRelayIce {
         {
             return cache.ice.clone();
         }
-        let our_public = self.our_public;
+        let ours = self.ours;
         let cache = &mut *cache;
         let sources = &mut cache.sources;
         let fetches = &mut cache.fetches;
@@ -223,7 +237,7 @@ impl ServerRelayIce {
                 if !needs_refresh(relays.expires, now) {
                     continue;
                 }
-                match fetch_relays(url, &our_public, RELAY_REFRESH_TIMEOUT).await {
+                match fetch_relays(url, &ours, RELAY_REFRESH_TIMEOUT).await {
                     Ok(fresh) => {
                         tracing::debug!(%url, relays = fresh.servers.len(), "relays fetched again");
                         *relays = fresh;

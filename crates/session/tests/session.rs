@@ -483,7 +483,7 @@ async fn a_lost_peer_means_a_restart_after_the_grace_period() -> Result<()> {
 async fn relays_come_from_the_server() -> Result<()> {
     let server = server().await;
     let key = Key::generate();
-    let relays = relays_from_server(&grpc_url(&server), &key.public_key(), STEP).await?;
+    let relays = relays_from_server(&grpc_url(&server), &key, STEP).await?;
     assert_eq!(relays.len(), 2, "{relays:?}");
     assert_eq!(relays[0].url, "stun:127.0.0.1:3478");
     assert_eq!(
@@ -499,11 +499,11 @@ async fn relays_come_from_the_server() -> Result<()> {
     WebrtcIce::new(IceOptions::default().with_servers(relays))?;
 
     // No server there: an error that names it, within the limit.
-    let err = relays_from_server("grpc://127.0.0.1:1?insecure=true", &key.public_key(), STEP)
+    let err = relays_from_server("grpc://127.0.0.1:1?insecure=true", &key, STEP)
         .await
         .expect_err("nothing listens on port 1");
     assert!(err.to_string().contains("grpc://127.0.0.1:1"), "{err}");
-    let err = relays_from_server("nats://x:1", &key.public_key(), STEP)
+    let err = relays_from_server("nats://x:1", &key, STEP)
         .await
         .expect_err("not grpc");
     assert!(err.to_string().contains("nats://x:1"), "{err}");

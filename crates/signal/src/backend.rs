@@ -158,6 +158,13 @@ pub trait Backend: Send + Sync {
 pub trait Transport: Send + Sync + 'static {
     /// Sends a sealed envelope to its recipient.
     async fn send(&self, envelope: &Envelope) -> Result<(), BackendError>;
+    /// Sends a sealed envelope that `ours` (the sender's private key) sealed: a
+    /// medium that proves possession of the sender's key (`grpc://` to a
+    /// server that asks for it, SPEC §11) uses the key; the others send.
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+        let _ = ours;
+        self.send(envelope).await
+    }
     /// Starts receiving envelopes addressed to our public key `key`. Returns once
     /// envelopes published from now on will arrive. On an error the medium may
     /// go on trying in the background until [`Transport::unlisten`].
@@ -178,6 +185,9 @@ pub trait Transport: Send + Sync + 'static {
 impl<T: Transport + ?Sized> Transport for Arc<T> {
     async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
         (**self).send(envelope).await
+    }
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+        (**self).send_as(envelope, ours).await
     }
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
         (**self).listen(key).await
@@ -202,6 +212,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 impl<T: Transport + ?Sized> Transport for Box<T> {
     async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
         (**self).send(envelope).await
+    }
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+        (**self).send_as(envelope, ours).await
     }
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
         (**self).listen(key).await
@@ -394,7 +407,7 @@ impl Backend for SignalingBackend {
     async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError> {
         self.check_open()?;
         let envelope = message.seal(pair)?;
-        self.transport.send(&envelope).await
+        self.transport.send_as(&envelope, &pair.ours).await
     }
 
     async fn subscribe(

@@ -484,6 +484,10 @@ impl<T: Transport> Transport for Gated<T> {
         self.inner.send(envelope).await
     }
 
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+        self.inner.send_as(envelope, ours).await
+    }
+
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
         self.inner.listen(key).await?;
         let mut open = self.gate.state.open.subscribe();

@@ -18,6 +18,7 @@
 //! - [`backend::connect`]: builds a backend from URLs, one per medium.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod backend;
 #[cfg(feature = "grpc")]
 #[doc(hidden)]

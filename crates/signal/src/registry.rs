@@ -477,6 +477,11 @@ impl Registry {
         self.clear();
     }
 
+    /// The private key of our key `public`, if it has a handler.
+    pub fn private_key(&self, public: &Key) -> Option<Key> {
+        lock(&self.shared.keys).get(public).map(|own| own.private)
+    }
+
     /// True if our key `public` has a handler.
     pub fn has_key(&self, public: &Key) -> bool {
         lock(&self.shared.keys).contains_key(public)

@@ -33,6 +33,7 @@ use tonic::{
 use super::{BackendError, Transport, bool_param, check_params};
 use crate::{
     Key, Registry,
+    auth::{PROOF_METADATA, SERVER_KEY_METADATA},
     proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
 };
 
@@ -80,6 +81,9 @@ pub struct GrpcTarget {
     pub port: u16,
     /// Security of the connection.
     pub security: Security,
+    /// The server's key, pinned by `server_key=` (SPEC §11): a server that
+    /// presents another is refused.
+    pub server_key: Option<Key>,
 }
 
 /// How the connection to the server is secured.
@@ -96,9 +100,9 @@ pub enum Security {
 }
 
 impl GrpcTarget {
-    /// Parses `grpc://HOST:PORT[?insecure=true][&skip_verify=true][&ca=FILE]`.
+    /// Parses `grpc://HOST:PORT[?insecure=true][&skip_verify=true][&ca=FILE][&server_key=KEY]`.
     pub fn parse(url: &url::Url) -> Result<Self, BackendError> {
-        check_params(url, &["insecure", "skip_verify", "ca"])?;
+        check_params(url, &["insecure", "skip_verify", "ca", "server_key"])?;
         let host = match url.host() {
             Some(url::Host::Ipv6(ip)) => ip.to_string(),
             Some(host) => host.to_string(),
@@ -139,10 +143,25 @@ impl GrpcTarget {
             (false, false, Some(ca)) => Security::CaFile(ca),
             (false, false, None) => Security::SystemRoots,
         };
+        let server_key = url
+            .query_pairs()
+            .find(|(k, _)| k == "server_key")
+            .map(|(_, v)| {
+                // Form decoding reads a `+` as a space: a base64 key has no spaces.
+                let text = v.replace(' ', "+");
+                text.parse::<Key>().map_err(|e| {
+                    BackendError::url(
+                        url,
+                        format!("server_key={text:?}: {e} (percent-encode + / =)"),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(GrpcTarget {
             host,
             port,
             security,
+            server_key,
         })
     }
 }
@@ -168,6 +187,7 @@ impl Drop for Subscription {
 pub struct Grpc {
     name: Arc<str>,
     client: SignalingClient<Channel>,
+    auth: ServerAuth,
     registry: Arc<Registry>,
     options: GrpcOptions,
     streams: Mutex<HashMap<Key, Subscription>>,
@@ -199,6 +219,7 @@ impl Grpc {
         Ok(Grpc {
             name: Arc::from(url.as_str()),
             client: SignalingClient::new(channel).max_decoding_message_size(16 << 20),
+            auth: ServerAuth::new(target.server_key, options.subscribe_timeout),
             registry,
             options,
             streams: Mutex::new(HashMap::new()),
@@ -207,6 +228,169 @@ impl Grpc {
 
     fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Subscription>> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes, with a proof that we hold `ours` (the sender's private key)
+    /// if given and the server has a key.
+    async fn publish(&self, envelope: &Envelope, ours: Option<&Key>) -> Result<(), BackendError> {
+        let timeout = self.options.publish_timeout;
+        let mut request = Request::new(envelope.clone());
+        request.set_timeout(timeout);
+        if let Some(ours) = ours {
+            self.auth
+                .prove(&self.name, &self.client, &mut request, ours, PUBLISH)
+                .await?;
+        }
+        let mut client = self.client.clone();
+        match tokio::time::timeout(timeout, client.publish(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => {
+                self.auth.refused(&status);
+                Err(BackendError::transport(
+                    &self.name,
+                    GrpcError::Status {
+                        what: "publish",
+                        status,
+                    },
+                ))
+            }
+            Err(_) => Err(BackendError::transport(
+                &self.name,
+                GrpcError::Timeout {
+                    what: "publish",
+                    timeout,
+                },
+            )),
+        }
+    }
+}
+
+/// The path of `Signaling.Subscribe`.
+pub const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+/// The path of `Signaling.Publish`.
+pub const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
+/// The path of `RelayRegistry.GetRelays`.
+pub const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
+
+/// Proofs of key possession for one server (SPEC §11). The server's key is
+/// pinned (`server_key=` in the URL) or learned from `GetBuildInfo`'s
+/// `cunicu-server-key` metadata the first time a proof is needed; a server
+/// that presents no key asks for no proofs. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    pinned: Option<Key>,
+    /// `Some(None)`: the server has no key.
+    learned: Arc<Mutex<Option<Option<Key>>>>,
+    timeout: Duration,
+}
+
+impl ServerAuth {
+    /// Proofs to the server of `pinned` if given, else to whatever key the
+    /// server presents; `timeout` bounds learning it.
+    pub fn new(pinned: Option<Key>, timeout: Duration) -> Self {
+        ServerAuth {
+            pinned,
+            learned: Arc::new(Mutex::new(None)),
+            timeout,
+        }
+    }
+
+    /// For the server of a `grpc://` URL (its `server_key=`, if any).
+    pub fn for_url(url: &url::Url, options: &GrpcOptions) -> Result<Self, BackendError> {
+        Ok(Self::new(
+            GrpcTarget::parse(url)?.server_key,
+            options.subscribe_timeout,
+        ))
+    }
+
+    fn learned(&self) -> std::sync::MutexGuard<'_, Option<Option<Key>>> {
+        self.learned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server's key: learned once through `GetBuildInfo` on `client`'s
+    /// channel, and checked against the pinned one.
+    async fn server_key(
+        &self,
+        client: &SignalingClient<Channel>,
+    ) -> Result<Option<Key>, GrpcError> {
+        if let Some(known) = *self.learned() {
+            return Ok(known);
+        }
+        let mut client = client.clone();
+        let response =
+            tokio::time::timeout(self.timeout, client.get_build_info(crate::proto::Empty {}))
+                .await
+                .map_err(|_| GrpcError::Timeout {
+                    what: "learning the server's key",
+                    timeout: self.timeout,
+                })?
+                .map_err(|status| GrpcError::Status {
+                    what: "learning the server's key",
+                    status,
+                })?;
+        let presented = match response.metadata().get(SERVER_KEY_METADATA) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<Key>().ok())
+                    .ok_or_else(|| GrpcError::BadServerKey(format!("{value:?}")))?,
+            ),
+        };
+        if let Some(pinned) = self.pinned
+            && presented != Some(pinned)
+        {
+            return Err(GrpcError::OtherServerKey { pinned, presented });
+        }
+        *self.learned() = Some(presented);
+        Ok(presented)
+    }
+
+    /// Adds to `request` a proof that we hold `ours` (a private key) for
+    /// `method`, if the server has a key. `url` names the server in errors.
+    pub async fn prove<T>(
+        &self,
+        url: &str,
+        client: &SignalingClient<Channel>,
+        request: &mut Request<T>,
+        ours: &Key,
+        method: &str,
+    ) -> Result<(), BackendError> {
+        self.add_proof(client, request, ours, method)
+            .await
+            .map_err(|e| BackendError::transport(url, e))
+    }
+
+    async fn add_proof<T>(
+        &self,
+        client: &SignalingClient<Channel>,
+        request: &mut Request<T>,
+        ours: &Key,
+        method: &str,
+    ) -> Result<(), GrpcError> {
+        let Some(server) = self.server_key(client).await? else {
+            return Ok(());
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let proof = crate::auth::prove(ours, &server, method, now)
+            .map_err(|e| GrpcError::Proof(e.to_string()))?;
+        request.metadata_mut().insert_bin(
+            PROOF_METADATA,
+            tonic::metadata::MetadataValue::from_bytes(&proof),
+        );
+        Ok(())
+    }
+
+    /// After a refused proof: learn the key again next time (unless pinned),
+    /// in case the server's changed.
+    fn refused(&self, status: &Status) {
+        if status.code() == tonic::Code::Unauthenticated && self.pinned.is_none() {
+            *self.learned() = None;
+        }
     }
 }
 
@@ -402,24 +586,40 @@ enum GrpcError {
     },
     #[error("subscribe: the server ended the stream before confirming the subscription")]
     NoSync,
+    #[error("proof of key possession: {0}")]
+    Proof(String),
+    #[error("the server's key in {SERVER_KEY_METADATA} is not a key: {0}")]
+    BadServerKey(String),
+    #[error("the server presents key {}, not the pinned server_key {pinned}", .presented.map(|k| k.to_string()).unwrap_or_else(|| "none".into()))]
+    OtherServerKey { pinned: Key, presented: Option<Key> },
 }
 
 /// Opens a Subscribe stream and waits for the sync envelope. Returns the
 /// stream and a first real envelope, if a server sent one instead of a sync.
 async fn open_stream(
     mut client: SignalingClient<Channel>,
+    auth: &ServerAuth,
     key: Key,
+    private: Option<Key>,
     timeout: Duration,
 ) -> Result<(Streaming<Envelope>, Option<Envelope>), GrpcError> {
     let attempt = async {
+        let mut request = Request::new(SubscribeParams {
+            key: key.as_bytes().to_vec(),
+        });
+        if let Some(private) = private {
+            auth.add_proof(&client, &mut request, &private, SUBSCRIBE)
+                .await?;
+        }
         let mut stream = client
-            .subscribe(Request::new(SubscribeParams {
-                key: key.as_bytes().to_vec(),
-            }))
+            .subscribe(request)
             .await
-            .map_err(|status| GrpcError::Status {
-                what: "subscribe",
-                status,
+            .map_err(|status| {
+                auth.refused(&status);
+                GrpcError::Status {
+                    what: "subscribe",
+                    status,
+                }
             })?
             .into_inner();
         match stream.message().await {
@@ -447,6 +647,7 @@ const STABLE_STREAM: Duration = Duration::from_secs(10);
 async fn run_subscription(
     name: Arc<str>,
     client: SignalingClient<Channel>,
+    auth: ServerAuth,
     registry: Arc<Registry>,
     key: Key,
     options: GrpcOptions,
@@ -464,7 +665,18 @@ async fn run_subscription(
     let mut delays = backoff();
     let mut ready = Some(ready);
     loop {
-        match open_stream(client.clone(), key, options.subscribe_timeout).await {
+        // Our private key proves the subscription (SPEC §11); the handler that
+        // asked for it is in the registry before the medium listens.
+        let private = registry.private_key(&key);
+        match open_stream(
+            client.clone(),
+            &auth,
+            key,
+            private,
+            options.subscribe_timeout,
+        )
+        .await
+        {
             Ok((mut stream, first)) => {
                 match ready.take() {
                     Some(tx) => {
@@ -525,27 +737,11 @@ impl Drop for CancelGuard<'_> {
 #[async_trait]
 impl Transport for Grpc {
     async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
-        let timeout = self.options.publish_timeout;
-        let mut request = Request::new(envelope.clone());
-        request.set_timeout(timeout);
-        let mut client = self.client.clone();
-        match tokio::time::timeout(timeout, client.publish(request)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(BackendError::transport(
-                &self.name,
-                GrpcError::Status {
-                    what: "publish",
-                    status,
-                },
-            )),
-            Err(_) => Err(BackendError::transport(
-                &self.name,
-                GrpcError::Timeout {
-                    what: "publish",
-                    timeout,
-                },
-            )),
-        }
+        self.publish(envelope, None).await
+    }
+
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+        self.publish(envelope, Some(ours)).await
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
@@ -556,6 +752,7 @@ impl Transport for Grpc {
         let task = tokio::spawn(run_subscription(
             self.name.clone(),
             self.client.clone(),
+            self.auth.clone(),
             self.registry.clone(),
             key,
             self.options.clone(),
@@ -625,7 +822,8 @@ mod tests {
             GrpcTarget {
                 host: "example.com".into(),
                 port: 443,
-                security: Security::SystemRoots
+                security: Security::SystemRoots,
+                server_key: None,
             }
         );
         assert_eq!(

@@ -56,6 +56,11 @@ impl Transport for Multi {
         self.combine("publish", results)
     }
 
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+        let results = join_all(self.transports.iter().map(|t| t.send_as(envelope, ours))).await;
+        self.combine("publish", results)
+    }
+
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
         let results = join_all(self.transports.iter().map(|t| t.listen(key))).await;
         self.combine("subscribe", results)
