@@ -528,7 +528,7 @@ async fn expiring_relay_credentials_are_fetched_again_for_a_new_agent() -> Resul
     let url = grpc_url(&server);
     let key = Key::generate();
     let options = IceOptions::default().only_addresses([LOOPBACK]);
-    let ice = ServerRelayIce::fetch(options, [url.clone()], key.public_key(), STEP).await?;
+    let ice = ServerRelayIce::fetch(options, [url.clone()], key, STEP).await?;
     assert_eq!(ice.fetches().await, 1);
     let relays = ice.relays().await;
     assert_eq!(relays.len(), 1);
@@ -573,7 +573,7 @@ async fn relays_without_expiry_are_fetched_once() -> Result<()> {
     let server = server().await;
     let key = Key::generate();
     let options = IceOptions::default().only_addresses([LOOPBACK]);
-    let ice = ServerRelayIce::fetch(options, [grpc_url(&server)], key.public_key(), STEP).await?;
+    let ice = ServerRelayIce::fetch(options, [grpc_url(&server)], key, STEP).await?;
     let (events, _rx) = tokio::sync::mpsc::channel(16);
     for agent in 1..=2 {
         let params = AgentParams::new(
