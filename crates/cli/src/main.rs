@@ -22,7 +22,7 @@ use cunicu_signal::{
     json::{message_from_json, message_to_json},
     proto::signaling::Envelope,
 };
-use cunicu_signal_server::{AuthMode, Config, Rate, Relay, Server, TlsFiles};
+use cunicu_signal_server::{AuthMode, ClusterConfig, Config, Rate, Relay, Server, TlsFiles};
 use prost::Message as _;
 use tokio::io::AsyncBufReadExt;
 
@@ -221,6 +221,23 @@ struct ServeArgs {
     /// when it changes or on SIGHUP. Needs --auth required.
     #[arg(long, env = "CUNICU_SIGNAL_ALLOW_KEYS")]
     allow_keys: Option<PathBuf>,
+    /// Serve as one of several replicas that share this NATS system (nats://HOST:PORT or
+    /// tls://HOST:PORT, comma-separated): an envelope published to any replica reaches the
+    /// subscribers of every replica.
+    #[arg(long, env = "CUNICU_SIGNAL_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// NATS credentials file (JWT and NKey seed) for --cluster.
+    #[arg(long, env = "CUNICU_SIGNAL_CLUSTER_CREDS", requires = "cluster")]
+    cluster_creds: Option<PathBuf>,
+    /// PEM certificates to trust for tls:// NATS servers.
+    #[arg(long, env = "CUNICU_SIGNAL_CLUSTER_CA", requires = "cluster")]
+    cluster_ca: Option<PathBuf>,
+    /// The NATS connection name (default: the host name).
+    #[arg(long, env = "CUNICU_SIGNAL_CLUSTER_NAME", requires = "cluster")]
+    cluster_name: Option<String>,
+    /// Prefix of the NATS subjects, one per key.
+    #[arg(long, env = "CUNICU_SIGNAL_CLUSTER_SUBJECT_PREFIX", default_value = cunicu_signal_server::cluster::DEFAULT_SUBJECT_PREFIX)]
+    cluster_subject_prefix: String,
 }
 
 impl ServeArgs {
@@ -278,6 +295,15 @@ impl ServeArgs {
         config.auth = self.auth;
         config.auth_skew = self.auth_skew.into();
         config.allow_keys = self.allow_keys;
+        let urls: Vec<String> = self.cluster.into_iter().filter(|u| !u.is_empty()).collect();
+        if !urls.is_empty() {
+            let mut cluster = ClusterConfig::new(urls);
+            cluster.creds = self.cluster_creds;
+            cluster.ca = self.cluster_ca;
+            cluster.name = self.cluster_name;
+            cluster.subject_prefix = self.cluster_subject_prefix;
+            config.cluster = Some(cluster);
+        }
         config.check()?;
         Ok(config)
     }

@@ -89,6 +89,8 @@ pub struct Config {
     /// Only the keys listed in this file may be proven (with `auth` required);
     /// the file is read again when it changes or on SIGHUP.
     pub allow_keys: Option<PathBuf>,
+    /// Replicas of one service: the NATS system they share (SPEC §12).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -140,6 +142,7 @@ impl Default for Config {
             auth: AuthMode::Off,
             auth_skew: Duration::from_secs(60),
             allow_keys: None,
+            cluster: None,
         }
     }
 }

@@ -793,6 +793,10 @@ async fn subscribe(
             shared
                 .hub
                 .subscribe(key, client.clone(), guard, mailbox, slot);
+        // The sync envelope goes once the other replicas can reach us.
+        if let Some(cluster) = shared.hub.cluster() {
+            cluster.ready(&key).await;
+        }
         Ok::<_, Status>(subscription)
     }
     .await;
@@ -858,8 +862,13 @@ async fn publish(
             .check(&parts.headers, wire::PUBLISH, &Key::from(sender))?;
         metrics.published.inc();
         // The frame as received: the envelope unchanged, unknown fields kept.
-        if shared.hub.publish(&recipient, &frame) == 0 {
-            metrics.no_subscriber.inc();
+        let local = shared.hub.publish(&recipient, &frame);
+        match shared.hub.cluster() {
+            Some(cluster) => cluster.publish(recipient, frame.slice(PREFIX_LEN..)),
+            None if local == 0 => {
+                metrics.no_subscriber.inc();
+            }
+            None => {}
         }
         Ok::<_, Status>(())
     }

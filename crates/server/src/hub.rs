@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::{
     client::{Budget, ClientState, Exhausted, SlotGuard, reserve},
+    cluster::Cluster,
     metrics::Metrics,
 };
 
@@ -410,6 +411,9 @@ struct Inner {
     limits: QueueLimits,
     server: Arc<Budget>,
     metrics: Arc<Metrics>,
+    /// The other replicas: a key's first and last subscriber here start
+    /// and end its NATS subscription.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Subscriptions by key. Cheap to clone.
@@ -419,15 +423,26 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    pub(crate) fn new(limits: QueueLimits, server: Arc<Budget>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        limits: QueueLimits,
+        server: Arc<Budget>,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
         Hub {
             inner: Arc::new(Inner {
                 topics: Mutex::new(HashMap::new()),
                 limits,
                 server,
                 metrics,
+                cluster,
             }),
         }
+    }
+
+    /// The other replicas, if this server is one of several.
+    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.inner.cluster.as_ref()
     }
 
     fn topics(&self) -> MutexGuard<'_, HashMap<Topic, Arc<[Arc<Sub>]>>> {
@@ -468,6 +483,11 @@ impl Hub {
             next.extend(list.iter().cloned());
             next.push(sub.clone());
             *list = next.into();
+            // Under the lock: a last subscriber going at the same time cannot
+            // unsubscribe after this subscribes.
+            if first && let Some(cluster) = &self.inner.cluster {
+                cluster.watch(key);
+            }
             first
         };
         let metrics = &self.inner.metrics;
@@ -554,6 +574,9 @@ impl std::ops::Drop for Subscription {
                 if next.is_empty() {
                     topics.remove(&key);
                     last = true;
+                    if let Some(cluster) = &self.hub.inner.cluster {
+                        cluster.unwatch(&key);
+                    }
                 } else {
                     *list = next.into();
                 }
@@ -623,6 +646,7 @@ mod tests {
             },
             Arc::new(Budget::new(server_bytes)),
             metrics.clone(),
+            None,
         );
         Fixture {
             clients,

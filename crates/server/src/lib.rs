@@ -28,6 +28,7 @@
 mod auth;
 mod bridge;
 mod client;
+pub mod cluster;
 mod config;
 mod conn;
 mod health;
@@ -50,6 +51,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use auth::{AllowKeysError, AuthMode};
 pub use client::Rate;
+pub use cluster::{ClusterConfig, ClusterError};
 pub use config::{Config, ConfigError, TlsFiles};
 pub use metrics::Metrics;
 pub use relay::{Relay, RelayError};
@@ -82,6 +84,9 @@ pub enum ServerError {
     /// A setting is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The cluster could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     /// The allowed keys could not be read at start.
     #[error(transparent)]
     AllowKeys(#[from] AllowKeysError),
@@ -107,6 +112,8 @@ pub enum ServerError {
 /// A running server. Dropping it stops it at once; [`Server::shutdown`] stops
 /// it gracefully.
 pub struct Server {
+    /// The other replicas, if any.
+    cluster: Option<Arc<cluster::Cluster>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -153,6 +160,13 @@ impl Server {
             config.max_queued_bytes,
             metrics.queued_bytes.clone(),
         ));
+        let connections = TaskTracker::new();
+        let cluster = match &config.cluster {
+            Some(cluster) => {
+                Some(cluster::Cluster::connect(cluster, metrics.clone(), &connections).await?)
+            }
+            None => None,
+        };
         let hub = hub::Hub::new(
             hub::QueueLimits {
                 depth: config.queue_depth,
@@ -160,7 +174,11 @@ impl Server {
             },
             budget,
             metrics.clone(),
+            cluster.clone(),
         );
+        if let Some(cluster) = &cluster {
+            cluster.attach(hub.clone());
+        }
         let clients = Arc::new(client::Clients::new(
             config.client_limits(),
             config.max_subscriptions,
@@ -219,6 +237,33 @@ impl Server {
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
+        // A replica reports whether NATS is there, and keeps serving either way.
+        if let Some(cluster) = &cluster {
+            let (mut connected, health, metrics, token) = (
+                cluster.connected(),
+                health.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            connections.spawn(async move {
+                loop {
+                    let up = *connected.borrow_and_update();
+                    metrics.cluster_connected.set(i64::from(up));
+                    let status = if up {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health
+                        .set_service_status(cluster::HEALTH_SERVICE, status)
+                        .await;
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        changed = connected.changed() => if changed.is_err() { break },
+                    }
+                }
+            });
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -263,7 +308,6 @@ impl Server {
         });
 
         let kill = CancellationToken::new();
-        let connections = TaskTracker::new();
         if let Some(path) = config.allow_keys.clone() {
             connections.spawn(auth::watch_allowed(
                 path,
@@ -295,13 +339,20 @@ impl Server {
                 health
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
+                health
+                    .set_service_status(
+                        cluster::HEALTH_SERVICE,
+                        tonic_health::ServingStatus::NotServing,
+                    )
+                    .await;
                 health_stopped.cancel();
             }
         });
         let http = metrics_listener.map(|listener| {
             let (metrics, token) = (metrics.clone(), shutdown.clone());
+            let connected = cluster.as_ref().map(|c| c.connected());
             tokio::spawn(async move {
-                metrics::serve(listener, metrics, token)
+                metrics::serve(listener, metrics, connected, token)
                     .await
                     .map_err(ServerError::Metrics)
             })
@@ -316,6 +367,7 @@ impl Server {
             "signaling server listening"
         );
         Ok(Server {
+            cluster,
             local_addr,
             metrics_addr,
             metrics,
@@ -363,7 +415,11 @@ impl Server {
             }
             Ok(())
         };
-        match tokio::time::timeout(grace, join).await {
+        let result = tokio::time::timeout(grace, join).await;
+        if let Some(cluster) = self.cluster.take() {
+            cluster.close();
+        }
+        match result {
             Ok(result) => result,
             // Dropping self ends what is left.
             Err(_) => Err(ServerError::ShutdownTimeout(grace)),
@@ -386,6 +442,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.kill.cancel();
+        if let Some(cluster) = self.cluster.take() {
+            cluster.close();
+        }
         if let Some(task) = self.accept.take() {
             task.abort();
         }

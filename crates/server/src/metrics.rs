@@ -86,6 +86,16 @@ pub struct Metrics {
     /// Bytes the server holds for clients: queued for subscribers, handed to
     /// HTTP/2 and not yet written, and requests being received.
     pub queued_bytes: Gauge,
+    /// 1 while the replica is connected to its NATS cluster, else 0.
+    pub cluster_connected: Gauge,
+    /// Keys with a NATS subscription (keys with local subscribers).
+    pub cluster_subjects: Gauge,
+    /// Envelopes handed to NATS for the other replicas.
+    pub cluster_published: Counter,
+    /// Envelopes received from other replicas.
+    pub cluster_received: Counter,
+    /// Envelopes not sent to or not taken from NATS, by reason.
+    pub cluster_dropped: Family<Reason, Counter>,
     /// Duration of unary RPCs; for Subscribe, the time until the stream is set up.
     pub rpc_duration: HistogramFamily,
     /// `rpc_duration` of the methods timed on every call, looked up once.
@@ -116,6 +126,37 @@ impl Metrics {
         let topics = Gauge::default();
         let queued_bytes = Gauge::default();
         let rpc_duration = HistogramFamily::new_with_constructor(rpc_histogram);
+        let cluster_connected = Gauge::default();
+        let cluster_subjects = Gauge::default();
+        let cluster_published = Counter::default();
+        let cluster_received = Counter::default();
+        let cluster_dropped = Family::<Reason, Counter>::default();
+        registry.register(
+            "signaling_cluster_connected",
+            "1 while connected to the NATS cluster (with --cluster), else 0",
+            cluster_connected.clone(),
+        );
+        registry.register(
+            "signaling_cluster_subjects",
+            "Keys with a NATS subscription: those with local subscribers",
+            cluster_subjects.clone(),
+        );
+        registry.register(
+            "signaling_cluster_published",
+            "Envelopes handed to NATS for the other replicas",
+            cluster_published.clone(),
+        );
+        registry.register(
+            "signaling_cluster_received",
+            "Envelopes received from other replicas",
+            cluster_received.clone(),
+        );
+        registry.register(
+            "signaling_cluster_dropped",
+            "Envelopes not sent to or not taken from NATS: buffer_full (NATS away long), \
+             publish_failed, slow_consumer, invalid, own, closed",
+            cluster_dropped.clone(),
+        );
         registry.register(
             "signaling_envelopes_published",
             "Envelopes accepted by Publish",
@@ -222,6 +263,11 @@ impl Metrics {
             topics,
             queued_bytes,
             rpc_duration,
+            cluster_connected,
+            cluster_subjects,
+            cluster_published,
+            cluster_received,
+            cluster_dropped,
             registry,
         })
     }
@@ -229,6 +275,11 @@ impl Metrics {
     /// Counts a refused request.
     pub fn reject_for(&self, reason: &'static str) {
         self.rejected.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts an envelope the cluster dropped.
+    pub fn cluster_drop_for(&self, reason: &'static str) {
+        self.cluster_dropped.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts a proof of key possession.
@@ -288,10 +339,15 @@ impl Drop for RpcTimer {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+/// Serves `/metrics`, liveness at `/healthz` and readiness at `/readyz` on
+/// `listener` until `shutdown`. Readiness is 200 also while NATS is away
+/// (`cluster` says whether it is there): the replica serves its own clients
+/// then, and taking every replica out of a load balancer during a NATS outage
+/// would turn a degradation into an outage; the body says "degraded".
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    cluster: Option<tokio::sync::watch::Receiver<bool>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -311,7 +367,20 @@ pub(crate) async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let up = cluster.as_ref().is_none_or(|c| *c.borrow());
+                async move {
+                    if up {
+                        "ok\n"
+                    } else {
+                        "degraded: the NATS cluster is away; serving local subscribers only\n"
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

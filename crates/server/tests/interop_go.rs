@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use base64::{Engine, engine::general_purpose::STANDARD};
 use cunicu_signal::{
     Backend, ChannelHandler, Delivery, Key, KeyPair,
@@ -423,10 +425,18 @@ async fn go_publishes_to_a_rust_subscriber_through_our_server() {
     go_tool();
     let server = our_server().await;
     let addr = server.local_addr().to_string();
+    go_publishes_to_rust(&addr, &addr).await;
+    assert_eq!(server.metrics().published.get(), 2);
+}
+
+/// A Go peer publishes through the server at `publish_to`; our subscriber
+/// listens at `subscribe_at`.
+async fn go_publishes_to_rust(publish_to: &str, subscribe_at: &str) {
+    let addr = publish_to;
     let keys = Keys::new();
     let (go_peer, rust_peer, stranger) = (Key::generate(), Key::generate(), Key::generate());
 
-    let backend = connect(&[grpc_url(&addr)]).await.expect("connect");
+    let backend = connect(&[grpc_url(subscribe_at)]).await.expect("connect");
     let (handler, mut rx) = ChannelHandler::new(16);
     backend
         .subscribe(&KeyPair::new(rust_peer, go_peer.public_key()), handler)
@@ -440,7 +450,7 @@ async fn go_publishes_to_a_rust_subscriber_through_our_server() {
         "publish",
         &[
             "--server",
-            &addr,
+            addr,
             "--key-file",
             &go_key,
             "--to",
@@ -459,7 +469,7 @@ async fn go_publishes_to_a_rust_subscriber_through_our_server() {
         "publish",
         &[
             "--server",
-            &addr,
+            addr,
             "--key-file",
             &stranger_key,
             "--to",
@@ -476,7 +486,6 @@ async fn go_publishes_to_a_rust_subscriber_through_our_server() {
     assert_eq!(got.recipient, rust_peer.public_key());
     assert_eq!(got.message, expected);
     expect_quiet(&mut rx, "after Go's message").await;
-    assert_eq!(server.metrics().published.get(), 2);
     backend.close().await.expect("close");
 }
 
@@ -487,6 +496,15 @@ async fn rust_publishes_to_a_go_subscriber_through_our_server() {
     go_tool();
     let server = our_server().await;
     let addr = server.local_addr().to_string();
+    rust_publishes_to_go(&addr, &addr).await;
+    assert_eq!(server.metrics().published.get(), 2);
+    assert_eq!(server.metrics().delivered.get(), 2);
+}
+
+/// We publish through the server at `publish_to`; a Go peer subscribes at
+/// `subscribe_at`.
+async fn rust_publishes_to_go(publish_to: &str, subscribe_at: &str) {
+    let addr = subscribe_at;
     let keys = Keys::new();
     let (go_peer, rust_peer) = (Key::generate(), Key::generate());
 
@@ -495,7 +513,7 @@ async fn rust_publishes_to_a_go_subscriber_through_our_server() {
         "subscribe",
         &[
             "--server",
-            &addr,
+            addr,
             "--key-file",
             &go_key,
             "--count",
@@ -506,7 +524,7 @@ async fn rust_publishes_to_a_go_subscriber_through_our_server() {
     );
     assert_eq!(subscriber.line().await, "READY");
 
-    let backend = connect(&[grpc_url(&addr)]).await.expect("connect");
+    let backend = connect(&[grpc_url(publish_to)]).await.expect("connect");
     let pair = KeyPair::new(rust_peer, go_peer.public_key());
     let (rich, _) = rich_message("rust-to-go");
     let simple = numbered(7, &rust_peer.public_key());
@@ -538,8 +556,6 @@ async fn rust_publishes_to_a_go_subscriber_through_our_server() {
     );
     assert_eq!(first.json["credentials"]["pwd"], "pwd/with+odd=chars ü");
     assert_eq!(second.json["credentials"]["ufrag"], "n-7");
-    assert_eq!(server.metrics().published.get(), 2);
-    assert_eq!(server.metrics().delivered.get(), 2);
     backend.close().await.expect("close");
 }
 
@@ -805,4 +821,34 @@ async fn a_grpc_go_client_without_proofs_is_told_why_it_is_refused() {
         .finish()
         .await;
     assert!(status.success(), "{lines:?}");
+}
+
+/// Go peers and ours through two replicas of a cluster (SPEC §12): each side
+/// on another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_and_rust_peers_through_two_replicas() {
+    go_tool();
+    let nats = common::nats::Nats::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut config = Config::default();
+        config.listen = ([127, 0, 0, 1], 0).into();
+        config.cluster = Some(cunicu_signal_server::ClusterConfig::new(vec![nats.url()]));
+        replicas.push(Server::spawn(config).await.expect("replica starts"));
+    }
+    let (one, two) = (
+        replicas[0].local_addr().to_string(),
+        replicas[1].local_addr().to_string(),
+    );
+    // Until both are connected to NATS, a publish may find nobody there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replicas
+        .iter()
+        .any(|r| r.metrics().cluster_connected.get() != 1)
+    {
+        assert!(Instant::now() < deadline, "replicas not connected to NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    go_publishes_to_rust(&one, &two).await;
+    rust_publishes_to_go(&two, &one).await;
 }

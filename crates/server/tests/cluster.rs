@@ -1,0 +1,442 @@
+//! Several servers as one (SPEC §12): replicas of our server on a real
+//! nats-server (and a real three-node NATS cluster), on loopback.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::nats::Nats;
+use cunicu_signal::{
+    Backend, BackendError,
+    backend::connect,
+    conformance::{self, Options},
+    proto::signaling::{
+        EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
+    },
+};
+use cunicu_signal_server::{ClusterConfig, Config, Server};
+use tokio::time::timeout;
+use tonic::{Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A replica named `name` on the NATS servers `urls`.
+async fn replica(name: &str, urls: Vec<String>) -> Server {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut cluster = ClusterConfig::new(urls);
+    cluster.name = Some(name.into());
+    config.cluster = Some(cluster);
+    let server = Server::spawn(config).await.expect("replica starts");
+    // Connected to NATS before the test goes on.
+    wait_health(&server, ServingStatus::Serving).await;
+    server
+}
+
+async fn channel(server: &Server) -> Channel {
+    Channel::from_shared(format!("http://{}", server.local_addr()))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connects")
+}
+
+fn url(server: &Server) -> String {
+    format!(
+        "grpc://127.0.0.1:{}?insecure=true",
+        server.local_addr().port()
+    )
+}
+
+async fn cluster_health(server: &Server) -> i32 {
+    let mut health = HealthClient::new(channel(server).await);
+    health
+        .check(HealthCheckRequest {
+            service: "cunicu.signaling.Cluster".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+async fn wait_health(server: &Server, status: ServingStatus) {
+    let deadline = Instant::now() + WAIT;
+    while cluster_health(server).await != status as i32 {
+        assert!(Instant::now() < deadline, "cluster health never {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An envelope to `key` whose body says who sent it and its number.
+fn envelope(key: [u8; 32], publisher: u8, seq: u32) -> Envelope {
+    let mut body = vec![publisher];
+    body.extend_from_slice(&seq.to_be_bytes());
+    Envelope {
+        sender: vec![publisher; 32],
+        recipient: key.to_vec(),
+        contents: Some(EncryptedMessage {
+            body,
+            nonce: vec![0; 24],
+        }),
+    }
+}
+
+fn id(envelope: &Envelope) -> (u8, u32) {
+    let body = &envelope.contents.as_ref().expect("contents").body;
+    (
+        body[0],
+        u32::from_be_bytes(body[1..5].try_into().expect("4 bytes")),
+    )
+}
+
+async fn subscribe(server: &Server, key: [u8; 32]) -> Streaming<Envelope> {
+    let mut stream = SignalingClient::new(channel(server).await)
+        .subscribe(SubscribeParams { key: key.to_vec() })
+        .await
+        .expect("subscribed")
+        .into_inner();
+    assert_eq!(
+        timeout(WAIT, stream.message())
+            .await
+            .expect("sync")
+            .expect("ok"),
+        Some(Envelope::default())
+    );
+    stream
+}
+
+/// Reads envelopes until the marker `(255, 0)` arrives; returns what came before it.
+async fn until_marker(stream: &mut Streaming<Envelope>) -> Vec<(u8, u32)> {
+    until(stream, (255, 0)).await
+}
+
+/// Reads envelopes until `marker` arrives; returns the others (other markers
+/// included) that came before it.
+async fn until(stream: &mut Streaming<Envelope>, marker: (u8, u32)) -> Vec<(u8, u32)> {
+    let mut got = Vec::new();
+    loop {
+        let envelope = timeout(WAIT, stream.message())
+            .await
+            .expect("an envelope in time")
+            .expect("stream ok")
+            .expect("stream open");
+        match id(&envelope) {
+            found if found == marker => return got,
+            other => got.push(other),
+        }
+    }
+}
+
+async fn publish(server: &Server, envelopes: impl IntoIterator<Item = Envelope>) {
+    let mut client = SignalingClient::new(channel(server).await);
+    for envelope in envelopes {
+        client.publish(envelope).await.expect("published");
+    }
+}
+
+fn marker(key: [u8; 32]) -> Envelope {
+    envelope(key, 255, 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_replica_gets_what_another_publishes_once_in_order() {
+    let nats = Nats::start().await;
+    let r = [
+        replica("r1", vec![nats.url()]).await,
+        replica("r2", vec![nats.url()]).await,
+        replica("r3", vec![nats.url()]).await,
+    ];
+    let key = [1u8; 32];
+    let mut sub = subscribe(&r[0], key).await;
+    // Right after the sync: the subscription has reached NATS.
+    publish(
+        &r[2],
+        (0..200).map(|n| envelope(key, 3, n)).chain([marker(key)]),
+    )
+    .await;
+    assert_eq!(
+        until_marker(&mut sub).await,
+        (0..200).map(|n| (3, n)).collect::<Vec<_>>()
+    );
+    // From two publishers on two replicas at once: each in its order, once.
+    let (a, b) = (
+        publish(&r[1], (0..100).map(|n| envelope(key, 2, n))),
+        publish(&r[2], (0..100).map(|n| envelope(key, 3, n))),
+    );
+    tokio::join!(a, b);
+    publish(&r[1], [marker(key)]).await;
+    let got = until_marker(&mut sub).await;
+    for publisher in [2, 3] {
+        let seqs: Vec<u32> = got
+            .iter()
+            .filter(|(p, _)| *p == publisher)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(seqs, (0..100).collect::<Vec<_>>(), "publisher {publisher}");
+    }
+    let received = r[0].metrics().cluster_received.get();
+    assert_eq!(received, 200 + 200 + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subscriber_of_a_key_on_every_replica_gets_each_envelope_once() {
+    let nats = Nats::start().await;
+    let r = [
+        replica("r1", vec![nats.url()]).await,
+        replica("r2", vec![nats.url()]).await,
+        replica("r3", vec![nats.url()]).await,
+    ];
+    let key = [2u8; 32];
+    let mut subs = vec![
+        subscribe(&r[0], key).await,
+        subscribe(&r[1], key).await,
+        subscribe(&r[1], key).await,
+        subscribe(&r[2], key).await,
+    ];
+    for (i, publisher) in r.iter().enumerate() {
+        publish(publisher, (0..20).map(|n| envelope(key, i as u8, n))).await;
+    }
+    // The marker last, after every replica's own: NATS keeps one publisher's order.
+    publish(&r[2], [marker(key)]).await;
+    for sub in &mut subs {
+        let mut got = until_marker(sub).await;
+        got.sort();
+        let want: Vec<(u8, u32)> = (0..3u8)
+            .flat_map(|p| (0..20).map(move |n| (p, n)))
+            .collect();
+        assert_eq!(got, want);
+    }
+    // Local fan-out plus one copy per other replica: nothing echoed back.
+    for server in &r {
+        assert_eq!(
+            server.metrics().cluster_published.get(),
+            20 + u64::from(std::ptr::eq(server, &r[2]))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_subscribers_on_one_replica_brings_no_traffic_to_the_others() {
+    let nats = Nats::start().await;
+    let r = [
+        replica("r1", vec![nats.url()]).await,
+        replica("r2", vec![nats.url()]).await,
+        replica("r3", vec![nats.url()]).await,
+    ];
+    let key = [0xabu8; 32];
+    let subject = format!("cunicu.signal.v1.{}", "ab".repeat(32));
+    let sub = subscribe(&r[1], key).await;
+    let subs: HashMap<String, Vec<String>> = nats.subscriptions().await.into_iter().collect();
+    assert_eq!(subs.get("r2"), Some(&vec![subject.clone()]), "{subs:?}");
+    assert_eq!(subs.get("r1"), Some(&vec![]), "{subs:?}");
+    assert_eq!(subs.get("r3"), Some(&vec![]), "{subs:?}");
+    // Published on r1: only r2 receives it from NATS.
+    publish(&r[0], [envelope(key, 1, 0)]).await;
+    let mut sub = sub;
+    assert_eq!(
+        id(&timeout(WAIT, sub.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()),
+        (1, 0)
+    );
+    assert_eq!(r[1].metrics().cluster_received.get(), 1);
+    assert_eq!(r[2].metrics().cluster_received.get(), 0);
+    // With its last stream, the key's subscription goes within a second.
+    drop(sub);
+    let deadline = Instant::now() + Duration::from_secs(1) + Duration::from_millis(500);
+    loop {
+        let subs: HashMap<String, Vec<String>> = nats.subscriptions().await.into_iter().collect();
+        if subs.get("r2") == Some(&vec![]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still subscribed: {subs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_replicas_serve_their_own_and_then_find_each_other_again() {
+    let mut nats = Nats::start().await;
+    let r = [
+        replica("r1", vec![nats.url()]).await,
+        replica("r2", vec![nats.url()]).await,
+    ];
+    let key = [3u8; 32];
+    let (mut on1, mut on2) = (subscribe(&r[0], key).await, subscribe(&r[1], key).await);
+
+    nats.kill().await;
+    for server in &r {
+        wait_health(server, ServingStatus::NotServing).await;
+    }
+    // Degraded, not down: the service and readiness say so, and serve.
+    let mut health = HealthClient::new(channel(&r[0]).await);
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(overall, ServingStatus::Serving as i32);
+    let ready = http_get(r[0].metrics_addr().expect("metrics port"), "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("degraded"),
+        "{ready}"
+    );
+    assert!(
+        r[0].metrics()
+            .encode()
+            .contains("signaling_cluster_connected 0")
+    );
+    publish(&r[0], [envelope(key, 1, 0), marker(key)]).await;
+    assert_eq!(until_marker(&mut on1).await, vec![(1, 0)]);
+
+    // Back, on the same port: cross-replica delivery resumes by itself.
+    nats.restart().await;
+    for server in &r {
+        wait_health(server, ServingStatus::Serving).await;
+    }
+    let second = envelope(key, 255, 1);
+    publish(&r[0], (1..50).map(|n| envelope(key, 1, n)).chain([second])).await;
+    assert_eq!(
+        until(&mut on1, (255, 1)).await,
+        (1..50).map(|n| (1, n)).collect::<Vec<_>>()
+    );
+    let got = until(&mut on2, (255, 1)).await;
+    // What was published during the outage may come late, at most once (the
+    // NATS client held it); the rest comes in order, once.
+    let after: Vec<(u8, u32)> = got
+        .iter()
+        .copied()
+        .filter(|&(p, n)| p == 1 && n > 0)
+        .collect();
+    assert_eq!(after, (1..50).map(|n| (1, n)).collect::<Vec<_>>());
+    for outage in [(1, 0), (255, 0)] {
+        assert!(got.iter().filter(|&&e| e == outage).count() <= 1, "{got:?}");
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut text = String::new();
+    timeout(WAIT, stream.read_to_string(&mut text))
+        .await
+        .expect("in time")
+        .expect("read");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_carry_on_through_the_other_nodes_of_a_nats_cluster() {
+    let mut nodes = Nats::cluster(3).await;
+    for node in &nodes {
+        node.wait_routes(2).await;
+    }
+    let urls: Vec<String> = nodes.iter().map(Nats::url).collect();
+    let r = [
+        replica("r1", urls.clone()).await,
+        replica("r2", urls.clone()).await,
+    ];
+    let key = [4u8; 32];
+    let mut sub = subscribe(&r[0], key).await;
+    publish(&r[1], [envelope(key, 2, 0), marker(key)]).await;
+    assert_eq!(until_marker(&mut sub).await, vec![(2, 0)]);
+
+    // Kill the node r1 is connected to.
+    let mut on = None;
+    for (i, node) in nodes.iter().enumerate() {
+        if node
+            .subscriptions()
+            .await
+            .iter()
+            .any(|(name, _)| name == "r1")
+        {
+            on = Some(i);
+        }
+    }
+    let on = on.expect("r1 is connected to a node");
+    nodes[on].kill().await;
+    // r1 reconnects to another node and subscribes again; envelopes flow.
+    let deadline = Instant::now() + WAIT;
+    let mut n = 1;
+    loop {
+        publish(&r[1], [envelope(key, 2, n)]).await;
+        match timeout(Duration::from_millis(300), sub.message()).await {
+            Ok(Ok(Some(envelope))) => {
+                assert!(id(&envelope).1 >= 1, "{:?}", id(&envelope));
+                break;
+            }
+            _ => {
+                assert!(Instant::now() < deadline, "no delivery after the node died");
+                n += 1;
+            }
+        }
+    }
+    publish(
+        &r[1],
+        (100..120).map(|n| envelope(key, 2, n)).chain([marker(key)]),
+    )
+    .await;
+    let got = until_marker(&mut sub).await;
+    let tail: Vec<u32> = got.iter().map(|(_, n)| *n).filter(|n| *n >= 100).collect();
+    assert_eq!(tail, (100..120).collect::<Vec<_>>());
+    let mut seen = got.clone();
+    seen.dedup();
+    assert_eq!(seen.len(), got.len(), "duplicates: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_does_not_touch_the_others() {
+    let nats = Nats::start().await;
+    let r1 = replica("r1", vec![nats.url()]).await;
+    let r2 = replica("r2", vec![nats.url()]).await;
+    let r3 = replica("r3", vec![nats.url()]).await;
+    let key = [5u8; 32];
+    let mut sub = subscribe(&r1, key).await;
+    let _doomed = subscribe(&r3, key).await;
+    drop(r3);
+    publish(
+        &r2,
+        (0..50).map(|n| envelope(key, 2, n)).chain([marker(key)]),
+    )
+    .await;
+    assert_eq!(
+        until_marker(&mut sub).await,
+        (0..50).map(|n| (2, n)).collect::<Vec<_>>()
+    );
+}
+
+async fn backend(urls: Vec<String>) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(connect(&urls).await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_across_two_replicas() {
+    let nats = Nats::start().await;
+    let r = [
+        replica("r1", vec![nats.url()]).await,
+        replica("r2", vec![nats.url()]).await,
+    ];
+    let urls = [url(&r[0]), url(&r[1])];
+    // Each peer on one replica, alternately: every pair crosses or not.
+    conformance::run(Options::default(), |i| backend(vec![urls[i % 2].clone()])).await;
+}

@@ -1,0 +1,198 @@
+//! A real nats-server for the cluster tests (SPEC §12): one, or a cluster of
+//! several with routes between them, on loopback. `scripts/test` builds the
+//! server from the Go module proxy and names it in `CUNICU_TEST_NATS_SERVER`;
+//! nothing is skipped without it: the tests fail and say so.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+/// The environment variable naming the nats-server binary.
+pub const NATS_VAR: &str = "CUNICU_TEST_NATS_SERVER";
+
+fn binary() -> PathBuf {
+    match std::env::var_os(NATS_VAR) {
+        Some(path) => PathBuf::from(path),
+        None => panic!(
+            "{NATS_VAR} is not set: the cluster tests need a nats-server \
+             (scripts/test builds one; or `GOBIN=DIR go install \
+             github.com/nats-io/nats-server/v2@v2.15.2` and set {NATS_VAR}=DIR/nats-server)"
+        ),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One nats-server process; killed when dropped.
+pub struct Nats {
+    child: Option<Child>,
+    /// Its name in the cluster.
+    pub name: String,
+    /// Client port.
+    pub port: u16,
+    /// Monitoring port (HTTP).
+    pub monitor: u16,
+    cluster_port: u16,
+    routes: Vec<u16>,
+}
+
+impl Nats {
+    /// A single server.
+    pub async fn start() -> Nats {
+        let mut nats = Nats::new("n1", Vec::new());
+        nats.spawn().await;
+        nats
+    }
+
+    /// `n` servers with routes to each other.
+    pub async fn cluster(n: usize) -> Vec<Nats> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes: Vec<Nats> = (0..n)
+            .map(|i| {
+                let mut node = Nats::new(&format!("n{}", i + 1), ports.clone());
+                node.cluster_port = ports[i];
+                node
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn().await;
+        }
+        nodes
+    }
+
+    fn new(name: &str, routes: Vec<u16>) -> Nats {
+        Nats {
+            child: None,
+            name: name.into(),
+            port: free_port(),
+            monitor: free_port(),
+            cluster_port: 0,
+            routes,
+        }
+    }
+
+    async fn spawn(&mut self) {
+        let mut command = Command::new(binary());
+        command
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor.to_string(), "-n", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if self.cluster_port != 0 {
+            let routes: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|p| **p != self.cluster_port)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            command.args([
+                "--cluster_name",
+                "test",
+                "--cluster",
+                &format!("nats://127.0.0.1:{}", self.cluster_port),
+                "--routes",
+                &routes.join(","),
+            ]);
+        }
+        self.child = Some(command.spawn().expect("nats-server starts"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.get("/healthz").await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {} not up",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until this node has a route to each of `others` nodes.
+    pub async fn wait_routes(&self, others: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(body) = self.get("/routez").await
+                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&body)
+                && json["num_routes"].as_u64().unwrap_or(0) as usize >= others
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{}: routes not up", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL).
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts it again on the same ports.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.monitor)).await.ok()?;
+        stream
+            // HTTP/1.0: the answer comes whole, not in chunks.
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: nats\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
+            .await
+            .ok()?
+            .ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.contains(" 200 ").then(|| body.to_string())
+    }
+
+    /// The subjects each client connection (by its name) subscribes to.
+    pub async fn subscriptions(&self) -> Vec<(String, Vec<String>)> {
+        let body = self.get("/connz?subs=1").await.expect("connz");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("connz is JSON");
+        json["connections"]
+            .as_array()
+            .map(|conns| {
+                conns
+                    .iter()
+                    .map(|c| {
+                        let name = c["name"].as_str().unwrap_or("").to_string();
+                        let subs = c["subscriptions_list"]
+                            .as_array()
+                            .map(|s| {
+                                s.iter()
+                                    .filter_map(|x| x.as_str().map(str::to_string))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        (name, subs)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
