@@ -28,7 +28,7 @@ use cunicu_signal::{
 };
 use futures::poll;
 use k8s_openapi::api::{
-    apps::v1::Deployment,
+    apps::v1::{Deployment, StatefulSet},
     core::v1::{ResourceQuota, Service},
     rbac::v1::{Role, RoleBinding},
 };
@@ -372,7 +372,9 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
     )
     .await;
     let ns = within("namespace", STEP, namespace(&admin, "deploy")).await;
-    for file in ["rbac.yaml", "server.yaml"] {
+    // cluster.yaml replaces server.yaml's Deployment with three replicas and
+    // adds NATS: the API server validates both.
+    for file in ["rbac.yaml", "server.yaml", "cluster.yaml"] {
         within(file, STEP, apply_deploy(&admin, file, Some(&ns))).await;
     }
     let get = |what: &'static str, f: std::pin::Pin<Box<dyn Future<Output = bool> + Send>>| {
@@ -405,12 +407,29 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
     )
     .await
     .unwrap();
-    let args = deployment
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(3));
+    let container = deployment
         .spec
         .and_then(|s| s.template.spec)
-        .map(|s| s.containers[0].args.clone().unwrap_or_default())
-        .unwrap_or_default();
-    assert_eq!(args, ["serve"]);
+        .map(|s| s.containers[0].clone())
+        .expect("a container");
+    assert_eq!(container.args.unwrap_or_default(), ["serve"]);
+    assert!(
+        container
+            .env
+            .unwrap_or_default()
+            .iter()
+            .any(|e| e.name == "CUNICU_SIGNAL_CLUSTER"),
+        "the replicas share NATS"
+    );
+    let nats = within(
+        "NATS StatefulSet",
+        STEP,
+        Api::<StatefulSet>::namespaced(admin.clone(), &ns).get("cunicu-signal-nats"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(nats.spec.and_then(|s| s.replicas), Some(3));
     within(
         "service",
         STEP,
