@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// The server: grpc://HOST:PORT[?insecure=true|skip_verify=true|ca=FILE].
     #[arg(long)]
     backend: String,
+    /// Publish through this server instead (another replica of a cluster, to
+    /// measure deliveries across replicas); subscriptions stay on --backend.
+    #[arg(long)]
+    publish_backend: Option<String>,
     /// Subscription streams to open.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -470,7 +474,19 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
 
     // Publishers. With --rate, each publisher sends its share at fixed intervals.
-    let publish_channel = connection(&url, &target, local_address(0, args.local_addresses)).await?;
+    let publish_url = match &args.publish_backend {
+        Some(other) => {
+            url::Url::parse(other).with_context(|| format!("--publish-backend {other}"))?
+        }
+        None => url.clone(),
+    };
+    let publish_target = GrpcTarget::parse(&publish_url)?;
+    let publish_channel = connection(
+        &publish_url,
+        &publish_target,
+        local_address(0, args.local_addresses),
+    )
+    .await?;
     let before_load = probe.as_ref().map(ServerProbe::sample).transpose()?;
     let load_start = Instant::now();
     let mut publishers = tokio::task::JoinSet::new();
