@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use cunicu_signal::{
     Backend, ChannelHandler, Key, KeyPair,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA, prove},
-    backend::connect,
+    backend::{connect, grpc::GrpcError},
     conformance::message_for,
     proto::{
         Empty,
@@ -331,8 +331,18 @@ async fn our_backend_proves_its_keys_learned_or_pinned() -> Result<()> {
         backend.subscribe(&KeyPair::new(Key::generate(), Key::ZERO), handler),
     )
     .await?
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    // Typed: a caller can tell that retrying will not help.
+    assert!(
+        matches!(
+            err.medium::<GrpcError>(),
+            Some(GrpcError::OtherServerKey { pinned, presented })
+                if pinned.to_string() == wrong && *presented == Some(f.public())
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_transient(), "{err}");
+    let err = err.to_string();
     assert!(err.contains(&key) && err.contains(&wrong), "{err}");
     // Relays for our key, proven.
     let ours = Key::generate();

@@ -113,6 +113,63 @@ impl BackendError {
             reason: reason.to_string(),
         }
     }
+
+    /// The medium's own error, if this is a [`BackendError::Transport`] whose
+    /// source is an `E`: `grpc::GrpcError`, `k8s::K8sError`,
+    /// `multicast::MulticastError`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "grpc")] {
+    /// # use cunicu_signal::{BackendError, backend::grpc::GrpcError};
+    /// fn refused(e: &BackendError) -> bool {
+    ///     e.medium::<GrpcError>()
+    ///         .and_then(GrpcError::code)
+    ///         .is_some_and(|c| c == tonic::Code::PermissionDenied)
+    /// }
+    /// # assert!(!refused(&BackendError::Closed));
+    /// # }
+    /// ```
+    pub fn medium<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            BackendError::Transport { source, .. } => source.downcast_ref::<E>(),
+            _ => None,
+        }
+    }
+
+    /// True if the same call may succeed later without any change on our
+    /// side: the medium is unreachable, overloaded or restarting. False for
+    /// what needs a change first: a bad URL, a missing feature, a message
+    /// that cannot be sealed, a closed backend, a refused key, a missing CRD
+    /// or right. A multi backend's failure is transient if any part's is.
+    /// A medium error of an unknown type counts as transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::Url { .. }
+            | BackendError::UnknownScheme { .. }
+            | BackendError::NotBuilt { .. }
+            | BackendError::Seal(_)
+            | BackendError::Closed => false,
+            BackendError::AllFailed(errors) => errors.iter().any(BackendError::is_transient),
+            BackendError::Transport { source, .. } => transient_source(source.as_ref()),
+        }
+    }
+}
+
+fn transient_source(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    #[cfg(feature = "grpc")]
+    if let Some(e) = source.downcast_ref::<grpc::GrpcError>() {
+        return e.is_transient();
+    }
+    #[cfg(feature = "k8s")]
+    if let Some(e) = source.downcast_ref::<k8s::K8sError>() {
+        return e.is_transient();
+    }
+    #[cfg(feature = "multicast")]
+    if let Some(e) = source.downcast_ref::<multicast::MulticastError>() {
+        return e.is_transient();
+    }
+    // An envelope that cannot be made is as bad the next time.
+    !source.is::<EnvelopeError>()
 }
 
 /// A signaling backend (SPEC §6).

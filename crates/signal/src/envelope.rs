@@ -76,10 +76,10 @@ pub enum EnvelopeError {
     },
     /// The box opened but its plaintext is not a `Message`.
     #[error("sealed message does not parse: {0}")]
-    Malformed(String),
+    Malformed(#[source] prost::DecodeError),
     /// The envelope bytes themselves do not parse.
     #[error("envelope does not parse: {0}")]
-    Decode(String),
+    Decode(#[source] prost::DecodeError),
 }
 
 /// A precomputed shared key of (our private key, their public key): X25519 and
@@ -187,7 +187,7 @@ impl SharedKey {
                 contents.body.as_slice(),
             )
             .map_err(|_| EnvelopeError::Unauthentic { sender })?;
-        Message::decode(plain.as_slice()).map_err(|e| EnvelopeError::Malformed(e.to_string()))
+        Message::decode(plain.as_slice()).map_err(EnvelopeError::Malformed)
     }
 }
 
@@ -272,7 +272,7 @@ impl Message {
 impl Envelope {
     /// Decodes an envelope from its protobuf bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
-        Envelope::decode(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))
+        Envelope::decode(bytes).map_err(EnvelopeError::Decode)
     }
 
     /// The sender's key, checked to be 32 bytes.

@@ -376,8 +376,7 @@ impl ServerAuth {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let proof = crate::auth::prove(ours, &server, method, now)
-            .map_err(|e| GrpcError::Proof(e.to_string()))?;
+        let proof = crate::auth::prove(ours, &server, method, now).map_err(GrpcError::Proof)?;
         request.metadata_mut().insert_bin(
             PROOF_METADATA,
             tonic::metadata::MetadataValue::from_bytes(&proof),
@@ -575,23 +574,79 @@ fn status_text(status: &Status) -> String {
     text
 }
 
+/// Why the gRPC medium failed: the source of a
+/// [`BackendError::Transport`] from this backend (get it with
+/// [`BackendError::medium`]).
 #[derive(Debug, thiserror::Error)]
-enum GrpcError {
+#[non_exhaustive]
+pub enum GrpcError {
+    /// The server, or the connection to it, answered a call with a status.
     #[error("{what}: {}", status_text(.status))]
-    Status { what: &'static str, status: Status },
+    Status {
+        /// The call: `publish`, `subscribe`, `server key`.
+        what: &'static str,
+        /// The gRPC status (connection failures are `Unavailable`).
+        status: Status,
+    },
+    /// A call got no answer in time.
     #[error("{what}: no answer within {timeout:?}")]
     Timeout {
+        /// The call.
         what: &'static str,
+        /// How long it waited.
         timeout: Duration,
     },
+    /// A Subscribe stream ended before the server confirmed it.
     #[error("subscribe: the server ended the stream before confirming the subscription")]
     NoSync,
+    /// No proof of key possession could be made for this key (SPEC §11).
     #[error("proof of key possession: {0}")]
-    Proof(String),
+    Proof(#[source] crate::EnvelopeError),
+    /// The server's `cunicu-server-key` is not a key.
     #[error("the server's key in {SERVER_KEY_METADATA} is not a key: {0}")]
     BadServerKey(String),
+    /// The server is not the one pinned with `server_key=`.
     #[error("the server presents key {}, not the pinned server_key {pinned}", .presented.map(|k| k.to_string()).unwrap_or_else(|| "none".into()))]
-    OtherServerKey { pinned: Key, presented: Option<Key> },
+    OtherServerKey {
+        /// The key of the URL.
+        pinned: Key,
+        /// What the server presented, if anything.
+        presented: Option<Key>,
+    },
+}
+
+impl GrpcError {
+    /// The gRPC status code, for [`GrpcError::Status`].
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            GrpcError::Status { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// True if trying again later may succeed: the server is unreachable,
+    /// overloaded, slow or restarting. False for what a retry does not cure:
+    /// a refused key or proof, an invalid request, another server than the
+    /// pinned one.
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            GrpcError::Status { status, .. } => matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::Cancelled
+                    | Code::Unknown
+                    | Code::Internal
+            ),
+            GrpcError::Timeout { .. } | GrpcError::NoSync => true,
+            GrpcError::Proof(_) | GrpcError::BadServerKey(_) | GrpcError::OtherServerKey { .. } => {
+                false
+            }
+        }
+    }
 }
 
 /// Opens a Subscribe stream and waits for the sync envelope. Returns the
@@ -813,6 +868,54 @@ mod tests {
     fn parse(s: &str) -> Result<GrpcTarget, BackendError> {
         let url = url::Url::parse(s).map_err(|e| BackendError::url(s, e))?;
         GrpcTarget::parse(&url)
+    }
+
+    #[test]
+    fn transient_or_not() {
+        let status = |code| GrpcError::Status {
+            what: "publish",
+            status: Status::new(code, "x"),
+        };
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::ResourceExhausted,
+        ] {
+            assert!(status(code).is_transient(), "{code:?}");
+            let e = BackendError::transport("grpc://h:1", status(code));
+            assert!(e.is_transient(), "{e}");
+            assert_eq!(
+                e.medium::<GrpcError>().and_then(GrpcError::code),
+                Some(code)
+            );
+        }
+        for code in [
+            tonic::Code::Unauthenticated,
+            tonic::Code::PermissionDenied,
+            tonic::Code::InvalidArgument,
+            tonic::Code::Unimplemented,
+        ] {
+            assert!(!status(code).is_transient(), "{code:?}");
+            assert!(!BackendError::transport("grpc://h:1", status(code)).is_transient());
+        }
+        let other = GrpcError::OtherServerKey {
+            pinned: Key::ZERO,
+            presented: None,
+        };
+        assert!(!other.is_transient());
+        let timeout = GrpcError::Timeout {
+            what: "subscribe",
+            timeout: Duration::from_secs(1),
+        };
+        assert!(timeout.is_transient());
+        // A multi backend: transient if any part is.
+        let all = BackendError::AllFailed(vec![
+            BackendError::transport("grpc://a:1", other),
+            BackendError::transport("grpc://b:1", timeout),
+        ]);
+        assert!(all.is_transient());
+        assert!(!BackendError::Closed.is_transient());
+        assert!(BackendError::Closed.medium::<GrpcError>().is_none());
     }
 
     #[test]

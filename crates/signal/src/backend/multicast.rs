@@ -116,6 +116,14 @@ pub enum MulticastError {
     },
 }
 
+impl MulticastError {
+    /// True if sending again may succeed (a socket error: no route yet, a
+    /// full buffer); false for an envelope too large for a datagram.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MulticastError::Socket { .. })
+    }
+}
+
 /// Counters of a [`Multicast`] transport.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MulticastStats {

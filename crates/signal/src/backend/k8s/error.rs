@@ -119,6 +119,14 @@ impl K8sError {
         }
     }
 
+    /// True if the same request may succeed later: the API server is away
+    /// or slow, the namespace's quota is full for now. False for a missing
+    /// CRD, namespace or right ([`K8sError::is_definitive`]) and a client
+    /// configuration that cannot be loaded.
+    pub fn is_transient(&self) -> bool {
+        !self.is_definitive() && !matches!(self, K8sError::Config { .. })
+    }
+
     /// True for the errors that retrying does not cure: the CRD or the
     /// namespace is missing (404), or RBAC denies (403). `listen` forgets its
     /// key on these; on every other error it keeps the key and the watch
