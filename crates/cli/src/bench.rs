@@ -555,8 +555,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                         stats.published.fetch_add(1, Relaxed);
                         expected.fetch_add(subs_per_key[k], Relaxed);
                     }
-                    Err(_) => {
-                        stats.publish_errors.fetch_add(1, Relaxed);
+                    Err(status) => {
+                        // The first one says why; the count says how often.
+                        if stats.publish_errors.fetch_add(1, Relaxed) == 0 {
+                            eprintln!("cunicu-signal bench: first publish error: {status}");
+                        }
                     }
                 }
                 seq += 1;

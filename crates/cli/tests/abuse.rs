@@ -1166,3 +1166,86 @@ async fn calls_in_progress_are_limited_per_client() {
     }
     assert_rss_within(&server, baseline, 64 * 64 + CONNECTION_KIB, "64 calls");
 }
+
+/// Not an attack: a busy client that sends each Publish's END_STREAM in a
+/// frame of its own, many calls at once on one connection, as gRPC clients
+/// may. Answering such a call before its request stream ended makes h2
+/// reset the stream, and the END_STREAM that crosses the reset counts as a
+/// protocol error against the connection: after 1 024 of them h2 closes it
+/// (GOAWAY ENHANCE_YOUR_CALM), failing every call in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_publisher_keeps_its_connection() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[
+        ("--publish-rate", "1000000"),
+        ("--publish-burst", "1000000"),
+        ("--publish-bytes-rate", "1000000000"),
+        ("--publish-bytes-burst", "1000000000"),
+        ("--request-rate", "1000000"),
+        ("--request-burst", "1000000"),
+        ("--max-calls-per-client", "1000"),
+    ]);
+    let windows = Windows {
+        stream: 65_535,
+        connection: 1 << 20,
+        recv_buffer: None,
+    };
+    let attacker = Attacker::connect(&server, loopback(1), windows).await;
+    const TASKS: usize = 64;
+    const EACH: usize = 40;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let mut send = attacker.send.clone();
+        let request = attacker.request("/cunicu.signaling.Signaling/Publish");
+        tasks.spawn(async move {
+            for _ in 0..EACH {
+                send = timeout(STEP, send.ready())
+                    .await
+                    .map_err(|_| "no stream slot".to_string())?
+                    .map_err(|e| format!("connection: {e}"))?;
+                let (response, mut body) = send
+                    .send_request(request.clone(), false)
+                    .map_err(|e| format!("request: {e}"))?;
+                body.send_data(message(&envelope(key(t as u32), 100)), false)
+                    .map_err(|e| format!("message: {e}"))?;
+                // The end of the request a moment later, as from a client
+                // whose request body ends after its message was written.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                body.send_data(Bytes::new(), true)
+                    .map_err(|e| format!("end: {e}"))?;
+                let response = timeout(STEP, response)
+                    .await
+                    .map_err(|_| "no answer".to_string())?
+                    .map_err(|e| format!("answer: {e}"))?;
+                let mut answer = response.into_body();
+                while let Some(data) = answer.data().await {
+                    let data = data.map_err(|e| format!("answer body: {e}"))?;
+                    let _ = answer.flow_control().release_capacity(data.len());
+                }
+                let trailers = answer
+                    .trailers()
+                    .await
+                    .map_err(|e| format!("trailers: {e}"))?
+                    .ok_or("no trailers")?;
+                if trailers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"0") {
+                    return Err(format!("refused: {trailers:?}"));
+                }
+            }
+            Ok::<_, String>(())
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.expect("task") {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {TASKS} publishers failed, first: {}",
+        failed.len(),
+        failed[0]
+    );
+    let published = server.metric("signaling_envelopes_published_total").await;
+    assert_eq!(published, (TASKS * EACH) as f64);
+}

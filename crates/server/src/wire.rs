@@ -142,12 +142,13 @@ pub(crate) async fn read_message<A>(
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut have = 0usize;
     let mut admitted: Option<(usize, A)> = None;
+    // Read to the end of the request stream, not just to the end of the
+    // message: answering a half-open stream makes h2 reset it, and the
+    // client's END_STREAM that crosses the reset then counts as a protocol
+    // error against the connection (h2 closes a connection with 1 024 of
+    // them: GOAWAY ENHANCE_YOUR_CALM), so a busy publisher would lose its
+    // connection. The caller's request timeout bounds the wait.
     loop {
-        if let Some((want, _)) = &admitted
-            && have >= *want
-        {
-            break;
-        }
         let chunk = match poll_fn(|cx| recv.poll_data(cx)).await {
             Some(Ok(chunk)) => chunk,
             Some(Err(e)) => return Err(ReadError::Stream(e)),
@@ -155,7 +156,15 @@ pub(crate) async fn read_message<A>(
         };
         // Everything read is ours now: let the client send more.
         let _ = recv.flow_control().release_capacity(chunk.len());
+        if chunk.is_empty() {
+            continue;
+        }
         have += chunk.len();
+        if let Some((want, _)) = &admitted
+            && have > *want
+        {
+            return Err(ReadError::Extra);
+        }
         chunks.push(chunk);
         if admitted.is_none() && have >= PREFIX_LEN {
             let mut prefix = [0u8; PREFIX_LEN];
