@@ -4,8 +4,6 @@
 //! run (root: a mount namespace per process).
 
 mod common;
-#[path = "../../signal/tests/common/kube_env.rs"]
-mod kube_env;
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -14,6 +12,7 @@ use common::{
     spawn_subscriber, spawn_subscriber_in, terminate,
 };
 use cunicu_signal::Key;
+use cunicu_signal_test_support::kube_env;
 
 #[test]
 fn publish_and_subscribe_through_the_api_server() {

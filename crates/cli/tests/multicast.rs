@@ -4,14 +4,12 @@
 //! Everything runs inside namespaces these tests create (root).
 
 mod common;
-#[path = "../../signal/tests/common/netns.rs"]
-mod netns;
 
 use std::{path::Path, process::Stdio, time::Duration};
 
 use common::{BIN, assert_succeeds, key_file};
 use cunicu_signal::Key;
-use netns::{Netns, Veth};
+use cunicu_signal_test_support::netns::{Netns, Veth};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout},

@@ -1,9 +1,6 @@
 //! The k8s:// backend against a real kube-apiserver (and etcd), started by
-//! `scripts/kube-test-env` (see `common/kube_env.rs`): nothing is mocked and
-//! nothing is skipped.
-
-#[path = "common/kube_env.rs"]
-mod kube_env;
+//! `scripts/kube-test-env` (see `cunicu_signal_test_support::kube_env`):
+//! nothing is mocked and nothing is skipped.
 
 use std::{
     future::Future,
@@ -26,6 +23,9 @@ use cunicu_signal::{
         signaling::{BackendType, Envelope, Message},
     },
 };
+use cunicu_signal_test_support::kube_env::{
+    self, KubeEnv, apply_deploy, install_crd, namespace, service_account_token, shared,
+};
 use futures::poll;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
@@ -36,7 +36,6 @@ use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
 };
-use kube_env::{KubeEnv, apply_deploy, install_crd, namespace, service_account_token, shared};
 use tokio::sync::mpsc;
 
 /// Limit of one step of a test.
