@@ -433,6 +433,9 @@ async fn the_allowed_keys_follow_their_file() -> Result<()> {
 
     // A file that does not parse keeps the list as it was.
     std::fs::write(&path, "not a key\n")?;
+    // The server looks at the file every 500 ms and a refused file changes
+    // nothing it shows: wait for three looks (real time: the watcher runs
+    // beside a real gRPC server, so time cannot be paused).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         subscribe_status(&channel, &bob.public_key(), Some(&proof(&bob))).await,
