@@ -1,10 +1,13 @@
 //! The signaling server on port 0, with the grpc:// backend and raw gRPC clients.
 
+mod common;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
+use common::{WAIT, backend, exchange, url};
 use cunicu_signal::{
-    Backend, BackendError, ChannelHandler, Key, KeyPair, Registry,
+    Backend, ChannelHandler, Key, KeyPair, Registry,
     backend::{SignalingBackend, connect, connect_transport},
     conformance::{self, Options, message_for},
     proto::signaling::{
@@ -15,8 +18,6 @@ use cunicu_signal::{
 use cunicu_signal_server::{Config, Rate, Relay, Server, TlsFiles};
 use tokio::time::timeout;
 use tonic::{Code, transport::Channel};
-
-const WAIT: Duration = Duration::from_secs(20);
 
 fn config() -> Config {
     let mut config = Config::default();
@@ -37,13 +38,6 @@ async fn start(config: Config) -> Server {
     Server::spawn(config).await.expect("server starts")
 }
 
-fn url(server: &Server) -> String {
-    format!(
-        "grpc://127.0.0.1:{}?insecure=true",
-        server.local_addr().port()
-    )
-}
-
 async fn client(server: &Server) -> SignalingClient<Channel> {
     let channel = Channel::from_shared(format!("http://{}", server.local_addr()))
         .unwrap()
@@ -51,10 +45,6 @@ async fn client(server: &Server) -> SignalingClient<Channel> {
         .await
         .expect("connects");
     SignalingClient::new(channel)
-}
-
-async fn backend(urls: Vec<String>) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(Arc::new(connect(&urls).await?))
 }
 
 /// An envelope whose body starts with a sequence number, padded to `size` bytes.
@@ -514,23 +504,6 @@ fn self_signed(dir: &std::path::Path) -> TlsFiles {
     files
 }
 
-async fn exchange_one(url: &str) -> Result<()> {
-    let (alice, bob) = (Key::generate(), Key::generate());
-    let backend = connect(&[url]).await?;
-    let (handler, mut rx) = ChannelHandler::new(4);
-    backend
-        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
-        .await?;
-    let message = message_for(1, &alice.public_key(), &bob.public_key());
-    backend
-        .publish(&KeyPair::new(alice, bob.public_key()), &message)
-        .await?;
-    let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
-    assert_eq!(got.message, message);
-    backend.close().await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn tls_with_a_trusted_ca_file_and_with_skip_verify() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -541,12 +514,12 @@ async fn tls_with_a_trusted_ca_file_and_with_skip_verify() -> Result<()> {
     let server = start(config).await;
     let port = server.local_addr().port();
 
-    exchange_one(&format!(
+    exchange(&format!(
         "grpc://localhost:{port}?ca={}",
         files.cert.display()
     ))
     .await?;
-    exchange_one(&format!("grpc://127.0.0.1:{port}?skip_verify=true")).await?;
+    exchange(&format!("grpc://127.0.0.1:{port}?skip_verify=true")).await?;
 
     // Not trusted: the subscription fails with a clear error instead of hanging.
     let failed = timeout(WAIT, async {
