@@ -7,8 +7,6 @@
 //! real interfaces.
 
 mod common;
-#[path = "../../signal/tests/common/netns.rs"]
-mod netns;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -21,7 +19,7 @@ use std::{
 use common::{BIN, key_file};
 use cunicu_signal::Key;
 use cunicu_signal_server::{Config, Server};
-use netns::{Netns, Veth};
+use cunicu_signal_test_support::netns::{Netns, Veth};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, ChildStdin, Command},

@@ -4,16 +4,15 @@
 //! run (root: a mount namespace per process).
 
 mod common;
-#[path = "../../signal/tests/common/kube_env.rs"]
-mod kube_env;
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command};
 
 use common::{
     BIN, WAIT, assert_fails, assert_succeeds, json_lines, key_file, publish, publish_in,
     spawn_subscriber, spawn_subscriber_in, terminate,
 };
 use cunicu_signal::Key;
+use cunicu_signal_test_support::kube_env;
 
 #[test]
 fn publish_and_subscribe_through_the_api_server() {
@@ -57,9 +56,19 @@ fn publish_and_subscribe_through_the_api_server() {
         got[1]["message"],
         serde_json::json!({"credentials": {"ufrag": "two"}})
     );
-    assert!(
-        received.recv_timeout(Duration::from_millis(500)).is_err(),
-        "a third line"
+    // No third line: Alice's next message, published last, is the next line
+    // (the watch delivers the objects in the order they were created).
+    let out = publish(
+        &url,
+        &alice_file,
+        &bob.public_key().to_string(),
+        b"{\"credentials\":{\"ufrag\":\"three\"}}\n",
+    );
+    assert_succeeds(&out);
+    assert_eq!(
+        json_lines(&received, 1)[0]["message"],
+        serde_json::json!({"credentials": {"ufrag": "three"}}),
+        "a third line before alice's next message"
     );
     let (status, _) = terminate(&mut subscriber.0);
     assert!(status.success(), "subscriber exit: {status}");
@@ -168,9 +177,19 @@ fn peers_in_a_pod_use_its_service_account() {
             "message": {"credentials": {"ufrag": "from-a-pod", "pwd": "p"}},
         })]
     );
-    assert!(
-        received.recv_timeout(Duration::from_millis(500)).is_err(),
-        "a second line"
+    // No second line: Alice's next message, published last, is the next one.
+    let out = publish_in(
+        in_pod(&pod, &home, &server),
+        &format!("k8s://?namespace={ns}"),
+        &alice_file,
+        &bob.public_key().to_string(),
+        b"{\"credentials\":{\"ufrag\":\"again\"}}\n",
+    );
+    assert_succeeds(&out);
+    assert_eq!(
+        json_lines(&received, 1)[0]["message"],
+        serde_json::json!({"credentials": {"ufrag": "again"}}),
+        "a second line before alice's next message"
     );
 
     // The ServiceAccount has no rights beyond its namespace: one clear line.

@@ -4,14 +4,12 @@
 //! Everything runs inside namespaces these tests create (root).
 
 mod common;
-#[path = "../../signal/tests/common/netns.rs"]
-mod netns;
 
 use std::{path::Path, process::Stdio, time::Duration};
 
 use common::{BIN, assert_succeeds, key_file};
 use cunicu_signal::Key;
-use netns::{Netns, Veth};
+use cunicu_signal_test_support::netns::{Netns, Veth};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout},
@@ -73,11 +71,13 @@ impl Subscriber {
         serde_json::from_str(&line).unwrap()
     }
 
-    /// Nothing more arrives for a while.
-    async fn quiet(&mut self) {
-        if let Ok(line) = timeout(Duration::from_millis(700), self.stdout.next_line()).await {
-            panic!("unexpected output: {line:?}");
-        }
+    /// The next message has the ufrag `marker`: nothing else came before it.
+    /// The markers are published after whatever must not arrive, and one
+    /// medium delivers in order, so this checks that nothing else arrived
+    /// without waiting for a quiet spell.
+    async fn next_is(&mut self, marker: &str) {
+        let got = self.next().await;
+        assert_eq!(ufrag(&got), marker, "before the marker {marker:?}: {got}");
     }
 
     async fn stop(mut self) {
@@ -167,7 +167,6 @@ async fn two_hosts_on_a_veth_lan_exchange_messages_both_ways() {
             "message": {"credentials": {"ufrag": "a-to-b"}},
         })
     );
-    bob_sub.quiet().await;
 
     // And the other way round.
     let mut alice_sub = Subscriber::start(&a, &url_a, &alice_file).await;
@@ -183,9 +182,18 @@ async fn two_hosts_on_a_veth_lan_exchange_messages_both_ways() {
     let got = alice_sub.next().await;
     assert_eq!(got["sender"], bob.public_key().to_string());
     assert_eq!(ufrag(&got), "b-to-a");
-    alice_sub.quiet().await;
-    // Bob did not hear his own message.
-    bob_sub.quiet().await;
+    // Nothing else for either: each one's next message is the other's second.
+    // Bob did not hear his own message (sent before the marker), nor Alice's
+    // first one twice.
+    for (ns, url, file, to, sub, marker) in [
+        (&b, &url_b, &bob_file, &alice, &mut alice_sub, "b-to-a-2"),
+        (&a, &url_a, &alice_file, &bob, &mut bob_sub, "a-to-b-2"),
+    ] {
+        let input = format!("{{\"credentials\":{{\"ufrag\":\"{marker}\"}}}}\n");
+        let out = publish(ns, url, file, &to.public_key(), &input).await;
+        assert_succeeds(&out);
+        sub.next_is(marker).await;
+    }
     alice_sub.stop().await;
     bob_sub.stop().await;
 }
@@ -263,9 +271,9 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
     .await;
     assert_succeeds(&out);
     assert_eq!(ufrag(&sub.next().await), "both");
-    sub.quiet().await;
 
-    // Only gRPC reaches Bob, then only multicast.
+    // Only gRPC reaches Bob, then only multicast. Each is the next line: the
+    // copy of "both" that came second was not printed before them.
     let out = publish(
         &ns,
         std::slice::from_ref(&grpc),
@@ -275,7 +283,7 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
     )
     .await;
     assert!(out.status.success());
-    assert_eq!(ufrag(&sub.next().await), "grpc");
+    sub.next_is("grpc").await;
     let out = publish(
         &ns,
         std::slice::from_ref(&mcast),
@@ -285,7 +293,7 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
     )
     .await;
     assert!(out.status.success());
-    assert_eq!(ufrag(&sub.next().await), "mcast");
+    sub.next_is("mcast").await;
 
     // The server goes away: publishing to both still reaches Bob over multicast.
     server.kill().await.unwrap();
@@ -301,6 +309,16 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
     let got = sub.next().await;
     assert_eq!(ufrag(&got), "no-server");
     assert_eq!(got["sender"], alice.public_key().to_string());
-    sub.quiet().await;
+    // Printed once: the next multicast message is the next line.
+    let out = publish(
+        &ns,
+        std::slice::from_ref(&mcast),
+        &alice_file,
+        &to,
+        "{\"credentials\":{\"ufrag\":\"after\"}}\n",
+    )
+    .await;
+    assert_succeeds(&out);
+    sub.next_is("after").await;
     sub.stop().await;
 }

@@ -2,18 +2,20 @@
 //! every way a proof can be wrong is refused, our grpc:// backend proves
 //! what it must unchanged, and the allowed keys follow their file.
 
+mod common;
+
 use std::{
     net::SocketAddr,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use common::{WAIT, exchange};
 use cunicu_signal::{
     Backend, ChannelHandler, Key, KeyPair,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA, prove},
     backend::{connect, grpc::GrpcError},
-    conformance::message_for,
     proto::{
         Empty,
         signaling::{
@@ -26,7 +28,6 @@ use cunicu_signal_server::{AuthMode, Config, Server};
 use tokio::time::timeout;
 use tonic::{Code, Request, metadata::MetadataValue, transport::Channel};
 
-const WAIT: Duration = Duration::from_secs(20);
 const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
 const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
 const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
@@ -279,23 +280,6 @@ async fn every_call_needs_a_proof_of_its_key_and_every_bad_proof_is_refused() ->
     Ok(())
 }
 
-async fn exchange(url: &str) -> Result<()> {
-    let (alice, bob) = (Key::generate(), Key::generate());
-    let backend = connect(&[url]).await?;
-    let (handler, mut rx) = ChannelHandler::new(4);
-    backend
-        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
-        .await?;
-    let message = message_for(1, &alice.public_key(), &bob.public_key());
-    backend
-        .publish(&KeyPair::new(alice, bob.public_key()), &message)
-        .await?;
-    let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
-    assert_eq!(got.message, message);
-    backend.close().await?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_backend_proves_its_keys_learned_or_pinned() -> Result<()> {
     let f = start(AuthMode::Required, None).await;
@@ -443,6 +427,9 @@ async fn the_allowed_keys_follow_their_file() -> Result<()> {
 
     // A file that does not parse keeps the list as it was.
     std::fs::write(&path, "not a key\n")?;
+    // The server looks at the file every 500 ms and a refused file changes
+    // nothing it shows: wait for three looks (real time: the watcher runs
+    // beside a real gRPC server, so time cannot be paused).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         subscribe_status(&channel, &bob.public_key(), Some(&proof(&bob))).await,

@@ -6,14 +6,11 @@ mod common;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::nats::Nats;
+use common::{WAIT, backend, nats::Nats, url};
 use cunicu_signal::{
-    Backend, BackendError,
-    backend::connect,
     conformance::{self, Options},
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
@@ -25,8 +22,6 @@ use tonic::{Streaming, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// A replica named `name` on the NATS servers `urls`.
 async fn replica(name: &str, urls: Vec<String>) -> Server {
@@ -48,13 +43,6 @@ async fn channel(server: &Server) -> Channel {
         .connect()
         .await
         .expect("connects")
-}
-
-fn url(server: &Server) -> String {
-    format!(
-        "grpc://127.0.0.1:{}?insecure=true",
-        server.local_addr().port()
-    )
 }
 
 async fn cluster_health(server: &Server) -> i32 {
@@ -423,10 +411,6 @@ async fn a_replica_that_dies_does_not_touch_the_others() {
         until_marker(&mut sub).await,
         (0..50).map(|n| (2, n)).collect::<Vec<_>>()
     );
-}
-
-async fn backend(urls: Vec<String>) -> Result<Arc<dyn Backend>, BackendError> {
-    Ok(Arc::new(connect(&urls).await?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,8 +44,6 @@ use tokio::{
 
 /// The longest any single step may take.
 const WAIT: Duration = Duration::from_secs(30);
-/// How long to watch for deliveries that must not happen.
-const SETTLE: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------------------------------
 // The Go program
@@ -380,11 +378,12 @@ async fn recv(rx: &mut mpsc::Receiver<Delivery>, what: &str) -> Delivery {
         .unwrap_or_else(|| panic!("{what}: channel closed"))
 }
 
-/// Nothing more arrives within [`SETTLE`].
-async fn expect_quiet(rx: &mut mpsc::Receiver<Delivery>, what: &str) {
-    if let Ok(Some(extra)) = timeout(SETTLE, rx.recv()).await {
-        panic!("{what}: unexpected extra delivery {extra:?}");
-    }
+/// The next delivery is `marker`: a message published after whatever must
+/// not arrive, through the same server, so anything unwanted would come first
+/// (a stream delivers in publishing order). No quiet spell to wait out.
+async fn expect_marker(rx: &mut mpsc::Receiver<Delivery>, marker: &Message, what: &str) {
+    let got = recv(rx, what).await;
+    assert_eq!(&got.message, marker, "{what}: a delivery before the marker");
 }
 
 /// One line of `interop subscribe`.
@@ -426,7 +425,8 @@ async fn go_publishes_to_a_rust_subscriber_through_our_server() {
     let server = our_server().await;
     let addr = server.local_addr().to_string();
     go_publishes_to_rust(&addr, &addr).await;
-    assert_eq!(server.metrics().published.get(), 2);
+    // Go's two and the marker.
+    assert_eq!(server.metrics().published.get(), 3);
 }
 
 /// A Go peer publishes through the server at `publish_to`; our subscriber
@@ -485,7 +485,16 @@ async fn go_publishes_to_rust(publish_to: &str, subscribe_at: &str) {
     assert_eq!(got.sender, go_peer.public_key());
     assert_eq!(got.recipient, rust_peer.public_key());
     assert_eq!(got.message, expected);
-    expect_quiet(&mut rx, "after Go's message").await;
+    // Nothing else (not the stranger's, no second copy): a message from the Go
+    // peer's key, published afterwards through the same server, comes next.
+    let marker = numbered(0, &go_peer.public_key());
+    let publisher = connect(&[grpc_url(publish_to)]).await.expect("connect");
+    publisher
+        .publish(&KeyPair::new(go_peer, rust_peer.public_key()), &marker)
+        .await
+        .expect("publish the marker");
+    expect_marker(&mut rx, &marker, "after Go's message").await;
+    publisher.close().await.expect("close");
     backend.close().await.expect("close");
 }
 
@@ -618,7 +627,12 @@ async fn rust_peers_through_a_grpc_go_server() {
         assert_eq!(got.recipient, alice.public_key());
         assert_eq!(got.message, numbered(i, &bob.public_key()));
     }
-    expect_quiet(&mut bob_rx, "bob after the exchange").await;
+    let marker = numbered(N, &alice.public_key());
+    alice_backend
+        .publish(&to_bob, &marker)
+        .await
+        .expect("alice publishes the marker");
+    expect_marker(&mut bob_rx, &marker, "bob after the exchange").await;
 
     // A Go client publishes to alice, who now also listens to anyone.
     let (wildcard, mut wildcard_rx) = ChannelHandler::new(16);
@@ -647,18 +661,26 @@ async fn rust_peers_through_a_grpc_go_server() {
     let got = recv(&mut wildcard_rx, "carol's message").await;
     assert_eq!(got.sender, carol.public_key());
     assert_eq!(got.message, expected);
-    expect_quiet(&mut wildcard_rx, "after carol's message").await;
-    expect_quiet(&mut alice_rx, "alice's handler for bob only").await;
+    // Bob's next message reaches both of alice's handlers, and before it
+    // nothing: carol's message did not reach the handler for bob only.
+    let marker = numbered(N, &bob.public_key());
+    bob_backend
+        .publish(&to_alice, &marker)
+        .await
+        .expect("bob publishes the marker");
+    expect_marker(&mut wildcard_rx, &marker, "after carol's message").await;
+    expect_marker(&mut alice_rx, &marker, "alice's handler for bob only").await;
 
     alice_backend.close().await.expect("close");
     bob_backend.close().await.expect("close");
     go_server.terminate();
-    // Every envelope went through the grpc-go server exactly once, to exactly one stream.
+    // Every envelope went through the grpc-go server exactly once, to exactly
+    // one stream: 2 N, carol's and the two markers.
     go_server
         .expect_success(&[&format!(
             "STOPPED published={} delivered={} dropped=0",
-            2 * N + 1,
-            2 * N + 1
+            2 * N + 3,
+            2 * N + 3
         )])
         .await;
 }

@@ -1,9 +1,6 @@
 //! The k8s:// backend against a real kube-apiserver (and etcd), started by
-//! `scripts/kube-test-env` (see `common/kube_env.rs`): nothing is mocked and
-//! nothing is skipped.
-
-#[path = "common/kube_env.rs"]
-mod kube_env;
+//! `scripts/kube-test-env` (see `cunicu_signal_test_support::kube_env`):
+//! nothing is mocked and nothing is skipped.
 
 use std::{
     future::Future,
@@ -26,6 +23,9 @@ use cunicu_signal::{
         signaling::{BackendType, Envelope, Message},
     },
 };
+use cunicu_signal_test_support::kube_env::{
+    self, KubeEnv, apply_deploy, install_crd, namespace, service_account_token, shared,
+};
 use futures::poll;
 use k8s_openapi::api::{
     apps::v1::{Deployment, StatefulSet},
@@ -36,7 +36,6 @@ use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
 };
-use kube_env::{KubeEnv, apply_deploy, install_crd, namespace, service_account_token, shared};
 use tokio::sync::mpsc;
 
 /// Limit of one step of a test.
@@ -103,6 +102,10 @@ fn ufrag(d: &Delivery) -> String {
 }
 
 /// Receives until `n` deliveries arrived, then checks for `quiet` that no more come.
+///
+/// A quiet spell rather than a later marker message: after a watch restarts,
+/// the API server lists the objects in name order, not in creation order, so
+/// a marker created later could come before a repeated delivery.
 async fn receive(rx: &mut mpsc::Receiver<Delivery>, n: usize, quiet: Duration) -> Vec<Delivery> {
     let mut got = Vec::with_capacity(n);
     while got.len() < n {
@@ -643,6 +646,8 @@ async fn a_missing_crd_fails_at_once_with_a_clear_error() {
         "{:?}",
         transport.listening()
     );
+    // A watch left retrying against the real API server would count an error
+    // within this second; one that does not exist gives no event to wait for.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(transport.stats().watch_errors, 0);
 
@@ -710,7 +715,8 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
 
     // Subscribing later does not replay it. (Objects created up to CLOCK_SKEW
     // before the subscription, plus the one-second resolution of their
-    // timestamps, count as sent after it.)
+    // timestamps, count as sent after it: the API server stamps them with its
+    // wall clock, so only real time moves the subscription past them.)
     tokio::time::sleep(k8s::CLOCK_SKEW + Duration::from_millis(1500)).await;
     let (receiver, receiver_t) = backend(&url, fast()).await;
     let (handler, mut rx) = ChannelHandler::new(16);
@@ -807,6 +813,8 @@ async fn any_instance_deletes_objects_older_than_twice_the_ttl() {
     let old = [create(false).await, create(true).await];
     // A bystander: it sends nothing and listens on nothing.
     let (bystander, bystander_t) = backend(&env.url(&ns, "3s"), fast()).await;
+    // Expiry goes by the creation times the API server stamps with its wall
+    // clock: real time has to pass before the young object is made.
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     let young = create(false).await;
 
@@ -1021,6 +1029,8 @@ async fn delivery_resumes_after_an_api_server_restart_without_loss_or_duplicates
             }
         }
     });
+    // Publishing cannot succeed while the API server is down, and there is no
+    // event for a publish that did not happen: a second of real retries.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         !waiting.is_finished(),

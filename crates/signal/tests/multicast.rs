@@ -2,17 +2,15 @@
 //! tests create and delete (root and iproute2 needed): no datagram leaves them.
 //!
 //! A test that needs a namespace creates it and re-runs itself inside it
-//! (`ip netns exec NS <this binary> --exact <test>`, see `common/netns.rs`).
-//! There `CUNICU_TEST_IN_NETNS` names the test, and the test body runs the real
-//! test. The parent asserts the child's exit status and that the child printed
-//! [`DONE`], so that a test name that matches nothing cannot pass.
+//! (`ip netns exec NS <this binary> --exact <test>`, see
+//! `cunicu_signal_test_support::netns`). There `CUNICU_TEST_IN_NETNS` names
+//! the test, and the test body runs the real test. The parent asserts the
+//! child's exit status and that the child printed [`DONE`], so that a test
+//! name that matches nothing cannot pass.
 //!
 //! On `lo` the kernel delivers every multicast datagram to every socket of the
 //! namespace whatever `loopback` says; the `loopback` flag itself is tested on a
 //! dummy interface, and `loopback=false` between hosts on a veth pair.
-
-#[path = "common/netns.rs"]
-mod netns;
 
 use std::{
     future::Future,
@@ -35,7 +33,7 @@ use cunicu_signal::{
         signaling::{BackendType, Envelope, Message},
     },
 };
-use netns::{IN_NETNS_ENV, Netns, Veth};
+use cunicu_signal_test_support::netns::{IN_NETNS_ENV, Netns, Veth};
 use prost::Message as _;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},

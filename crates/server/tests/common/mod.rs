@@ -4,3 +4,47 @@
 #![allow(dead_code)]
 
 pub mod nats;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use cunicu_signal::{
+    Backend, BackendError, ChannelHandler, Key, KeyPair, backend::connect, conformance::message_for,
+};
+use cunicu_signal_server::Server;
+use tokio::time::timeout;
+
+/// Limit of one step of a test.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The grpc:// URL of `server` (plaintext).
+pub fn url(server: &Server) -> String {
+    format!(
+        "grpc://127.0.0.1:{}?insecure=true",
+        server.local_addr().port()
+    )
+}
+
+/// Our grpc:// backend (several servers at once if `urls` names several).
+pub async fn backend(urls: Vec<String>) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(connect(&urls).await?))
+}
+
+/// One message from a new key to another through the backend of `url`,
+/// subscribed and published with it: it arrives, unchanged, within [`WAIT`].
+pub async fn exchange(url: &str) -> anyhow::Result<()> {
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let backend = connect(&[url]).await?;
+    let (handler, mut rx) = ChannelHandler::new(4);
+    backend
+        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .await?;
+    let message = message_for(1, &alice.public_key(), &bob.public_key());
+    backend
+        .publish(&KeyPair::new(alice, bob.public_key()), &message)
+        .await?;
+    let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
+    assert_eq!(got.message, message);
+    backend.close().await?;
+    Ok(())
+}

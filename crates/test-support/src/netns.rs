@@ -9,8 +9,6 @@
 //! Processes run in a namespace by re-running the test binary there
 //! ([`Netns::exec_test`]); the test sees [`IN_NETNS_ENV`] and runs its body.
 
-#![allow(dead_code)] // Each test binary uses a part.
-
 use std::{
     ffi::OsStr,
     io::ErrorKind,

@@ -12,8 +12,6 @@
 //! (minutes on a cold cache; cached afterwards). Nothing here skips a test:
 //! if the environment cannot start, the test fails and says why.
 
-#![allow(dead_code)] // Each test binary uses a part.
-
 use std::{
     path::{Path, PathBuf},
     process::Command,
