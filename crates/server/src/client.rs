@@ -15,12 +15,13 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
     },
 };
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 
 /// Who a connection, subscription or call belongs to: the remote IP address;
@@ -332,11 +333,6 @@ impl Clients {
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<Client, Entry>> {
-        // Every critical section leaves the table consistent.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Admits a new connection of `client`: within its rate and its limit.
     pub(crate) fn connect(self: &Arc<Self>, client: Client) -> Result<ConnectionGuard, Refused> {
         if self.connection_rate.len() > RATE_ENTRIES {
@@ -348,7 +344,7 @@ impl Clients {
                 self.limits.connection_rate.per_second.get(),
             ));
         }
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let entry = table.entry(client).or_insert_with(|| {
             self.gauge.inc();
             Entry {
@@ -374,7 +370,7 @@ impl Clients {
 
     /// Takes a subscription slot of `client` and of the server.
     pub(crate) fn subscribe(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let entry = table
             .get_mut(&client)
             // A client with a subscription has a connection, so an entry.
@@ -405,7 +401,7 @@ impl Clients {
     /// Takes a slot for a call in progress (anything but an established
     /// subscription) of `client` and of the server.
     pub(crate) fn call(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let entry = table
             .get_mut(&client)
             .ok_or(Refused::ClientCalls(client, 0))?;
@@ -430,7 +426,7 @@ impl Clients {
     /// Takes a slot for a call of a service served through tonic, besides its
     /// call slot.
     pub(crate) fn bridged(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let entry = table
             .get_mut(&client)
             .ok_or(Refused::ClientBridged(client, 0))?;
@@ -508,13 +504,14 @@ impl Clients {
     /// `(connections, subscriptions, calls)` of `client`, for tests.
     #[cfg(test)]
     pub(crate) fn counts(&self, client: Client) -> Option<(usize, usize, usize)> {
-        self.table()
+        self.table
+            .lock()
             .get(&client)
             .map(|e| (e.connections, e.subscriptions, e.calls))
     }
 
     fn release(&self, client: Client, kind: Option<Slot>) {
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let Some(entry) = table.get_mut(&client) else {
             return;
         };

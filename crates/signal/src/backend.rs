@@ -234,7 +234,7 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
 }
 
 /// The locks of own keys, one per key that a subscribe or unsubscribe works on.
-type KeyLocks = std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
+type KeyLocks = parking_lot::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
 
 /// A backend: the subscription [`Registry`] over a [`Transport`].
 ///
@@ -252,7 +252,7 @@ pub struct SignalingBackend {
     /// listen/unlisten of a key never race while other keys go on.
     key_locks: Arc<KeyLocks>,
     /// Unlistens of subscribes dropped while their medium listened.
-    undos: std::sync::Mutex<JoinSet<()>>,
+    undos: parking_lot::Mutex<JoinSet<()>>,
     closed: AtomicBool,
 }
 
@@ -263,7 +263,7 @@ impl SignalingBackend {
             transport: Arc::from(transport),
             registry,
             key_locks: Arc::default(),
-            undos: std::sync::Mutex::new(JoinSet::new()),
+            undos: parking_lot::Mutex::new(JoinSet::new()),
             closed: AtomicBool::new(false),
         }
     }
@@ -288,13 +288,7 @@ impl SignalingBackend {
 
     /// Waits for the lock of our key `public`.
     async fn lock_key(&self, public: Key) -> KeyLock {
-        let mutex = self
-            .key_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(public)
-            .or_default()
-            .clone();
+        let mutex = self.key_locks.lock().entry(public).or_default().clone();
         let guard = mutex.clone().lock_owned().await;
         KeyLock {
             locks: self.key_locks.clone(),
@@ -321,7 +315,7 @@ impl SignalingBackend {
             return;
         };
         let transport = self.transport.clone();
-        let mut undos = self.undos.lock().unwrap_or_else(|e| e.into_inner());
+        let mut undos = self.undos.lock();
         // Those done are taken out: the set holds the running ones only.
         while undos.try_join_next().is_some() {}
         undos.spawn_on(
@@ -347,7 +341,7 @@ struct KeyLock {
 impl Drop for KeyLock {
     fn drop(&mut self) {
         self.guard.take();
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut locks = self.locks.lock();
         // Held by the map and by us only: nobody else waits.
         if Arc::strong_count(&self.mutex) == 2 {
             locks.remove(&self.public);
@@ -479,7 +473,7 @@ impl Backend for SignalingBackend {
             return Ok(());
         }
         // Unlistens still running are moot: the medium stops for every key.
-        let mut undos = std::mem::take(&mut *self.undos.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut undos = std::mem::take(&mut *self.undos.lock());
         undos.shutdown().await;
         let closed = self.transport.close().await;
         // The worker stops and the handlers go: channels they feed see their end.

@@ -17,14 +17,10 @@
 //!
 //! The suite panics with a message that says what went wrong.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::{
@@ -45,18 +41,12 @@ pub struct Recorder {
 impl Recorder {
     /// What was received so far.
     pub fn deliveries(&self) -> Vec<Delivery> {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.deliveries.lock().clone()
     }
 
     /// How many messages were received.
     pub fn len(&self) -> usize {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.deliveries.lock().len()
     }
 
     /// True if nothing was received.
@@ -67,10 +57,7 @@ impl Recorder {
 
 impl Handler for Recorder {
     fn on_message(&self, delivery: &Delivery) {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(delivery.clone());
+        self.deliveries.lock().push(delivery.clone());
     }
 }
 

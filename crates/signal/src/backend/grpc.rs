@@ -12,13 +12,14 @@ use std::{
     collections::HashMap,
     fmt,
     path::PathBuf,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rustls::{
     ClientConfig, RootCertStore,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -226,10 +227,6 @@ impl Grpc {
         })
     }
 
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Subscription>> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Publishes, with a proof that we hold `ours` (the sender's private key)
     /// if given and the server has a key.
     async fn publish(&self, envelope: &Envelope, ours: Option<&Key>) -> Result<(), BackendError> {
@@ -303,17 +300,13 @@ impl ServerAuth {
         ))
     }
 
-    fn learned(&self) -> std::sync::MutexGuard<'_, Option<Option<Key>>> {
-        self.learned.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The server's key: learned once through `GetBuildInfo` on `client`'s
     /// channel, and checked against the pinned one.
     async fn server_key(
         &self,
         client: &SignalingClient<Channel>,
     ) -> Result<Option<Key>, GrpcError> {
-        if let Some(known) = *self.learned() {
+        if let Some(known) = *self.learned.lock() {
             return Ok(known);
         }
         let mut client = client.clone();
@@ -343,7 +336,7 @@ impl ServerAuth {
         {
             return Err(GrpcError::OtherServerKey { pinned, presented });
         }
-        *self.learned() = Some(presented);
+        *self.learned.lock() = Some(presented);
         Ok(presented)
     }
 
@@ -389,7 +382,7 @@ impl ServerAuth {
     /// in case the server's changed.
     fn refused(&self, status: &Status) {
         if status.code() == tonic::Code::Unauthenticated && self.pinned.is_none() {
-            *self.learned() = None;
+            *self.learned.lock() = None;
         }
     }
 }
@@ -729,7 +722,7 @@ impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             // Dropping the subscription aborts its task.
-            self.grpc.streams().remove(&key);
+            self.grpc.streams.lock().remove(&key);
         }
     }
 }
@@ -745,7 +738,7 @@ impl Transport for Grpc {
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        if self.streams().contains_key(&key) {
+        if self.streams.lock().contains_key(&key) {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
@@ -759,7 +752,7 @@ impl Transport for Grpc {
             tx,
         ));
         // Kept also when the first attempt fails: it retries until unlisten.
-        self.streams().insert(key, Subscription(task));
+        self.streams.lock().insert(key, Subscription(task));
         // If the caller gives up waiting (drops this future), nobody asked for
         // the stream any more: take it away again.
         let mut cancelled = CancelGuard {
@@ -782,7 +775,7 @@ impl Transport for Grpc {
     }
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        let subscription = self.streams().remove(&key);
+        let subscription = self.streams.lock().remove(&key);
         if let Some(subscription) = subscription {
             subscription.stop().await;
         }
@@ -794,7 +787,8 @@ impl Transport for Grpc {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let subscriptions: Vec<Subscription> = self.streams().drain().map(|(_, s)| s).collect();
+        let subscriptions: Vec<Subscription> =
+            self.streams.lock().drain().map(|(_, s)| s).collect();
         for subscription in subscriptions {
             subscription.stop().await;
         }

@@ -53,7 +53,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     num::NonZeroUsize,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -61,6 +61,7 @@ use std::{
 
 use async_trait::async_trait;
 use lru::LruCache;
+use parking_lot::Mutex;
 use prost::Message as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::UdpSocket, task::JoinHandle};
@@ -440,11 +441,6 @@ fn open_socket(config: &Config, url: &url::Url) -> Result<std::net::UdpSocket, B
     Ok(socket.into())
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the data consistent: go on after a panic elsewhere.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// What the transport shares with its receive task.
 struct Shared {
     name: String,
@@ -468,7 +464,7 @@ impl Shared {
     fn on_datagram(&self, datagram: &[u8], from: SocketAddr) {
         self.received.fetch_add(1, Relaxed);
         // First, before decoding: a flood from one host costs the others nothing.
-        let admission = lock(&self.sources).admit(from.ip(), Instant::now());
+        let admission = self.sources.lock().admit(from.ip(), Instant::now());
         if admission.shared {
             self.sources_full.fetch_add(1, Relaxed);
         }
@@ -504,7 +500,7 @@ impl Shared {
                 return;
             }
         };
-        if !lock(&self.keys).contains(&recipient) {
+        if !self.keys.lock().contains(&recipient) {
             self.not_ours.fetch_add(1, Relaxed);
             tracing::trace!(backend = %self.name, %recipient, %from, "envelope for another peer ignored");
             return;
@@ -612,7 +608,7 @@ impl Multicast {
     }
 
     fn socket(&self) -> Result<Arc<UdpSocket>, BackendError> {
-        lock(&self.socket).clone().ok_or(BackendError::Closed)
+        self.socket.lock().clone().ok_or(BackendError::Closed)
     }
 }
 
@@ -649,12 +645,12 @@ impl Transport for Multicast {
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
         // The socket hears the group from the start: listening is bookkeeping.
         self.socket()?;
-        lock(&self.shared.keys).insert(key);
+        self.shared.keys.lock().insert(key);
         Ok(())
     }
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        lock(&self.shared.keys).remove(&key);
+        self.shared.keys.lock().remove(&key);
         Ok(())
     }
 
@@ -663,15 +659,15 @@ impl Transport for Multicast {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let socket = lock(&self.socket).take();
-        let receiver = lock(&self.receiver).take();
+        let socket = self.socket.lock().take();
+        let receiver = self.receiver.lock().take();
         if let Some(receiver) = receiver {
             receiver.abort();
             // Resolves once the task is gone, and with it its handle on the socket.
             let _ = receiver.await;
         }
         drop(socket);
-        lock(&self.shared.keys).clear();
+        self.shared.keys.lock().clear();
         Ok(())
     }
 
@@ -682,7 +678,7 @@ impl Transport for Multicast {
 
 impl Drop for Multicast {
     fn drop(&mut self) {
-        if let Some(receiver) = lock(&self.receiver).take() {
+        if let Some(receiver) = self.receiver.lock().take() {
             receiver.abort();
         }
     }

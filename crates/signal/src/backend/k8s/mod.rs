@@ -103,7 +103,7 @@ use std::{
     collections::BTreeSet,
     fmt,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, SystemTime},
@@ -113,6 +113,7 @@ use async_trait::async_trait;
 #[cfg(doc)]
 use kube::runtime::watcher::watcher;
 use kube::{Api, Client, api::PostParams};
+use parking_lot::Mutex;
 use tokio::{
     sync::{oneshot, watch as channel},
     task::JoinHandle,
@@ -209,10 +210,6 @@ impl Shared {
             namespace: "default".into(),
         };
         Shared::new("k8s:///test".into(), place, ttl, registry)
-    }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -336,12 +333,12 @@ impl K8s {
     /// The keys this transport listens on: from `listen` until `unlisten`,
     /// including those whose watch is still retrying after a transient error.
     pub fn listening(&self) -> BTreeSet<Key> {
-        self.shared.state().wanted.clone()
+        self.shared.state.lock().wanted.clone()
     }
 
     /// The counters.
     pub fn stats(&self) -> K8sStats {
-        let forgotten_early = self.shared.state().rules.forgotten_early();
+        let forgotten_early = self.shared.state.lock().rules.forgotten_early();
         self.shared.counters.snapshot(forgotten_early)
     }
 
@@ -389,7 +386,11 @@ impl Transport for K8s {
         }
         self.shared.counters.sent.fetch_add(1, Relaxed);
         let sender = envelope.sender_key()?;
-        self.shared.state().senders.sent(sender, Instant::now());
+        self.shared
+            .state
+            .lock()
+            .senders
+            .sent(sender, Instant::now());
         Ok(())
     }
 
@@ -398,7 +399,7 @@ impl Transport for K8s {
         let called = SystemTime::now();
         self.check_open()?;
         let deadline = Instant::now() + self.options.listen_timeout;
-        if self.shared.state().is_live(&key) {
+        if self.shared.state.lock().is_live(&key) {
             return Ok(());
         }
         // The access review, once per transport, within this listen's time.
@@ -428,7 +429,7 @@ impl Transport for K8s {
         // listen: if this future is dropped, the watch goes on trying.
         let (tx, rx) = oneshot::channel();
         {
-            let mut state = self.shared.state();
+            let mut state = self.shared.state.lock();
             // Checked under the lock that close clears the state under.
             self.check_open()?;
             if state.is_live(&key) {
@@ -449,7 +450,7 @@ impl Transport for K8s {
             Ok(Err(_)) => {
                 // The waiter was dropped: by close, by unlisten, or the task ended.
                 self.check_open()?;
-                let why = if self.shared.state().wanted.contains(&key) {
+                let why = if self.shared.state.lock().wanted.contains(&key) {
                     "watch task ended unexpectedly"
                 } else {
                     "unlistened while listening"
@@ -469,7 +470,7 @@ impl Transport for K8s {
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
         {
-            let mut state = self.shared.state();
+            let mut state = self.shared.state.lock();
             if !state.wanted.remove(&key) {
                 return Ok(());
             }
@@ -491,12 +492,12 @@ impl Transport for K8s {
         self.closed.store(true, Relaxed);
         {
             // Listens still waiting return `Closed`.
-            let mut state = self.shared.state();
+            let mut state = self.shared.state.lock();
             state.wanted.clear();
             state.rules.forget_all();
             state.waiters.clear();
         }
-        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tasks = self.tasks.lock().take();
         if let Some((watches, expiry)) = tasks {
             watches.stop().await;
             expiry.stop().await;

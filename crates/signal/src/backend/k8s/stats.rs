@@ -1,13 +1,11 @@
 //! The counters of a Kubernetes transport, and the limit on its warnings.
 
 use std::{
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 #[cfg(doc)]
@@ -96,7 +94,7 @@ impl RateLimit {
 
     /// True for the first call and then for the first call after each interval.
     pub(super) fn allow(&self, now: Instant) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.last.lock();
         if last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
             return false;
         }
