@@ -34,7 +34,6 @@ mod conn;
 mod health;
 mod hub;
 mod listener;
-mod log;
 pub mod metrics;
 pub mod relay;
 mod service;

@@ -16,6 +16,7 @@
 //!   the envelope, drop copies, find the handlers, call them);
 //!   [`Transport`]: what a medium (gRPC, in-process, ...) must provide underneath.
 //! - [`backend::connect`]: builds a backend from URLs, one per medium.
+//! - [`log_limit`]: at most one log line per interval for what outside input can cause.
 #![deny(missing_docs)]
 
 pub mod auth;
@@ -28,6 +29,7 @@ pub mod conformance;
 mod envelope;
 pub mod json;
 mod key;
+pub mod log_limit;
 mod registry;
 
 pub use backend::{Backend, BackendError, Transport};

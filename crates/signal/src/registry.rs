@@ -45,6 +45,7 @@ use tokio::{
 
 use crate::{
     Key, KeyPair, NONCE_LEN, SharedKeyCache,
+    log_limit::LogLimiter,
     proto::signaling::{Envelope, Message},
 };
 
@@ -324,36 +325,6 @@ struct Shared {
     invalid_log: LogLimiter,
     queue_full_log: LogLimiter,
     forgotten_log: LogLimiter,
-}
-
-/// Lets a log line through at most once per interval, so that input from
-/// outside cannot flood the log; counters keep the totals.
-#[derive(Debug, Default)]
-pub(crate) struct LogLimiter {
-    /// Milliseconds since [`log_epoch`] of the last line let through, plus one.
-    last: AtomicU64,
-}
-
-/// Interval of [`LogLimiter`].
-const LOG_INTERVAL_MS: u64 = 10_000;
-
-fn log_epoch() -> std::time::Instant {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(std::time::Instant::now)
-}
-
-impl LogLimiter {
-    /// True for the first call and then at most once per interval.
-    pub(crate) fn allow(&self) -> bool {
-        let now = log_epoch().elapsed().as_millis() as u64 + 1;
-        let last = self.last.load(Relaxed);
-        if last != 0 && now < last + LOG_INTERVAL_MS {
-            return false;
-        }
-        self.last
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-    }
 }
 
 fn same_handler(a: &HandlerRef, b: &HandlerRef) -> bool {

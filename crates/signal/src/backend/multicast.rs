@@ -69,8 +69,8 @@ use tokio::{net::UdpSocket, task::JoinHandle};
 use super::{BackendError, Transport, bool_param, check_params};
 use crate::{
     Key, Registry,
+    log_limit::LogLimiter,
     proto::signaling::{BackendType, Envelope},
-    registry::LogLimiter,
 };
 
 /// The largest envelope that travels as one datagram, in bytes: cunīcu's peers

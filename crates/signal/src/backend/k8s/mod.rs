@@ -132,13 +132,14 @@ pub use url::{DEFAULT_NAMESPACE, DEFAULT_TTL, K8sOptions, K8sTarget, KubeconfigS
 use super::{BackendError, Transport};
 use crate::{
     Key, Registry,
+    log_limit::LogLimiter,
     proto::signaling::{BackendType, Envelope},
 };
 use access::Access;
 use error::Place;
 use expiry::Senders;
 use rules::{Rules, Ttl};
-use stats::{Counters, RateLimit};
+use stats::Counters;
 use watch::Waiter;
 
 /// After the first, undecodable objects are logged as warnings at most this often.
@@ -186,7 +187,7 @@ struct Shared {
     /// Set once a denied delete has been logged as a warning.
     delete_denied_logged: AtomicBool,
     /// Limits the warnings about undecodable objects.
-    invalid_log: RateLimit,
+    invalid_log: LogLimiter,
 }
 
 impl Shared {
@@ -199,7 +200,7 @@ impl Shared {
             state: Mutex::new(State::new(ttl)),
             counters: Counters::default(),
             delete_denied_logged: AtomicBool::new(false),
-            invalid_log: RateLimit::new(INVALID_LOG_INTERVAL),
+            invalid_log: LogLimiter::new(INVALID_LOG_INTERVAL),
         }
     }
 

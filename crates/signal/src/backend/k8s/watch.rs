@@ -19,10 +19,7 @@ use kube::{
         watcher::{self, ExponentialBackoff, watcher},
     },
 };
-use tokio::{
-    sync::{oneshot, watch},
-    time::Instant,
-};
+use tokio::sync::{oneshot, watch};
 
 use super::{
     K8sError, K8sOptions, Shared,
@@ -182,7 +179,7 @@ impl Shared {
     /// Counts and (rate-limited) logs an object that is not an envelope.
     fn invalid(&self, object: &SignalingEnvelope, why: &str) {
         let total = self.counters.invalid.fetch_add(1, Relaxed) + 1;
-        if self.invalid_log.allow(Instant::now()) {
+        if self.invalid_log.allow() {
             tracing::warn!(
                 backend = %self.name,
                 object = %object.name_any(),
