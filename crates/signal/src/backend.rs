@@ -36,7 +36,8 @@ pub mod multicast;
 pub use inprocess::InProcess;
 pub use multi::Multi;
 
-/// Boxed error of a medium, kept as the source of [`BackendError::Transport`].
+/// Boxed error of an implementation behind a trait: a medium's, kept as the
+/// source of [`BackendError::Transport`], or an ICE agent's (in the session crate).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a backend operation failed.
@@ -179,59 +180,48 @@ pub trait Transport: Send + Sync + 'static {
     fn name(&self) -> &str;
 }
 
-/// A shared transport is a transport: keep an `Arc` to read its counters
-/// (e.g. `Multicast::stats`) while a backend owns a clone.
-#[async_trait]
-impl<T: Transport + ?Sized> Transport for Arc<T> {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
-        (**self).send(envelope).await
-    }
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
-        (**self).send_as(envelope, ours).await
-    }
-    async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        (**self).listen(key).await
-    }
-    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        (**self).unlisten(key).await
-    }
-    fn backend_type(&self) -> BackendType {
-        (**self).backend_type()
-    }
-    async fn close(&self) -> Result<(), BackendError> {
-        (**self).close().await
-    }
-    fn name(&self) -> &str {
-        (**self).name()
-    }
+/// Implements [`Transport`] for a pointer type by forwarding every method to
+/// the transport it points to.
+macro_rules! forward_transport {
+    ($(#[$doc:meta])* $pointer:ident) => {
+        $(#[$doc])*
+        #[async_trait]
+        impl<T: Transport + ?Sized> Transport for $pointer<T> {
+            async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+                (**self).send(envelope).await
+            }
+            async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+                (**self).send_as(envelope, ours).await
+            }
+            async fn listen(&self, key: Key) -> Result<(), BackendError> {
+                (**self).listen(key).await
+            }
+            async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+                (**self).unlisten(key).await
+            }
+            fn backend_type(&self) -> BackendType {
+                (**self).backend_type()
+            }
+            async fn close(&self) -> Result<(), BackendError> {
+                (**self).close().await
+            }
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+        }
+    };
 }
 
-/// A boxed transport is a transport: what [`connect_transport`] returns can
-/// be wrapped (e.g. in `conformance::Gated`).
-#[async_trait]
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
-        (**self).send(envelope).await
-    }
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
-        (**self).send_as(envelope, ours).await
-    }
-    async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        (**self).listen(key).await
-    }
-    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        (**self).unlisten(key).await
-    }
-    fn backend_type(&self) -> BackendType {
-        (**self).backend_type()
-    }
-    async fn close(&self) -> Result<(), BackendError> {
-        (**self).close().await
-    }
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-}
+forward_transport!(
+    /// A shared transport is a transport: keep an `Arc` to read its counters
+    /// (e.g. `Multicast::stats`) while a backend owns a clone.
+    Arc
+);
+forward_transport!(
+    /// A boxed transport is a transport: what [`connect_transport`] returns can
+    /// be wrapped (e.g. in `conformance::Gated`).
+    Box
+);
 
 /// The locks of own keys, one per key that a subscribe or unsubscribe works on.
 type KeyLocks = parking_lot::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
