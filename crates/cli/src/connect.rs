@@ -30,8 +30,9 @@ use cunicu_signal_session::{
 use tokio::{
     io::AsyncWriteExt,
     sync::{broadcast, mpsc},
-    task::JoinHandle,
 };
+
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{PeerArgs, Signals, public_key_arg, read_key_file};
 
@@ -80,15 +81,6 @@ pub struct ConnectArgs {
     /// How long a disconnect may last before the session restarts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     disconnect_grace: Duration,
-}
-
-/// A task that is aborted when this is dropped.
-struct Owned(JoinHandle<()>);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `turn:USER:PASS@HOST:PORT?...` → URL without credentials, user, password.
@@ -201,7 +193,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
             Role::Controlled => "controlled (accepts)",
         }
     );
-    let mut printer = Owned(tokio::spawn(print_events(session.events())));
+    let mut printer = AbortOnDropHandle::new(tokio::spawn(print_events(session.events())));
     let result = tokio::select! {
         result = pump(&session, &mut input) => result,
         name = signals.recv() => {
@@ -229,7 +221,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         // The session and its driver are gone, so the events channel is
         // closed: the printer shows what is left in it (the last states,
         // down to Closed) and ends. Not waiting here lost those lines.
-        let _ = tokio::time::timeout(PRINT_LIMIT, &mut printer.0).await;
+        let _ = tokio::time::timeout(PRINT_LIMIT, &mut printer).await;
     }
     drop(printer);
     let _ = tokio::time::timeout(CLOSE_LIMIT, backend.close()).await;
@@ -334,14 +326,14 @@ fn read_lines(input: &mut impl BufRead, tx: &mpsc::Sender<io::Result<Vec<u8>>>) 
 async fn pump(session: &Session, input: &mut Input) -> Result<()> {
     let mut connections = session.connections();
     let mut current: Option<Connection> = None;
-    let mut receiver: Option<Owned> = None;
+    let mut receiver: Option<AbortOnDropHandle<()>> = None;
     loop {
         let next = connections.borrow_and_update().clone();
         if next.as_ref().map(Connection::agent) != current.as_ref().map(Connection::agent) {
             // The old connection's reader stops before the new one writes.
             receiver = None;
             if let Some(c) = &next {
-                receiver = Some(Owned(tokio::spawn(receive(c.clone()))));
+                receiver = Some(AbortOnDropHandle::new(tokio::spawn(receive(c.clone()))));
             }
             current = next;
         }

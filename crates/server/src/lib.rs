@@ -45,8 +45,11 @@ use cunicu_signal::proto::{
     FILE_DESCRIPTOR_SET,
     signaling::{relay_registry_server::RelayRegistryServer, signaling_server::SignalingServer},
 };
-use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::net::TcpListener;
+use tokio_util::{
+    sync::CancellationToken,
+    task::{AbortOnDropHandle, TaskTracker},
+};
 
 pub use auth::{AllowKeysError, AuthMode};
 pub use client::Rate;
@@ -121,8 +124,8 @@ pub struct Server {
     /// time, or on drop.
     kill: CancellationToken,
     connections: TaskTracker,
-    accept: Option<JoinHandle<()>>,
-    http: Option<JoinHandle<Result<(), ServerError>>>,
+    accept: Option<AbortOnDropHandle<()>>,
+    http: Option<AbortOnDropHandle<Result<(), ServerError>>>,
 }
 
 impl Server {
@@ -350,11 +353,11 @@ impl Server {
         let http = metrics_listener.map(|listener| {
             let (metrics, token) = (metrics.clone(), shutdown.clone());
             let connected = cluster.as_ref().map(|c| c.connected());
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 metrics::serve(listener, metrics, connected, token)
                     .await
                     .map_err(ServerError::Metrics)
-            })
+            }))
         });
         tracing::info!(
             %local_addr,
@@ -373,7 +376,7 @@ impl Server {
             shutdown,
             kill,
             connections,
-            accept: Some(accept),
+            accept: Some(AbortOnDropHandle::new(accept)),
             http,
         })
     }
@@ -444,11 +447,6 @@ impl Drop for Server {
         if let Some(cluster) = self.cluster.take() {
             cluster.close();
         }
-        if let Some(task) = self.accept.take() {
-            task.abort();
-        }
-        if let Some(task) = self.http.take() {
-            task.abort();
-        }
+        // The accept and metrics tasks are aborted as their handles drop.
     }
 }

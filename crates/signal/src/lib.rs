@@ -31,6 +31,7 @@ pub mod json;
 mod key;
 pub mod log_limit;
 mod registry;
+mod task;
 
 pub use backend::{Backend, BackendError, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};

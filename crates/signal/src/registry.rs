@@ -39,14 +39,16 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::{
     sync::{mpsc, watch},
-    task::JoinHandle,
     time::Instant,
 };
+
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
     Key, KeyPair, NONCE_LEN, SharedKeyCache,
     log_limit::LogLimiter,
     proto::signaling::{Envelope, Message},
+    task,
 };
 
 /// A message that arrived, with the keys it travelled between.
@@ -303,7 +305,7 @@ pub struct Registry {
     /// How many queued envelopes the worker has finished with.
     finished: watch::Receiver<u64>,
     /// `None` once closed.
-    worker: Mutex<Option<JoinHandle<()>>>,
+    worker: Mutex<Option<AbortOnDropHandle<()>>>,
 }
 
 /// What the registry shares with its worker.
@@ -367,7 +369,7 @@ impl Registry {
             shared,
             queue,
             finished,
-            worker: Mutex::new(Some(worker)),
+            worker: Mutex::new(Some(AbortOnDropHandle::new(worker))),
         })
     }
 
@@ -437,9 +439,7 @@ impl Registry {
     pub async fn close(&self) {
         let worker = self.worker.lock().take();
         if let Some(worker) = worker {
-            worker.abort();
-            // Resolves once the task is gone, and with it its handles.
-            let _ = worker.await;
+            task::stop(worker).await;
         }
         self.clear();
     }
@@ -525,14 +525,6 @@ impl Registry {
             dropped_queue_full: s.dropped_queue_full.load(Relaxed),
             nonces_forgotten: s.nonces_forgotten.load(Relaxed),
             senders_forgotten: s.senders_forgotten.load(Relaxed),
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        if let Some(worker) = self.worker.lock().take() {
-            worker.abort();
         }
     }
 }

@@ -25,17 +25,20 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
 };
-use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpStream, sync::oneshot};
 use tonic::{
     Request, Status, Streaming,
     transport::{Channel, Endpoint, Uri},
 };
 
 use super::{BackendError, Transport, bool_param, check_params};
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, Registry,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA},
     proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
+    task,
 };
 
 /// Settings of the gRPC backend that URLs do not carry.
@@ -167,22 +170,8 @@ impl GrpcTarget {
     }
 }
 
-/// Aborts the task when dropped.
-struct Subscription(JoinHandle<()>);
-
-impl Subscription {
-    /// Aborts the stream's task and waits until it is gone.
-    async fn stop(mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A subscription's stream task, aborted when dropped.
+type Subscription = AbortOnDropHandle<()>;
 
 /// The gRPC transport.
 pub struct Grpc {
@@ -752,7 +741,9 @@ impl Transport for Grpc {
             tx,
         ));
         // Kept also when the first attempt fails: it retries until unlisten.
-        self.streams.lock().insert(key, Subscription(task));
+        self.streams
+            .lock()
+            .insert(key, AbortOnDropHandle::new(task));
         // If the caller gives up waiting (drops this future), nobody asked for
         // the stream any more: take it away again.
         let mut cancelled = CancelGuard {
@@ -777,7 +768,7 @@ impl Transport for Grpc {
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
         let subscription = self.streams.lock().remove(&key);
         if let Some(subscription) = subscription {
-            subscription.stop().await;
+            task::stop(subscription).await;
         }
         Ok(())
     }
@@ -790,7 +781,7 @@ impl Transport for Grpc {
         let subscriptions: Vec<Subscription> =
             self.streams.lock().drain().map(|(_, s)| s).collect();
         for subscription in subscriptions {
-            subscription.stop().await;
+            task::stop(subscription).await;
         }
         Ok(())
     }

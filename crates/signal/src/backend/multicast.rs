@@ -64,13 +64,16 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use prost::Message as _;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::UdpSocket, task::JoinHandle};
+use tokio::net::UdpSocket;
 
 use super::{BackendError, Transport, bool_param, check_params};
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, Registry,
     log_limit::LogLimiter,
     proto::signaling::{BackendType, Envelope},
+    task,
 };
 
 /// The largest envelope that travels as one datagram, in bytes: cunīcu's peers
@@ -547,7 +550,7 @@ pub struct Multicast {
     shared: Arc<Shared>,
     /// `None` once closed.
     socket: Mutex<Option<Arc<UdpSocket>>>,
-    receiver: Mutex<Option<JoinHandle<()>>>,
+    receiver: Mutex<Option<AbortOnDropHandle<()>>>,
 }
 
 impl Multicast {
@@ -583,7 +586,7 @@ impl Multicast {
             group: config.group,
             shared,
             socket: Mutex::new(Some(socket)),
-            receiver: Mutex::new(Some(receiver)),
+            receiver: Mutex::new(Some(AbortOnDropHandle::new(receiver))),
         })
     }
 
@@ -662,9 +665,7 @@ impl Transport for Multicast {
         let socket = self.socket.lock().take();
         let receiver = self.receiver.lock().take();
         if let Some(receiver) = receiver {
-            receiver.abort();
-            // Resolves once the task is gone, and with it its handle on the socket.
-            let _ = receiver.await;
+            task::stop(receiver).await;
         }
         drop(socket);
         self.shared.keys.lock().clear();
@@ -673,14 +674,6 @@ impl Transport for Multicast {
 
     fn name(&self) -> &str {
         &self.shared.name
-    }
-}
-
-impl Drop for Multicast {
-    fn drop(&mut self) {
-        if let Some(receiver) = self.receiver.lock().take() {
-            receiver.abort();
-        }
     }
 }
 

@@ -116,7 +116,6 @@ use kube::{Api, Client, api::PostParams};
 use parking_lot::Mutex;
 use tokio::{
     sync::{oneshot, watch as channel},
-    task::JoinHandle,
     time::Instant,
 };
 
@@ -130,10 +129,13 @@ pub use stats::K8sStats;
 pub use url::{DEFAULT_NAMESPACE, DEFAULT_TTL, K8sOptions, K8sTarget, KubeconfigSource};
 
 use super::{BackendError, Transport};
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, Registry,
     log_limit::LogLimiter,
     proto::signaling::{BackendType, Envelope},
+    task,
 };
 use access::Access;
 use error::Place;
@@ -214,21 +216,8 @@ impl Shared {
     }
 }
 
-/// Aborts the task when dropped.
-struct Task(JoinHandle<()>);
-
-impl Task {
-    async fn stop(mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A task of the transport, aborted when dropped.
+type Task = AbortOnDropHandle<()>;
 
 /// The Kubernetes transport.
 pub struct K8s {
@@ -295,14 +284,14 @@ impl K8s {
         });
         let (changes, changes_rx) = channel::channel(0);
         let (applied_tx, applied) = channel::channel(0);
-        let watches = Task(tokio::spawn(watch::run_watches(
+        let watches = AbortOnDropHandle::new(tokio::spawn(watch::run_watches(
             shared.clone(),
             api.clone(),
             options.clone(),
             changes_rx,
             applied_tx,
         )));
-        let expiry = Task(tokio::spawn(expiry::expire(
+        let expiry = AbortOnDropHandle::new(tokio::spawn(expiry::expire(
             shared.clone(),
             api.clone(),
             interval,
@@ -500,8 +489,8 @@ impl Transport for K8s {
         }
         let tasks = self.tasks.lock().take();
         if let Some((watches, expiry)) = tasks {
-            watches.stop().await;
-            expiry.stop().await;
+            task::stop(watches).await;
+            task::stop(expiry).await;
         }
         Ok(())
     }
