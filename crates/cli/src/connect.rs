@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use cunicu_signal::{Backend, Role};
+use cunicu_signal::{Backend, Role, ice_url::IceUrl};
 use cunicu_signal_session::{
     Connection, Event, IceAgentFactory, IceOptions, IceServer, ServerRelayIce, Session,
     SessionOptions, WebrtcIce, candidate,
@@ -83,19 +83,14 @@ pub struct ConnectArgs {
     disconnect_grace: Duration,
 }
 
-/// `turn:USER:PASS@HOST:PORT?...` → URL without credentials, user, password.
+/// `turn:USER:PASS@HOST:PORT?transport=udp` → URL without credentials, user,
+/// password. The rules of `serve --relay` (`IceUrl::parse_plain`), without
+/// its `secret=` and `ttl=`.
 fn ice_server(text: &str) -> Result<IceServer> {
-    let Some((scheme, rest)) = text.split_once(':') else {
-        bail!("--stun {text:?}: expected stun:HOST:PORT or turn:USER:PASS@HOST:PORT");
-    };
-    Ok(match rest.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let Some((user, pass)) = credentials.split_once(':') else {
-                bail!("--stun {text:?}: credentials must be USER:PASS");
-            };
-            IceServer::with_credentials(format!("{scheme}:{host}"), user, pass)
-        }
-        None => IceServer::new(text),
+    let url = IceUrl::parse_plain(text).context("--stun")?;
+    Ok(match &url.credentials {
+        Some(user) => IceServer::with_credentials(url.to_string(), &user.username, &user.password),
+        None => IceServer::new(url.to_string()),
     })
 }
 
@@ -505,5 +500,17 @@ mod tests {
         );
         assert!(ice_server("nothing").is_err());
         assert!(ice_server("turn:alice@h:1").is_err());
+        // What `serve --relay` refuses, `--stun` refuses too.
+        for bad in [
+            "http://x:1",
+            "turn:h:99999",
+            "turn:h:1?transport=sctp",
+            "stun:u:p@h:1",
+            "stun:h:1?transport=udp",
+            // The server's secret= is not for peers.
+            "turn:h:1?secret=x",
+        ] {
+            assert!(ice_server(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -16,6 +16,7 @@
 //!   the envelope, drop copies, find the handlers, call them);
 //!   [`Transport`]: what a medium (gRPC, in-process, ...) must provide underneath.
 //! - [`backend::connect`]: builds a backend from URLs, one per medium.
+//! - [`ice_url`]: the one parser of STUN/TURN URLs (`stun:`, `turn:USER:PASS@HOST?transport=udp`).
 //! - [`log_limit`]: at most one log line per interval for what outside input can cause.
 #![deny(missing_docs)]
 
@@ -27,6 +28,7 @@ pub mod codec;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod envelope;
+pub mod ice_url;
 pub mod json;
 mod key;
 pub mod log_limit;
