@@ -50,6 +50,7 @@ use tokio_util::{
     sync::CancellationToken,
     task::{AbortOnDropHandle, TaskTracker},
 };
+use tonic::server::NamedService;
 
 pub use auth::{AllowKeysError, AuthMode};
 pub use client::Rate;
@@ -230,15 +231,7 @@ impl Server {
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             health::StoppingHealth::new(health.clone(), health_stopped.clone()),
         );
-        health
-            .set_serving::<SignalingServer<SignalingService>>()
-            .await;
-        health
-            .set_serving::<RelayRegistryServer<RelayService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        set_health(&health, tonic_health::ServingStatus::Serving).await;
         // A replica reports whether NATS is there, and keeps serving either way.
         if let Some(cluster) = &cluster {
             let (mut connected, health, metrics, token) = (
@@ -332,15 +325,7 @@ impl Server {
             let token = shutdown.clone();
             async move {
                 token.cancelled().await;
-                health
-                    .set_not_serving::<SignalingServer<SignalingService>>()
-                    .await;
-                health
-                    .set_not_serving::<RelayRegistryServer<RelayService>>()
-                    .await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                set_health(&health, tonic_health::ServingStatus::NotServing).await;
                 health
                     .set_service_status(
                         cluster::HEALTH_SERVICE,
@@ -437,6 +422,21 @@ impl Server {
             result?;
         }
         Ok(())
+    }
+}
+
+/// Reports `status` for what this server always serves: the Signaling and
+/// RelayRegistry services and the server as a whole (`""`).
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in [
+        <SignalingServer<SignalingService> as NamedService>::NAME,
+        <RelayRegistryServer<RelayService> as NamedService>::NAME,
+        "",
+    ] {
+        health.set_service_status(service, status).await;
     }
 }
 
