@@ -15,7 +15,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -34,6 +34,7 @@ use cunicu_signal::{
 };
 use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use tonic::transport::{Channel, Endpoint};
 
 /// Options of the load generator.
@@ -394,14 +395,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 // Merge into the shared histogram now and then, not per envelope.
                 if pending == 256 {
                     pending = 0;
-                    if let (Some(h), Ok(mut all)) = (local.as_mut(), stats.latency.lock()) {
+                    if let Some(h) = local.as_mut() {
+                        let mut all = stats.latency.lock();
                         let _ = all.add(&*h);
                         h.reset();
                     }
                 }
             }
-            if let (Some(h), Ok(mut all)) = (local.as_ref(), stats.latency.lock()) {
-                let _ = all.add(h);
+            if let Some(h) = local.as_ref() {
+                let _ = stats.latency.lock().add(h);
             }
         });
     }
@@ -593,11 +595,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let _ = done_tx.send(true);
     while subscribers.join_next().await.is_some() {}
     let received = stats.received.load(Relaxed);
-    let latency = stats
-        .latency
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|e| e.into_inner().clone());
+    let latency = stats.latency.lock().clone();
     let secs = load_time.as_secs_f64();
     let streams_ended = stats.streams_ended.load(Relaxed);
     let mut report = serde_json::json!({

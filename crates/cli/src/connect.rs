@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use cunicu_signal::{Backend, Role};
+use cunicu_signal::{Backend, Role, ice_url::IceUrl};
 use cunicu_signal_session::{
     Connection, Event, IceAgentFactory, IceOptions, IceServer, ServerRelayIce, Session,
     SessionOptions, WebrtcIce, candidate,
@@ -30,8 +30,9 @@ use cunicu_signal_session::{
 use tokio::{
     io::AsyncWriteExt,
     sync::{broadcast, mpsc},
-    task::JoinHandle,
 };
+
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{PeerArgs, Signals, public_key_arg, read_key_file};
 
@@ -82,28 +83,14 @@ pub struct ConnectArgs {
     disconnect_grace: Duration,
 }
 
-/// A task that is aborted when this is dropped.
-struct Owned(JoinHandle<()>);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// `turn:USER:PASS@HOST:PORT?...` → URL without credentials, user, password.
+/// `turn:USER:PASS@HOST:PORT?transport=udp` → URL without credentials, user,
+/// password. The rules of `serve --relay` (`IceUrl::parse_plain`), without
+/// its `secret=` and `ttl=`.
 fn ice_server(text: &str) -> Result<IceServer> {
-    let Some((scheme, rest)) = text.split_once(':') else {
-        bail!("--stun {text:?}: expected stun:HOST:PORT or turn:USER:PASS@HOST:PORT");
-    };
-    Ok(match rest.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let Some((user, pass)) = credentials.split_once(':') else {
-                bail!("--stun {text:?}: credentials must be USER:PASS");
-            };
-            IceServer::with_credentials(format!("{scheme}:{host}"), user, pass)
-        }
-        None => IceServer::new(text),
+    let url = IceUrl::parse_plain(text).context("--stun")?;
+    Ok(match &url.credentials {
+        Some(user) => IceServer::with_credentials(url.to_string(), &user.username, &user.password),
+        None => IceServer::new(url.to_string()),
     })
 }
 
@@ -201,7 +188,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
             Role::Controlled => "controlled (accepts)",
         }
     );
-    let mut printer = Owned(tokio::spawn(print_events(session.events())));
+    let mut printer = AbortOnDropHandle::new(tokio::spawn(print_events(session.events())));
     let result = tokio::select! {
         result = pump(&session, &mut input) => result,
         name = signals.recv() => {
@@ -229,7 +216,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         // The session and its driver are gone, so the events channel is
         // closed: the printer shows what is left in it (the last states,
         // down to Closed) and ends. Not waiting here lost those lines.
-        let _ = tokio::time::timeout(PRINT_LIMIT, &mut printer.0).await;
+        let _ = tokio::time::timeout(PRINT_LIMIT, &mut printer).await;
     }
     drop(printer);
     let _ = tokio::time::timeout(CLOSE_LIMIT, backend.close()).await;
@@ -334,14 +321,14 @@ fn read_lines(input: &mut impl BufRead, tx: &mpsc::Sender<io::Result<Vec<u8>>>) 
 async fn pump(session: &Session, input: &mut Input) -> Result<()> {
     let mut connections = session.connections();
     let mut current: Option<Connection> = None;
-    let mut receiver: Option<Owned> = None;
+    let mut receiver: Option<AbortOnDropHandle<()>> = None;
     loop {
         let next = connections.borrow_and_update().clone();
         if next.as_ref().map(Connection::agent) != current.as_ref().map(Connection::agent) {
             // The old connection's reader stops before the new one writes.
             receiver = None;
             if let Some(c) = &next {
-                receiver = Some(Owned(tokio::spawn(receive(c.clone()))));
+                receiver = Some(AbortOnDropHandle::new(tokio::spawn(receive(c.clone()))));
             }
             current = next;
         }
@@ -513,5 +500,17 @@ mod tests {
         );
         assert!(ice_server("nothing").is_err());
         assert!(ice_server("turn:alice@h:1").is_err());
+        // What `serve --relay` refuses, `--stun` refuses too.
+        for bad in [
+            "http://x:1",
+            "turn:h:99999",
+            "turn:h:1?transport=sctp",
+            "stun:u:p@h:1",
+            "stun:h:1?transport=udp",
+            // The server's secret= is not for peers.
+            "turn:h:1?secret=x",
+        ] {
+            assert!(ice_server(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -17,7 +17,7 @@ mod common;
 use std::{
     net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,6 +26,7 @@ use common::{Killed, lines_of, wait_for_line};
 use cunicu_signal::proto::signaling::{
     EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
 };
+use parking_lot::Mutex;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -261,10 +262,7 @@ async fn well_behaved(server: &TestServer, duration: Duration, per_second: u32) 
                     continue;
                 };
                 let sent = Duration::from_nanos(u64::from_be_bytes(sent));
-                latencies
-                    .lock()
-                    .unwrap()
-                    .push(start.elapsed().saturating_sub(sent));
+                latencies.lock().push(start.elapsed().saturating_sub(sent));
             }
         })
     };
@@ -290,11 +288,11 @@ async fn well_behaved(server: &TestServer, duration: Duration, per_second: u32) 
     }
     // Let the last ones arrive.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (latencies.lock().unwrap().len() as u64) < sent && Instant::now() < deadline {
+    while (latencies.lock().len() as u64) < sent && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     reader.abort();
-    let mut latencies = latencies.lock().unwrap().clone();
+    let mut latencies = latencies.lock().clone();
     latencies.sort();
     let quantile = |q: f64| {
         latencies

@@ -12,7 +12,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::{ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -20,6 +20,7 @@ use common::{BIN, key_file};
 use cunicu_signal::Key;
 use cunicu_signal_server::{Config, Server};
 use cunicu_signal_test_support::netns::{Netns, Veth};
+use parking_lot::Mutex;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, ChildStdin, Command},
@@ -57,7 +58,7 @@ fn read_lines(
     let log = log.clone();
     let reader = tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            log.lock().unwrap().push_str(&format!("{label}: {line}\n"));
+            log.lock().push_str(&format!("{label}: {line}\n"));
             let _ = tx.try_send(line);
         }
     });
@@ -105,7 +106,7 @@ impl Peer {
     }
 
     fn output(&self) -> String {
-        format!("--- {}:\n{}", self.name, self.log.lock().unwrap())
+        format!("--- {}:\n{}", self.name, self.log.lock())
     }
 
     /// Waits for the first stderr line containing `needle` that was not

@@ -11,7 +11,7 @@ use std::{
     fmt,
     num::NonZeroUsize,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,6 +24,7 @@ use cunicu_signal::{
     auth::{PROOF_METADATA, Proof, ProofError},
 };
 use http::HeaderMap;
+use parking_lot::{Mutex, RwLock};
 use tonic::Status;
 
 use crate::metrics::Metrics;
@@ -167,10 +168,6 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Auth {
     pub(crate) fn new(
         mode: AuthMode,
@@ -271,7 +268,7 @@ impl Auth {
 
     /// Remembers a proof's nonce until `until`: each is accepted once.
     fn remember(&self, key: Key, nonce: [u8; NONCE_LEN], until: u64, now: u64) -> Outcome {
-        let mut nonces = lock(&self.nonces);
+        let mut nonces = self.nonces.lock();
         if nonces.seen.get(&(key, nonce)).is_some_and(|&t| t >= now) {
             return Outcome::Replayed;
         }
@@ -288,7 +285,7 @@ impl Auth {
     }
 
     fn is_allowed(&self, key: &Key) -> bool {
-        match &*self.allowed.read().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.allowed.read() {
             None => true,
             Some(keys) => keys.contains(key),
         }
@@ -296,7 +293,7 @@ impl Auth {
 
     /// Puts a new list of allowed keys in place; returns the keys it removed.
     pub(crate) fn set_allowed(&self, keys: HashSet<Key>) -> Vec<Key> {
-        let mut allowed = self.allowed.write().unwrap_or_else(|e| e.into_inner());
+        let mut allowed = self.allowed.write();
         let removed = match &*allowed {
             Some(old) => old.difference(&keys).copied().collect(),
             None => Vec::new(),

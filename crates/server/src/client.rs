@@ -15,12 +15,13 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
     },
 };
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 
 /// Who a connection, subscription or call belongs to: the remote IP address;
@@ -225,6 +226,17 @@ struct Entry {
     bridged: usize,
 }
 
+impl Entry {
+    /// How many slots of kind `slot` the client holds.
+    fn count(&mut self, slot: Slot) -> &mut usize {
+        match slot {
+            Slot::Subscription => &mut self.subscriptions,
+            Slot::Call => &mut self.calls,
+            Slot::Bridged => &mut self.bridged,
+        }
+    }
+}
+
 /// Calls of the services served through tonic (GetBuildInfo, GetRelays,
 /// health, reflection) in progress at once, in all and per client: each may
 /// buffer a response (a reflection answer is tens of KiB), and peers make
@@ -332,11 +344,6 @@ impl Clients {
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<Client, Entry>> {
-        // Every critical section leaves the table consistent.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Admits a new connection of `client`: within its rate and its limit.
     pub(crate) fn connect(self: &Arc<Self>, client: Client) -> Result<ConnectionGuard, Refused> {
         if self.connection_rate.len() > RATE_ENTRIES {
@@ -348,7 +355,7 @@ impl Clients {
                 self.limits.connection_rate.per_second.get(),
             ));
         }
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let entry = table.entry(client).or_insert_with(|| {
             self.gauge.inc();
             Entry {
@@ -374,82 +381,60 @@ impl Clients {
 
     /// Takes a subscription slot of `client` and of the server.
     pub(crate) fn subscribe(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        let mut table = self.table();
-        let entry = table
-            .get_mut(&client)
-            // A client with a subscription has a connection, so an entry.
-            .ok_or(Refused::ClientSubscriptions(client, 0))?;
-        if entry.subscriptions >= self.limits.subscriptions {
-            return Err(Refused::ClientSubscriptions(
-                client,
-                self.limits.subscriptions,
-            ));
-        }
-        if self
-            .subscriptions
-            .fetch_update(Relaxed, Relaxed, |n| {
-                (n < self.max_subscriptions).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(Refused::Subscriptions(self.max_subscriptions));
-        }
-        entry.subscriptions += 1;
-        Ok(SlotGuard {
-            clients: self.clone(),
-            client,
-            kind: Slot::Subscription,
-        })
+        self.take(client, Slot::Subscription)
     }
 
     /// Takes a slot for a call in progress (anything but an established
     /// subscription) of `client` and of the server.
     pub(crate) fn call(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        let mut table = self.table();
-        let entry = table
-            .get_mut(&client)
-            .ok_or(Refused::ClientCalls(client, 0))?;
-        if entry.calls >= self.limits.calls {
-            return Err(Refused::ClientCalls(client, self.limits.calls));
-        }
-        if self
-            .calls
-            .fetch_update(Relaxed, Relaxed, |n| (n < self.max_calls).then_some(n + 1))
-            .is_err()
-        {
-            return Err(Refused::Calls(self.max_calls));
-        }
-        entry.calls += 1;
-        Ok(SlotGuard {
-            clients: self.clone(),
-            client,
-            kind: Slot::Call,
-        })
+        self.take(client, Slot::Call)
     }
 
     /// Takes a slot for a call of a service served through tonic, besides its
     /// call slot.
     pub(crate) fn bridged(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        let mut table = self.table();
-        let entry = table
+        self.take(client, Slot::Bridged)
+    }
+
+    /// Takes a `slot` of `client` (within its limit per client) and of the
+    /// server (within the server's).
+    fn take(self: &Arc<Self>, client: Client, slot: Slot) -> Result<SlotGuard, Refused> {
+        let (total, max) = self.total(slot);
+        let per_client = match slot {
+            Slot::Subscription => self.limits.subscriptions,
+            Slot::Call => self.limits.calls,
+            Slot::Bridged => BRIDGED_CALLS_PER_CLIENT,
+        };
+        let mut table = self.table.lock();
+        let count = table
             .get_mut(&client)
-            .ok_or(Refused::ClientBridged(client, 0))?;
-        if entry.bridged >= BRIDGED_CALLS_PER_CLIENT {
-            return Err(Refused::ClientBridged(client, BRIDGED_CALLS_PER_CLIENT));
+            // A client with a slot has a connection, so an entry.
+            .ok_or(slot.refused_client(client, 0))?
+            .count(slot);
+        if *count >= per_client {
+            return Err(slot.refused_client(client, per_client));
         }
-        if self
-            .bridged
-            .fetch_update(Relaxed, Relaxed, |n| (n < BRIDGED_CALLS).then_some(n + 1))
+        if total
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .is_err()
         {
-            return Err(Refused::Bridged(BRIDGED_CALLS));
+            return Err(slot.refused_server(max));
         }
-        entry.bridged += 1;
+        *count += 1;
         Ok(SlotGuard {
             clients: self.clone(),
             client,
-            kind: Slot::Bridged,
+            kind: slot,
         })
+    }
+
+    /// The server's count of `slot`s taken, and its limit.
+    fn total(&self, slot: Slot) -> (&AtomicUsize, usize) {
+        match slot {
+            Slot::Subscription => (&self.subscriptions, self.max_subscriptions),
+            Slot::Call => (&self.calls, self.max_calls),
+            Slot::Bridged => (&self.bridged, BRIDGED_CALLS),
+        }
     }
 
     /// One new request (an HTTP/2 stream) of `client`, within its rate.
@@ -508,29 +493,22 @@ impl Clients {
     /// `(connections, subscriptions, calls)` of `client`, for tests.
     #[cfg(test)]
     pub(crate) fn counts(&self, client: Client) -> Option<(usize, usize, usize)> {
-        self.table()
+        self.table
+            .lock()
             .get(&client)
             .map(|e| (e.connections, e.subscriptions, e.calls))
     }
 
     fn release(&self, client: Client, kind: Option<Slot>) {
-        let mut table = self.table();
+        let mut table = self.table.lock();
         let Some(entry) = table.get_mut(&client) else {
             return;
         };
         match kind {
             None => entry.connections -= 1,
-            Some(Slot::Subscription) => {
-                entry.subscriptions -= 1;
-                self.subscriptions.fetch_sub(1, Relaxed);
-            }
-            Some(Slot::Call) => {
-                entry.calls -= 1;
-                self.calls.fetch_sub(1, Relaxed);
-            }
-            Some(Slot::Bridged) => {
-                entry.bridged -= 1;
-                self.bridged.fetch_sub(1, Relaxed);
+            Some(slot) => {
+                *entry.count(slot) -= 1;
+                self.total(slot).0.fetch_sub(1, Relaxed);
             }
         }
         if entry.connections == 0
@@ -571,6 +549,26 @@ enum Slot {
     Subscription,
     Call,
     Bridged,
+}
+
+impl Slot {
+    /// Refused: `client` holds `limit` slots of this kind.
+    fn refused_client(self, client: Client, limit: usize) -> Refused {
+        match self {
+            Slot::Subscription => Refused::ClientSubscriptions(client, limit),
+            Slot::Call => Refused::ClientCalls(client, limit),
+            Slot::Bridged => Refused::ClientBridged(client, limit),
+        }
+    }
+
+    /// Refused: the server holds `max` slots of this kind.
+    fn refused_server(self, max: usize) -> Refused {
+        match self {
+            Slot::Subscription => Refused::Subscriptions(max),
+            Slot::Call => Refused::Calls(max),
+            Slot::Bridged => Refused::Bridged(max),
+        }
+    }
 }
 
 /// A subscription or call slot of a client; released on drop.

@@ -15,16 +15,12 @@
 //! through a bounded queue to one task that publishes them in order, and what
 //! does not fit is dropped and counted.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use cunicu_signal::proto::signaling::Envelope;
 use futures::StreamExt as _;
+use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
@@ -123,10 +119,6 @@ pub(crate) struct Cluster {
     connected: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn host_name() -> String {
@@ -241,7 +233,7 @@ impl Cluster {
 
     /// Envelopes that come through NATS go to `hub`.
     pub(crate) fn attach(&self, hub: Hub) {
-        *lock(&self.hub) = Some(hub);
+        *self.hub.lock() = Some(hub);
     }
 
     /// Whether NATS is connected, as it changes.
@@ -261,7 +253,7 @@ impl Cluster {
 
     /// The key has its first local subscriber: subscribe to its subject.
     pub(crate) fn watch(self: &Arc<Self>, key: Topic) {
-        let mut keys = lock(&self.keys);
+        let mut keys = self.keys.lock();
         if keys.contains_key(&key) {
             return;
         }
@@ -279,7 +271,7 @@ impl Cluster {
 
     /// The key's last local subscriber is gone: unsubscribe from its subject.
     pub(crate) fn unwatch(&self, key: &Topic) {
-        let interest = lock(&self.keys).remove(key);
+        let interest = self.keys.lock().remove(key);
         if interest.is_some() {
             self.metrics.cluster_subjects.dec();
         }
@@ -291,7 +283,7 @@ impl Cluster {
     /// NATS is away, or it took too long): then a publish through any replica
     /// on that server reaches this one.
     pub(crate) async fn ready(&self, key: &Topic) {
-        let ready = lock(&self.keys).get(key).map(|i| i.ready.clone());
+        let ready = self.keys.lock().get(key).map(|i| i.ready.clone());
         if let Some(mut ready) = ready {
             let _ = tokio::time::timeout(
                 FLUSH_TIMEOUT + Duration::from_secs(1),
@@ -318,10 +310,10 @@ impl Cluster {
     /// Stops: every key's subscription and the publisher go; the hub is let go.
     pub(crate) fn close(&self) {
         self.stop.cancel();
-        let keys = std::mem::take(&mut *lock(&self.keys));
+        let keys = std::mem::take(&mut *self.keys.lock());
         self.metrics.cluster_subjects.set(0);
         drop(keys);
-        lock(&self.hub).take();
+        self.hub.lock().take();
     }
 }
 
@@ -406,7 +398,7 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         frame.put_u8(0);
         frame.put_u32(message.payload.len() as u32);
         frame.put_slice(&message.payload);
-        let hub = lock(&cluster.hub).clone();
+        let hub = cluster.hub.lock().clone();
         if let Some(hub) = hub
             && hub.publish(&key, &frame.freeze()) == 0
         {

@@ -29,6 +29,7 @@ use std::{
 use bytes::Bytes;
 use cunicu_signal::{
     Key,
+    log_limit::LogLimiter,
     proto::signaling::{Envelope, SubscribeParams},
 };
 use futures::{StreamExt as _, stream::FuturesUnordered};
@@ -53,7 +54,6 @@ use crate::{
     client::{ClientState, Clients, ConnectionGuard, Refused, Reserved, SlotGuard},
     hub::{Cut, Hub, Mailbox, Subscription, Take},
     listener::Io,
-    log::LogLimiter,
     metrics::Metrics,
     wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
 };

@@ -15,7 +15,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
     task::Wake,
@@ -23,6 +23,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
@@ -81,14 +82,14 @@ pub(crate) struct Mailbox {
 
 impl Mailbox {
     fn post(&self, slot: usize) {
-        lock(&self.slots).push(slot);
+        self.slots.lock().push(slot);
         self.waker.wake();
     }
 
     /// The slots posted since the last call (into `out`, which is cleared).
     pub(crate) fn take(&self, out: &mut Vec<usize>) {
         out.clear();
-        std::mem::swap(&mut *lock(&self.slots), out);
+        std::mem::swap(&mut *self.slots.lock(), out);
     }
 
     /// Wakes the connection task with this waker.
@@ -100,11 +101,6 @@ impl Mailbox {
     pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Relaxed)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves its data consistent.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]
@@ -201,10 +197,6 @@ pub(crate) struct Sub {
 }
 
 impl Sub {
-    fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
-    }
-
     /// The key subscribed to.
     pub(crate) fn key(&self) -> &Topic {
         &self.key
@@ -216,7 +208,7 @@ impl Sub {
     pub(crate) fn offer(&self, frame: &Frame) -> Offered {
         let size = cost(frame);
         let mut out = Offered::default();
-        let mut state = self.state();
+        let mut state = self.state.lock();
         if state.closed {
             return out;
         }
@@ -280,7 +272,7 @@ impl Sub {
     /// once it wrote them or the stream is gone. [`Take::Nothing`] ends a
     /// drain: the slot is posted again when there is more to send.
     pub(crate) fn take(self: &Arc<Self>, window: usize) -> Take {
-        let mut state = self.state();
+        let mut state = self.state.lock();
         if state.closed || !state.can_send() {
             state.posted = false;
             return Take::Nothing;
@@ -314,7 +306,7 @@ impl Sub {
     fn written(&self, size: usize) {
         self.client.budget.release(size);
         self.server.release(size);
-        let mut state = self.state();
+        let mut state = self.state.lock();
         state.in_flight -= size;
         if state.closed {
             return;
@@ -333,12 +325,12 @@ impl Sub {
 
     /// Why the server ends this subscription, if it does.
     pub(crate) fn cut(&self) -> Option<Cut> {
-        self.state().cut
+        self.state.lock().cut
     }
 
     /// Marks the subscription to be ended by its connection task.
     fn cut_for(&self, why: Cut) {
-        let mut state = self.state();
+        let mut state = self.state.lock();
         if state.closed || state.cut.is_some() {
             return;
         }
@@ -349,18 +341,18 @@ impl Sub {
 
     /// Since when envelopes have waited with none taken, if they wait.
     pub(crate) fn waiting_since(&self) -> Option<Instant> {
-        self.state().waiting_since
+        self.state.lock().waiting_since
     }
 
     /// Bytes handed to HTTP/2 and not yet written.
     pub(crate) fn in_flight(&self) -> usize {
-        self.state().in_flight
+        self.state.lock().in_flight
     }
 
     /// Ends the queue: what it holds is dropped and its bytes given back;
     /// nothing more is queued. Bytes in flight come back as HTTP/2 drops them.
     fn close(&self) {
-        let mut state = self.state();
+        let mut state = self.state.lock();
         if state.closed {
             return;
         }
@@ -445,10 +437,6 @@ impl Hub {
         self.inner.cluster.as_ref()
     }
 
-    fn topics(&self) -> MutexGuard<'_, HashMap<Topic, Arc<[Arc<Sub>]>>> {
-        lock(&self.inner.topics)
-    }
-
     /// The server's byte budget.
     pub(crate) fn budget(&self) -> &Arc<Budget> {
         &self.inner.server
@@ -476,7 +464,7 @@ impl Hub {
             state: Mutex::new(State::default()),
         });
         let first = {
-            let mut topics = self.topics();
+            let mut topics = self.inner.topics.lock();
             let list = topics.entry(key).or_insert_with(|| Arc::from([]));
             let first = list.is_empty();
             let mut next = Vec::with_capacity(list.len() + 1);
@@ -507,7 +495,7 @@ impl Hub {
 
     /// Queues `frame` for every subscription of `key`; returns how many there were.
     pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> usize {
-        let Some(subs) = self.topics().get(key).cloned() else {
+        let Some(subs) = self.inner.topics.lock().get(key).cloned() else {
             return 0;
         };
         let mut offered = Offered::default();
@@ -527,7 +515,7 @@ impl Hub {
     /// status); returns how many there were.
     pub(crate) fn cut(&self, keys: &[Topic], why: Cut) -> usize {
         let subs: Vec<Arc<Sub>> = {
-            let topics = self.topics();
+            let topics = self.inner.topics.lock();
             keys.iter()
                 .filter_map(|k| topics.get(k))
                 .flat_map(|list| list.iter().cloned())
@@ -542,7 +530,7 @@ impl Hub {
     /// Number of keys with subscriptions.
     #[cfg(test)]
     pub(crate) fn topic_count(&self) -> usize {
-        self.topics().len()
+        self.inner.topics.lock().len()
     }
 }
 
@@ -563,7 +551,7 @@ impl std::ops::Drop for Subscription {
     fn drop(&mut self) {
         let key = self.sub.key;
         let last = {
-            let mut topics = self.hub.topics();
+            let mut topics = self.hub.inner.topics.lock();
             let mut last = false;
             if let Some(list) = topics.get_mut(&key) {
                 let next: Vec<Arc<Sub>> = list
@@ -751,7 +739,7 @@ mod tests {
             f.hub.publish(&[1; 32], &frame(n, 1000));
         }
         let seqs = |s: &Subscription| {
-            let state = s.sub().state();
+            let state = s.sub().state.lock();
             state.queue.iter().map(|f| f[5]).collect::<Vec<_>>()
         };
         // Client A needs two copies of each and may hold 3 in all: it lost
@@ -777,12 +765,12 @@ mod tests {
         f.hub.publish(&[2; 32], &frame(9, 1000));
         // A bigger one would not fit even in an empty b: it goes, b keeps 9.
         f.hub.publish(&[2; 32], &frame(10, 2000));
-        assert_eq!(b.sub().state().queue.len(), 1);
-        assert_eq!(b.sub().state().queue[0][5], 9);
+        assert_eq!(b.sub().state.lock().queue.len(), 1);
+        assert_eq!(b.sub().state.lock().queue[0][5], 9);
         assert_eq!(f.metrics.server_budget.get(), 1);
         // One of the same size takes the place of b's oldest.
         f.hub.publish(&[2; 32], &frame(11, 1000));
-        assert_eq!(b.sub().state().queue[0][5], 11);
+        assert_eq!(b.sub().state.lock().queue[0][5], 11);
         assert_eq!(f.metrics.server_budget.get(), 2);
         drop((a, b));
         assert_eq!(f.hub.budget().used(), 0);

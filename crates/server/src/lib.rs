@@ -34,7 +34,6 @@ mod conn;
 mod health;
 mod hub;
 mod listener;
-mod log;
 pub mod metrics;
 pub mod relay;
 mod service;
@@ -46,8 +45,12 @@ use cunicu_signal::proto::{
     FILE_DESCRIPTOR_SET,
     signaling::{relay_registry_server::RelayRegistryServer, signaling_server::SignalingServer},
 };
-use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::net::TcpListener;
+use tokio_util::{
+    sync::CancellationToken,
+    task::{AbortOnDropHandle, TaskTracker},
+};
+use tonic::server::NamedService;
 
 pub use auth::{AllowKeysError, AuthMode};
 pub use client::Rate;
@@ -122,8 +125,8 @@ pub struct Server {
     /// time, or on drop.
     kill: CancellationToken,
     connections: TaskTracker,
-    accept: Option<JoinHandle<()>>,
-    http: Option<JoinHandle<Result<(), ServerError>>>,
+    accept: Option<AbortOnDropHandle<()>>,
+    http: Option<AbortOnDropHandle<Result<(), ServerError>>>,
 }
 
 impl Server {
@@ -228,15 +231,7 @@ impl Server {
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             health::StoppingHealth::new(health.clone(), health_stopped.clone()),
         );
-        health
-            .set_serving::<SignalingServer<SignalingService>>()
-            .await;
-        health
-            .set_serving::<RelayRegistryServer<RelayService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        set_health(&health, tonic_health::ServingStatus::Serving).await;
         // A replica reports whether NATS is there, and keeps serving either way.
         if let Some(cluster) = &cluster {
             let (mut connected, health, metrics, token) = (
@@ -330,15 +325,7 @@ impl Server {
             let token = shutdown.clone();
             async move {
                 token.cancelled().await;
-                health
-                    .set_not_serving::<SignalingServer<SignalingService>>()
-                    .await;
-                health
-                    .set_not_serving::<RelayRegistryServer<RelayService>>()
-                    .await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                set_health(&health, tonic_health::ServingStatus::NotServing).await;
                 health
                     .set_service_status(
                         cluster::HEALTH_SERVICE,
@@ -351,11 +338,11 @@ impl Server {
         let http = metrics_listener.map(|listener| {
             let (metrics, token) = (metrics.clone(), shutdown.clone());
             let connected = cluster.as_ref().map(|c| c.connected());
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 metrics::serve(listener, metrics, connected, token)
                     .await
                     .map_err(ServerError::Metrics)
-            })
+            }))
         });
         tracing::info!(
             %local_addr,
@@ -374,7 +361,7 @@ impl Server {
             shutdown,
             kill,
             connections,
-            accept: Some(accept),
+            accept: Some(AbortOnDropHandle::new(accept)),
             http,
         })
     }
@@ -438,6 +425,21 @@ impl Server {
     }
 }
 
+/// Reports `status` for what this server always serves: the Signaling and
+/// RelayRegistry services and the server as a whole (`""`).
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in [
+        <SignalingServer<SignalingService> as NamedService>::NAME,
+        <RelayRegistryServer<RelayService> as NamedService>::NAME,
+        "",
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -445,11 +447,6 @@ impl Drop for Server {
         if let Some(cluster) = self.cluster.take() {
             cluster.close();
         }
-        if let Some(task) = self.accept.take() {
-            task.abort();
-        }
-        if let Some(task) = self.http.take() {
-            task.abort();
-        }
+        // The accept and metrics tasks are aborted as their handles drop.
     }
 }

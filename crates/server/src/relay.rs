@@ -11,6 +11,7 @@ use std::{fmt, str::FromStr, time::Duration};
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use cunicu_signal::{
     Key,
+    ice_url::{IceUrl, IceUrlError, IceUrlReason},
     proto::{Timestamp, signaling::RelayInfo},
 };
 use hmac::{Hmac, Mac};
@@ -69,89 +70,56 @@ impl fmt::Debug for Relay {
     }
 }
 
-/// Why a relay URL was refused.
+/// Why a relay URL was refused: the URL (credentials and query values hidden)
+/// and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid relay URL {url:?}: {reason}")]
-pub struct RelayError {
-    url: String,
-    reason: String,
-}
+#[error("invalid relay URL {:?}: {}", .0.url, .0.reason)]
+pub struct RelayError(pub IceUrlError);
 
 impl FromStr for Relay {
     type Err = RelayError;
 
+    /// The rules of [`IceUrl::parse`], plus `secret=` and `ttl=` and nothing
+    /// else; what this accepts, a peer's ICE agent accepts.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let err = |reason: &str| RelayError {
-            url: redact(text),
-            reason: reason.to_string(),
+        let url = IceUrl::parse(text).map_err(RelayError)?;
+        let err = |name: &str, why: &str| {
+            RelayError(IceUrlError::new(
+                text,
+                IceUrlReason::Param {
+                    name: name.to_string(),
+                    why: why.to_string(),
+                },
+            ))
         };
-        let (scheme, rest) = text
-            .split_once(':')
-            .ok_or_else(|| err("expected stun:, stuns:, turn: or turns:"))?;
-        if !matches!(scheme, "stun" | "stuns" | "turn" | "turns") {
-            return Err(err("scheme must be stun, stuns, turn or turns"));
-        }
-        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((user, host)) => (Some(user), host),
-            None => (None, authority),
-        };
-        if hostport.is_empty() || hostport.starts_with('/') {
-            return Err(err("no host"));
-        }
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => {
-                port.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| err("port is not a number from 1 to 65535"))?;
-                (host, Some(port))
-            }
-            _ => (hostport, None),
-        };
-        if host.is_empty() {
-            return Err(err("no host"));
-        }
-        let mut transport = None;
         let mut secret = None;
         let mut ttl = None;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if matches!(
-                (k, &transport, &secret, &ttl),
-                ("transport", Some(_), _, _) | ("secret", _, Some(_), _) | ("ttl", _, _, Some(_))
-            ) {
-                return Err(err(&format!("{k} is given twice")));
-            }
-            match k {
-                "transport" => {
-                    if !matches!(v, "udp" | "tcp") {
-                        return Err(err("transport must be udp or tcp"));
-                    }
-                    transport = Some(v.to_string());
-                }
-                "secret" if v.is_empty() => return Err(err("secret is empty")),
-                "secret" => secret = Some(v.to_string()),
+        for (name, value) in &url.params {
+            match name.as_str() {
+                "secret" if value.is_empty() => return Err(err("secret", "is empty")),
+                "secret" => secret = Some(value.clone()),
                 "ttl" => {
                     ttl = Some(
-                        humantime::parse_duration(v)
-                            .map_err(|e| err(&format!("ttl {v:?}: {e}")))?,
+                        humantime::parse_duration(value)
+                            .map_err(|e| err("ttl", &format!("{value:?}: {e}")))?,
                     )
                 }
-                other => return Err(err(&format!("unknown parameter {other:?}"))),
-            }
-        }
-        let credentials = match (userinfo, secret) {
-            (Some(_), Some(_)) => return Err(err("give either USER:PASS@ or secret=, not both")),
-            (Some(user), None) => {
-                let (username, password) = user
-                    .split_once(':')
-                    .ok_or_else(|| err("credentials must be USER:PASS@"))?;
-                Credentials::Static {
-                    username: username.to_string(),
-                    password: password.to_string(),
+                other => {
+                    return Err(RelayError(IceUrlError::new(
+                        text,
+                        IceUrlReason::UnknownParam(other.to_string()),
+                    )));
                 }
             }
+        }
+        let credentials = match (&url.credentials, secret) {
+            (Some(_), Some(_)) => {
+                return Err(err("secret", "give either USER:PASS@ or secret=, not both"));
+            }
+            (Some(user), None) => Credentials::Static {
+                username: user.username.clone(),
+                password: user.password.clone(),
+            },
             (None, Some(secret)) => Credentials::Secret {
                 secret,
                 ttl: ttl.unwrap_or(DEFAULT_TTL),
@@ -159,33 +127,12 @@ impl FromStr for Relay {
             (None, None) => Credentials::None,
         };
         if ttl.is_some() && !matches!(credentials, Credentials::Secret { .. }) {
-            return Err(err("ttl only applies with secret="));
+            return Err(err("ttl", "only applies with secret="));
         }
-        if scheme.starts_with("stun") && credentials != Credentials::None {
-            return Err(err("a STUN server takes no credentials"));
-        }
-        let mut url = format!("{scheme}:{host}");
-        if let Some(port) = port {
-            url.push(':');
-            url.push_str(port);
-        }
-        if let Some(transport) = transport {
-            url.push_str("?transport=");
-            url.push_str(&transport);
-        }
-        Ok(Relay { url, credentials })
-    }
-}
-
-/// The URL without anything before `@` and without query values, for errors.
-fn redact(text: &str) -> String {
-    let without_user = match (text.split_once(':'), text.rsplit_once('@')) {
-        (Some((scheme, _)), Some((_, host))) => format!("{scheme}:***@{host}"),
-        _ => text.to_string(),
-    };
-    match without_user.split_once('?') {
-        Some((base, _)) => format!("{base}?..."),
-        None => without_user,
+        Ok(Relay {
+            url: url.to_string(),
+            credentials,
+        })
     }
 }
 
@@ -292,6 +239,9 @@ mod tests {
             "turn:h:1?secret=",
             "turn:h:1?secret=a&secret=b",
             "turn:h:1?transport=udp&transport=tcp",
+            // Refused by the ICE agents that would get it.
+            "stun:h:1?transport=udp",
+            "turn:2001:db8::1",
         ] {
             assert!(bad.parse::<Relay>().is_err(), "{bad} accepted");
         }

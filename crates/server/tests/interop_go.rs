@@ -14,10 +14,11 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
+use parking_lot::Mutex;
 mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -151,7 +152,7 @@ impl GoProcess {
         let collected = stderr.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
-                let mut all = collected.lock().unwrap();
+                let mut all = collected.lock();
                 all.push_str(&line);
                 all.push('\n');
             }
@@ -165,7 +166,7 @@ impl GoProcess {
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.lock().clone()
     }
 
     /// The next line on stdout; panics on timeout or end of output.
@@ -215,7 +216,7 @@ impl GoProcess {
         assert!(
             status.success() && lines == expected,
             "{what}: exit {status}, stdout {lines:?}, expected {expected:?}; stderr:\n{}",
-            stderr.lock().unwrap()
+            stderr.lock()
         );
     }
 

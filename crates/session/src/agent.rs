@@ -14,12 +14,10 @@ use std::{
 };
 
 use async_trait::async_trait;
+pub use cunicu_signal::backend::BoxError;
 use cunicu_signal::{Role, proto::epdisc::Candidate};
 use rand::{Rng, distr::Alphabetic};
 use tokio::sync::mpsc;
-
-/// Boxed error of an agent implementation.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Length of a generated ufrag (SPEC §8: 16 random letters).
 pub const UFRAG_LEN: usize = 16;

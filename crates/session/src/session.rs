@@ -23,6 +23,7 @@ use tokio::{
     sync::{broadcast, mpsc, watch},
     task::{AbortHandle, JoinError, JoinHandle, JoinSet},
 };
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
     agent::{
@@ -290,7 +291,7 @@ impl Session {
             pending: HashMap::new(),
             connect_task: None,
             publish_tx: Some(publish_tx),
-            publisher: Some(publisher),
+            publisher: Some(AbortOnDropHandle::new(publisher)),
             publish_dropped: 0,
             events: events.clone(),
             state_tx,
@@ -452,7 +453,7 @@ struct Driver {
     pending: HashMap<tokio::task::Id, (Kind, u64)>,
     connect_task: Option<AbortHandle>,
     publish_tx: Option<mpsc::Sender<Message>>,
-    publisher: Option<JoinHandle<()>>,
+    publisher: Option<AbortOnDropHandle<()>>,
     publish_dropped: u64,
     events: broadcast::Sender<Event>,
     state_tx: watch::Sender<State>,
@@ -737,14 +738,10 @@ impl Driver {
         .await;
         self.tasks.shutdown().await;
         self.publish_tx = None;
-        if let Some(mut publisher) = self.publisher.take() {
-            // Let queued messages go out, within a limit.
-            if tokio::time::timeout(self.options.publish_timeout, &mut publisher)
-                .await
-                .is_err()
-            {
-                publisher.abort();
-            }
+        if let Some(publisher) = self.publisher.take() {
+            // Let queued messages go out, within a limit (after it, dropping
+            // the handle aborts the publisher).
+            let _ = tokio::time::timeout(self.options.publish_timeout, publisher).await;
         }
         match tokio::time::timeout(
             self.options.unsubscribe_timeout,
@@ -764,14 +761,6 @@ impl Driver {
             );
         }
         tracing::debug!(stats = ?self.machine.stats(), "session stopped");
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if let Some(publisher) = self.publisher.take() {
-            publisher.abort();
-        }
     }
 }
 

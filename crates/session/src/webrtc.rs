@@ -11,6 +11,7 @@ use std::{fmt, io, net::IpAddr, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use cunicu_signal::{
     Role,
+    ice_url::{IceUrl, IceUrlError, IceUrlReason},
     proto::epdisc::{
         Candidate as ProtoCandidate, CandidateType as ProtoType, NetworkType as ProtoNetwork,
         RelatedAddress, RelayProtocol, TcpType as ProtoTcpType,
@@ -43,7 +44,8 @@ use crate::{
 };
 
 /// A STUN or TURN server: `stun:HOST:PORT`, `turn:HOST:PORT?transport=udp`,
-/// with credentials for TURN. `Debug` hides the password.
+/// with credentials for TURN (URL rules: [`cunicu_signal::ice_url`]). `Debug`
+/// hides the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct IceServer {
     /// The URL.
@@ -77,10 +79,24 @@ impl IceServer {
         }
     }
 
-    /// Parses the URL as webrtc-ice does and adds the credentials.
+    /// Checks the URL with the rules of `serve --relay` and `connect --stun`
+    /// ([`IceUrl::parse_plain`]), then gives webrtc-ice its form of it with
+    /// the credentials. Credentials go in [`username`](Self::username) and
+    /// [`password`](Self::password), not in the URL (which `Debug` shows).
     fn to_url(&self) -> Result<Url, AgentError> {
-        let mut url = Url::parse_url(&self.url)
-            .map_err(|e| AgentError::Option(format!("STUN/TURN URL {:?}: {e}", self.url)))?;
+        let invalid = |e: IceUrlError| AgentError::Option(e.to_string());
+        let parsed = IceUrl::parse_plain(&self.url).map_err(invalid)?;
+        if parsed.credentials.is_some() {
+            return Err(invalid(IceUrlError::new(
+                &self.url,
+                IceUrlReason::Param {
+                    name: "USER:PASS@".into(),
+                    why: "give credentials as username and password, not in the URL".into(),
+                },
+            )));
+        }
+        let mut url = Url::parse_url(&parsed.to_string())
+            .map_err(|e| AgentError::Option(format!("STUN/TURN URL {parsed}: {e}")))?;
         if !self.username.is_empty() {
             url.username = self.username.clone();
             url.password = self.password.clone();
@@ -532,6 +548,16 @@ mod tests {
             )
             .is_ok()
         );
+        // The rules of `serve --relay`: what a server would not hand out.
+        for bad in [
+            "stun:127.0.0.1:3478?transport=udp",
+            "turn:127.0.0.1:3478?secret=x",
+            "turn:u:p@127.0.0.1:3478",
+        ] {
+            let err = WebrtcIce::new(IceOptions::default().with_servers([IceServer::new(bad)]))
+                .unwrap_err();
+            assert!(err.to_string().contains("127.0.0.1:3478"), "{err}");
+        }
         let turn = IceServer::with_credentials("turn:127.0.0.1:3478?transport=udp", "u", "secret");
         assert!(!format!("{turn:?}").contains("secret"));
     }

@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -21,6 +21,7 @@ use cunicu_signal_session::{
     IceAgent, IceAgentFactory, IceCredentials, IceOptions, ServerRelayIce, Session, SessionError,
     SessionOptions, State, WebrtcIce, relays_from_server,
 };
+use parking_lot::Mutex;
 use tokio::{sync::broadcast, time::timeout};
 
 /// Limit of one step (connect, receive, close).
@@ -87,7 +88,7 @@ impl IceAgent for RecordingAgent {
         role: Role,
         remote: &IceCredentials,
     ) -> Result<Arc<dyn DatagramConn>, AgentError> {
-        self.log.lock().unwrap().push((self.side, role));
+        self.log.lock().push((self.side, role));
         self.inner.connect(role, remote).await
     }
     async fn close(&self) -> Result<(), AgentError> {
@@ -239,7 +240,7 @@ async fn two_peers_connect(url: &str) -> Result<()> {
     };
     assert_eq!(small.session.role(), Role::Controlling);
     assert_eq!(large.session.role(), Role::Controlled);
-    let mut calls = log.lock().unwrap().clone();
+    let mut calls = log.lock().clone();
     calls.sort_by_key(|(_, role)| *role == Role::Controlled);
     assert_eq!(
         calls,

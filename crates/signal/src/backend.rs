@@ -36,7 +36,8 @@ pub mod multicast;
 pub use inprocess::InProcess;
 pub use multi::Multi;
 
-/// Boxed error of a medium, kept as the source of [`BackendError::Transport`].
+/// Boxed error of an implementation behind a trait: a medium's, kept as the
+/// source of [`BackendError::Transport`], or an ICE agent's (in the session crate).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a backend operation failed.
@@ -236,62 +237,51 @@ pub trait Transport: Send + Sync + 'static {
     fn name(&self) -> &str;
 }
 
-/// A shared transport is a transport: keep an `Arc` to read its counters
-/// (e.g. `Multicast::stats`) while a backend owns a clone.
-#[async_trait]
-impl<T: Transport + ?Sized> Transport for Arc<T> {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
-        (**self).send(envelope).await
-    }
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
-        (**self).send_as(envelope, ours).await
-    }
-    async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        (**self).listen(key).await
-    }
-    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        (**self).unlisten(key).await
-    }
-    fn backend_type(&self) -> BackendType {
-        (**self).backend_type()
-    }
-    async fn close(&self) -> Result<(), BackendError> {
-        (**self).close().await
-    }
-    fn name(&self) -> &str {
-        (**self).name()
-    }
+/// Implements [`Transport`] for a pointer type by forwarding every method to
+/// the transport it points to.
+macro_rules! forward_transport {
+    ($(#[$doc:meta])* $pointer:ident) => {
+        $(#[$doc])*
+        #[async_trait]
+        impl<T: Transport + ?Sized> Transport for $pointer<T> {
+            async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+                (**self).send(envelope).await
+            }
+            async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+                (**self).send_as(envelope, ours).await
+            }
+            async fn listen(&self, key: Key) -> Result<(), BackendError> {
+                (**self).listen(key).await
+            }
+            async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
+                (**self).unlisten(key).await
+            }
+            fn backend_type(&self) -> BackendType {
+                (**self).backend_type()
+            }
+            async fn close(&self) -> Result<(), BackendError> {
+                (**self).close().await
+            }
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+        }
+    };
 }
 
-/// A boxed transport is a transport: what [`connect_transport`] returns can
-/// be wrapped (e.g. in `conformance::Gated`).
-#[async_trait]
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
-        (**self).send(envelope).await
-    }
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
-        (**self).send_as(envelope, ours).await
-    }
-    async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        (**self).listen(key).await
-    }
-    async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        (**self).unlisten(key).await
-    }
-    fn backend_type(&self) -> BackendType {
-        (**self).backend_type()
-    }
-    async fn close(&self) -> Result<(), BackendError> {
-        (**self).close().await
-    }
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-}
+forward_transport!(
+    /// A shared transport is a transport: keep an `Arc` to read its counters
+    /// (e.g. `Multicast::stats`) while a backend owns a clone.
+    Arc
+);
+forward_transport!(
+    /// A boxed transport is a transport: what [`connect_transport`] returns can
+    /// be wrapped (e.g. in `conformance::Gated`).
+    Box
+);
 
 /// The locks of own keys, one per key that a subscribe or unsubscribe works on.
-type KeyLocks = std::sync::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
+type KeyLocks = parking_lot::Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>;
 
 /// A backend: the subscription [`Registry`] over a [`Transport`].
 ///
@@ -309,7 +299,7 @@ pub struct SignalingBackend {
     /// listen/unlisten of a key never race while other keys go on.
     key_locks: Arc<KeyLocks>,
     /// Unlistens of subscribes dropped while their medium listened.
-    undos: std::sync::Mutex<JoinSet<()>>,
+    undos: parking_lot::Mutex<JoinSet<()>>,
     closed: AtomicBool,
 }
 
@@ -320,7 +310,7 @@ impl SignalingBackend {
             transport: Arc::from(transport),
             registry,
             key_locks: Arc::default(),
-            undos: std::sync::Mutex::new(JoinSet::new()),
+            undos: parking_lot::Mutex::new(JoinSet::new()),
             closed: AtomicBool::new(false),
         }
     }
@@ -345,13 +335,7 @@ impl SignalingBackend {
 
     /// Waits for the lock of our key `public`.
     async fn lock_key(&self, public: Key) -> KeyLock {
-        let mutex = self
-            .key_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(public)
-            .or_default()
-            .clone();
+        let mutex = self.key_locks.lock().entry(public).or_default().clone();
         let guard = mutex.clone().lock_owned().await;
         KeyLock {
             locks: self.key_locks.clone(),
@@ -378,7 +362,7 @@ impl SignalingBackend {
             return;
         };
         let transport = self.transport.clone();
-        let mut undos = self.undos.lock().unwrap_or_else(|e| e.into_inner());
+        let mut undos = self.undos.lock();
         // Those done are taken out: the set holds the running ones only.
         while undos.try_join_next().is_some() {}
         undos.spawn_on(
@@ -404,7 +388,7 @@ struct KeyLock {
 impl Drop for KeyLock {
     fn drop(&mut self) {
         self.guard.take();
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut locks = self.locks.lock();
         // Held by the map and by us only: nobody else waits.
         if Arc::strong_count(&self.mutex) == 2 {
             locks.remove(&self.public);
@@ -536,7 +520,7 @@ impl Backend for SignalingBackend {
             return Ok(());
         }
         // Unlistens still running are moot: the medium stops for every key.
-        let mut undos = std::mem::take(&mut *self.undos.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut undos = std::mem::take(&mut *self.undos.lock());
         undos.shutdown().await;
         let closed = self.transport.close().await;
         // The worker stops and the handlers go: channels they feed see their end.

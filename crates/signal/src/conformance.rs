@@ -17,14 +17,10 @@
 //!
 //! The suite panics with a message that says what went wrong.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::{
@@ -45,18 +41,12 @@ pub struct Recorder {
 impl Recorder {
     /// What was received so far.
     pub fn deliveries(&self) -> Vec<Delivery> {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.deliveries.lock().clone()
     }
 
     /// How many messages were received.
     pub fn len(&self) -> usize {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.deliveries.lock().len()
     }
 
     /// True if nothing was received.
@@ -67,10 +57,7 @@ impl Recorder {
 
 impl Handler for Recorder {
     fn on_message(&self, delivery: &Delivery) {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(delivery.clone());
+        self.deliveries.lock().push(delivery.clone());
     }
 }
 
@@ -544,6 +531,35 @@ async fn exactly(what: &str, recorder: &Recorder, n: usize, options: &Options) {
     );
 }
 
+/// Closes `gate`, starts a subscribe of `key` (to `recorder`) on `backend`
+/// and returns it once it reached the medium, where the gate holds it.
+async fn subscribe_held_at_gate(
+    backend: &Arc<SignalingBackend>,
+    gate: &Gate,
+    key: Key,
+    recorder: &Arc<Recorder>,
+    options: &Options,
+) -> tokio::task::JoinHandle<Result<bool, BackendError>> {
+    gate.close();
+    let reached = gate.reached();
+    let subscribe = tokio::spawn({
+        let backend = backend.clone();
+        let handler = as_handler(recorder);
+        async move {
+            backend
+                .subscribe(&KeyPair::new(key, Key::ZERO), handler)
+                .await
+        }
+    });
+    within(
+        "the medium listens",
+        options.timeout,
+        gate.wait_reached(reached + 1),
+    )
+    .await;
+    subscribe
+}
+
 /// Checks that a subscription misses nothing that races it and that one
 /// dropped midway leaves nothing behind, on `backend`, whose transport is (or
 /// holds) the [`Gated`] transport of `gate`. `publisher` is another backend on
@@ -583,24 +599,8 @@ pub async fn subscribe_race(
     };
 
     // 1. An envelope while the medium listens and subscribe has not returned.
-    gate.close();
     let to_b = Arc::new(Recorder::default());
-    let reached = gate.reached();
-    let subscribe = tokio::spawn({
-        let backend = backend.clone();
-        let handler = as_handler(&to_b);
-        async move {
-            backend
-                .subscribe(&KeyPair::new(b, Key::ZERO), handler)
-                .await
-        }
-    });
-    within(
-        "the medium listens",
-        options.timeout,
-        gate.wait_reached(reached + 1),
-    )
-    .await;
+    let subscribe = subscribe_held_at_gate(&backend, &gate, b, &to_b, options).await;
     send(1, b).await;
     within(
         "the envelope sent while subscribe waits for the medium",
@@ -638,24 +638,8 @@ pub async fn subscribe_race(
     );
 
     // 3. A subscribe dropped while the medium listens.
-    gate.close();
     let dropped = Arc::new(Recorder::default());
-    let reached = gate.reached();
-    let subscribe = tokio::spawn({
-        let backend = backend.clone();
-        let handler = as_handler(&dropped);
-        async move {
-            backend
-                .subscribe(&KeyPair::new(c, Key::ZERO), handler)
-                .await
-        }
-    });
-    within(
-        "the medium listens",
-        options.timeout,
-        gate.wait_reached(reached + 1),
-    )
-    .await;
+    let subscribe = subscribe_held_at_gate(&backend, &gate, c, &dropped, options).await;
     subscribe.abort();
     let aborted = within("the dropped subscribe", options.timeout, subscribe).await;
     assert!(

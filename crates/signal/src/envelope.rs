@@ -14,7 +14,7 @@
 
 use std::{
     num::NonZeroUsize,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, LazyLock},
 };
 
 use crypto_secretbox::{
@@ -23,6 +23,7 @@ use crypto_secretbox::{
     consts::U10,
 };
 use lru::LruCache;
+use parking_lot::Mutex;
 use prost::Message as _;
 use zeroize::Zeroizing;
 
@@ -219,44 +220,39 @@ impl SharedKeyCache {
 
     /// The shared key of (ours, theirs), computed on a miss.
     pub fn get(&self, ours: &Key, theirs: &Key) -> Result<Arc<SharedKey>, EnvelopeError> {
-        if let Some(key) = self.lock().get(&(*ours, *theirs)) {
+        if let Some(key) = self.keys.lock().get(&(*ours, *theirs)) {
             return Ok(key.clone());
         }
         // Compute outside the lock: X25519 is the slow part.
         let key = Arc::new(SharedKey::with_public(ours, self.public_key(ours), theirs)?);
-        self.lock().put((*ours, *theirs), key.clone());
+        self.keys.lock().put((*ours, *theirs), key.clone());
         Ok(key)
     }
 
     /// The cached shared key of (ours, theirs), if any.
     pub fn lookup(&self, ours: &Key, theirs: &Key) -> Option<Arc<SharedKey>> {
-        self.lock().get(&(*ours, *theirs)).cloned()
+        self.keys.lock().get(&(*ours, *theirs)).cloned()
     }
 
     /// Caches a shared key of (ours, theirs).
     pub fn insert(&self, ours: &Key, theirs: &Key, key: Arc<SharedKey>) {
-        self.lock().put((*ours, *theirs), key);
+        self.keys.lock().put((*ours, *theirs), key);
     }
 
     /// The public key of `private`, computed on a miss.
     pub fn public_key(&self, private: &Key) -> Key {
-        let mut publics = self.publics.lock().unwrap_or_else(|e| e.into_inner());
+        let mut publics = self.publics.lock();
         *publics.get_or_insert(*private, || private.public_key())
     }
 
     /// How many shared keys are cached.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.keys.lock().len()
     }
 
     /// True if nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(Key, Key), Arc<SharedKey>>> {
-        // The cache holds no invariant a panic could break: go on after poisoning.
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

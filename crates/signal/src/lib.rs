@@ -16,6 +16,8 @@
 //!   the envelope, drop copies, find the handlers, call them);
 //!   [`Transport`]: what a medium (gRPC, in-process, ...) must provide underneath.
 //! - [`backend::connect`]: builds a backend from URLs, one per medium.
+//! - [`ice_url`]: the one parser of STUN/TURN URLs (`stun:`, `turn:USER:PASS@HOST?transport=udp`).
+//! - [`log_limit`]: at most one log line per interval for what outside input can cause.
 #![deny(missing_docs)]
 
 pub mod auth;
@@ -26,9 +28,12 @@ pub mod codec;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod envelope;
+pub mod ice_url;
 pub mod json;
 mod key;
+pub mod log_limit;
 mod registry;
+mod task;
 
 pub use backend::{Backend, BackendError, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};

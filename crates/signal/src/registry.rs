@@ -25,7 +25,7 @@ use std::{
     collections::{HashMap, VecDeque, hash_map::Entry},
     num::NonZeroUsize,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{
             AtomicU64, AtomicUsize,
             Ordering::{Relaxed, SeqCst},
@@ -35,16 +35,20 @@ use std::{
 };
 
 use lru::LruCache;
+use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::{
     sync::{mpsc, watch},
-    task::JoinHandle,
     time::Instant,
 };
 
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, KeyPair, NONCE_LEN, SharedKeyCache,
+    log_limit::LogLimiter,
     proto::signaling::{Envelope, Message},
+    task,
 };
 
 /// A message that arrived, with the keys it travelled between.
@@ -301,7 +305,7 @@ pub struct Registry {
     /// How many queued envelopes the worker has finished with.
     finished: watch::Receiver<u64>,
     /// `None` once closed.
-    worker: Mutex<Option<JoinHandle<()>>>,
+    worker: Mutex<Option<AbortOnDropHandle<()>>>,
 }
 
 /// What the registry shares with its worker.
@@ -325,44 +329,9 @@ struct Shared {
     forgotten_log: LogLimiter,
 }
 
-/// Lets a log line through at most once per interval, so that input from
-/// outside cannot flood the log; counters keep the totals.
-#[derive(Debug, Default)]
-pub(crate) struct LogLimiter {
-    /// Milliseconds since [`log_epoch`] of the last line let through, plus one.
-    last: AtomicU64,
-}
-
-/// Interval of [`LogLimiter`].
-const LOG_INTERVAL_MS: u64 = 10_000;
-
-fn log_epoch() -> std::time::Instant {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(std::time::Instant::now)
-}
-
-impl LogLimiter {
-    /// True for the first call and then at most once per interval.
-    pub(crate) fn allow(&self) -> bool {
-        let now = log_epoch().elapsed().as_millis() as u64 + 1;
-        let last = self.last.load(Relaxed);
-        if last != 0 && now < last + LOG_INTERVAL_MS {
-            return false;
-        }
-        self.last
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-    }
-}
-
 fn same_handler(a: &HandlerRef, b: &HandlerRef) -> bool {
     // Compare the data pointers only: vtable pointers of one type may differ.
     std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the maps consistent: go on after a panic elsewhere.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Registry {
@@ -400,7 +369,7 @@ impl Registry {
             shared,
             queue,
             finished,
-            worker: Mutex::new(Some(worker)),
+            worker: Mutex::new(Some(AbortOnDropHandle::new(worker))),
         })
     }
 
@@ -409,7 +378,7 @@ impl Registry {
     /// of our key. Adding a handler that is there already changes nothing.
     pub fn add(&self, pair: &KeyPair, handler: HandlerRef) -> bool {
         let public = SharedKeyCache::global().public_key(&pair.ours);
-        let mut keys = lock(&self.shared.keys);
+        let mut keys = self.shared.keys.lock();
         let (own, first) = match keys.entry(public) {
             Entry::Occupied(e) => (e.into_mut(), false),
             Entry::Vacant(e) => (
@@ -431,7 +400,7 @@ impl Registry {
     /// delivered to it.
     pub fn remove(&self, pair: &KeyPair, handler: &HandlerRef) -> Removal {
         let public = SharedKeyCache::global().public_key(&pair.ours);
-        let mut keys = lock(&self.shared.keys);
+        let mut keys = self.shared.keys.lock();
         let Some(own) = keys.get_mut(&public) else {
             return Removal {
                 last_for_sender: true,
@@ -459,7 +428,7 @@ impl Registry {
     /// Removes every handler (and the private keys they came with), so that
     /// they see the end.
     pub fn clear(&self) {
-        let keys = std::mem::take(&mut *lock(&self.shared.keys));
+        let keys = std::mem::take(&mut *self.shared.keys.lock());
         // Dropped outside the lock: a handler's drop may do anything.
         drop(keys);
     }
@@ -468,28 +437,26 @@ impl Registry {
     /// removes every handler; for a backend that closes. Later envelopes are
     /// not delivered.
     pub async fn close(&self) {
-        let worker = lock(&self.worker).take();
+        let worker = self.worker.lock().take();
         if let Some(worker) = worker {
-            worker.abort();
-            // Resolves once the task is gone, and with it its handles.
-            let _ = worker.await;
+            task::stop(worker).await;
         }
         self.clear();
     }
 
     /// The private key of our key `public`, if it has a handler.
     pub fn private_key(&self, public: &Key) -> Option<Key> {
-        lock(&self.shared.keys).get(public).map(|own| own.private)
+        self.shared.keys.lock().get(public).map(|own| own.private)
     }
 
     /// True if our key `public` has a handler.
     pub fn has_key(&self, public: &Key) -> bool {
-        lock(&self.shared.keys).contains_key(public)
+        self.shared.keys.lock().contains_key(public)
     }
 
     /// The own public keys that have handlers.
     pub fn keys(&self) -> Vec<Key> {
-        lock(&self.shared.keys).keys().copied().collect()
+        self.shared.keys.lock().keys().copied().collect()
     }
 
     /// Hands `envelope` to the worker, which opens it and calls every handler
@@ -562,14 +529,6 @@ impl Registry {
     }
 }
 
-impl Drop for Registry {
-    fn drop(&mut self) {
-        if let Some(worker) = lock(&self.worker).take() {
-            worker.abort();
-        }
-    }
-}
-
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
@@ -602,7 +561,7 @@ impl Shared {
             return;
         };
         // Looked up again: the handlers may have gone while it waited.
-        let Some(private) = lock(&self.keys).get(&recipient).map(|own| own.private) else {
+        let Some(private) = self.keys.lock().get(&recipient).map(|own| own.private) else {
             self.dropped_no_subscriber.fetch_add(1, Relaxed);
             tracing::debug!(%recipient, "envelope for a key without handlers dropped");
             return;
@@ -615,7 +574,7 @@ impl Shared {
         );
         let now = Instant::now();
         if let Some((sender, nonce)) = &id
-            && lock(&self.recent).contains(sender, nonce, now)
+            && self.recent.lock().contains(sender, nonce, now)
         {
             self.dropped_duplicate.fetch_add(1, Relaxed);
             return;
@@ -640,7 +599,7 @@ impl Shared {
         }
         // Remembered only now, so that a forged copy cannot suppress the real
         // one and a sender nobody listens to takes no room.
-        let inserted = lock(&self.recent).insert(sender, nonce, now);
+        let inserted = self.recent.lock().insert(sender, nonce, now);
         if !inserted.new {
             self.dropped_duplicate.fetch_add(1, Relaxed);
             return;
@@ -670,7 +629,7 @@ impl Shared {
     }
 
     fn handlers_for(&self, recipient: &Key, sender: &Key) -> Vec<HandlerRef> {
-        let keys = lock(&self.keys);
+        let keys = self.keys.lock();
         let Some(own) = keys.get(recipient) else {
             return Vec::new();
         };
@@ -818,7 +777,7 @@ mod tests {
         let stats = registry.stats();
         assert_eq!((stats.dropped_no_subscriber, stats.dropped_invalid), (1, 1));
         // Nobody listens to c: its envelope took no duplicate window.
-        assert_eq!(lock(&registry.shared.recent).senders.len(), 1);
+        assert_eq!(registry.shared.recent.lock().senders.len(), 1);
     }
 
     #[tokio::test]
@@ -992,7 +951,7 @@ mod tests {
         tokio::time::timeout(STEP, registry.close())
             .await
             .expect("closed within 10 s");
-        assert!(lock(&registry.worker).is_none());
+        assert!(registry.worker.lock().is_none());
         // Queued before the close, dropped with the queue: never opened.
         assert_eq!(registry.stats().opened, 0);
         registry.add(&KeyPair::new(b, Key::ZERO), handler);

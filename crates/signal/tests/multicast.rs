@@ -16,7 +16,7 @@ use std::{
     future::Future,
     net::{SocketAddr, UdpSocket as StdUdpSocket},
     process::ExitStatus,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -34,6 +34,7 @@ use cunicu_signal::{
     },
 };
 use cunicu_signal_test_support::netns::{IN_NETNS_ENV, Netns, Veth};
+use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -115,7 +116,7 @@ impl Child {
                 {
                     let _ = tx.send(());
                 }
-                let mut log = out_log.lock().unwrap();
+                let mut log = out_log.lock();
                 log.push_str(&line);
                 log.push('\n');
             }
@@ -124,7 +125,7 @@ impl Child {
         let err_reader = tokio::spawn(async move {
             let mut lines = BufReader::new(err).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let mut log = err_log.lock().unwrap();
+                let mut log = err_log.lock();
                 log.push_str(&line);
                 log.push('\n');
             }
@@ -144,8 +145,8 @@ impl Child {
         format!(
             "--- stdout of {}:\n{}--- stderr:\n{}",
             self.what,
-            self.stdout.lock().unwrap(),
-            self.stderr.lock().unwrap()
+            self.stdout.lock(),
+            self.stderr.lock()
         )
     }
 
@@ -198,7 +199,7 @@ impl Child {
             self.output()
         );
         assert!(
-            self.stdout.lock().unwrap().contains(DONE),
+            self.stdout.lock().contains(DONE),
             "{} exited without running its body (wrong test name?)\n{}",
             self.what,
             self.output()

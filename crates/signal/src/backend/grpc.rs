@@ -12,29 +12,33 @@ use std::{
     collections::HashMap,
     fmt,
     path::PathBuf,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use rustls::{
     ClientConfig, RootCertStore,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
 };
-use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpStream, sync::oneshot};
 use tonic::{
     Request, Status, Streaming,
     transport::{Channel, Endpoint, Uri},
 };
 
 use super::{BackendError, Transport, bool_param, check_params};
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, Registry,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA},
     proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
+    task,
 };
 
 /// Settings of the gRPC backend that URLs do not carry.
@@ -166,22 +170,8 @@ impl GrpcTarget {
     }
 }
 
-/// Aborts the task when dropped.
-struct Subscription(JoinHandle<()>);
-
-impl Subscription {
-    /// Aborts the stream's task and waits until it is gone.
-    async fn stop(mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A subscription's stream task, aborted when dropped.
+type Subscription = AbortOnDropHandle<()>;
 
 /// The gRPC transport.
 pub struct Grpc {
@@ -224,10 +214,6 @@ impl Grpc {
             options,
             streams: Mutex::new(HashMap::new()),
         })
-    }
-
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Subscription>> {
-        self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Publishes, with a proof that we hold `ours` (the sender's private key)
@@ -303,17 +289,13 @@ impl ServerAuth {
         ))
     }
 
-    fn learned(&self) -> std::sync::MutexGuard<'_, Option<Option<Key>>> {
-        self.learned.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The server's key: learned once through `GetBuildInfo` on `client`'s
     /// channel, and checked against the pinned one.
     async fn server_key(
         &self,
         client: &SignalingClient<Channel>,
     ) -> Result<Option<Key>, GrpcError> {
-        if let Some(known) = *self.learned() {
+        if let Some(known) = *self.learned.lock() {
             return Ok(known);
         }
         let mut client = client.clone();
@@ -343,7 +325,7 @@ impl ServerAuth {
         {
             return Err(GrpcError::OtherServerKey { pinned, presented });
         }
-        *self.learned() = Some(presented);
+        *self.learned.lock() = Some(presented);
         Ok(presented)
     }
 
@@ -388,7 +370,7 @@ impl ServerAuth {
     /// in case the server's changed.
     fn refused(&self, status: &Status) {
         if status.code() == tonic::Code::Unauthenticated && self.pinned.is_none() {
-            *self.learned() = None;
+            *self.learned.lock() = None;
         }
     }
 }
@@ -784,7 +766,7 @@ impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             // Dropping the subscription aborts its task.
-            self.grpc.streams().remove(&key);
+            self.grpc.streams.lock().remove(&key);
         }
     }
 }
@@ -800,7 +782,7 @@ impl Transport for Grpc {
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        if self.streams().contains_key(&key) {
+        if self.streams.lock().contains_key(&key) {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
@@ -814,7 +796,9 @@ impl Transport for Grpc {
             tx,
         ));
         // Kept also when the first attempt fails: it retries until unlisten.
-        self.streams().insert(key, Subscription(task));
+        self.streams
+            .lock()
+            .insert(key, AbortOnDropHandle::new(task));
         // If the caller gives up waiting (drops this future), nobody asked for
         // the stream any more: take it away again.
         let mut cancelled = CancelGuard {
@@ -837,9 +821,9 @@ impl Transport for Grpc {
     }
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        let subscription = self.streams().remove(&key);
+        let subscription = self.streams.lock().remove(&key);
         if let Some(subscription) = subscription {
-            subscription.stop().await;
+            task::stop(subscription).await;
         }
         Ok(())
     }
@@ -849,9 +833,10 @@ impl Transport for Grpc {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let subscriptions: Vec<Subscription> = self.streams().drain().map(|(_, s)| s).collect();
+        let subscriptions: Vec<Subscription> =
+            self.streams.lock().drain().map(|(_, s)| s).collect();
         for subscription in subscriptions {
-            subscription.stop().await;
+            task::stop(subscription).await;
         }
         Ok(())
     }

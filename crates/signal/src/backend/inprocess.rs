@@ -3,12 +3,13 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc, LazyLock, Mutex, Weak,
+        Arc, LazyLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 
 use super::{BackendError, Transport, check_params};
 use crate::{
@@ -21,10 +22,6 @@ type Listeners = HashMap<Key, Vec<(u64, Weak<Registry>)>>;
 
 static EXCHANGE: LazyLock<Mutex<Listeners>> = LazyLock::new(Default::default);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-fn exchange() -> std::sync::MutexGuard<'static, Listeners> {
-    EXCHANGE.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The in-process transport. Envelopes are handed to the listening registries
 /// on the publisher's task, before `send` returns; each registry's worker opens
@@ -46,12 +43,8 @@ impl InProcess {
         })
     }
 
-    fn keys(&self) -> std::sync::MutexGuard<'_, HashSet<Key>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn remove(&self, key: &Key) {
-        let mut exchange = exchange();
+        let mut exchange = EXCHANGE.lock();
         if let Some(list) = exchange.get_mut(key) {
             list.retain(|(id, _)| *id != self.id);
             if list.is_empty() {
@@ -62,7 +55,7 @@ impl InProcess {
 
     /// Leaves the exchange for every key.
     fn remove_all(&self) {
-        let keys: Vec<Key> = self.keys().drain().collect();
+        let keys: Vec<Key> = self.keys.lock().drain().collect();
         for key in keys {
             self.remove(&key);
         }
@@ -73,7 +66,8 @@ impl InProcess {
 impl Transport for InProcess {
     async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
         let recipient = envelope.recipient_key()?;
-        let registries: Vec<Arc<Registry>> = exchange()
+        let registries: Vec<Arc<Registry>> = EXCHANGE
+            .lock()
             .get(&recipient)
             .map(|list| list.iter().filter_map(|(_, r)| r.upgrade()).collect())
             .unwrap_or_default();
@@ -87,8 +81,9 @@ impl Transport for InProcess {
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
-        if self.keys().insert(key) {
-            exchange()
+        if self.keys.lock().insert(key) {
+            EXCHANGE
+                .lock()
                 .entry(key)
                 .or_default()
                 .push((self.id, Arc::downgrade(&self.registry)));
@@ -97,7 +92,7 @@ impl Transport for InProcess {
     }
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        if self.keys().remove(&key) {
+        if self.keys.lock().remove(&key) {
             self.remove(&key);
         }
         Ok(())

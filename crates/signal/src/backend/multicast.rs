@@ -53,7 +53,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     num::NonZeroUsize,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -61,15 +61,19 @@ use std::{
 
 use async_trait::async_trait;
 use lru::LruCache;
+use parking_lot::Mutex;
 use prost::Message as _;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::UdpSocket, task::JoinHandle};
+use tokio::net::UdpSocket;
 
 use super::{BackendError, Transport, bool_param, check_params};
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, Registry,
+    log_limit::LogLimiter,
     proto::signaling::{BackendType, Envelope},
-    registry::LogLimiter,
+    task,
 };
 
 /// The largest envelope that travels as one datagram, in bytes: cunīcu's peers
@@ -448,11 +452,6 @@ fn open_socket(config: &Config, url: &url::Url) -> Result<std::net::UdpSocket, B
     Ok(socket.into())
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the data consistent: go on after a panic elsewhere.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// What the transport shares with its receive task.
 struct Shared {
     name: String,
@@ -476,7 +475,7 @@ impl Shared {
     fn on_datagram(&self, datagram: &[u8], from: SocketAddr) {
         self.received.fetch_add(1, Relaxed);
         // First, before decoding: a flood from one host costs the others nothing.
-        let admission = lock(&self.sources).admit(from.ip(), Instant::now());
+        let admission = self.sources.lock().admit(from.ip(), Instant::now());
         if admission.shared {
             self.sources_full.fetch_add(1, Relaxed);
         }
@@ -512,7 +511,7 @@ impl Shared {
                 return;
             }
         };
-        if !lock(&self.keys).contains(&recipient) {
+        if !self.keys.lock().contains(&recipient) {
             self.not_ours.fetch_add(1, Relaxed);
             tracing::trace!(backend = %self.name, %recipient, %from, "envelope for another peer ignored");
             return;
@@ -559,7 +558,7 @@ pub struct Multicast {
     shared: Arc<Shared>,
     /// `None` once closed.
     socket: Mutex<Option<Arc<UdpSocket>>>,
-    receiver: Mutex<Option<JoinHandle<()>>>,
+    receiver: Mutex<Option<AbortOnDropHandle<()>>>,
 }
 
 impl Multicast {
@@ -595,7 +594,7 @@ impl Multicast {
             group: config.group,
             shared,
             socket: Mutex::new(Some(socket)),
-            receiver: Mutex::new(Some(receiver)),
+            receiver: Mutex::new(Some(AbortOnDropHandle::new(receiver))),
         })
     }
 
@@ -620,7 +619,7 @@ impl Multicast {
     }
 
     fn socket(&self) -> Result<Arc<UdpSocket>, BackendError> {
-        lock(&self.socket).clone().ok_or(BackendError::Closed)
+        self.socket.lock().clone().ok_or(BackendError::Closed)
     }
 }
 
@@ -657,12 +656,12 @@ impl Transport for Multicast {
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
         // The socket hears the group from the start: listening is bookkeeping.
         self.socket()?;
-        lock(&self.shared.keys).insert(key);
+        self.shared.keys.lock().insert(key);
         Ok(())
     }
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
-        lock(&self.shared.keys).remove(&key);
+        self.shared.keys.lock().remove(&key);
         Ok(())
     }
 
@@ -671,28 +670,18 @@ impl Transport for Multicast {
     }
 
     async fn close(&self) -> Result<(), BackendError> {
-        let socket = lock(&self.socket).take();
-        let receiver = lock(&self.receiver).take();
+        let socket = self.socket.lock().take();
+        let receiver = self.receiver.lock().take();
         if let Some(receiver) = receiver {
-            receiver.abort();
-            // Resolves once the task is gone, and with it its handle on the socket.
-            let _ = receiver.await;
+            task::stop(receiver).await;
         }
         drop(socket);
-        lock(&self.shared.keys).clear();
+        self.shared.keys.lock().clear();
         Ok(())
     }
 
     fn name(&self) -> &str {
         &self.shared.name
-    }
-}
-
-impl Drop for Multicast {
-    fn drop(&mut self) {
-        if let Some(receiver) = lock(&self.receiver).take() {
-            receiver.abort();
-        }
     }
 }
 

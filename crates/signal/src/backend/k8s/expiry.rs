@@ -73,7 +73,7 @@ pub(super) async fn expire(
     loop {
         ticker.tick().await;
         let ours: HashSet<String> = {
-            let mut state = shared.state();
+            let mut state = shared.state.lock();
             // A sender key is kept until everything it sent has had time to expire.
             let keep = shared.ttl.0 * 2 + interval;
             let senders = state.senders.recent(Instant::now(), keep);

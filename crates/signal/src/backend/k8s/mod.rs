@@ -103,7 +103,7 @@ use std::{
     collections::BTreeSet,
     fmt,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, SystemTime},
@@ -113,9 +113,9 @@ use async_trait::async_trait;
 #[cfg(doc)]
 use kube::runtime::watcher::watcher;
 use kube::{Api, Client, api::PostParams};
+use parking_lot::Mutex;
 use tokio::{
     sync::{oneshot, watch as channel},
-    task::JoinHandle,
     time::Instant,
 };
 
@@ -129,15 +129,19 @@ pub use stats::K8sStats;
 pub use url::{DEFAULT_NAMESPACE, DEFAULT_TTL, K8sOptions, K8sTarget, KubeconfigSource};
 
 use super::{BackendError, Transport};
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::{
     Key, Registry,
+    log_limit::LogLimiter,
     proto::signaling::{BackendType, Envelope},
+    task,
 };
 use access::Access;
 use error::Place;
 use expiry::Senders;
 use rules::{Rules, Ttl};
-use stats::{Counters, RateLimit};
+use stats::Counters;
 use watch::Waiter;
 
 /// After the first, undecodable objects are logged as warnings at most this often.
@@ -185,7 +189,7 @@ struct Shared {
     /// Set once a denied delete has been logged as a warning.
     delete_denied_logged: AtomicBool,
     /// Limits the warnings about undecodable objects.
-    invalid_log: RateLimit,
+    invalid_log: LogLimiter,
 }
 
 impl Shared {
@@ -198,7 +202,7 @@ impl Shared {
             state: Mutex::new(State::new(ttl)),
             counters: Counters::default(),
             delete_denied_logged: AtomicBool::new(false),
-            invalid_log: RateLimit::new(INVALID_LOG_INTERVAL),
+            invalid_log: LogLimiter::new(INVALID_LOG_INTERVAL),
         }
     }
 
@@ -210,27 +214,10 @@ impl Shared {
         };
         Shared::new("k8s:///test".into(), place, ttl, registry)
     }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
-/// Aborts the task when dropped.
-struct Task(JoinHandle<()>);
-
-impl Task {
-    async fn stop(mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A task of the transport, aborted when dropped.
+type Task = AbortOnDropHandle<()>;
 
 /// The Kubernetes transport.
 pub struct K8s {
@@ -297,14 +284,14 @@ impl K8s {
         });
         let (changes, changes_rx) = channel::channel(0);
         let (applied_tx, applied) = channel::channel(0);
-        let watches = Task(tokio::spawn(watch::run_watches(
+        let watches = AbortOnDropHandle::new(tokio::spawn(watch::run_watches(
             shared.clone(),
             api.clone(),
             options.clone(),
             changes_rx,
             applied_tx,
         )));
-        let expiry = Task(tokio::spawn(expiry::expire(
+        let expiry = AbortOnDropHandle::new(tokio::spawn(expiry::expire(
             shared.clone(),
             api.clone(),
             interval,
@@ -336,12 +323,12 @@ impl K8s {
     /// The keys this transport listens on: from `listen` until `unlisten`,
     /// including those whose watch is still retrying after a transient error.
     pub fn listening(&self) -> BTreeSet<Key> {
-        self.shared.state().wanted.clone()
+        self.shared.state.lock().wanted.clone()
     }
 
     /// The counters.
     pub fn stats(&self) -> K8sStats {
-        let forgotten_early = self.shared.state().rules.forgotten_early();
+        let forgotten_early = self.shared.state.lock().rules.forgotten_early();
         self.shared.counters.snapshot(forgotten_early)
     }
 
@@ -389,7 +376,11 @@ impl Transport for K8s {
         }
         self.shared.counters.sent.fetch_add(1, Relaxed);
         let sender = envelope.sender_key()?;
-        self.shared.state().senders.sent(sender, Instant::now());
+        self.shared
+            .state
+            .lock()
+            .senders
+            .sent(sender, Instant::now());
         Ok(())
     }
 
@@ -398,7 +389,7 @@ impl Transport for K8s {
         let called = SystemTime::now();
         self.check_open()?;
         let deadline = Instant::now() + self.options.listen_timeout;
-        if self.shared.state().is_live(&key) {
+        if self.shared.state.lock().is_live(&key) {
             return Ok(());
         }
         // The access review, once per transport, within this listen's time.
@@ -428,7 +419,7 @@ impl Transport for K8s {
         // listen: if this future is dropped, the watch goes on trying.
         let (tx, rx) = oneshot::channel();
         {
-            let mut state = self.shared.state();
+            let mut state = self.shared.state.lock();
             // Checked under the lock that close clears the state under.
             self.check_open()?;
             if state.is_live(&key) {
@@ -449,7 +440,7 @@ impl Transport for K8s {
             Ok(Err(_)) => {
                 // The waiter was dropped: by close, by unlisten, or the task ended.
                 self.check_open()?;
-                let why = if self.shared.state().wanted.contains(&key) {
+                let why = if self.shared.state.lock().wanted.contains(&key) {
                     "watch task ended unexpectedly"
                 } else {
                     "unlistened while listening"
@@ -469,7 +460,7 @@ impl Transport for K8s {
 
     async fn unlisten(&self, key: Key) -> Result<(), BackendError> {
         {
-            let mut state = self.shared.state();
+            let mut state = self.shared.state.lock();
             if !state.wanted.remove(&key) {
                 return Ok(());
             }
@@ -491,15 +482,15 @@ impl Transport for K8s {
         self.closed.store(true, Relaxed);
         {
             // Listens still waiting return `Closed`.
-            let mut state = self.shared.state();
+            let mut state = self.shared.state.lock();
             state.wanted.clear();
             state.rules.forget_all();
             state.waiters.clear();
         }
-        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let tasks = self.tasks.lock().take();
         if let Some((watches, expiry)) = tasks {
-            watches.stop().await;
-            expiry.stop().await;
+            task::stop(watches).await;
+            task::stop(expiry).await;
         }
         Ok(())
     }

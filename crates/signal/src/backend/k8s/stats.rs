@@ -1,14 +1,6 @@
-//! The counters of a Kubernetes transport, and the limit on its warnings.
+//! The counters of a Kubernetes transport.
 
-use std::{
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
-    time::Duration,
-};
-
-use tokio::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[cfg(doc)]
 use super::{CLOCK_SKEW, K8s};
@@ -77,46 +69,5 @@ impl Counters {
             forgotten_early,
             watch_errors: self.watch_errors.load(Relaxed),
         }
-    }
-}
-
-/// Lets an event through at most once per interval.
-pub(super) struct RateLimit {
-    interval: Duration,
-    last: Mutex<Option<Instant>>,
-}
-
-impl RateLimit {
-    pub(super) fn new(interval: Duration) -> Self {
-        RateLimit {
-            interval,
-            last: Mutex::new(None),
-        }
-    }
-
-    /// True for the first call and then for the first call after each interval.
-    pub(super) fn allow(&self, now: Instant) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warnings_about_undecodable_objects_are_rate_limited() {
-        let limit = RateLimit::new(Duration::from_secs(60));
-        let t0 = Instant::now();
-        assert!(limit.allow(t0));
-        assert!(!limit.allow(t0 + Duration::from_secs(1)));
-        assert!(!limit.allow(t0 + Duration::from_secs(59)));
-        assert!(limit.allow(t0 + Duration::from_secs(60)));
-        assert!(!limit.allow(t0 + Duration::from_secs(61)));
     }
 }

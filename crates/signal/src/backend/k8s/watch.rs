@@ -19,10 +19,7 @@ use kube::{
         watcher::{self, ExponentialBackoff, watcher},
     },
 };
-use tokio::{
-    sync::{oneshot, watch},
-    time::Instant,
-};
+use tokio::sync::{oneshot, watch};
 
 use super::{
     K8sError, K8sOptions, Shared,
@@ -80,7 +77,7 @@ impl Shared {
         let error = self.place.watch_error(e);
         let definitive = error.is_definitive();
         let waiters = {
-            let mut state = self.state();
+            let mut state = self.state.lock();
             let state = &mut *state;
             state.waiters.retain(|w| !w.tx.is_closed());
             let (hit, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
@@ -127,7 +124,7 @@ impl Shared {
     /// listens waiting for one of them return.
     pub(super) fn listed(&self, keys: &BTreeSet<Key>) {
         let waiters = {
-            let mut state = self.state();
+            let mut state = self.state.lock();
             state.rules.listed(keys);
             let (hit, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
                 .into_iter()
@@ -157,7 +154,7 @@ impl Shared {
             created: created(&object.metadata),
             recipient: decoded.as_ref().ok().map(|(_, recipient)| *recipient),
         };
-        let verdict = self.state().rules.decide(&facts, SystemTime::now());
+        let verdict = self.state.lock().rules.decide(&facts, SystemTime::now());
         let counter = match verdict {
             Verdict::Deliver => None,
             Verdict::CaughtUp => Some(&self.counters.caught_up),
@@ -182,7 +179,7 @@ impl Shared {
     /// Counts and (rate-limited) logs an object that is not an envelope.
     fn invalid(&self, object: &SignalingEnvelope, why: &str) {
         let total = self.counters.invalid.fetch_add(1, Relaxed) + 1;
-        if self.invalid_log.allow(Instant::now()) {
+        if self.invalid_log.allow() {
             tracing::warn!(
                 backend = %self.name,
                 object = %object.name_any(),
@@ -207,7 +204,7 @@ pub(super) async fn run_watches(
 ) {
     loop {
         let generation = *changes.borrow_and_update();
-        let keys = shared.state().wanted.clone();
+        let keys = shared.state.lock().wanted.clone();
         applied.send_replace(generation);
         if keys.is_empty() {
             if changes.changed().await.is_err() {
@@ -297,7 +294,7 @@ mod tests {
         );
         let shared = Shared::for_test(registry.clone(), Duration::from_secs(60));
         {
-            let mut state = shared.state();
+            let mut state = shared.state.lock();
             state.wanted.insert(b.public_key());
             // listen was called 10 s ago.
             state
