@@ -47,6 +47,8 @@ pub struct Nats {
     pub monitor: u16,
     cluster_port: u16,
     routes: Vec<u16>,
+    /// Started once: a restart keeps its ports.
+    started: bool,
 }
 
 impl Nats {
@@ -81,18 +83,29 @@ impl Nats {
             monitor: free_port(),
             cluster_port: 0,
             routes,
+            started: false,
         }
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the process and waits until it serves; Err with its log if it
+    /// exited first.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let mut command = Command::new(binary());
         command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor.to_string(), "-n", &self.name])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .kill_on_drop(true);
+        // Its log, to say why when it does not come up.
+        let log_path = std::env::temp_dir().join(format!(
+            "cunicu-signal-test-nats-{}-{}.log",
+            self.name, self.port
+        ));
+        match std::fs::File::create(&log_path) {
+            Ok(file) => command.stderr(Stdio::from(file)),
+            Err(_) => command.stderr(Stdio::null()),
+        };
         if self.cluster_port != 0 {
             let routes: Vec<String> = self
                 .routes
@@ -112,12 +125,51 @@ impl Nats {
         self.child = Some(command.spawn().expect("nats-server starts"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.get("/healthz").await.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server {} not up",
-                self.name
-            );
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let _ = std::fs::remove_file(&log_path);
+                return Err(format!("exited with {status}; its log:\n{log}"));
+            }
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let exited = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                panic!(
+                    "nats-server {} (ports {} {}) not up in 20 s, exit {exited:?}; its log:\n{log}",
+                    self.name, self.port, self.monitor
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = std::fs::remove_file(&log_path);
+        Ok(())
+    }
+
+    async fn spawn(&mut self) {
+        let first = !self.started;
+        let mut attempts = 0;
+        loop {
+            match self.try_spawn().await {
+                Ok(()) => {
+                    self.started = true;
+                    return;
+                }
+                // A free port found by binding and closing may be taken by
+                // another test's process before this one binds it: a first
+                // start takes other ports (a restart must keep its own).
+                Err(e) if first && attempts < 5 && e.contains("address already in use") => {
+                    attempts += 1;
+                    self.port = free_port();
+                    self.monitor = free_port();
+                }
+                Err(e) => panic!("nats-server {} did not start: {e}", self.name),
+            }
         }
     }
 
