@@ -265,10 +265,12 @@ pub(crate) enum Refused {
     ClientCalls(Client, usize),
     #[error("the server has reached its limit of {0} calls in progress")]
     Calls(usize),
-    #[error("{0} has reached the limit of {1} calls of GetRelays, health or reflection at once")]
+    #[error(
+        "{0} has reached the limit of {1} calls of GetBuildInfo, GetRelays, health or reflection at once"
+    )]
     ClientBridged(Client, usize),
     #[error(
-        "the server has reached its limit of {0} calls of GetRelays, health or reflection at once"
+        "the server has reached its limit of {0} calls of GetBuildInfo, GetRelays, health or reflection at once"
     )]
     Bridged(usize),
     #[error("{0} sends requests faster than {1} per second")]

@@ -480,3 +480,36 @@ async fn settings_that_cannot_work_are_refused() {
     let err = Server::spawn(config).await.err().map(|e| e.to_string());
     assert_eq!(err.as_deref(), Some("--allow-keys needs --auth required"));
 }
+
+/// A backend that subscribes many keys at once learns the server's key
+/// once: a GetBuildInfo per key would run into the server's limit on such
+/// calls from one client (16 at once) and fail subscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_keys_subscribed_at_once_learn_the_server_key_once() -> Result<()> {
+    let f = start(AuthMode::Required, None).await;
+    let backend = connect(&[f.url()]).await?;
+    let peer = Key::generate().public_key();
+    let (handler, _rx) = ChannelHandler::new(1);
+    let pairs: Vec<KeyPair> = (0..100)
+        .map(|_| KeyPair::new(Key::generate(), peer))
+        .collect();
+    let subscribed = futures::future::join_all(
+        pairs
+            .iter()
+            .map(|pair| backend.subscribe(pair, handler.clone())),
+    );
+    let results = timeout(WAIT, subscribed).await?;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {}",
+        failed.len(),
+        failed[0]
+    );
+    assert_eq!(f.metric("ok").await, "100");
+    backend.close().await?;
+    Ok(())
+}

@@ -267,6 +267,10 @@ pub struct ServerAuth {
     pinned: Option<Key>,
     /// `Some(None)`: the server has no key.
     learned: Arc<Mutex<Option<Option<Key>>>>,
+    /// Held while one call learns the key: the others wait for it instead
+    /// of each asking (a backend subscribing many keys at once would
+    /// otherwise send as many GetBuildInfo calls, which a server limits).
+    learning: Arc<tokio::sync::Mutex<()>>,
     timeout: Duration,
 }
 
@@ -277,6 +281,7 @@ impl ServerAuth {
         ServerAuth {
             pinned,
             learned: Arc::new(Mutex::new(None)),
+            learning: Arc::new(tokio::sync::Mutex::new(())),
             timeout,
         }
     }
@@ -295,6 +300,11 @@ impl ServerAuth {
         &self,
         client: &SignalingClient<Channel>,
     ) -> Result<Option<Key>, GrpcError> {
+        if let Some(known) = *self.learned.lock() {
+            return Ok(known);
+        }
+        let _learning = self.learning.lock().await;
+        // Learned by the call that held the lock before.
         if let Some(known) = *self.learned.lock() {
             return Ok(known);
         }
