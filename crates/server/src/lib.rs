@@ -57,7 +57,7 @@ pub use client::Rate;
 pub use cluster::{ClusterConfig, ClusterError};
 pub use config::{Config, ConfigError, TlsFiles};
 pub use metrics::Metrics;
-pub use relay::{Relay, RelayError};
+pub use relay::{Relay, RelayUrlError};
 pub use service::build_info;
 use service::{RelayService, SignalingService};
 

@@ -74,17 +74,17 @@ impl fmt::Debug for Relay {
 /// and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid relay URL {:?}: {}", .0.url, .0.reason)]
-pub struct RelayError(pub IceUrlError);
+pub struct RelayUrlError(pub IceUrlError);
 
 impl FromStr for Relay {
-    type Err = RelayError;
+    type Err = RelayUrlError;
 
     /// The rules of [`IceUrl::parse`], plus `secret=` and `ttl=` and nothing
     /// else; what this accepts, a peer's ICE agent accepts.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let url = IceUrl::parse(text).map_err(RelayError)?;
+        let url = IceUrl::parse(text).map_err(RelayUrlError)?;
         let err = |name: &str, why: &str| {
-            RelayError(IceUrlError::new(
+            RelayUrlError(IceUrlError::new(
                 text,
                 IceUrlReason::Param {
                     name: name.to_string(),
@@ -105,7 +105,7 @@ impl FromStr for Relay {
                     )
                 }
                 other => {
-                    return Err(RelayError(IceUrlError::new(
+                    return Err(RelayUrlError(IceUrlError::new(
                         text,
                         IceUrlReason::UnknownParam(other.to_string()),
                     )));

@@ -29,11 +29,18 @@ fn binary() -> PathBuf {
     }
 }
 
+/// A port for a nats-server to listen on: below the ephemeral range
+/// (32768 and up here), where outgoing connections and `bind(0)` take
+/// theirs, so that no connection of the tests takes it before nats-server
+/// binds it; random, and free when picked, so that parallel tests rarely
+/// pick the same (a first start that finds it taken takes others).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One nats-server process; killed when dropped.
