@@ -733,10 +733,9 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_is_down_at_subscribe_time_is_used_once_it_is_up() -> Result<()> {
-    // A free port, with nothing listening yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    // A free port, with nothing listening yet (and none of the other tests'
+    // servers, which take theirs from the ephemeral range).
+    let port = common::unused_port();
     let url = format!("grpc://127.0.0.1:{port}?insecure=true");
     let (alice, bob) = (Key::generate(), Key::generate());
     let (handler, mut rx) = ChannelHandler::new(4);

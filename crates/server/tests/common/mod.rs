@@ -17,6 +17,20 @@ use tokio::time::timeout;
 /// Limit of one step of a test.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A port that nothing listens on, to be listened on later by the test: below
+/// the ephemeral range (32768 and up here), where `bind(0)` (the servers of
+/// other tests running at the same time) and outgoing connections take
+/// theirs, so that none of them takes it meanwhile; random, and free when
+/// picked.
+pub fn unused_port() -> u16 {
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// The grpc:// URL of `server` (plaintext).
 pub fn url(server: &Server) -> String {
     format!(

@@ -29,20 +29,6 @@ fn binary() -> PathBuf {
     }
 }
 
-/// A port for a nats-server to listen on: below the ephemeral range
-/// (32768 and up here), where outgoing connections and `bind(0)` take
-/// theirs, so that no connection of the tests takes it before nats-server
-/// binds it; random, and free when picked, so that parallel tests rarely
-/// pick the same (a first start that finds it taken takes others).
-fn free_port() -> u16 {
-    loop {
-        let port = rand::random_range(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// One nats-server process; killed when dropped.
 pub struct Nats {
     child: Option<Child>,
@@ -68,7 +54,7 @@ impl Nats {
 
     /// `n` servers with routes to each other.
     pub async fn cluster(n: usize) -> Vec<Nats> {
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..n).map(|_| super::unused_port()).collect();
         let mut nodes: Vec<Nats> = (0..n)
             .map(|i| {
                 let mut node = Nats::new(&format!("n{}", i + 1), ports.clone());
@@ -86,8 +72,8 @@ impl Nats {
         Nats {
             child: None,
             name: name.into(),
-            port: free_port(),
-            monitor: free_port(),
+            port: super::unused_port(),
+            monitor: super::unused_port(),
             cluster_port: 0,
             routes,
             started: false,
@@ -172,8 +158,8 @@ impl Nats {
                 // start takes other ports (a restart must keep its own).
                 Err(e) if first && attempts < 5 && e.contains("address already in use") => {
                     attempts += 1;
-                    self.port = free_port();
-                    self.monitor = free_port();
+                    self.port = super::unused_port();
+                    self.monitor = super::unused_port();
                 }
                 Err(e) => panic!("nats-server {} did not start: {e}", self.name),
             }
