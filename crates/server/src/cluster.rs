@@ -241,16 +241,6 @@ impl Cluster {
         self.connected.clone()
     }
 
-    fn subject(&self, key: &Topic) -> String {
-        let mut subject = String::with_capacity(self.prefix.len() + 65);
-        subject.push_str(&self.prefix);
-        subject.push('.');
-        for b in key {
-            subject.push_str(&format!("{b:02x}"));
-        }
-        subject
-    }
-
     /// The key has its first local subscriber: subscribe to its subject.
     pub(crate) fn watch(self: &Arc<Self>, key: Topic) {
         let mut keys = self.keys.lock();
@@ -317,6 +307,19 @@ impl Cluster {
     }
 }
 
+/// The subject of a key: `<prefix>.<key in lowercase hex>`.
+fn subject(prefix: &str, key: &Topic) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut subject = String::with_capacity(prefix.len() + 1 + 2 * key.len());
+    subject.push_str(prefix);
+    subject.push('.');
+    for b in key {
+        subject.push(char::from(HEX[usize::from(b >> 4)]));
+        subject.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    subject
+}
+
 /// Publishes the envelopes of the outbound queue to NATS, in order, until stopped.
 async fn publish_all(
     client: async_nats::Client,
@@ -336,12 +339,7 @@ async fn publish_all(
                 None => break,
             },
         };
-        let mut subject = String::with_capacity(prefix.len() + 65);
-        subject.push_str(&prefix);
-        subject.push('.');
-        for b in key {
-            subject.push_str(&format!("{b:02x}"));
-        }
+        let subject = subject(&prefix, &key);
         let sent = tokio::select! {
             _ = stop.cancelled() => break,
             sent = client.publish_with_headers(subject, headers.clone(), envelope) => sent,
@@ -362,7 +360,7 @@ async fn publish_all(
 
 /// One key's NATS subscription: what comes goes to the local subscribers.
 async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) {
-    let subject = cluster.subject(&key);
+    let subject = subject(&cluster.prefix, &key);
     let mut subscriber = match cluster.client.subscribe(subject).await {
         Ok(subscriber) => subscriber,
         Err(e) => {
@@ -404,5 +402,21 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         {
             cluster.metrics.no_subscriber.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_the_prefix_and_the_key_in_lowercase_hex() {
+        let mut key = [0u8; 32];
+        key[0] = 0xab;
+        key[31] = 0x0f;
+        assert_eq!(
+            subject(DEFAULT_SUBJECT_PREFIX, &key),
+            format!("cunicu.signal.v1.ab{}0f", "00".repeat(30))
+        );
     }
 }
