@@ -25,7 +25,11 @@ use tonic_health::pb::{
 
 /// A replica named `name` on the NATS servers `urls`.
 async fn replica(name: &str, urls: Vec<String>) -> Server {
-    let mut config = Config::default();
+    replica_with(name, urls, Config::default()).await
+}
+
+/// The same, with `config` for the rest.
+async fn replica_with(name: &str, urls: Vec<String>, mut config: Config) -> Server {
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let mut cluster = ClusterConfig::new(urls);
@@ -423,4 +427,119 @@ async fn conformance_across_two_replicas() {
     let urls = [url(&r[0]), url(&r[1])];
     // Each peer on one replica, alternately: every pair crosses or not.
     conformance::run(Options::default(), |i| backend(vec![urls[i % 2].clone()])).await;
+}
+
+/// A metric of `server`'s, 0 if it has no sample yet.
+fn metric(server: &Server, name: &str) -> f64 {
+    let text = server.metrics().encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Whoever can publish on NATS is not trusted with the subscribers: what
+/// comes on a key's subject and is not an envelope to that key is dropped
+/// and counted, and the envelopes around it still arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_nats_brings_that_is_not_an_envelope_for_the_key_is_dropped_and_counted() {
+    use prost::Message as _;
+    let nats = Nats::start().await;
+    let r1 = replica("r1", vec![nats.url()]).await;
+    let key = [6u8; 32];
+    let mut stream = subscribe(&r1, key).await;
+
+    let other = async_nats::connect(nats.url()).await.expect("NATS client");
+    let subject = format!(
+        "cunicu.signal.v1.{}",
+        key.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let messages = [
+        envelope(key, 7, 0).encode_to_vec(),
+        vec![0xff; 40],                            // not protobuf
+        envelope([9u8; 32], 7, 1).encode_to_vec(), // another key's
+        Envelope {
+            sender: vec![1; 5], // not a key
+            ..envelope(key, 7, 2)
+        }
+        .encode_to_vec(),
+        envelope(key, 7, 3).encode_to_vec(),
+        marker(key).encode_to_vec(),
+    ];
+    for message in messages {
+        other
+            .publish(subject.clone(), message.into())
+            .await
+            .expect("published to NATS");
+    }
+    other.flush().await.expect("flushed");
+    assert_eq!(until_marker(&mut stream).await, vec![(7, 0), (7, 3)]);
+    assert_eq!(
+        metric(&r1, "signaling_cluster_dropped_total{reason=\"invalid\"}"),
+        3.0
+    );
+    assert_eq!(metric(&r1, "signaling_cluster_received_total"), 3.0);
+}
+
+/// One client publishes far more than the queue to NATS holds while NATS is
+/// away: every publish is answered at once (none waits for NATS), what does
+/// not fit is dropped and counted, and the replica's own subscriber still
+/// gets the envelopes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_flood_while_nats_is_away_is_answered_and_counted() {
+    let mut nats = Nats::start().await;
+    let mut config = Config::default();
+    let rate = |n: u32| {
+        let n = std::num::NonZeroU32::new(n).expect("not 0");
+        cunicu_signal_server::Rate {
+            per_second: n,
+            burst: n,
+        }
+    };
+    config.publish_rate = rate(1_000_000);
+    config.publish_bytes_rate = rate(1 << 30);
+    config.request_rate = rate(1_000_000);
+    let r1 = replica_with("r1", vec![nats.url()], config).await;
+    nats.kill().await;
+    wait_health(&r1, ServingStatus::NotServing).await;
+
+    const TASKS: u32 = 16;
+    const EACH: u32 = 1_000;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let mut client = SignalingClient::new(channel(&r1).await);
+        tasks.spawn(async move {
+            for n in 0..EACH {
+                client
+                    .publish(envelope([t as u8; 32], 1, n))
+                    .await
+                    .expect("answered");
+            }
+        });
+    }
+    timeout(WAIT * 3, tasks.join_all())
+        .await
+        .expect("every publish answered in time");
+    let elapsed = started.elapsed();
+    let published = f64::from(TASKS * EACH);
+    assert_eq!(
+        metric(&r1, "signaling_envelopes_published_total"),
+        published
+    );
+    let dropped = metric(
+        &r1,
+        "signaling_cluster_dropped_total{reason=\"buffer_full\"}",
+    );
+    // The queue to NATS and the NATS client's buffer hold 8 192 at most.
+    assert!(
+        dropped > 0.0 && dropped >= published - 8_192.0 - f64::from(TASKS),
+        "{dropped} of {published} dropped in {elapsed:?}"
+    );
+
+    // The replica's own subscribers are still served.
+    let key = [200u8; 32];
+    let mut stream = subscribe(&r1, key).await;
+    publish(&r1, [envelope(key, 2, 0), marker(key)]).await;
+    assert_eq!(until_marker(&mut stream).await, vec![(2, 0)]);
 }
