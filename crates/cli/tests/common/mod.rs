@@ -218,6 +218,29 @@ pub fn publish(url: &str, key: &Path, to: &str, input: &[u8]) -> Output {
     publish_in(Command::new(BIN), url, key, to, input)
 }
 
+/// Publishes a credentials message with `ufrag` (with `command`, as
+/// [`publish_in`]) and checks that it is the next line of `received`: that
+/// nothing else came before it, on a medium that delivers in order. `unwanted`
+/// says what must not have come, for the failure message.
+pub fn publish_marker_next(
+    command: Command,
+    url: &str,
+    key: &Path,
+    to: &str,
+    received: &mpsc::Receiver<String>,
+    ufrag: &str,
+    unwanted: &str,
+) {
+    let message = serde_json::json!({"credentials": {"ufrag": ufrag}});
+    let out = publish_in(command, url, key, to, format!("{message}\n").as_bytes());
+    assert_succeeds(&out);
+    assert_eq!(
+        json_lines(received, 1)[0]["message"],
+        message,
+        "{unwanted} before the marker {ufrag:?}"
+    );
+}
+
 /// [`publish`] with `command`: the binary, or a wrapper that ends by executing it.
 pub fn publish_in(command: Command, url: &str, key: &Path, to: &str, input: &[u8]) -> Output {
     let key = key.to_str().unwrap();
