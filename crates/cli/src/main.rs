@@ -222,7 +222,8 @@ struct ServeArgs {
     #[arg(long, env = "CUNICU_SIGNAL_ALLOW_KEYS")]
     allow_keys: Option<PathBuf>,
     /// Serve as one of several replicas that share this NATS system (nats://HOST:PORT or
-    /// tls://HOST:PORT, comma-separated): an envelope published to any replica reaches the
+    /// tls://HOST:PORT, comma-separated; USER:PASSWORD@ or TOKEN@ before the host if NATS
+    /// wants them, never logged): an envelope published to any replica reaches the
     /// subscribers of every replica.
     #[arg(long, env = "CUNICU_SIGNAL_CLUSTER", value_delimiter = ',')]
     cluster: Vec<String>,

@@ -32,10 +32,12 @@ use crate::{
 };
 
 /// How the replica reaches its NATS system.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClusterConfig {
-    /// NATS servers: `nats://HOST:PORT` or `tls://HOST:PORT`, one or more.
+    /// NATS servers: `nats://HOST:PORT` or `tls://HOST:PORT`, one or more,
+    /// with `user:password@` or `token@` before the host if the NATS system
+    /// wants them (the same for every URL).
     pub urls: Vec<String>,
     /// A NATS credentials file (JWT and NKey seed).
     pub creds: Option<PathBuf>,
@@ -45,6 +47,19 @@ pub struct ClusterConfig {
     pub name: Option<String>,
     /// The prefix of the subjects, one per key.
     pub subject_prefix: String,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<_> = self.urls.iter().map(|u| redact(u)).collect();
+        f.debug_struct("ClusterConfig")
+            .field("urls", &urls)
+            .field("creds", &self.creds)
+            .field("ca", &self.ca)
+            .field("name", &self.name)
+            .field("subject_prefix", &self.subject_prefix)
+            .finish()
+    }
 }
 
 impl ClusterConfig {
@@ -73,6 +88,13 @@ const OUTBOUND: usize = 4096;
 const CLIENT_CAPACITY: usize = 4096;
 /// Messages one key's NATS subscription holds before dropping.
 const SUBSCRIPTION_CAPACITY: usize = 1024;
+/// The subject (after the prefix) of the request that confirms a new
+/// subscription has reached the NATS server; nobody serves it.
+const READY_PROBE: &str = "_ready";
+/// Where replies come, after the prefix: with the probe, everything a
+/// replica publishes or subscribes to stays under the prefix, which is what a
+/// NATS account must allow.
+const INBOX: &str = "_inbox";
 /// How long a Subscribe waits for its key's NATS subscription to reach the server.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts to reach NATS.
@@ -154,6 +176,7 @@ impl Cluster {
             .max_reconnects(None)
             .client_capacity(CLIENT_CAPACITY)
             .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            .custom_inbox_prefix(format!("{}.{INBOX}", config.subject_prefix))
             .reconnect_delay_callback(|attempts| {
                 let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
                 (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
@@ -190,22 +213,35 @@ impl Cluster {
         if let Some(ca) = &config.ca {
             options = options.add_root_certificates(ca.clone());
         }
+        // What is shown of the URLs, in errors and logs: no passwords.
+        let shown: Vec<String> = config.urls.iter().map(|u| redact(u).into_owned()).collect();
+        let invalid = |reason: String| ClusterError::Urls {
+            urls: shown.clone(),
+            reason,
+        };
         let addrs = config
             .urls
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClusterError::Urls {
-                urls: config.urls.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| invalid(redact(&e.to_string()).into_owned()))?;
+        // The NATS client does not read credentials from the URLs itself.
+        match url_auth(&addrs).map_err(invalid)? {
+            Some(_) if config.creds.is_some() => {
+                return Err(invalid(
+                    "credentials in the URLs and a credentials file: give one".into(),
+                ));
+            }
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token),
+            None => {}
+        }
         let client = options
             .connect(addrs)
             .await
-            .map_err(|e| ClusterError::Urls {
-                urls: config.urls.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| invalid(e.to_string()))?;
         let (outbound, queue) = mpsc::channel(OUTBOUND);
         let stop = CancellationToken::new();
         let cluster = Arc::new(Cluster {
@@ -227,7 +263,7 @@ impl Cluster {
             metrics,
             stop,
         ));
-        tracing::info!(urls = ?config.urls, origin = %cluster.origin, "cluster: replica of a NATS cluster");
+        tracing::info!(urls = ?shown, origin = %cluster.origin, "cluster: replica of a NATS cluster");
         Ok(cluster)
     }
 
@@ -320,6 +356,56 @@ fn subject(prefix: &str, key: &Topic) -> String {
     subject
 }
 
+/// Credentials a NATS URL carries, as nats.go reads them: `user:password@`,
+/// or `token@`.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials the URLs carry, percent-decoded; they apply to every
+/// server (the client has one set), so URLs may not carry different ones.
+fn url_auth(addrs: &[async_nats::ServerAddr]) -> Result<Option<UrlAuth>, String> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| "credentials in a URL are not UTF-8".to_string())
+    };
+    let mut found = None;
+    for addr in addrs {
+        let Some(user) = addr.username() else {
+            continue;
+        };
+        let auth = match addr.password() {
+            Some(password) => UrlAuth::UserPassword(decode(user)?, decode(password)?),
+            None => UrlAuth::Token(decode(user)?),
+        };
+        match &found {
+            None => found = Some(auth),
+            Some(seen) if *seen == auth => {}
+            Some(_) => return Err("the URLs carry different credentials".into()),
+        }
+    }
+    Ok(found)
+}
+
+/// `url` without what is between the scheme and the last `@` of its
+/// authority: credentials stay out of logs and errors.
+fn redact(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]).into(),
+        None => url.into(),
+    }
+}
+
 /// Publishes the envelopes of the outbound queue to NATS, in order, until stopped.
 async fn publish_all(
     client: async_nats::Client,
@@ -371,7 +457,17 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         }
     };
     if *cluster.connected.borrow() {
-        let _ = tokio::time::timeout(FLUSH_TIMEOUT, cluster.client.flush()).await;
+        // A flush only writes the SUB to the socket. A request is answered
+        // (by "no responders" when nobody serves its subject) only after the
+        // NATS server has read everything before it on this connection, the
+        // SUB included: one round trip, after which a publish through any
+        // replica on that server reaches this one.
+        let probe = format!("{}.{READY_PROBE}", cluster.prefix);
+        let answered =
+            tokio::time::timeout(FLUSH_TIMEOUT, cluster.client.request(probe, Bytes::new())).await;
+        if answered.is_err() {
+            tracing::debug!("cluster: no round trip to NATS in {FLUSH_TIMEOUT:?}; going on");
+        }
     }
     ready.send_replace(true);
     while let Some(message) = subscriber.next().await {
@@ -408,6 +504,46 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(
+            redact("nats://user:p%40ss@nats-1:4222"),
+            "nats://***@nats-1:4222"
+        );
+        assert_eq!(redact("tls://tok@n/x@y"), "tls://***@n/x@y");
+        assert_eq!(redact("nats://nats-1:4222"), "nats://nats-1:4222");
+        assert_eq!(redact("not a url @ all"), "not a url @ all");
+        let err = ClusterError::Urls {
+            urls: vec![redact("nats://a:secret@h").into_owned()],
+            reason: "x".into(),
+        };
+        assert!(!err.to_string().contains("secret"));
+        let debug = format!(
+            "{:?}",
+            ClusterConfig::new(vec!["nats://a:secret@h:1".into()])
+        );
+        assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
+    fn credentials_come_from_the_urls_once() {
+        let addrs = |urls: &[&str]| -> Vec<async_nats::ServerAddr> {
+            urls.iter()
+                .map(|u| u.parse().expect("a NATS URL"))
+                .collect()
+        };
+        assert_eq!(url_auth(&addrs(&["nats://h:1", "nats://g:2"])), Ok(None));
+        assert_eq!(
+            url_auth(&addrs(&["nats://h:1", "nats://us%3Aer:p%40ss@g:2"])),
+            Ok(Some(UrlAuth::UserPassword("us:er".into(), "p@ss".into())))
+        );
+        assert_eq!(
+            url_auth(&addrs(&["nats://t0ken@h:1", "nats://t0ken@g:2"])),
+            Ok(Some(UrlAuth::Token("t0ken".into())))
+        );
+        assert!(url_auth(&addrs(&["nats://a:b@h:1", "nats://a:c@g:2"])).is_err());
+    }
 
     #[test]
     fn subjects_are_the_prefix_and_the_key_in_lowercase_hex() {

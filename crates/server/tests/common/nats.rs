@@ -42,12 +42,29 @@ pub struct Nats {
     routes: Vec<u16>,
     /// Started once: a restart keeps its ports.
     started: bool,
+    /// A configuration file, besides the flags.
+    config: Option<PathBuf>,
 }
 
 impl Nats {
     /// A single server.
     pub async fn start() -> Nats {
         let mut nats = Nats::new("n1", Vec::new());
+        nats.spawn().await;
+        nats
+    }
+
+    /// A single server that also reads `config` (nats-server's configuration
+    /// language), e.g. to set accounts and permissions.
+    pub async fn start_with_config(config: &str) -> Nats {
+        let mut nats = Nats::new("n1", Vec::new());
+        let path = std::env::temp_dir().join(format!(
+            "cunicu-signal-test-nats-{}-{}.conf",
+            std::process::id(),
+            nats.port
+        ));
+        std::fs::write(&path, config).expect("NATS configuration written");
+        nats.config = Some(path);
         nats.spawn().await;
         nats
     }
@@ -77,6 +94,7 @@ impl Nats {
             cluster_port: 0,
             routes,
             started: false,
+            config: None,
         }
     }
 
@@ -99,6 +117,9 @@ impl Nats {
             Ok(file) => command.stderr(Stdio::from(file)),
             Err(_) => command.stderr(Stdio::null()),
         };
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
         if self.cluster_port != 0 {
             let routes: Vec<String> = self
                 .routes
@@ -239,5 +260,13 @@ impl Nats {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(config) = &self.config {
+            let _ = std::fs::remove_file(config);
+        }
     }
 }
