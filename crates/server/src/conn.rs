@@ -62,6 +62,8 @@ use crate::{
 const MAX_SUBSCRIBE_MESSAGE: usize = 1024;
 /// Loop turns before the task lets others run.
 const MAX_TURNS: usize = 64;
+/// Requests a connection's task takes in one turn at most.
+const MAX_ACCEPTS: usize = 64;
 /// Streams refused on one connection for the client's request rate before
 /// the connection is closed (GOAWAY `ENHANCE_YOUR_CALM`).
 const REFUSED_BEFORE_CLOSE: u32 = 1024;
@@ -330,17 +332,22 @@ impl Connection {
                 return Poll::Pending;
             }
             self.deferred = false;
-            // Reads frames, and writes what is queued: once for all.
-            match self.h2.poll_accept(cx) {
-                Poll::Ready(Some(Ok((request, respond)))) => {
-                    if let Err(end) = self.accept(request, respond) {
-                        return Poll::Ready(end);
+            // Reads frames, and writes what is queued: once for all. Every
+            // request that one read brought is taken in this turn, so that
+            // their answers, too, go out in one write (taking one a turn
+            // wrote once per request).
+            for _ in 0..MAX_ACCEPTS {
+                match self.h2.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((request, respond)))) => {
+                        if let Err(end) = self.accept(request, respond) {
+                            return Poll::Ready(end);
+                        }
+                        busy = true;
                     }
-                    busy = true;
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Error(e)),
+                    Poll::Ready(None) => return Poll::Ready(End::Closed),
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Error(e)),
-                Poll::Ready(None) => return Poll::Ready(End::Closed),
-                Poll::Pending => {}
             }
             match self.poll_timers(cx) {
                 Ok(acted) => busy |= acted,
