@@ -112,6 +112,11 @@ struct ServeArgs {
     /// Address of the HTTP port with Prometheus metrics at /metrics and liveness at /healthz.
     #[arg(long, env = "CUNICU_SIGNAL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Worker threads [default: the CPUs the process may use, its cgroup's quota included].
+    /// One thread never wakes another: it costs less per delivery where the server shares
+    /// its cores, and carries no more than one core's load.
+    #[arg(long, env = "CUNICU_SIGNAL_THREADS")]
+    threads: Option<std::num::NonZeroUsize>,
     /// A STUN/TURN relay for RelayRegistry.GetRelays (repeatable): stun:HOST:PORT,
     /// turn:USER:PASS@HOST:PORT?transport=udp or turn:HOST:PORT?transport=udp&secret=S&ttl=1h.
     #[arg(long = "relay", env = "CUNICU_SIGNAL_RELAY", value_delimiter = ',')]
@@ -400,7 +405,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Envelope(EnvelopeCommand::Seal { key_file, to }) => seal(&key_file, &to),
         Command::Envelope(EnvelopeCommand::Open { key_file }) => open(&key_file),
-        Command::Serve(args) => runtime()?.block_on(serve(*args)),
+        Command::Serve(args) => runtime_with(args.threads)?.block_on(serve(*args)),
         Command::Publish(args) => runtime()?.block_on(publish(args)),
         Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
@@ -416,9 +421,20 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
+    runtime_with(None)
+}
+
+/// The multi-threaded runtime, with `threads` workers (tokio's default
+/// when `None`: `TOKIO_WORKER_THREADS`, else the CPUs the process may use).
+fn runtime_with(threads: Option<std::num::NonZeroUsize>) -> Result<tokio::runtime::Runtime> {
     // One TLS provider for the whole process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tokio::runtime::Runtime::new().context("starting the async runtime")
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.get());
+    }
+    builder.build().context("starting the async runtime")
 }
 
 /// Reads a private key file: base64, a trailing newline is fine.
@@ -466,8 +482,9 @@ fn open(key_file: &Path) -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let config = args.config()?;
     tracing::info!(
-        "worst-case memory with these limits: {}",
-        config.memory_bound()
+        "worst-case memory with these limits: {}; worker threads: {}",
+        config.memory_bound(),
+        tokio::runtime::Handle::current().metrics().num_workers()
     );
     let mut server = Server::spawn(config).await?;
     tokio::select! {
