@@ -241,7 +241,7 @@ impl Cluster {
         let client = options
             .connect(addrs)
             .await
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(|e| invalid(redact(&e.to_string()).into_owned()))?;
         let (outbound, queue) = mpsc::channel(OUTBOUND);
         let stop = CancellationToken::new();
         let cluster = Arc::new(Cluster {
