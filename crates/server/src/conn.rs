@@ -62,8 +62,11 @@ use crate::{
 const MAX_SUBSCRIBE_MESSAGE: usize = 1024;
 /// Loop turns before the task lets others run.
 const MAX_TURNS: usize = 64;
-/// Requests a connection's task takes in one turn at most.
-const MAX_ACCEPTS: usize = 64;
+/// Requests a connection's task takes in one turn at most: enough for what
+/// one read brings from busy publishers, and few enough that the calls taken
+/// run before more come in (a burst of Subscribes from one client is taken in
+/// steps, not all at once against its limit of calls in progress).
+const MAX_ACCEPTS: usize = 4;
 /// Streams refused on one connection for the client's request rate before
 /// the connection is closed (GOAWAY `ENHANCE_YOUR_CALM`).
 const REFUSED_BEFORE_CLOSE: u32 = 1024;
