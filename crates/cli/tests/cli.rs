@@ -11,7 +11,7 @@ use std::{
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use common::{
     BIN, assert_fails, assert_succeeds, json_lines, key_file, publish, publish_marker_next, run,
-    spawn_server, spawn_subscriber, terminate,
+    spawn_server, spawn_server_logged, spawn_subscriber, terminate,
 };
 use cunicu_signal::Key;
 
@@ -180,9 +180,19 @@ fn publish_and_subscribe_through_a_server_that_requires_proofs() {
 
 #[test]
 fn serve_publish_subscribe_and_sigterm() {
-    // Listen address from the environment, as operators configure it.
-    let (mut server, _server_lines, addr) =
-        spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    // Listen address and threads from the environment, as operators
+    // configure them: all that follows runs on one worker thread, and the
+    // start-up log says so.
+    let (mut server, _server_lines, addr, startup) = spawn_server_logged(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_THREADS", "1"),
+    ]);
+    assert!(
+        startup
+            .iter()
+            .any(|l| l.trim_end().ends_with("worker threads: 1")),
+        "{startup:?}"
+    );
     let url = format!("grpc://{addr}?insecure=true");
     let dir = tempfile::tempdir().unwrap();
     let (alice, bob) = (Key::generate(), Key::generate());
@@ -295,48 +305,6 @@ fn bad_backend_urls_fail_clearly() {
         b"",
     );
     assert_fails(&out, "grpc://127.0.0.1:1");
-}
-
-/// `--threads` (here from the environment) sets the runtime's workers, and
-/// the start-up log says how many there are; a server on one thread serves.
-#[test]
-fn serve_runs_on_the_threads_it_is_given() {
-    let mut command = Command::new(BIN);
-    command
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("CUNICU_SIGNAL_THREADS", "1")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut server = common::Killed(command.spawn().unwrap());
-    let lines = common::lines_of(server.0.stderr.take().unwrap());
-    let line = common::wait_for_line(&lines, "worker threads:");
-    assert!(line.trim_end().ends_with("worker threads: 1"), "{line}");
-    let line = common::wait_for_line(&lines, "signaling server listening");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("local_addr="))
-        .unwrap_or_else(|| panic!("no address in {line}"));
-    let url = format!("grpc://{addr}?insecure=true");
-    let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
-    let alice_file = key_file(dir.path(), "alice", &alice);
-    let bob_file = key_file(dir.path(), "bob", &bob);
-    let (_subscriber, received) = spawn_subscriber(&url, &bob_file, Some(&alice.public_key()));
-    let out = publish(
-        &url,
-        &alice_file,
-        &bob.public_key().to_string(),
-        b"{\"credentials\":{\"ufrag\":\"one\"}}\n",
-    );
-    assert_succeeds(&out);
-    assert_eq!(
-        json_lines(&received, 1)[0]["message"],
-        serde_json::json!({"credentials": {"ufrag": "one"}})
-    );
-    let (status, _) = terminate(&mut server.0);
-    assert!(status.success(), "{status}");
 }
 
 #[test]

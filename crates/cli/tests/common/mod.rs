@@ -153,6 +153,14 @@ pub fn terminate(child: &mut Child) -> (ExitStatus, Duration) {
 /// Starts `cunicu-signal serve` (listen address and more from `extra_env`);
 /// returns it, its stderr lines and the address it listens on.
 pub fn spawn_server(extra_env: &[(&str, &str)]) -> (Killed, mpsc::Receiver<String>, String) {
+    let (child, lines, addr, _startup) = spawn_server_logged(extra_env);
+    (child, lines, addr)
+}
+
+/// [`spawn_server`], and the lines it logged before it listened.
+pub fn spawn_server_logged(
+    extra_env: &[(&str, &str)],
+) -> (Killed, mpsc::Receiver<String>, String, Vec<String>) {
     let mut command = Command::new(BIN);
     command
         .arg("serve")
@@ -166,13 +174,22 @@ pub fn spawn_server(extra_env: &[(&str, &str)]) -> (Killed, mpsc::Receiver<Strin
     // Owned at once, so that a failure below does not leave the server running.
     let mut child = Killed(command.spawn().unwrap());
     let lines = lines_of(child.0.stderr.take().unwrap());
-    let line = wait_for_line(&lines, "signaling server listening");
+    let deadline = Instant::now() + WAIT;
+    let mut startup = Vec::new();
+    let line = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("signaling server listening") => break line,
+            Ok(line) => startup.push(line),
+            Err(e) => panic!("server not listening: {e}; it logged {startup:?}"),
+        }
+    };
     let addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("local_addr="))
         .unwrap_or_else(|| panic!("no address in {line}"))
         .to_string();
-    (child, lines, addr)
+    (child, lines, addr, startup)
 }
 
 /// Starts `cunicu-signal subscribe` (from `from` only, if given) and waits until
