@@ -114,18 +114,7 @@ async fn until_marker(stream: &mut Streaming<Envelope>) -> Vec<(u8, u32)> {
 /// Reads envelopes until `marker` arrives; returns the others (other markers
 /// included) that came before it.
 async fn until(stream: &mut Streaming<Envelope>, marker: (u8, u32)) -> Vec<(u8, u32)> {
-    let mut got = Vec::new();
-    loop {
-        let envelope = timeout(WAIT, stream.message())
-            .await
-            .expect("an envelope in time")
-            .expect("stream ok")
-            .expect("stream open");
-        match id(&envelope) {
-            found if found == marker => return got,
-            other => got.push(other),
-        }
-    }
+    until_all(stream, &[marker]).await
 }
 
 /// Reads envelopes until every one of `markers` has arrived, in any order;
