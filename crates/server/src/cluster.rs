@@ -466,6 +466,7 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         let answered =
             tokio::time::timeout(FLUSH_TIMEOUT, cluster.client.request(probe, Bytes::new())).await;
         if answered.is_err() {
+            cluster.metrics.cluster_unconfirmed.inc();
             tracing::debug!("cluster: no round trip to NATS in {FLUSH_TIMEOUT:?}; going on");
         }
     }

@@ -96,6 +96,9 @@ pub struct Metrics {
     pub cluster_received: Counter,
     /// Envelopes not sent to or not taken from NATS, by reason.
     pub cluster_dropped: Family<Reason, Counter>,
+    /// New key subscriptions whose round trip to NATS did not come back in
+    /// time: their Subscribes went on without it.
+    pub cluster_unconfirmed: Counter,
     /// Duration of unary RPCs; for Subscribe, the time until the stream is set up.
     pub rpc_duration: HistogramFamily,
     /// `rpc_duration` of the methods timed on every call, looked up once.
@@ -131,6 +134,7 @@ impl Metrics {
         let cluster_published = Counter::default();
         let cluster_received = Counter::default();
         let cluster_dropped = Family::<Reason, Counter>::default();
+        let cluster_unconfirmed = Counter::default();
         registry.register(
             "signaling_cluster_connected",
             "1 while connected to the NATS cluster (with --cluster), else 0",
@@ -150,6 +154,12 @@ impl Metrics {
             "signaling_cluster_received",
             "Envelopes received from other replicas",
             cluster_received.clone(),
+        );
+        registry.register(
+            "signaling_cluster_unconfirmed",
+            "Keys' NATS subscriptions whose round trip to NATS did not come back within 2 s \
+             (the Subscribe's sync went without it)",
+            cluster_unconfirmed.clone(),
         );
         registry.register(
             "signaling_cluster_dropped",
@@ -268,6 +278,7 @@ impl Metrics {
             cluster_published,
             cluster_received,
             cluster_dropped,
+            cluster_unconfirmed,
             registry,
         })
     }

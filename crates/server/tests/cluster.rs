@@ -233,9 +233,51 @@ async fn a_nats_user_allowed_only_the_prefix_is_enough() {
             took < Duration::from_secs(1),
             "Subscribe {i} ready after {took:?}"
         );
+        assert_eq!(metric(&r[0], "signaling_cluster_unconfirmed_total"), 0.0);
         publish(&r[1], [envelope(key, 2, 0), marker(key)]).await;
         assert_eq!(until_marker(&mut sub).await, vec![(2, 0)]);
     }
+}
+
+/// A NATS that never answers the round trip (the probe's subject refused)
+/// holds a key's first Subscribe 2 s at most, and each such wait is counted;
+/// envelopes still flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_trip_that_never_comes_back_is_waited_for_2_s_and_counted() {
+    let nats = Nats::start_with_config(
+        r#"
+        authorization {
+          users = [
+            { user: "signal", password: "s3cret",
+              permissions: {
+                publish: { allow: "cunicu.signal.v1.>", deny: "cunicu.signal.v1._ready" },
+                subscribe: "cunicu.signal.v1.>" } }
+          ]
+        }
+        "#,
+    )
+    .await;
+    let url = format!("nats://signal:s3cret@127.0.0.1:{}", nats.port);
+    let r = [
+        replica("r1", vec![url.clone()]).await,
+        replica("r2", vec![url]).await,
+    ];
+    let key = [34u8; 32];
+    let started = Instant::now();
+    let mut sub = subscribe(&r[0], key).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        "Subscribe ready after {took:?}"
+    );
+    assert_eq!(metric(&r[0], "signaling_cluster_unconfirmed_total"), 1.0);
+    // A second stream on the key has nothing to wait for.
+    let started = Instant::now();
+    let _second = subscribe(&r[0], key).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(metric(&r[0], "signaling_cluster_unconfirmed_total"), 1.0);
+    publish(&r[1], [envelope(key, 2, 0), marker(key)]).await;
+    assert_eq!(until_marker(&mut sub).await, vec![(2, 0)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
