@@ -26,7 +26,8 @@ use clap::Args;
 use cunicu_signal::{
     Key,
     backend::grpc::{
-        GrpcOptions, GrpcTarget, PUBLISH, SUBSCRIBE, Security, ServerAuth, channel_for,
+        GrpcOptions, GrpcTarget, PUBLISH, RECIPIENTS_ASK, RECIPIENTS_METADATA, SUBSCRIBE,
+        Security, ServerAuth, channel_for,
     },
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
@@ -93,6 +94,10 @@ pub struct BenchArgs {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Every Publish asks how many subscription streams got its envelope
+    /// (metadata `cunicu-recipients: ask`), to measure what counting costs.
+    #[arg(long)]
+    ask_recipients: bool,
 }
 
 struct Stats {
@@ -513,6 +518,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let keys = args.keys;
         let (topics, auth, url) = (topics.clone(), server_auth.clone(), args.backend.clone());
         let private = args.auth.then(Key::generate);
+        let ask = args.ask_recipients;
         publishers.spawn(async move {
             let mut ticker = per_publisher_interval.map(|i| {
                 let mut t = tokio::time::interval(i);
@@ -542,6 +548,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     }),
                 };
                 let mut request = tonic::Request::new(envelope);
+                if ask {
+                    request.metadata_mut().insert(
+                        RECIPIENTS_METADATA,
+                        tonic::metadata::MetadataValue::from_static(RECIPIENTS_ASK),
+                    );
+                }
                 if let Some(private) = &private
                     && auth
                         .prove(&url, &client, &mut request, private, PUBLISH)
@@ -603,6 +615,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "subscriptions": args.subscribers,
         "keys": args.keys,
         "publishers": args.publishers,
+        "ask_recipients": args.ask_recipients,
         "connections": connections + 1,
         "body_bytes": args.body_size,
         "seconds": secs,

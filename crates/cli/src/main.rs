@@ -244,6 +244,28 @@ struct ServeArgs {
     /// Prefix of the NATS subjects, one per key.
     #[arg(long, env = "CUNICU_SIGNAL_CLUSTER_SUBJECT_PREFIX", default_value = cunicu_signal_server::cluster::DEFAULT_SUBJECT_PREFIX)]
     cluster_subject_prefix: String,
+    /// on: a Publish that asks (metadata cunicu-recipients: ask) learns how many subscription
+    /// streams got its envelope, on every replica; off: asking gets no count, for operators who
+    /// see presence as private (with --auth off anyone may ask about any key).
+    #[arg(long, env = "CUNICU_SIGNAL_RECIPIENTS", value_enum, default_value_t = OnOff::from(DEFAULTS.recipients))]
+    recipients: OnOff,
+    /// With --cluster: how long a replica collects the other replicas' counts for a Publish
+    /// that asks (an answer comes at once when nobody listens anywhere).
+    #[arg(long, env = "CUNICU_SIGNAL_RECIPIENTS_WAIT", default_value_t = default_duration(DEFAULTS.recipients_wait))]
+    recipients_wait: humantime::Duration,
+}
+
+/// A setting that is on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl From<bool> for OnOff {
+    fn from(on: bool) -> Self {
+        if on { OnOff::On } else { OnOff::Off }
+    }
 }
 
 impl ServeArgs {
@@ -310,6 +332,8 @@ impl ServeArgs {
             cluster.subject_prefix = self.cluster_subject_prefix;
             config.cluster = Some(cluster);
         }
+        config.recipients = self.recipients == OnOff::On;
+        config.recipients_wait = self.recipients_wait.into();
         config.check()?;
         Ok(config)
     }
@@ -334,6 +358,11 @@ struct PublishArgs {
     /// The recipient's base64 public key.
     #[arg(long)]
     to: String,
+    /// After each message, print how many subscription streams got it, as one JSON object a
+    /// line on stdout: {"line":N,"recipients":COUNT}; COUNT is null where the backend cannot
+    /// tell (multicast, Kubernetes, a server that does not count).
+    #[arg(long)]
+    print_recipients: bool,
 }
 
 #[derive(Args)]
@@ -550,10 +579,19 @@ async fn publish(args: PublishArgs) -> Result<()> {
             }
             let message =
                 message_from_json(&line).with_context(|| format!("stdin line {number}"))?;
-            backend
+            let published = backend
                 .publish(&pair, &message)
                 .await
                 .with_context(|| format!("publishing stdin line {number}"))?;
+            if args.print_recipients {
+                let line = serde_json::json!({
+                    "line": number,
+                    "recipients": published.recipients,
+                });
+                let mut stdout = std::io::stdout().lock();
+                writeln!(stdout, "{line}")?;
+                stdout.flush()?;
+            }
         }
         Ok(())
     }

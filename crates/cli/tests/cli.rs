@@ -170,6 +170,36 @@ fn publish_and_subscribe_through_a_server_that_requires_proofs() {
     assert_succeeds(&out);
     let got = json_lines(&received, 1);
     assert_eq!(got[0]["message"]["credentials"]["ufrag"], "proven");
+    // --print-recipients: one count a message; bob's subscriber got them,
+    // nobody listens to carol.
+    let carol = Key::generate().public_key().to_string();
+    for (to, count) in [(bob.public_key().to_string(), 1), (carol, 0)] {
+        let out = run(
+            &[
+                "publish",
+                "--backend",
+                &url,
+                "--key-file",
+                alice_file.to_str().unwrap(),
+                "--to",
+                &to,
+                "--print-recipients",
+            ],
+            b"{}\n{}\n",
+        );
+        assert_succeeds(&out);
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                serde_json::json!({"line": 1, "recipients": count}),
+                serde_json::json!({"line": 2, "recipients": count}),
+            ]
+        );
+    }
     // --auth required without a key: one clear line, exit non-zero.
     let out = run(
         &["serve", "--listen", "127.0.0.1:0", "--auth", "required"],

@@ -18,11 +18,17 @@ use std::{
         Arc,
         atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
     },
+    time::Duration,
 };
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use cunicu_signal::backend::grpc::PUSHBACK_METADATA;
+use governor::{
+    DefaultKeyedRateLimiter, NotUntil, Quota, RateLimiter,
+    clock::{Clock as _, QuantaInstant},
+};
 use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
+use tonic::Status;
 
 /// Who a connection, subscription or call belongs to: the remote IP address;
 /// an IPv6 address by its /64, as a host usually holds a whole /64.
@@ -256,7 +262,7 @@ pub(crate) enum Refused {
     #[error("{0} has reached the limit of {1} connections per client")]
     ClientConnections(Client, usize),
     #[error("{0} opens connections faster than {1} per second")]
-    ConnectionRate(Client, u32),
+    ConnectionRate(Client, u32, Duration),
     #[error("{0} has reached the limit of {1} subscriptions per client")]
     ClientSubscriptions(Client, usize),
     #[error("the server has reached its limit of {0} subscriptions")]
@@ -274,14 +280,39 @@ pub(crate) enum Refused {
     )]
     Bridged(usize),
     #[error("{0} sends requests faster than {1} per second")]
-    RequestRate(Client, u32),
+    RequestRate(Client, u32, Duration),
     #[error("{0} publishes faster than {1} envelopes per second")]
-    PublishRate(Client, u32),
+    PublishRate(Client, u32, Duration),
     #[error("{0} publishes faster than {1} bytes per second")]
-    PublishBytesRate(Client, u32),
+    PublishBytesRate(Client, u32, Duration),
 }
 
 impl Refused {
+    /// For a refusal by a rate: how long until the client's bucket has room
+    /// again (at least 1 ms). `None` for a limit that only time held by
+    /// others frees.
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Refused::ConnectionRate(.., wait)
+            | Refused::RequestRate(.., wait)
+            | Refused::PublishRate(.., wait)
+            | Refused::PublishBytesRate(.., wait) => Some(*wait),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status that answers it: RESOURCE_EXHAUSTED, with
+    /// `grpc-retry-pushback-ms` when a rate refused.
+    pub(crate) fn status(&self) -> Status {
+        let mut status = Status::resource_exhausted(self.to_string());
+        if let Some(wait) = self.retry_after() {
+            status
+                .metadata_mut()
+                .insert(PUSHBACK_METADATA, pushback_ms(wait).into());
+        }
+        status
+    }
+
     /// The `reason` label of the metric that counts it.
     pub(crate) fn reason(&self) -> &'static str {
         match self {
@@ -351,10 +382,11 @@ impl Clients {
         if self.connection_rate.len() > RATE_ENTRIES {
             self.forget_idle_rates_soon();
         }
-        if self.connection_rate.check_key(&client).is_err() {
+        if let Err(not_until) = self.connection_rate.check_key(&client) {
             return Err(Refused::ConnectionRate(
                 client,
                 self.limits.connection_rate.per_second.get(),
+                self.wait(&self.connection_rate, &not_until),
             ));
         }
         let mut table = self.table.lock();
@@ -441,27 +473,51 @@ impl Clients {
 
     /// One new request (an HTTP/2 stream) of `client`, within its rate.
     pub(crate) fn check_request(&self, client: Client) -> Result<(), Refused> {
-        self.request_rate
-            .check_key(&client)
-            .map_err(|_| Refused::RequestRate(client, self.limits.request_rate.per_second.get()))
+        self.request_rate.check_key(&client).map_err(|not_until| {
+            Refused::RequestRate(
+                client,
+                self.limits.request_rate.per_second.get(),
+                self.wait(&self.request_rate, &not_until),
+            )
+        })
+    }
+
+    /// How long from now until `limiter` has room, as its refusal says.
+    fn wait(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<Client>,
+        not_until: &NotUntil<QuantaInstant>,
+    ) -> Duration {
+        not_until.wait_time_from(limiter.clock().now())
     }
 
     /// One publish of `bytes` bytes by `client`, within its rates.
     pub(crate) fn check_publish(&self, client: Client, bytes: usize) -> Result<(), Refused> {
-        if self.publish_rate.check_key(&client).is_err() {
+        if let Err(not_until) = self.publish_rate.check_key(&client) {
             return Err(Refused::PublishRate(
                 client,
                 self.limits.publish_rate.per_second.get(),
+                self.wait(&self.publish_rate, &not_until),
             ));
         }
-        let refused =
-            || Refused::PublishBytesRate(client, self.limits.publish_bytes_rate.per_second.get());
+        let per_second = self.limits.publish_bytes_rate.per_second.get();
         let n =
             NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
         match self.publish_bytes_rate.check_key_n(&client, n) {
             Ok(Ok(())) => Ok(()),
-            // More than a whole burst, or not now.
-            Ok(Err(_)) | Err(_) => Err(refused()),
+            Ok(Err(not_until)) => Err(Refused::PublishBytesRate(
+                client,
+                per_second,
+                self.wait(&self.publish_bytes_rate, &not_until),
+            )),
+            // More than a whole burst: the configuration keeps the burst at
+            // least one largest envelope, so this is not reached; waiting a
+            // burst's worth of time is what comes closest.
+            Err(_) => Err(Refused::PublishBytesRate(
+                client,
+                per_second,
+                Duration::from_secs(1),
+            )),
         }
     }
 
@@ -522,6 +578,13 @@ impl Clients {
             self.gauge.dec();
         }
     }
+}
+
+/// `wait` in whole milliseconds, rounded up, at least 1: a client that waits
+/// that long finds room.
+pub(crate) fn pushback_ms(wait: Duration) -> u64 {
+    let ms = wait.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
 /// A connection of a client; released on drop.
@@ -670,16 +733,38 @@ mod tests {
         for _ in 0..3 {
             clients.check_publish(a, 10).unwrap();
         }
-        assert_eq!(
-            clients.check_publish(a, 10).err(),
-            Some(Refused::PublishRate(a, 3))
+        // 3 a second: the next token comes within a third of a second.
+        let refused = clients.check_publish(a, 10).unwrap_err();
+        assert!(
+            matches!(refused, Refused::PublishRate(c, 3, wait)
+                if c == a && wait > Duration::ZERO && wait <= Duration::from_millis(334)),
+            "{refused:?}"
         );
+        let status = refused.status();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let pushback: u64 = status
+            .metadata()
+            .get(PUSHBACK_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("a pushback");
+        assert!((1..=334).contains(&pushback), "{pushback}");
         // Another client has its own buckets; bytes beyond a burst are refused.
         let b = client("192.0.2.2");
-        assert_eq!(
+        assert!(matches!(
             clients.check_publish(b, 1001).err(),
-            Some(Refused::PublishBytesRate(b, 1000))
-        );
+            Some(Refused::PublishBytesRate(c, 1000, _)) if c == b
+        ));
+    }
+
+    #[test]
+    fn pushback_rounds_up_to_whole_milliseconds() {
+        assert_eq!(pushback_ms(Duration::ZERO), 1);
+        assert_eq!(pushback_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(pushback_ms(Duration::from_micros(1001)), 2);
+        assert_eq!(pushback_ms(Duration::from_millis(250)), 250);
+        // Slot limits carry none: only time held by others frees them.
+        assert!(Refused::Calls(4).status().metadata().get(PUSHBACK_METADATA).is_none());
     }
 
     #[test]

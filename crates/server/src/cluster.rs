@@ -15,14 +15,22 @@
 //! through a bounded queue to one task that publishes them in order, and what
 //! does not fit is dropped and counted.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use cunicu_signal::proto::signaling::Envelope;
 use futures::StreamExt as _;
 use parking_lot::Mutex;
 use prost::Message as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
@@ -95,6 +103,12 @@ const READY_PROBE: &str = "_ready";
 /// replica publishes or subscribes to stays under the prefix, which is what a
 /// NATS account must allow.
 const INBOX: &str = "_inbox";
+/// Where replicas send their recipient counts, after the prefix:
+/// `<prefix>._recipients.<replica id>.<request number>`.
+const RECIPIENTS: &str = "_recipients";
+/// Recipient counts being collected at once at most; more asking publishes
+/// get the local count only.
+const MAX_COUNTING: usize = 4096;
 /// How long a Subscribe waits for its key's NATS subscription to reach the server.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts to reach NATS.
@@ -128,6 +142,22 @@ struct Interest {
     _task: AbortOnDropHandle<()>,
 }
 
+/// An envelope for the other replicas, in publishing order.
+struct Outbound {
+    key: Topic,
+    envelope: Bytes,
+    /// Where the replicas that deliver it send their counts, if asked.
+    reply: Option<String>,
+}
+
+/// The counts of the other replicas for one asking publish.
+#[derive(Default)]
+struct Count {
+    sum: AtomicUsize,
+    /// NATS said nobody listens anywhere: no count will come.
+    nobody: Notify,
+}
+
 /// The replica's side of the cluster. Cheap to share.
 pub(crate) struct Cluster {
     client: async_nats::Client,
@@ -137,7 +167,10 @@ pub(crate) struct Cluster {
     /// The hub that received envelopes go to; `None` once closed, which
     /// breaks the cycle hub → cluster → hub.
     hub: Mutex<Option<Hub>>,
-    outbound: mpsc::Sender<(Topic, Bytes)>,
+    outbound: mpsc::Sender<Outbound>,
+    /// Recipient counts being collected, by request number.
+    counting: Mutex<HashMap<u64, Arc<Count>>>,
+    next_count: AtomicU64,
     connected: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -251,6 +284,8 @@ impl Cluster {
             keys: Mutex::new(HashMap::new()),
             hub: Mutex::new(None),
             outbound,
+            counting: Mutex::new(HashMap::new()),
+            next_count: AtomicU64::new(0),
             connected,
             metrics: metrics.clone(),
             stop: stop.clone(),
@@ -261,8 +296,9 @@ impl Cluster {
             config.subject_prefix.clone(),
             queue,
             metrics,
-            stop,
+            stop.clone(),
         ));
+        tasks.spawn(collect_counts(cluster.clone(), stop));
         tracing::info!(urls = ?shown, origin = %cluster.origin, "cluster: replica of a NATS cluster");
         Ok(cluster)
     }
@@ -322,13 +358,57 @@ impl Cluster {
     /// Hands an envelope (its bytes as published) to the other replicas,
     /// without waiting.
     pub(crate) fn publish(&self, key: Topic, envelope: Bytes) {
-        match self.outbound.try_send((key, envelope)) {
-            Ok(()) => {}
+        self.enqueue(Outbound {
+            key,
+            envelope,
+            reply: None,
+        });
+    }
+
+    /// Hands an envelope to the other replicas as [`Cluster::publish`] does,
+    /// and returns how many subscription streams it reached on them: the
+    /// counts that come within `wait`, or 0 at once when NATS says nobody
+    /// listens anywhere.
+    pub(crate) async fn publish_counted(&self, key: Topic, envelope: Bytes, wait: Duration) -> usize {
+        let number = self.next_count.fetch_add(1, Relaxed);
+        let count = Arc::new(Count::default());
+        {
+            let mut counting = self.counting.lock();
+            if counting.len() >= MAX_COUNTING {
+                drop(counting);
+                self.publish(key, envelope);
+                return 0;
+            }
+            counting.insert(number, count.clone());
+        }
+        // Taken out however this ends (the call may be dropped).
+        let _forget = Forget {
+            counting: &self.counting,
+            number,
+        };
+        let reply = format!("{}.{RECIPIENTS}.{}.{number}", self.prefix, self.origin);
+        if !self.enqueue(Outbound {
+            key,
+            envelope,
+            reply: Some(reply),
+        }) {
+            return 0;
+        }
+        let _ = tokio::time::timeout(wait, count.nobody.notified()).await;
+        count.sum.load(Relaxed)
+    }
+
+    /// Queues an envelope for the publisher task; false if it was dropped.
+    fn enqueue(&self, outbound: Outbound) -> bool {
+        match self.outbound.try_send(outbound) {
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.cluster_drop_for("buffer_full");
+                false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.metrics.cluster_drop_for("closed");
+                false
             }
         }
     }
@@ -340,6 +420,65 @@ impl Cluster {
         self.metrics.cluster_subjects.set(0);
         drop(keys);
         self.hub.lock().take();
+    }
+}
+
+/// Takes a count being collected out of the table when dropped.
+struct Forget<'a> {
+    counting: &'a Mutex<HashMap<u64, Arc<Count>>>,
+    number: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.counting.lock().remove(&self.number);
+    }
+}
+
+/// Receives the recipient counts of the other replicas (and NATS's "no
+/// responders") for this replica's asking publishes, until stopped.
+async fn collect_counts(cluster: Arc<Cluster>, stop: CancellationToken) {
+    let subject = format!("{}.{RECIPIENTS}.{}.*", cluster.prefix, cluster.origin);
+    let mut replies = match cluster.client.subscribe(subject).await {
+        Ok(replies) => replies,
+        Err(e) => {
+            tracing::warn!("cluster: cannot receive recipient counts: {e}");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            next = replies.next() => match next {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let Some(number) = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Some(count) = cluster.counting.lock().get(&number).cloned() else {
+            // Came after its wait: the publish was answered already.
+            continue;
+        };
+        if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            count.nobody.notify_one();
+            continue;
+        }
+        let n = std::str::from_utf8(&message.payload)
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok());
+        match n {
+            Some(n) => {
+                count.sum.fetch_add(n as usize, Relaxed);
+            }
+            None => cluster.metrics.cluster_drop_for("invalid"),
+        }
     }
 }
 
@@ -411,24 +550,43 @@ async fn publish_all(
     client: async_nats::Client,
     origin: String,
     prefix: String,
-    mut queue: mpsc::Receiver<(Topic, Bytes)>,
+    mut queue: mpsc::Receiver<Outbound>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(ORIGIN_HEADER, origin.as_str());
     loop {
-        let (key, envelope) = tokio::select! {
+        let next = tokio::select! {
             _ = stop.cancelled() => break,
             next = queue.recv() => match next {
                 Some(next) => next,
                 None => break,
             },
         };
-        let subject = subject(&prefix, &key);
+        let subject = subject(&prefix, &next.key);
+        let publish = async {
+            match next.reply {
+                Some(reply) => {
+                    client
+                        .publish_with_reply_and_headers(
+                            subject,
+                            reply,
+                            headers.clone(),
+                            next.envelope,
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .publish_with_headers(subject, headers.clone(), next.envelope)
+                        .await
+                }
+            }
+        };
         let sent = tokio::select! {
             _ = stop.cancelled() => break,
-            sent = client.publish_with_headers(subject, headers.clone(), envelope) => sent,
+            sent = publish => sent,
         };
         match sent {
             Ok(()) => {
@@ -494,10 +652,19 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         frame.put_u32(message.payload.len() as u32);
         frame.put_slice(&message.payload);
         let hub = cluster.hub.lock().clone();
-        if let Some(hub) = hub
-            && hub.publish(&key, &frame.freeze()) == 0
-        {
+        let Some(hub) = hub else { continue };
+        let fanout = hub.publish(&key, &frame.freeze());
+        if fanout.subscriptions == 0 {
             cluster.metrics.no_subscriber.inc();
+        }
+        // An asking publish elsewhere: tell it how many streams here got it.
+        if let Some(reply) = message.reply
+            && let Err(e) = cluster
+                .client
+                .publish(reply, Bytes::from(fanout.queued.to_string()))
+                .await
+        {
+            tracing::debug!("cluster: recipient count not sent: {e}");
         }
     }
 }

@@ -91,6 +91,13 @@ pub struct Config {
     pub allow_keys: Option<PathBuf>,
     /// Replicas of one service: the NATS system they share (SPEC §12).
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Whether a Publish that asks (`cunicu-recipients: ask`) learns how many
+    /// subscription streams got its envelope. Off for operators who see
+    /// presence as private.
+    pub recipients: bool,
+    /// With `cluster`: how long a replica collects the other replicas'
+    /// counts for a Publish that asks.
+    pub recipients_wait: Duration,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -143,6 +150,8 @@ impl Default for Config {
             auth_skew: Duration::from_secs(60),
             allow_keys: None,
             cluster: None,
+            recipients: true,
+            recipients_wait: Duration::from_millis(100),
         }
     }
 }
@@ -230,6 +239,7 @@ impl Config {
             ("idle-timeout", self.idle_timeout),
             ("keepalive-interval", self.keepalive_interval),
             ("keepalive-timeout", self.keepalive_timeout),
+            ("recipients-wait", self.recipients_wait),
         ];
         for (setting, value) in durations {
             if value.is_zero() {

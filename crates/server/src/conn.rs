@@ -29,6 +29,7 @@ use std::{
 use bytes::Bytes;
 use cunicu_signal::{
     Key,
+    backend::grpc::{RECIPIENTS_ASK, RECIPIENTS_METADATA},
     log_limit::LogLimiter,
     proto::signaling::{Envelope, SubscribeParams},
 };
@@ -103,7 +104,29 @@ pub(crate) struct Shared {
     pub(crate) response_headers: HeaderMap,
     /// Proofs of key possession.
     pub(crate) auth: Arc<Auth>,
+    /// Whether and how a Publish learns its recipient count.
+    pub(crate) recipients: Recipients,
     pub(crate) logs: Logs,
+}
+
+/// Recipient counts: a Publish with `cunicu-recipients: ask` learns how many
+/// subscription streams got its envelope, on every replica.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recipients {
+    /// Off: `ask` is answered with nothing (presence is private).
+    pub(crate) enabled: bool,
+    /// How long a replica collects the counts of the others.
+    pub(crate) wait: Duration,
+}
+
+impl Recipients {
+    /// Whether the request asks for a count and gets one.
+    fn answers(&self, headers: &HeaderMap) -> bool {
+        self.enabled
+            && headers
+                .get(RECIPIENTS_METADATA)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(RECIPIENTS_ASK.as_bytes()))
+    }
 }
 
 /// Log limiters of what clients can cause many times.
@@ -379,9 +402,13 @@ impl Connection {
         self.first_request_at = None;
         let shared = self.shared.clone();
         if let Err(refused) = shared.clients.check_request(self.client().client) {
-            // As cheap as it gets: a flood of streams costs a reset each.
+            // One HEADERS frame that says when to come back (a reset would
+            // say nothing); a flood costs that much a stream, no more.
             shared.metrics.reject_for(refused.reason());
-            respond.send_reset(h2::Reason::ENHANCE_YOUR_CALM);
+            let _ = respond.send_response(
+                wire::error_response(&refused.status(), &shared.response_headers),
+                true,
+            );
             self.refused += 1;
             if self.refused >= REFUSED_BEFORE_CLOSE {
                 self.h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
@@ -458,7 +485,7 @@ impl Connection {
         if shared.logs.refused.allow() {
             tracing::info!(remote = %self.remote, "request refused: {refused}");
         }
-        let status = Status::resource_exhausted(refused.to_string());
+        let status = refused.status();
         let _ = respond.send_response(
             wire::error_response(&status, &shared.response_headers),
             true,
@@ -797,7 +824,7 @@ async fn subscribe(
         let guard = shared.clients.subscribe(client.client).map_err(|refused| {
             shared.metrics.reject_for(refused.reason());
             tracing::debug!("subscription refused: {refused}");
-            Status::resource_exhausted(refused.to_string())
+            refused.status()
         })?;
         let (subscription, _first) =
             shared
@@ -855,7 +882,7 @@ async fn publish(
                         if shared.logs.refused.allow() {
                             tracing::info!("publish refused: {refused}");
                         }
-                        Status::resource_exhausted(refused.to_string())
+                        refused.status()
                     })?;
                 Reserved::new(shared.hub.budget(), n).map_err(|_| over_budget(metrics))
             },
@@ -871,22 +898,40 @@ async fn publish(
             .auth
             .check(&parts.headers, wire::PUBLISH, &Key::from(sender))?;
         metrics.published.inc();
+        let ask = shared.recipients.answers(&parts.headers);
         // The frame as received: the envelope unchanged, unknown fields kept.
         let local = shared.hub.publish(&recipient, &frame);
-        match shared.hub.cluster() {
-            Some(cluster) => cluster.publish(recipient, frame.slice(PREFIX_LEN..)),
-            None if local == 0 => {
-                metrics.no_subscriber.inc();
+        let recipients = match shared.hub.cluster() {
+            Some(cluster) if ask => Some(
+                local.queued
+                    + cluster
+                        .publish_counted(recipient, frame.slice(PREFIX_LEN..), shared.recipients.wait)
+                        .await,
+            ),
+            Some(cluster) => {
+                cluster.publish(recipient, frame.slice(PREFIX_LEN..));
+                None
             }
-            None => {}
-        }
-        Ok::<_, Status>(())
+            None => {
+                if local.subscriptions == 0 {
+                    metrics.no_subscriber.inc();
+                }
+                ask.then_some(local.queued)
+            }
+        };
+        Ok::<_, Status>(recipients)
     }
     .await;
     let headers = &shared.response_headers;
     match result {
-        Ok(()) => {
-            if let Ok(mut send) = respond.send_response(wire::ok_headers(headers), false) {
+        Ok(recipients) => {
+            let mut response = wire::ok_headers(headers);
+            if let Some(n) = recipients {
+                response
+                    .headers_mut()
+                    .insert(RECIPIENTS_METADATA, http::HeaderValue::from(n));
+            }
+            if let Ok(mut send) = respond.send_response(response, false) {
                 let _ = send.send_data(EMPTY_MESSAGE.clone(), false);
                 let _ = send.send_trailers(wire::ok_trailers());
             }

@@ -161,9 +161,12 @@ pub(crate) enum Take {
     Window(usize),
 }
 
-/// What [`Sub::offer`] did: how many envelopes were dropped, and why.
+/// What [`Sub::offer`] did: whether the envelope was queued, how many
+/// envelopes were dropped, and why.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Offered {
+    /// Queues the envelope went into (0 or 1 for one subscription).
+    pub(crate) queued: u64,
     pub(crate) queue_full: u64,
     pub(crate) client_budget: u64,
     pub(crate) server_budget: u64,
@@ -179,6 +182,7 @@ impl Offered {
     }
 
     fn merge(&mut self, other: Offered) {
+        self.queued += other.queued;
         self.queue_full += other.queue_full;
         self.client_budget += other.client_budget;
         self.server_budget += other.server_budget;
@@ -252,6 +256,7 @@ impl Sub {
         }
         state.queue.push_back(frame.clone());
         state.queued += size;
+        out.queued = 1;
         if state.waiting_since.is_none() {
             state.waiting_since = Some(Instant::now());
             self.mailbox.waiting.fetch_add(1, Relaxed);
@@ -493,22 +498,23 @@ impl Hub {
         )
     }
 
-    /// Queues `frame` for every subscription of `key`; returns how many there were.
-    pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> usize {
+    /// Queues `frame` for every subscription of `key`.
+    pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> Fanout {
         let Some(subs) = self.inner.topics.lock().get(key).cloned() else {
-            return 0;
+            return Fanout::default();
         };
         let mut offered = Offered::default();
         for sub in subs.iter() {
             offered.merge(sub.offer(frame));
         }
         let metrics = &self.inner.metrics;
-        if offered != Offered::default() {
-            metrics.queue_full.inc_by(offered.queue_full);
-            metrics.client_budget.inc_by(offered.client_budget);
-            metrics.server_budget.inc_by(offered.server_budget);
+        metrics.queue_full.inc_by(offered.queue_full);
+        metrics.client_budget.inc_by(offered.client_budget);
+        metrics.server_budget.inc_by(offered.server_budget);
+        Fanout {
+            subscriptions: subs.len(),
+            queued: usize::try_from(offered.queued).unwrap_or(usize::MAX),
         }
-        subs.len()
     }
 
     /// Ends every subscription of `keys` (their connection tasks send the
@@ -532,6 +538,15 @@ impl Hub {
     pub(crate) fn topic_count(&self) -> usize {
         self.inner.topics.lock().len()
     }
+}
+
+/// Where one published envelope went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fanout {
+    /// The key's subscription streams.
+    pub(crate) subscriptions: usize,
+    /// Those whose queue took the envelope: its recipients.
+    pub(crate) queued: usize,
 }
 
 /// A subscription in the hub; dropping it unsubscribes and frees its queue.
@@ -678,7 +693,8 @@ mod tests {
         let a = f.subscribe(1, "192.0.2.1", &mailbox, 7);
         let b = f.subscribe(1, "192.0.2.2", &mailbox, 8);
         for n in 0..5 {
-            assert_eq!(f.hub.publish(&[1; 32], &frame(n, 10)), 2);
+            let fanout = f.hub.publish(&[1; 32], &frame(n, 10));
+            assert_eq!((fanout.subscriptions, fanout.queued), (2, 2));
         }
         let mut slots = Vec::new();
         mailbox.take(&mut slots);
@@ -686,7 +702,7 @@ mod tests {
         let got: Vec<u8> = drain(a.sub()).iter().map(|f| f[5]).collect();
         assert_eq!(got, vec![2, 3, 4], "the oldest two went");
         assert_eq!(f.metrics.queue_full.get(), 4);
-        assert_eq!(f.hub.publish(&[2; 32], &frame(9, 10)), 0);
+        assert_eq!(f.hub.publish(&[2; 32], &frame(9, 10)), Fanout::default());
         drop((a, b));
         assert_eq!(f.hub.topic_count(), 0);
         assert_eq!(f.hub.budget().used(), 0, "everything given back");
@@ -763,8 +779,10 @@ mod tests {
             f.hub.publish(&[1; 32], &frame(n, 1000));
         }
         f.hub.publish(&[2; 32], &frame(9, 1000));
-        // A bigger one would not fit even in an empty b: it goes, b keeps 9.
-        f.hub.publish(&[2; 32], &frame(10, 2000));
+        // A bigger one would not fit even in an empty b: it goes, b keeps 9,
+        // and it has no recipient.
+        let fanout = f.hub.publish(&[2; 32], &frame(10, 2000));
+        assert_eq!((fanout.subscriptions, fanout.queued), (1, 0));
         assert_eq!(b.sub().state.lock().queue.len(), 1);
         assert_eq!(b.sub().state.lock().queue[0][5], 9);
         assert_eq!(f.metrics.server_budget.get(), 1);

@@ -299,6 +299,10 @@ impl Server {
             tls,
             response_headers,
             auth: auth.clone(),
+            recipients: conn::Recipients {
+                enabled: config.recipients,
+                wait: config.recipients_wait,
+            },
             logs: conn::Logs::default(),
         });
 

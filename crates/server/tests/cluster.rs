@@ -677,3 +677,53 @@ async fn a_publish_flood_while_nats_is_away_is_answered_and_counted() {
     publish(&r1, [envelope(key, 2, 0), marker(key)]).await;
     assert_eq!(until_marker(&mut stream).await, vec![(2, 0)]);
 }
+
+/// A raw Publish through `server` that asks for the count: the count, and
+/// how long the answer took.
+async fn publish_asking(server: &Server, key: [u8; 32]) -> (Option<u32>, Duration) {
+    use cunicu_signal::backend::grpc::{RECIPIENTS_ASK, RECIPIENTS_METADATA};
+    let mut client = SignalingClient::new(channel(server).await);
+    let mut request = tonic::Request::new(envelope(key, 9, 0));
+    request
+        .metadata_mut()
+        .insert(RECIPIENTS_METADATA, RECIPIENTS_ASK.parse().expect("ascii"));
+    let started = Instant::now();
+    let response = client.publish(request).await.expect("published");
+    let count = response
+        .metadata()
+        .get(RECIPIENTS_METADATA)
+        .map(|v| v.to_str().expect("ascii").parse().expect("a count"));
+    (count, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipient_counts_add_up_over_every_replica() {
+    let nats = Nats::start().await;
+    // A long wait, so that answering at once (nobody anywhere) and waiting
+    // for the counts of others cannot be mistaken for each other.
+    let mut config = Config::default();
+    config.recipients_wait = Duration::from_secs(2);
+    let r = [
+        replica_with("r1", vec![nats.url()], config.clone()).await,
+        replica_with("r2", vec![nats.url()], config.clone()).await,
+        replica_with("r3", vec![nats.url()], config).await,
+    ];
+    let key = [6u8; 32];
+    // Nobody anywhere: NATS says "no responders" within a round trip.
+    let (count, took) = publish_asking(&r[0], key).await;
+    assert_eq!(count, Some(0));
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+
+    // One subscriber on another replica, two on a third, one local.
+    let _s1 = subscribe(&r[1], key).await;
+    let _s2 = subscribe(&r[2], key).await;
+    let _s3 = subscribe(&r[2], key).await;
+    let (count, took) = publish_asking(&r[0], key).await;
+    assert_eq!(count, Some(3), "took {took:?}");
+    let _s4 = subscribe(&r[0], key).await;
+    let (count, _) = publish_asking(&r[0], key).await;
+    assert_eq!(count, Some(4));
+    // Through a replica with subscribers of its own, the others count too.
+    let (count, _) = publish_asking(&r[2], key).await;
+    assert_eq!(count, Some(4));
+}

@@ -278,7 +278,20 @@ pub struct MachineStats {
     pub replayed_credentials: u64,
     /// Messages ignored because no agent was ready for them.
     pub ignored: u64,
+    /// Times our credentials reached nobody (the signaling server counted
+    /// no subscriber of the peer's key): the peer is away, and credentials
+    /// went out less often until it came back.
+    pub peer_absent: u64,
 }
+
+/// The schedule of credential repeats while the peer is away: doubling, up
+/// to a minute.
+const ABSENT_BACKOFF: BackoffOptions = BackoffOptions {
+    initial: Duration::from_secs(1),
+    multiplier: 2.0,
+    jitter: 0.2,
+    max: Duration::from_secs(60),
+};
 
 /// Why the current agent is being closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +308,10 @@ pub struct Machine {
     backoff: Backoff,
     /// Retries after failed agent creation; reset when an agent works.
     create_backoff: Backoff,
+    /// Credential repeats while the peer is away.
+    absent_backoff: Backoff,
+    /// Our latest credentials reached nobody: the peer is away.
+    peer_absent: bool,
     state: State,
     agent: u64,
     local: IceCredentials,
@@ -341,6 +358,8 @@ impl Machine {
             rng,
             backoff: Backoff::new(config.backoff),
             create_backoff: Backoff::new(config.backoff),
+            absent_backoff: Backoff::new(ABSENT_BACKOFF),
+            peer_absent: false,
             state: State::Closed,
             agent: 0,
             local: IceCredentials::default(),
@@ -498,13 +517,47 @@ impl Machine {
         }
     }
 
-    /// A message from the peer (credentials and/or a candidate).
+    /// A message from the peer (credentials and/or a candidate). A peer that
+    /// was away is back: if it did not start the exchange itself, our
+    /// credentials go to it at once.
     pub fn handle_message(&mut self, now: Instant, message: &Message) {
+        let was_absent = std::mem::take(&mut self.peer_absent);
+        if was_absent {
+            self.absent_backoff.reset();
+        }
         if let Some(credentials) = &message.credentials {
             self.on_credentials(now, credentials);
         }
         if let Some(candidate) = &message.candidate {
             self.on_remote_candidate(candidate);
+        }
+        if was_absent && self.state == State::Idle {
+            tracing::debug!(agent = self.agent, "the peer is back: sending our credentials now");
+            self.backoff.reset();
+            self.send_credentials(true);
+            self.schedule_credentials(now);
+        }
+    }
+
+    /// How many subscription streams our credentials with `ufrag` reached,
+    /// as the backend said (`None`: it cannot tell). While nobody gets them
+    /// (the peer is away), they are repeated less and less often (from 1 s,
+    /// doubling, up to a minute) instead of at the usual pace; the peer's own
+    /// first message brings the usual pace back at once.
+    pub fn credentials_reached(&mut self, now: Instant, ufrag: &str, recipients: Option<u32>) {
+        if self.state != State::Idle || ufrag != self.local.ufrag {
+            return;
+        }
+        if recipients == Some(0) {
+            if !self.peer_absent {
+                self.stats.peer_absent += 1;
+                tracing::debug!(agent = self.agent, "our credentials reached nobody: the peer is away; repeating them less often");
+            }
+            self.peer_absent = true;
+            let delay = self.absent_backoff.next_delay(&mut self.rng);
+            self.next_credentials = Some(now + delay);
+        } else if std::mem::take(&mut self.peer_absent) {
+            self.absent_backoff.reset();
         }
     }
 

@@ -268,10 +268,12 @@ impl Session {
         let (stats_tx, stats) = watch::channel(MachineStats::default());
         let (agent_tx, agent_rx) = mpsc::channel(256);
         let (publish_tx, publish_rx) = mpsc::channel(options.outbound_capacity.max(1));
+        let (reached_tx, reached_rx) = mpsc::channel(options.outbound_capacity.max(1));
         let publisher = tokio::spawn(publisher(
             backend.clone(),
             pair,
             publish_rx,
+            reached_tx,
             options.publish_timeout,
         ));
         let stop_limit = stop_limit(&options);
@@ -291,6 +293,7 @@ impl Session {
             pending: HashMap::new(),
             connect_task: None,
             publish_tx: Some(publish_tx),
+            reached: reached_rx,
             publisher: Some(AbortOnDropHandle::new(publisher)),
             publish_dropped: 0,
             events: events.clone(),
@@ -453,6 +456,8 @@ struct Driver {
     pending: HashMap<tokio::task::Id, (Kind, u64)>,
     connect_task: Option<AbortHandle>,
     publish_tx: Option<mpsc::Sender<Message>>,
+    /// How many subscription streams our credentials reached, by ufrag.
+    reached: mpsc::Receiver<(String, Option<u32>)>,
     publisher: Option<AbortOnDropHandle<()>>,
     publish_dropped: u64,
     events: broadcast::Sender<Event>,
@@ -499,6 +504,10 @@ impl Driver {
                     self.machine.handle_message(now, &delivery.message);
                 }
                 Some((agent, event)) = self.agent_rx.recv() => self.on_agent_event(agent, event),
+                Some((ufrag, recipients)) = self.reached.recv() => {
+                    let now = self.clock();
+                    self.machine.credentials_reached(now, &ufrag, recipients);
+                }
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.on_task(done);
                 }
@@ -772,16 +781,23 @@ async fn close_agent(agent: u64, current: Arc<dyn IceAgent>, limit: Duration) {
     }
 }
 
-/// Publishes the driver's messages in order, each within `limit`.
+/// Publishes the driver's messages in order, each within `limit`; tells the
+/// driver how many subscription streams credentials reached.
 async fn publisher(
     backend: Arc<dyn Backend>,
     pair: KeyPair,
     mut messages: mpsc::Receiver<Message>,
+    reached: mpsc::Sender<(String, Option<u32>)>,
     limit: Duration,
 ) {
     while let Some(message) = messages.recv().await {
         match tokio::time::timeout(limit, backend.publish(&pair, &message)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(published)) => {
+                if let Some(credentials) = &message.credentials {
+                    // Dropped when the driver is behind: the next one counts.
+                    let _ = reached.try_send((credentials.ufrag.clone(), published.recipients));
+                }
+            }
             Ok(Err(e)) => tracing::warn!("publishing to the peer: {e}"),
             Err(_) => tracing::warn!("publishing to the peer timed out after {limit:?}"),
         }
@@ -836,7 +852,11 @@ mod tests {
 
     #[async_trait]
     impl Backend for StuckUnsubscribe {
-        async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError> {
+        async fn publish(
+            &self,
+            pair: &KeyPair,
+            message: &Message,
+        ) -> Result<cunicu_signal::Published, BackendError> {
             self.0.publish(pair, message).await
         }
         async fn subscribe(

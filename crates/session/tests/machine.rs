@@ -738,3 +738,71 @@ fn debug_of_actions_hides_passwords() {
     let candidate = Action::Publish(Box::new(candidate_message(host(7))));
     assert!(format!("{candidate:?}").contains("127.0.0.1"));
 }
+
+#[test]
+fn credentials_that_reach_nobody_go_out_less_often_until_the_peer_speaks() {
+    let mut m = machine(Role::Controlling);
+    let t0 = Instant::now();
+    let ours = to_idle(&mut m, t0);
+    // The usual pace: about 0.5 s.
+    let usual = m.poll_timeout().expect("a repeat is due") - t0;
+    assert!(usual <= Duration::from_millis(750), "{usual:?}");
+
+    // The server counted nobody: the next repeat is 1 s away (±20 %), then
+    // doubles each time nobody gets them, up to a minute.
+    let mut now = t0;
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        m.credentials_reached(now, &ours.ufrag, Some(0));
+        let at = m.poll_timeout().expect("a repeat is due");
+        delays.push(at - now);
+        now = at;
+        m.handle_timeout(now);
+        assert_eq!(
+            drain(&mut m)
+                .iter()
+                .filter_map(published_credentials)
+                .count(),
+            1
+        );
+    }
+    assert_eq!(m.stats().peer_absent, 1, "counted once per absence");
+    assert!(
+        (Duration::from_millis(800)..=Duration::from_millis(1200)).contains(&delays[0]),
+        "{delays:?}"
+    );
+    for pair in delays.windows(2).take(4) {
+        assert!(pair[1] > pair[0] * 3 / 2, "doubling: {delays:?}");
+    }
+    assert!(
+        delays.iter().all(|d| *d <= Duration::from_secs(60)),
+        "{delays:?}"
+    );
+    assert!(delays[7] >= Duration::from_secs(48), "{delays:?}");
+
+    // Other credentials (an old agent's), or a count that cannot tell,
+    // change nothing / bring the usual pace back.
+    m.credentials_reached(now, "someone-else", Some(5));
+    assert!(m.poll_timeout().expect("due") - now >= Duration::from_secs(48));
+
+    // The peer's first message, even one that is not credentials, brings
+    // our credentials at once.
+    m.handle_message(now, &candidate_message(host(4000)));
+    let actions = drain(&mut m);
+    let sent: Vec<_> = actions.iter().filter_map(published_credentials).collect();
+    assert_eq!(sent.len(), 1, "{actions:?}");
+    assert!(sent[0].need_creds);
+    assert!(m.poll_timeout().expect("due") - now <= Duration::from_millis(750));
+}
+
+#[test]
+fn credentials_that_reach_someone_keep_the_usual_pace() {
+    let mut m = machine(Role::Controlled);
+    let t0 = Instant::now();
+    let ours = to_idle(&mut m, t0);
+    let before = m.poll_timeout();
+    m.credentials_reached(t0, &ours.ufrag, Some(1));
+    m.credentials_reached(t0, &ours.ufrag, None);
+    assert_eq!(m.poll_timeout(), before);
+    assert_eq!(m.stats().peer_absent, 0);
+}

@@ -610,3 +610,42 @@ async fn bad_peer_keys_are_refused() -> Result<()> {
     assert_eq!(k, Key::ZERO);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_away_is_asked_less_often_and_connects_at_once_when_it_comes() -> Result<()>
+{
+    init_logs();
+    let server = server().await;
+    let url = grpc_url(&server);
+    let log = ConnectLog::default();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let a = peer(&url, ka, kb.public_key(), &log).await?;
+    // B is away: the server counts no subscriber of its key, so A's
+    // credentials reach nobody.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stats = a.session.stats();
+    assert!(stats.peer_absent >= 1, "{stats:?}");
+    // At the usual pace of these options (50 ms, growing to at most 1 s)
+    // that would be 8 or more in 6 s; while B is away, 1 s, 2 s, 4 s apart.
+    assert!(stats.credentials_sent <= 4, "{stats:?}");
+    assert_eq!(a.session.state(), State::Idle);
+
+    let came = Instant::now();
+    let b = peer(&url, kb, ka.public_key(), &log).await?;
+    let (ca, cb) = (
+        connection_after(&a.session, 0).await?,
+        connection_after(&b.session, 0).await?,
+    );
+    // Not at A's next repeat (up to 8 s away): at once.
+    assert!(
+        came.elapsed() < Duration::from_secs(4),
+        "connected {:?} after B came",
+        came.elapsed()
+    );
+    exchange(&ca, &cb, "back").await?;
+    for p in [a, b] {
+        timeout(STEP, p.session.close()).await??;
+        p.backend.close().await?;
+    }
+    Ok(())
+}

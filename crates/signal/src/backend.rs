@@ -173,11 +173,43 @@ fn transient_source(source: &(dyn std::error::Error + Send + Sync + 'static)) ->
     !source.is::<EnvelopeError>()
 }
 
+/// What a publish achieved, as far as the medium can tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Published {
+    /// How many subscription streams the envelope reached: a `grpc://`
+    /// server that counts says (on every replica of a cluster), `inprocess:`
+    /// knows its listeners; `None` where the medium cannot tell (multicast,
+    /// Kubernetes, a server that does not count).
+    pub recipients: Option<u32>,
+}
+
+impl Published {
+    /// The medium cannot tell who got it.
+    pub const fn unknown() -> Self {
+        Published { recipients: None }
+    }
+
+    /// It reached `n` subscription streams.
+    pub const fn to(n: u32) -> Self {
+        Published {
+            recipients: Some(n),
+        }
+    }
+
+    /// True if the medium knows that nobody got it.
+    pub fn reached_nobody(&self) -> bool {
+        self.recipients == Some(0)
+    }
+}
+
 /// A signaling backend (SPEC §6).
 #[async_trait]
 pub trait Backend: Send + Sync {
-    /// Seals `message` from `pair.ours` to `pair.theirs` and sends it.
-    async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError>;
+    /// Seals `message` from `pair.ours` to `pair.theirs` and sends it. Says how
+    /// many subscription streams it reached where the medium can tell.
+    async fn publish(&self, pair: &KeyPair, message: &Message)
+    -> Result<Published, BackendError>;
 
     /// Delivers every message addressed to `public(pair.ours)` and sent by
     /// `pair.theirs` (by anyone if that is [`Key::ZERO`]) to `handler`. Returns
@@ -214,12 +246,13 @@ pub trait Backend: Send + Sync {
 /// for the registry's worker); it never opens envelopes itself.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// Sends a sealed envelope to its recipient.
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError>;
+    /// Sends a sealed envelope to its recipient; says how many subscription
+    /// streams it reached, if the medium can tell.
+    async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError>;
     /// Sends a sealed envelope that `ours` (the sender's private key) sealed: a
     /// medium that proves possession of the sender's key (`grpc://` to a
     /// server that asks for it, SPEC §11) uses the key; the others send.
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
         let _ = ours;
         self.send(envelope).await
     }
@@ -244,10 +277,10 @@ macro_rules! forward_transport {
         $(#[$doc])*
         #[async_trait]
         impl<T: Transport + ?Sized> Transport for $pointer<T> {
-            async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+            async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
                 (**self).send(envelope).await
             }
-            async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+            async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
                 (**self).send_as(envelope, ours).await
             }
             async fn listen(&self, key: Key) -> Result<(), BackendError> {
@@ -445,7 +478,11 @@ impl Drop for Undo<'_> {
 
 #[async_trait]
 impl Backend for SignalingBackend {
-    async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<(), BackendError> {
+    async fn publish(
+        &self,
+        pair: &KeyPair,
+        message: &Message,
+    ) -> Result<Published, BackendError> {
         self.check_open()?;
         let envelope = message.seal(pair)?;
         self.transport.send_as(&envelope, &pair.ours).await
@@ -680,7 +717,7 @@ mod tests {
 
     #[async_trait]
     impl Transport for FailingListen {
-        async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+        async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
             self.0.send(envelope).await
         }
         async fn listen(&self, key: Key) -> Result<(), BackendError> {
@@ -723,10 +760,11 @@ mod tests {
         // The medium left the exchange: an envelope to the key reaches nobody
         // (in-process delivery happens before publish returns).
         let publisher = connect(&["inprocess:"]).await.unwrap();
-        publisher
+        let published = publisher
             .publish(&KeyPair::new(sender, key.public_key()), &Message::default())
             .await
             .unwrap();
+        assert_eq!(published.recipients, Some(0));
         assert_eq!(registry.stats(), crate::RegistryStats::default());
     }
 }

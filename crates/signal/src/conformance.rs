@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::{
-    Backend, BackendError, Delivery, Handler, Key, KeyPair, Transport,
+    Backend, BackendError, Delivery, Handler, Key, KeyPair, Published, Transport,
     backend::SignalingBackend,
     proto::{
         epdisc::Credentials,
@@ -467,11 +467,11 @@ impl Gate {
 
 #[async_trait]
 impl<T: Transport> Transport for Gated<T> {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+    async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
         self.inner.send(envelope).await
     }
 
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
         self.inner.send_as(envelope, ours).await
     }
 

@@ -35,7 +35,7 @@ pub mod log_limit;
 mod registry;
 mod task;
 
-pub use backend::{Backend, BackendError, Transport};
+pub use backend::{Backend, BackendError, Published, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
 pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
 pub use registry::{

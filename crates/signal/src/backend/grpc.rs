@@ -12,7 +12,10 @@ use std::{
     collections::HashMap,
     fmt,
     path::PathBuf,
-    sync::{Arc, LazyLock},
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -31,7 +34,7 @@ use tonic::{
     transport::{Channel, Endpoint, Uri},
 };
 
-use super::{BackendError, Transport, bool_param, check_params};
+use super::{BackendError, Published, Transport, bool_param, check_params};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
@@ -173,6 +176,21 @@ impl GrpcTarget {
 /// A subscription's stream task, aborted when dropped.
 type Subscription = AbortOnDropHandle<()>;
 
+/// A refused publish is tried again at most this many times, each after the
+/// server's pushback, within the publish's deadline.
+pub const MAX_RATE_RETRIES: u32 = 3;
+
+/// What the gRPC medium counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GrpcStats {
+    /// Publishes tried again after the server refused them for a rate and
+    /// said when to come back (`grpc-retry-pushback-ms`).
+    pub rate_limited_retries: u64,
+    /// The time those retries waited, in all.
+    pub rate_limited_wait: Duration,
+}
+
 /// The gRPC transport.
 pub struct Grpc {
     name: Arc<str>,
@@ -181,6 +199,9 @@ pub struct Grpc {
     registry: Arc<Registry>,
     options: GrpcOptions,
     streams: Mutex<HashMap<Key, Subscription>>,
+    rate_limited_retries: AtomicU64,
+    /// Microseconds.
+    rate_limited_wait: AtomicU64,
 }
 
 impl fmt::Debug for Grpc {
@@ -213,48 +234,133 @@ impl Grpc {
             registry,
             options,
             streams: Mutex::new(HashMap::new()),
+            rate_limited_retries: AtomicU64::new(0),
+            rate_limited_wait: AtomicU64::new(0),
         })
     }
 
-    /// Publishes, with a proof that we hold `ours` (the sender's private key)
-    /// if given and the server has a key.
-    async fn publish(&self, envelope: &Envelope, ours: Option<&Key>) -> Result<(), BackendError> {
-        let timeout = self.options.publish_timeout;
-        let mut request = Request::new(envelope.clone());
-        request.set_timeout(timeout);
-        if let Some(ours) = ours {
-            self.auth
-                .prove(&self.name, &self.client, &mut request, ours, PUBLISH)
-                .await?;
+    /// What this medium counted so far.
+    pub fn stats(&self) -> GrpcStats {
+        GrpcStats {
+            rate_limited_retries: self.rate_limited_retries.load(Relaxed),
+            rate_limited_wait: Duration::from_micros(self.rate_limited_wait.load(Relaxed)),
         }
-        let mut client = self.client.clone();
-        match tokio::time::timeout(timeout, client.publish(request)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => {
+    }
+
+    /// Publishes, with a proof that we hold `ours` (the sender's private key)
+    /// if given and the server has a key, and asks how many subscription
+    /// streams the envelope reached. A refusal for a rate that says when to
+    /// come back is tried again then, at most [`MAX_RATE_RETRIES`] times
+    /// within the publish's deadline.
+    async fn publish(
+        &self,
+        envelope: &Envelope,
+        ours: Option<&Key>,
+    ) -> Result<Published, BackendError> {
+        let timeout = self.options.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (mut retries, mut waited) = (0, Duration::ZERO);
+        loop {
+            let mut request = Request::new(envelope.clone());
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            request.metadata_mut().insert(
+                RECIPIENTS_METADATA,
+                tonic::metadata::MetadataValue::from_static(RECIPIENTS_ASK),
+            );
+            if let Some(ours) = ours {
+                // A fresh proof each time: the server takes each nonce once.
+                self.auth
+                    .prove(&self.name, &self.client, &mut request, ours, PUBLISH)
+                    .await?;
+            }
+            let mut client = self.client.clone();
+            let status = match tokio::time::timeout_at(deadline, client.publish(request)).await {
+                Ok(Ok(response)) => return Ok(recipients(response.metadata())),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(BackendError::transport(
+                        &self.name,
+                        GrpcError::Timeout {
+                            what: "publish",
+                            timeout,
+                        },
+                    ));
+                }
+            };
+            let Some(wait) = pushback(&status) else {
                 self.auth.refused(&status);
-                Err(BackendError::transport(
+                return Err(BackendError::transport(
                     &self.name,
                     GrpcError::Status {
                         what: "publish",
                         status,
                     },
-                ))
+                ));
+            };
+            let fits = tokio::time::Instant::now() + wait < deadline;
+            if retries == MAX_RATE_RETRIES || !fits {
+                return Err(BackendError::transport(
+                    &self.name,
+                    GrpcError::RateLimited {
+                        retries,
+                        waited,
+                        status,
+                    },
+                ));
             }
-            Err(_) => Err(BackendError::transport(
-                &self.name,
-                GrpcError::Timeout {
-                    what: "publish",
-                    timeout,
-                },
-            )),
+            tracing::debug!(backend = %self.name, ?wait, "publish refused for a rate: trying again after the server's pushback");
+            retries += 1;
+            waited += wait;
+            self.rate_limited_retries.fetch_add(1, Relaxed);
+            self.rate_limited_wait.fetch_add(
+                u64::try_from(wait.as_micros()).unwrap_or(u64::MAX),
+                Relaxed,
+            );
+            tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// The recipient count in a Publish's response metadata, if the server gave one.
+fn recipients(metadata: &tonic::metadata::MetadataMap) -> Published {
+    metadata
+        .get(RECIPIENTS_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map_or(Published::unknown(), Published::to)
+}
+
+/// How long a refused call must wait, if the server said so: a
+/// RESOURCE_EXHAUSTED status with `grpc-retry-pushback-ms` (at most a minute
+/// is believed).
+pub fn pushback(status: &Status) -> Option<Duration> {
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status
+        .metadata()
+        .get(PUSHBACK_METADATA)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.clamp(1, 60_000)))
 }
 
 /// The path of `Signaling.Subscribe`.
 pub const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
 /// The path of `Signaling.Publish`.
 pub const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
+/// The metadata of a Publish that asks how many subscription streams got its
+/// envelope (value [`RECIPIENTS_ASK`]), and of the answer (the count, in the
+/// response headers).
+pub const RECIPIENTS_METADATA: &str = "cunicu-recipients";
+/// The value of [`RECIPIENTS_METADATA`] that asks.
+pub const RECIPIENTS_ASK: &str = "ask";
+/// The metadata of a refusal by a rate: milliseconds until the server has
+/// room again (gRPC's name for it).
+pub const PUSHBACK_METADATA: &str = "grpc-retry-pushback-ms";
 /// The path of `RelayRegistry.GetRelays`.
 pub const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
 
@@ -588,6 +694,17 @@ pub enum GrpcError {
         /// How long it waited.
         timeout: Duration,
     },
+    /// The server refused a publish for a rate, also after waiting as long
+    /// as it asked, as often as the backend tries.
+    #[error("{}: rate limited by the server (tried again {retries} times after waiting {waited:?} in all)", status_text(.status))]
+    RateLimited {
+        /// Times it was tried again.
+        retries: u32,
+        /// How long those tries waited in all.
+        waited: Duration,
+        /// The last refusal.
+        status: Status,
+    },
     /// A Subscribe stream ended before the server confirmed it.
     #[error("subscribe: the server ended the stream before confirming the subscription")]
     NoSync,
@@ -611,7 +728,9 @@ impl GrpcError {
     /// The gRPC status code, for [`GrpcError::Status`].
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
-            GrpcError::Status { status, .. } => Some(status.code()),
+            GrpcError::Status { status, .. } | GrpcError::RateLimited { status, .. } => {
+                Some(status.code())
+            }
             _ => None,
         }
     }
@@ -633,7 +752,7 @@ impl GrpcError {
                     | Code::Unknown
                     | Code::Internal
             ),
-            GrpcError::Timeout { .. } | GrpcError::NoSync => true,
+            GrpcError::Timeout { .. } | GrpcError::NoSync | GrpcError::RateLimited { .. } => true,
             GrpcError::Proof(_) | GrpcError::BadServerKey(_) | GrpcError::OtherServerKey { .. } => {
                 false
             }
@@ -783,11 +902,11 @@ impl Drop for CancelGuard<'_> {
 
 #[async_trait]
 impl Transport for Grpc {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+    async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
         self.publish(envelope, None).await
     }
 
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
         self.publish(envelope, Some(ours)).await
     }
 

@@ -11,7 +11,7 @@ use std::{
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{BackendError, Transport, check_params};
+use super::{BackendError, Published, Transport, check_params};
 use crate::{
     Key, Registry,
     proto::signaling::{BackendType, Envelope},
@@ -64,7 +64,7 @@ impl InProcess {
 
 #[async_trait]
 impl Transport for InProcess {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+    async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
         let recipient = envelope.recipient_key()?;
         let registries: Vec<Arc<Registry>> = EXCHANGE
             .lock()
@@ -74,10 +74,11 @@ impl Transport for InProcess {
         if registries.is_empty() {
             tracing::debug!(%recipient, "no in-process subscriber: envelope discarded");
         }
+        let reached = u32::try_from(registries.len()).unwrap_or(u32::MAX);
         for registry in registries {
             registry.deliver(envelope);
         }
-        Ok(())
+        Ok(Published::to(reached))
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {

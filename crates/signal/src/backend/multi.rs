@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use futures::future::join_all;
 
-use super::{BackendError, Transport};
+use super::{BackendError, Published, Transport};
 use crate::{
     Key,
     proto::signaling::{BackendType, Envelope},
@@ -26,6 +26,31 @@ impl Multi {
             .collect::<Vec<_>>()
             .join(",");
         Multi { transports, name }
+    }
+
+    /// Collects the results of one publish on every transport: the recipients
+    /// the media could count, added up, when any media reached someone or
+    /// all could count; else nobody can tell.
+    fn combine_published(
+        &self,
+        results: Vec<Result<Published, BackendError>>,
+    ) -> Result<Published, BackendError> {
+        let mut counts = Vec::with_capacity(results.len());
+        let results = results
+            .into_iter()
+            .map(|r| {
+                r.map(|published| {
+                    counts.push(published.recipients);
+                })
+            })
+            .collect();
+        self.combine("publish", results)?;
+        let sum = counts.iter().flatten().fold(0u32, |a, n| a.saturating_add(*n));
+        Ok(if sum > 0 || counts.iter().all(Option::is_some) {
+            Published::to(sum)
+        } else {
+            Published::unknown()
+        })
     }
 
     /// Collects the results of one operation on every transport.
@@ -51,14 +76,14 @@ impl Multi {
 
 #[async_trait]
 impl Transport for Multi {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+    async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
         let results = join_all(self.transports.iter().map(|t| t.send(envelope))).await;
-        self.combine("publish", results)
+        self.combine_published(results)
     }
 
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<(), BackendError> {
+    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
         let results = join_all(self.transports.iter().map(|t| t.send_as(envelope, ours))).await;
-        self.combine("publish", results)
+        self.combine_published(results)
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {

@@ -625,7 +625,7 @@ impl Multicast {
 
 #[async_trait]
 impl Transport for Multicast {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+    async fn send(&self, envelope: &Envelope) -> Result<super::Published, BackendError> {
         let size = envelope.encoded_len();
         if size > MAX_DATAGRAM {
             return Err(BackendError::transport(
@@ -650,7 +650,8 @@ impl Transport for Multicast {
             ));
         }
         self.shared.sent.fetch_add(1, Relaxed);
-        Ok(())
+        // Who on the LAN heard it, the medium cannot tell.
+        Ok(super::Published::unknown())
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {

@@ -357,7 +357,7 @@ impl K8s {
 
 #[async_trait]
 impl Transport for K8s {
-    async fn send(&self, envelope: &Envelope) -> Result<(), BackendError> {
+    async fn send(&self, envelope: &Envelope) -> Result<crate::Published, BackendError> {
         self.check_open()?;
         let object = SignalingEnvelope::from_envelope(envelope)?;
         let timeout = self.options.send_timeout;
@@ -381,7 +381,8 @@ impl Transport for K8s {
             .lock()
             .senders
             .sent(sender, Instant::now());
-        Ok(())
+        // Who watches for it, the API server does not say.
+        Ok(crate::Published::unknown())
     }
 
     async fn listen(&self, key: Key) -> Result<(), BackendError> {
