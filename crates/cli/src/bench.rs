@@ -107,6 +107,8 @@ struct Stats {
     /// Subscription streams that ended (or failed) before the bench closed them.
     streams_ended: AtomicU64,
     latency: Mutex<Histogram<u64>>,
+    /// How long each Publish call took until its answer (µs).
+    publish_latency: Mutex<Histogram<u64>>,
 }
 
 /// A new HTTP/2 connection to the server, secured as the URL says, from
@@ -307,6 +309,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         published: AtomicU64::new(0),
         publish_errors: AtomicU64::new(0),
         received: AtomicU64::new(0),
+        publish_latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
         streams_ended: AtomicU64::new(0),
         latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
     });
@@ -564,8 +567,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     seq += 1;
                     continue;
                 }
+                let called = Instant::now();
                 match client.publish(request).await {
                     Ok(_) => {
+                        let _ = stats
+                            .publish_latency
+                            .lock()
+                            .record(called.elapsed().as_micros() as u64);
                         stats.published.fetch_add(1, Relaxed);
                         expected.fetch_add(subs_per_key[k], Relaxed);
                     }
@@ -608,6 +616,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     while subscribers.join_next().await.is_some() {}
     let received = stats.received.load(Relaxed);
     let latency = stats.latency.lock().clone();
+    let publish_latency = stats.publish_latency.lock().clone();
     let secs = load_time.as_secs_f64();
     let streams_ended = stats.streams_ended.load(Relaxed);
     let mut report = serde_json::json!({
@@ -629,6 +638,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "latency_p50_ms": latency.value_at_quantile(0.5) as f64 / 1000.0,
         "latency_p99_ms": latency.value_at_quantile(0.99) as f64 / 1000.0,
         "latency_max_ms": latency.max() as f64 / 1000.0,
+        "publish_call_p50_ms": publish_latency.value_at_quantile(0.5) as f64 / 1000.0,
+        "publish_call_p99_ms": publish_latency.value_at_quantile(0.99) as f64 / 1000.0,
         "streams_ended": streams_ended,
     });
     let mut server_text = String::new();
@@ -649,7 +660,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
              published   {published} ({:.0}/s), errors {}\n\
              delivered   {received} of {expected} ({:.0}/s), lost {}, \
              streams ended early {streams_ended}\n\
-             latency     p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{server_text}",
+             latency     p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
+             publish     p50 {:.2} ms, p99 {:.2} ms until answered{server_text}",
             args.subscribers,
             args.keys,
             args.publishers,
@@ -661,6 +673,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             latency.value_at_quantile(0.5) as f64 / 1000.0,
             latency.value_at_quantile(0.99) as f64 / 1000.0,
             latency.max() as f64 / 1000.0,
+            publish_latency.value_at_quantile(0.5) as f64 / 1000.0,
+            publish_latency.value_at_quantile(0.99) as f64 / 1000.0,
         );
     }
     Ok(())

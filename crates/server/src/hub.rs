@@ -508,9 +508,11 @@ impl Hub {
             offered.merge(sub.offer(frame));
         }
         let metrics = &self.inner.metrics;
-        metrics.queue_full.inc_by(offered.queue_full);
-        metrics.client_budget.inc_by(offered.client_budget);
-        metrics.server_budget.inc_by(offered.server_budget);
+        if offered.queue_full + offered.client_budget + offered.server_budget > 0 {
+            metrics.queue_full.inc_by(offered.queue_full);
+            metrics.client_budget.inc_by(offered.client_budget);
+            metrics.server_budget.inc_by(offered.server_budget);
+        }
         Fanout {
             subscriptions: subs.len(),
             queued: usize::try_from(offered.queued).unwrap_or(usize::MAX),
