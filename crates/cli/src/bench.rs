@@ -26,8 +26,8 @@ use clap::Args;
 use cunicu_signal::{
     Key,
     backend::grpc::{
-        GrpcOptions, GrpcTarget, PUBLISH, RECIPIENTS_ASK, RECIPIENTS_METADATA, SUBSCRIBE,
-        Security, ServerAuth, channel_for,
+        GrpcOptions, GrpcTarget, PUBLISH, RECIPIENTS_ASK, RECIPIENTS_METADATA, SUBSCRIBE, Security,
+        ServerAuth, channel_for,
     },
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,

@@ -764,7 +764,13 @@ mod tests {
         assert_eq!(pushback_ms(Duration::from_micros(1001)), 2);
         assert_eq!(pushback_ms(Duration::from_millis(250)), 250);
         // Slot limits carry none: only time held by others frees them.
-        assert!(Refused::Calls(4).status().metadata().get(PUSHBACK_METADATA).is_none());
+        assert!(
+            Refused::Calls(4)
+                .status()
+                .metadata()
+                .get(PUSHBACK_METADATA)
+                .is_none()
+        );
     }
 
     #[test]

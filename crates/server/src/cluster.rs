@@ -366,36 +366,44 @@ impl Cluster {
     }
 
     /// Hands an envelope to the other replicas as [`Cluster::publish`] does,
-    /// and returns how many subscription streams it reached on them: the
-    /// counts that come within `wait`, or 0 at once when NATS says nobody
-    /// listens anywhere.
-    pub(crate) async fn publish_counted(&self, key: Topic, envelope: Bytes, wait: Duration) -> usize {
+    /// at once, and returns what tells how many subscription streams it
+    /// reached on them: the counts that come within `wait`, or 0 as soon as
+    /// NATS says nobody listens anywhere.
+    pub(crate) fn publish_counted(
+        &self,
+        key: Topic,
+        envelope: Bytes,
+        wait: Duration,
+    ) -> impl Future<Output = usize> + Send + '_ {
         let number = self.next_count.fetch_add(1, Relaxed);
         let count = Arc::new(Count::default());
-        {
+        let counting = {
             let mut counting = self.counting.lock();
-            if counting.len() >= MAX_COUNTING {
-                drop(counting);
-                self.publish(key, envelope);
-                return 0;
+            let room = counting.len() < MAX_COUNTING;
+            if room {
+                counting.insert(number, count.clone());
             }
-            counting.insert(number, count.clone());
-        }
-        // Taken out however this ends (the call may be dropped).
-        let _forget = Forget {
+            room
+        };
+        // Taken out however this ends (the caller may drop the wait).
+        let forget = counting.then_some(Forget {
             counting: &self.counting,
             number,
-        };
-        let reply = format!("{}.{RECIPIENTS}.{}.{number}", self.prefix, self.origin);
-        if !self.enqueue(Outbound {
+        });
+        let sent = self.enqueue(Outbound {
             key,
             envelope,
-            reply: Some(reply),
-        }) {
-            return 0;
+            reply: counting
+                .then(|| format!("{}.{RECIPIENTS}.{}.{number}", self.prefix, self.origin)),
+        });
+        async move {
+            let _forget = forget;
+            if !(counting && sent) {
+                return 0;
+            }
+            let _ = tokio::time::timeout(wait, count.nobody.notified()).await;
+            count.sum.load(Relaxed)
         }
-        let _ = tokio::time::timeout(wait, count.nobody.notified()).await;
-        count.sum.load(Relaxed)
     }
 
     /// Queues an envelope for the publisher task; false if it was dropped.

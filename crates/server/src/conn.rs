@@ -868,7 +868,7 @@ async fn publish(
     let result = async {
         wire::check_request(&request)?;
         let (parts, mut recv) = request.into_parts();
-        let (frame, _reserved) = read_request(
+        let (frame, reserved) = read_request(
             &shared,
             &mut recv,
             "envelope",
@@ -902,12 +902,17 @@ async fn publish(
         // The frame as received: the envelope unchanged, unknown fields kept.
         let local = shared.hub.publish(&recipient, &frame);
         let recipients = match shared.hub.cluster() {
-            Some(cluster) if ask => Some(
-                local.queued
-                    + cluster
-                        .publish_counted(recipient, frame.slice(PREFIX_LEN..), shared.recipients.wait)
-                        .await,
-            ),
+            Some(cluster) if ask => {
+                let others = cluster.publish_counted(
+                    recipient,
+                    frame.slice(PREFIX_LEN..),
+                    shared.recipients.wait,
+                );
+                // The envelope is in the queues now: the request's bytes are
+                // not held while the other replicas count.
+                drop((frame, reserved));
+                Some(local.queued + others.await)
+            }
             Some(cluster) => {
                 cluster.publish(recipient, frame.slice(PREFIX_LEN..));
                 None

@@ -21,7 +21,9 @@ use cunicu_signal::{
             Grpc, GrpcError, GrpcOptions, PUSHBACK_METADATA, RECIPIENTS_ASK, RECIPIENTS_METADATA,
         },
     },
-    proto::signaling::{EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient},
+    proto::signaling::{
+        EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
+    },
 };
 use cunicu_signal_server::{AuthMode, Config, Rate, Server};
 use tokio::time::timeout;
@@ -109,7 +111,10 @@ async fn every_refusal_by_a_rate_says_when_to_come_back_and_that_is_enough() -> 
     let server = start(config).await;
     let mut c = client(&server).await;
     let refused = publish_until_refused(&mut c, 60_000).await;
-    assert!(refused.message().contains("bytes per second"), "{refused:?}");
+    assert!(
+        refused.message().contains("bytes per second"),
+        "{refused:?}"
+    );
     let wait = pushback_of(&refused);
     assert!(wait <= Duration::from_millis(601), "{wait:?}");
     tokio::time::sleep(wait).await;
@@ -146,7 +151,10 @@ fn grpc_backend(server: &Server, options: GrpcOptions) -> (SignalingBackend, Arc
     .expect("url");
     let registry = Registry::new();
     let grpc = Arc::new(Grpc::with_options(&url, registry.clone(), options).expect("grpc"));
-    (SignalingBackend::new(Box::new(grpc.clone()), registry), grpc)
+    (
+        SignalingBackend::new(Box::new(grpc.clone()), registry),
+        grpc,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +177,10 @@ async fn the_library_waits_out_a_refusal_once_and_says_rate_limited_only_after_t
     let stats = grpc.stats();
     assert_eq!(stats.rate_limited_retries, 1, "{stats:?}");
     assert!(stats.rate_limited_wait > Duration::ZERO, "{stats:?}");
-    assert!(stats.rate_limited_wait <= Duration::from_millis(501), "{stats:?}");
+    assert!(
+        stats.rate_limited_wait <= Duration::from_millis(501),
+        "{stats:?}"
+    );
     let metrics = server.metrics().encode();
     assert!(
         metrics.contains("signaling_requests_rejected_total{reason=\"publish_rate\"} 1\n"),
@@ -265,12 +276,18 @@ async fn recipient_counts_are_exact_on_one_server() -> Result<()> {
     let (alice, bob) = (Key::generate(), Key::generate());
     let message = cunicu_signal::proto::signaling::Message::default();
     let to_bob = KeyPair::new(alice, bob.public_key());
-    assert_eq!(backend.publish(&to_bob, &message).await?.recipients, Some(0));
+    assert_eq!(
+        backend.publish(&to_bob, &message).await?.recipients,
+        Some(0)
+    );
     let (handler, mut rx) = ChannelHandler::new(4);
     backend
         .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
         .await?;
-    assert_eq!(backend.publish(&to_bob, &message).await?.recipients, Some(1));
+    assert_eq!(
+        backend.publish(&to_bob, &message).await?.recipients,
+        Some(1)
+    );
     timeout(WAIT, rx.recv()).await?.context("delivered")?;
     backend.close().await?;
     Ok(())

@@ -532,7 +532,10 @@ impl Machine {
             self.on_remote_candidate(candidate);
         }
         if was_absent && self.state == State::Idle {
-            tracing::debug!(agent = self.agent, "the peer is back: sending our credentials now");
+            tracing::debug!(
+                agent = self.agent,
+                "the peer is back: sending our credentials now"
+            );
             self.backoff.reset();
             self.send_credentials(true);
             self.schedule_credentials(now);
@@ -551,7 +554,10 @@ impl Machine {
         if recipients == Some(0) {
             if !self.peer_absent {
                 self.stats.peer_absent += 1;
-                tracing::debug!(agent = self.agent, "our credentials reached nobody: the peer is away; repeating them less often");
+                tracing::debug!(
+                    agent = self.agent,
+                    "our credentials reached nobody: the peer is away; repeating them less often"
+                );
             }
             self.peer_absent = true;
             let delay = self.absent_backoff.next_delay(&mut self.rng);

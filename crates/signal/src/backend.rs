@@ -208,8 +208,7 @@ impl Published {
 pub trait Backend: Send + Sync {
     /// Seals `message` from `pair.ours` to `pair.theirs` and sends it. Says how
     /// many subscription streams it reached where the medium can tell.
-    async fn publish(&self, pair: &KeyPair, message: &Message)
-    -> Result<Published, BackendError>;
+    async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<Published, BackendError>;
 
     /// Delivers every message addressed to `public(pair.ours)` and sent by
     /// `pair.theirs` (by anyone if that is [`Key::ZERO`]) to `handler`. Returns
@@ -478,11 +477,7 @@ impl Drop for Undo<'_> {
 
 #[async_trait]
 impl Backend for SignalingBackend {
-    async fn publish(
-        &self,
-        pair: &KeyPair,
-        message: &Message,
-    ) -> Result<Published, BackendError> {
+    async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<Published, BackendError> {
         self.check_open()?;
         let envelope = message.seal(pair)?;
         self.transport.send_as(&envelope, &pair.ours).await

@@ -312,10 +312,8 @@ impl Grpc {
             retries += 1;
             waited += wait;
             self.rate_limited_retries.fetch_add(1, Relaxed);
-            self.rate_limited_wait.fetch_add(
-                u64::try_from(wait.as_micros()).unwrap_or(u64::MAX),
-                Relaxed,
-            );
+            self.rate_limited_wait
+                .fetch_add(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX), Relaxed);
             tokio::time::sleep(wait).await;
         }
     }

@@ -45,7 +45,10 @@ impl Multi {
             })
             .collect();
         self.combine("publish", results)?;
-        let sum = counts.iter().flatten().fold(0u32, |a, n| a.saturating_add(*n));
+        let sum = counts
+            .iter()
+            .flatten()
+            .fold(0u32, |a, n| a.saturating_add(*n));
         Ok(if sum > 0 || counts.iter().all(Option::is_some) {
             Published::to(sum)
         } else {
