@@ -327,7 +327,7 @@ async fn every_subscriber_of_a_key_on_every_replica_gets_each_envelope_once() {
 }
 
 /// Each client's subscriptions to keys' subjects, by client name (without
-/// the replica's reply inbox).
+/// the replica's own reply subjects: its inbox and its recipient counts).
 async fn key_subscriptions(nats: &Nats) -> HashMap<String, Vec<String>> {
     nats.subscriptions()
         .await
@@ -335,7 +335,10 @@ async fn key_subscriptions(nats: &Nats) -> HashMap<String, Vec<String>> {
         .map(|(name, subjects)| {
             let keys = subjects
                 .into_iter()
-                .filter(|s| !s.starts_with("cunicu.signal.v1._inbox."))
+                .filter(|s| {
+                    !s.starts_with("cunicu.signal.v1._inbox.")
+                        && !s.starts_with("cunicu.signal.v1._recipients.")
+                })
                 .collect();
             (name, keys)
         })
