@@ -1,4 +1,4 @@
-//! SPEC §8's state machine without sockets, agents or clocks: inputs in,
+//! docs/PROTOCOL.md §8's state machine without sockets, agents or clocks: inputs in,
 //! actions out (quinn-proto style).
 
 use std::time::{Duration, Instant};
@@ -737,4 +737,31 @@ fn debug_of_actions_hides_passwords() {
     }
     let candidate = Action::Publish(Box::new(candidate_message(host(7))));
     assert!(format!("{candidate:?}").contains("127.0.0.1"));
+}
+
+/// Gathering that ends without a single local candidate is reported: the
+/// peer could never reach us. Gathering that found one is not.
+#[test]
+fn gathering_nothing_is_reported() {
+    let now = Instant::now();
+    let mut m = machine(Role::Controlled);
+    to_idle(&mut m, now);
+    m.handle_message(now, &credentials("Rufrag", "Rpassword0123456789", false));
+    assert_eq!(states(&drain(&mut m)), [State::Gathering]);
+    m.handle_agent_event(now, m.agent(), &AgentEvent::GatheringComplete);
+    let actions = drain(&mut m);
+    assert_eq!(actions, [Action::NoCandidates { agent: 1 }]);
+
+    let mut m = machine(Role::Controlled);
+    to_idle(&mut m, now);
+    m.handle_message(now, &credentials("Rufrag", "Rpassword0123456789", false));
+    m.handle_agent_event(now, m.agent(), &AgentEvent::Candidate(host(1000)));
+    drain(&mut m);
+    m.handle_agent_event(now, m.agent(), &AgentEvent::GatheringComplete);
+    assert!(
+        !drain(&mut m)
+            .iter()
+            .any(|a| matches!(a, Action::NoCandidates { .. })),
+        "reported although a candidate was gathered"
+    );
 }
