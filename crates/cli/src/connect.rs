@@ -468,6 +468,12 @@ fn next_datagram(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<boo
                 input.consume(n);
             }
             None => {
+                // Full: fine if the input ends right here, too long otherwise.
+                line.extend_from_slice(&buf[..room]);
+                input.consume(room);
+                if input.fill_buf()?.is_empty() {
+                    return Ok(true);
+                }
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(

@@ -109,12 +109,14 @@ fn memory_help(args: &[OsString]) -> String {
         .iter()
         .filter(|a| !matches!(a.to_str(), Some("--help" | "-h")))
         .collect();
+    let given_args = given.len();
     let (config, of) = match Cli::try_parse_from(given) {
         Ok(Cli {
             command: Command::Serve(serve),
         }) => match serve.config() {
             Ok(config) => {
-                let given = args.len() > 2
+                // More than the program and `serve`, or a variable of ours.
+                let given = given_args > 2
                     || std::env::vars_os().any(|(name, _)| {
                         name.to_str()
                             .is_some_and(|n| n.starts_with("CUNICU_SIGNAL_"))
@@ -448,19 +450,23 @@ fn main() -> ExitCode {
     };
     // webrtc-ice warns about routine events (e.g. candidates closed with their agent).
     let default_level = if matches!(cli.command, Command::Serve(_)) {
-        // The NATS client logs each of its events at info; the cluster logs
-        // them itself, with their cause and at their level.
-        "info,async_nats=warn"
+        "info"
     } else {
         "warn,webrtc_ice=error"
     };
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // The NATS client logs each of its events (every failed reconnect) at
+    // info; the cluster logs them itself, once, with their cause and level.
+    // RUST_LOG that names async_nats decides for itself.
+    let asked = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("async_nats"));
+    if !asked && let Ok(quiet) = "async_nats=warn".parse() {
+        filter = filter.add_directive(quiet);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
+        .with_env_filter(filter)
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -810,7 +816,25 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
 mod tests {
     use std::{fmt, io};
 
-    use super::report;
+    use std::net::SocketAddr;
+
+    use super::{listen_addr, report};
+
+    #[test]
+    fn listen_addresses_as_users_write_them() {
+        let addr = |s: &str| listen_addr(s).unwrap();
+        assert_eq!(addr(":8080"), SocketAddr::from(([0u16; 8], 8080)));
+        assert_eq!(addr("127.0.0.1:80"), SocketAddr::from(([127, 0, 0, 1], 80)));
+        assert_eq!(
+            addr("[::1]:80"),
+            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 80))
+        );
+        assert!(addr("localhost:8080").ip().is_loopback());
+        assert_eq!(addr("localhost:8080").port(), 8080);
+        for bad in [":", ":x", ":65536", "8080", "127.0.0.1", "[::1]", "host:"] {
+            assert!(listen_addr(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     /// An error that shows its source in its own text, as many do.
     #[derive(Debug)]
