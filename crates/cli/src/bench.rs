@@ -80,7 +80,7 @@ pub struct BenchArgs {
     /// came: publishes that failed and subscription streams that ended early.
     #[arg(long, default_value_t = 0)]
     max_errors: u64,
-    /// Prove every key to the server (docs/PROTOCOL.md, "Proofs"), for a server with
+    /// Prove every key to the server (docs/PROTOCOL.md §11), for a server with
     /// `--auth required` or to measure what proofs cost: the keys subscribed to
     /// and the publishers' keys are then real key pairs.
     #[arg(long)]

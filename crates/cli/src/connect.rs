@@ -1,5 +1,5 @@
 //! `cunicu-signal connect`: an ICE session with one peer over signaling
-//! (docs/PROTOCOL.md, "Sessions"), as a datagram netcat: each stdin line goes
+//! (docs/PROTOCOL.md §8), as a datagram netcat: each stdin line goes
 //! to the peer as one UDP datagram, each datagram from the peer goes to
 //! stdout as it is. Datagrams are not a stream: like UDP, one may be lost, and
 //! a line longer than one datagram ([`MAX_DATAGRAM`]) ends `connect` with an

@@ -957,3 +957,48 @@ fn bench_shows_progress_on_a_terminal_and_fails_when_the_server_dies() {
         "{first}"
     );
 }
+
+/// The documents a clone has name every server variable as `serve` reads it,
+/// and nothing that is not there.
+#[test]
+fn docs_name_every_environment_variable_as_serve_reads_it() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = run(&["serve", "--help"], b"");
+    assert_succeeds(&out);
+    let help = String::from_utf8(out.stdout).unwrap();
+    let names = |text: &str| -> std::collections::BTreeSet<String> {
+        text.match_indices("CUNICU_SIGNAL_")
+            .map(|(i, _)| {
+                text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|name| name.len() > "CUNICU_SIGNAL_".len())
+            .collect()
+    };
+    let read = names(&help);
+    assert!(read.len() > 30, "{read:?}");
+    let mut documents = vec![root.join("README.md")];
+    for dir in ["docs", "deploy"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("md" | "yaml")
+            ) {
+                documents.push(path);
+            }
+        }
+    }
+    for path in &documents {
+        let text = std::fs::read_to_string(path).unwrap();
+        let unknown: Vec<_> = names(&text).difference(&read).cloned().collect();
+        assert!(unknown.is_empty(), "{}: {unknown:?}", path.display());
+        assert!(!text.contains("…_"), "{}: shorthand", path.display());
+        assert!(!text.contains("SPEC §"), "{}: SPEC", path.display());
+    }
+    let reference = std::fs::read_to_string(root.join("docs/SERVER.md")).unwrap();
+    let missing: Vec<_> = read.difference(&names(&reference)).cloned().collect();
+    assert!(missing.is_empty(), "docs/SERVER.md lacks {missing:?}");
+}

@@ -14,7 +14,7 @@
 //! the other services through tonic (`bridge`). The `hub` holds the
 //! subscriptions by key and their queues; `client` what each client may hold.
 //! Everything a client makes the server hold is bounded per client and in
-//! all (docs/PROTOCOL.md §10), and the README adds up the worst case.
+//! all (docs/PROTOCOL.md §10), and docs/SERVER.md adds up the worst case.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), cunicu_signal_server::ServerError> {

@@ -35,6 +35,12 @@ pub mod log_limit;
 mod registry;
 mod task;
 
+/// The README's Rust example, compiled by `cargo test --doc` (not run: it
+/// needs a server).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
+
 pub use backend::{Backend, BackendError, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
 pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
