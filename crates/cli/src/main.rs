@@ -504,8 +504,7 @@ fn run(cli: Cli) -> Result<()> {
                 .read_to_string(&mut text)
                 .context("reading the private key from stdin")?;
             let key: Key = text.parse().context("private key on stdin")?;
-            println!("{}", key.public_key());
-            Ok(())
+            write_stdout(format!("{}\n", key.public_key()).as_bytes())
         }
         Command::Envelope(EnvelopeCommand::Seal {
             key_file,

@@ -380,10 +380,12 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
     );
 
     // A short run against a real server: every expected delivery arrives, and
-    // the server's process is measured. Its publish rate is lifted, so that
-    // no publish is refused (bench would exit 1 then).
+    // the server's process is measured. Its rates are lifted, so that no
+    // publish is refused (bench would exit 1 then).
     let (server, _lines, addr) = spawn_server(&[
         ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_REQUEST_RATE", "1000000"),
+        ("CUNICU_SIGNAL_REQUEST_BURST", "1000000"),
         ("CUNICU_SIGNAL_PUBLISH_RATE", "1000000"),
         ("CUNICU_SIGNAL_PUBLISH_BURST", "1000000"),
         ("CUNICU_SIGNAL_PUBLISH_BYTES_RATE", "1000000000"),
