@@ -56,8 +56,9 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Load generator: subscribers and publishers against a signaling server.
     Bench(bench::BenchArgs),
-    /// An ICE session with a peer over signaling: stdin lines out as datagrams,
-    /// datagrams in to stdout (a tiny netcat over ICE).
+    /// An ICE session with a peer over signaling: each stdin line out as one
+    /// UDP datagram (at most 8000 bytes; longer lines are refused, and like UDP
+    /// a datagram may be lost), datagrams in to stdout.
     Connect(connect::ConnectArgs),
 }
 
