@@ -111,7 +111,7 @@ func printJSON(v any) error {
 	return err
 }
 
-// open checks and opens an envelope addressed to us (SPEC §4) with nacl/box.
+// open checks and opens an envelope addressed to us (docs/PROTOCOL.md §4) with nacl/box.
 func open(s *schema, env *dynamicpb.Message, private, public *[keyLen]byte) (sender []byte, msg *dynamicpb.Message, err error) {
 	sender, recipient, body, nonce, _ := envelopeParts(env)
 	if len(sender) != keyLen {
@@ -171,7 +171,7 @@ func cmdSubscribe(args []string) error {
 		}
 		sender, msg, err := open(s, env, private, public)
 		if err != nil {
-			// Like every backend (SPEC §6): drop it with a log line, deliver nothing.
+			// Like every backend (docs/PROTOCOL.md §6): drop it with a log line, deliver nothing.
 			fmt.Fprintf(os.Stderr, "interop: envelope dropped: %v\n", err)
 			continue
 		}
@@ -229,7 +229,7 @@ func cmdPublish(args []string) error {
 	if _, err := rand.Read(nonce[:]); err != nil {
 		return err
 	}
-	// nacl/box.Seal: the 16-byte Poly1305 tag, then the ciphertext (SPEC §4).
+	// nacl/box.Seal: the 16-byte Poly1305 tag, then the ciphertext (docs/PROTOCOL.md §4).
 	body := box.Seal(nil, plain, &nonce, recipient, private)
 	env := s.buildEnvelope(publicKey(private)[:], recipient[:], body, nonce[:])
 	if err := conn.Invoke(ctx, methodPublish, env, dynamicpb.NewMessage(s.empty)); err != nil {

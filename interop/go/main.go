@@ -110,7 +110,7 @@ func loadSchema(path string) (*schema, error) {
 func (s *schema) newEnvelope() *dynamicpb.Message { return dynamicpb.NewMessage(s.envelope) }
 func (s *schema) newMessage() *dynamicpb.Message  { return dynamicpb.NewMessage(s.message) }
 
-// field returns the descriptor of a field that the wire contract (SPEC §5) guarantees.
+// field returns the descriptor of a field that the wire contract (docs/PROTOCOL.md §5) guarantees.
 func field(md protoreflect.MessageDescriptor, name string) protoreflect.FieldDescriptor {
 	fd := md.Fields().ByName(protoreflect.Name(name))
 	if fd == nil {

@@ -22,7 +22,7 @@ import (
 )
 
 // queueDepth is how many envelopes wait per subscription stream; when it is full the
-// oldest is dropped (SPEC §7).
+// oldest is dropped (docs/PROTOCOL.md §7).
 const queueDepth = 256
 
 // hub fans envelopes out to the subscription streams of their recipient's key.

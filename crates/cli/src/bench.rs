@@ -13,6 +13,7 @@
 //! the same run reports what each delivery or each idle peer costs the server.
 
 use std::{
+    io::IsTerminal,
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
@@ -73,10 +74,14 @@ pub struct BenchArgs {
     /// Body size of each envelope in bytes (a sealed candidate is about 120).
     #[arg(long, default_value_t = 120)]
     body_size: usize,
-    /// Print the report as one JSON object instead of text.
+    /// Print the report as one JSON object instead of text (and no progress).
     #[arg(long)]
     json: bool,
-    /// Prove every key to the server (SPEC §11), for a server with
+    /// Exit with status 1 (after the report) when more than this many errors
+    /// came: publishes that failed and subscription streams that ended early.
+    #[arg(long, default_value_t = 0)]
+    max_errors: u64,
+    /// Prove every key to the server (docs/PROTOCOL.md §11), for a server with
     /// `--auth required` or to measure what proofs cost: the keys subscribed to
     /// and the publishers' keys are then real key pairs.
     #[arg(long)]
@@ -375,8 +380,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 let envelope = tokio::select! {
                     message = stream.message() => match message {
                         Ok(Some(envelope)) => envelope,
-                        _ => {
-                            stats.streams_ended.fetch_add(1, Relaxed);
+                        ended => {
+                            if stats.streams_ended.fetch_add(1, Relaxed) == 0 {
+                                let why = match ended {
+                                    Err(status) => status_line(&status),
+                                    _ => "the server ended it".to_string(),
+                                };
+                                eprintln!(
+                                    "cunicu-signal bench: first subscription stream ended early: {why}"
+                                );
+                            }
                             break;
                         }
                     },
@@ -419,11 +432,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     for _ in 0..args.subscribers {
         match ready_rx.recv().await {
             Some(Ok(())) => {}
-            Some(Err(status)) => bail!(
-                "subscribe failed: {:?}: {}",
-                status.code(),
-                status.message()
-            ),
+            Some(Err(status)) => bail!("subscribe failed: {}", status_line(&status)),
             None => bail!("subscriptions ended before they were confirmed"),
         }
     }
@@ -480,6 +489,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
         let _ = done_tx.send(true);
         while subscribers.join_next().await.is_some() {}
+        if streams_ended > args.max_errors {
+            bail!(
+                "{streams_ended} streams ended early, more than --max-errors {}",
+                args.max_errors
+            );
+        }
         return Ok(());
     }
 
@@ -580,7 +595,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     Err(status) => {
                         // The first one says why; the count says how often.
                         if stats.publish_errors.fetch_add(1, Relaxed) == 0 {
-                            eprintln!("cunicu-signal bench: first publish error: {status}");
+                            eprintln!(
+                                "cunicu-signal bench: first publish error: {}",
+                                status_line(&status)
+                            );
                         }
                     }
                 }
@@ -588,7 +606,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             }
         });
     }
-    tokio::time::sleep(args.duration).await;
+    {
+        // A line a second on a terminal; nothing in a pipe or with --json.
+        let progress = (!args.json && std::io::stderr().is_terminal())
+            .then(|| tokio::spawn(progress(stats.clone(), load_start)));
+        let progress = progress.map(tokio_util::task::AbortOnDropHandle::new);
+        tokio::time::sleep(args.duration).await;
+        drop(progress);
+    }
     stop.store(true, Relaxed);
     while publishers.join_next().await.is_some() {}
     let load_time = load_start.elapsed();
@@ -652,6 +677,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
         server_text = format!("\n{text}");
     }
+    let errors = stats.publish_errors.load(Relaxed) + streams_ended;
     if args.json {
         println!("{report}");
     } else {
@@ -677,7 +703,57 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             publish_latency.value_at_quantile(0.99) as f64 / 1000.0,
         );
     }
+    if errors > args.max_errors {
+        bail!(
+            "{errors} errors ({} publishes failed, {streams_ended} streams ended early), \
+             more than --max-errors {}",
+            stats.publish_errors.load(Relaxed),
+            args.max_errors
+        );
+    }
     Ok(())
+}
+
+/// A gRPC status in one line: its code, its message and its cause (not
+/// tonic's dump of the metadata).
+fn status_line(status: &tonic::Status) -> String {
+    let mut line = format!("{:?}", status.code());
+    if !status.message().is_empty() {
+        line.push_str(": ");
+        line.push_str(status.message());
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(&format!(" ({text})"));
+        }
+        source = cause.source();
+    }
+    line
+}
+
+/// Prints the counts once a second on stderr while the load runs.
+async fn progress(stats: Arc<Stats>, start: Instant) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once.
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let published = stats.published.load(Relaxed);
+        eprintln!(
+            "cunicu-signal bench: {:>4.0} s: published {published} ({}/s), delivered {}, \
+             errors {}, streams ended {}",
+            start.elapsed().as_secs_f64(),
+            published - last,
+            stats.received.load(Relaxed),
+            stats.publish_errors.load(Relaxed),
+            stats.streams_ended.load(Relaxed),
+        );
+        last = published;
+    }
 }
 
 #[cfg(test)]

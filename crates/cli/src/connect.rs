@@ -1,7 +1,11 @@
 //! `cunicu-signal connect`: an ICE session with one peer over signaling
-//! (SPEC §8), as a tiny netcat: each stdin line goes to the peer as one
-//! datagram, each datagram from the peer goes to stdout as it is. State
-//! changes and the selected candidate pair are printed on stderr.
+//! (docs/PROTOCOL.md §8), as a datagram netcat: each stdin line goes
+//! to the peer as one UDP datagram, each datagram from the peer goes to
+//! stdout as it is. Datagrams are not a stream: like UDP, one may be lost, and
+//! a line longer than one datagram ([`MAX_DATAGRAM`]) ends `connect` with an
+//! error instead of going out in pieces. State changes (with the time and
+//! what the session waits for) and the selected candidate pair are printed on
+//! stderr.
 //!
 //! stdin is read on a thread of its own (a blocking read cannot be
 //! cancelled; on the runtime it would hold the exit) into a bounded channel,
@@ -22,10 +26,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use cunicu_signal::{Backend, Role, ice_url::IceUrl};
+use cunicu_signal::{Backend, Key, Role, ice_url::IceUrl};
 use cunicu_signal_session::{
     Connection, Event, IceAgentFactory, IceOptions, IceServer, ServerRelayIce, Session,
-    SessionOptions, WebrtcIce, candidate,
+    SessionOptions, State, WebrtcIce, candidate,
 };
 use tokio::{
     io::AsyncWriteExt,
@@ -36,9 +40,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::{PeerArgs, Signals, public_key_arg, read_key_file};
 
-/// The longest datagram sent: longer lines go out in pieces of this size.
-/// webrtc-ice reads datagrams into 8 KiB buffers.
-const MAX_DATAGRAM: usize = 8000;
+/// The longest line sent (its newline included), as one datagram: webrtc-ice
+/// reads datagrams into 8 KiB buffers. A longer line is refused.
+pub const MAX_DATAGRAM: usize = 8000;
 
 /// How long to wait for a signaling server's RelayRegistry at the start.
 const RELAYS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,6 +85,66 @@ pub struct ConnectArgs {
     /// How long a disconnect may last before the session restarts.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     disconnect_grace: Duration,
+    /// Give up (exit status 1) when no connection exists for this long: at the
+    /// start, or after a connection was lost. Waits forever by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+}
+
+/// The network interfaces of this host, by name (Linux: /sys/class/net).
+fn interfaces_here() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Refuses --interface names this host does not have and --address IPs it
+/// cannot bind: gathering would find nothing and wait forever.
+fn check_limits(interfaces: &[String], addresses: &[IpAddr]) -> Result<()> {
+    if !interfaces.is_empty() {
+        let here = interfaces_here();
+        // Without /sys/class/net there is nothing to compare with.
+        if !here.is_empty() {
+            for name in interfaces {
+                if !here.contains(name) {
+                    bail!(
+                        "--interface {name}: no such interface here (interfaces: {})",
+                        here.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    for ip in addresses {
+        // Binding a UDP socket sends nothing; it fails for an address this
+        // host does not have.
+        if let Err(e) = std::net::UdpSocket::bind((*ip, 0)) {
+            bail!("--address {ip}: not an address of this host ({e})");
+        }
+    }
+    Ok(())
+}
+
+/// What gathering was limited to, for the "no candidate" error.
+fn limits_text(interfaces: &[String], addresses: &[IpAddr]) -> String {
+    let mut parts = Vec::new();
+    if !interfaces.is_empty() {
+        parts.push(format!("--interface {}", interfaces.join(", ")));
+    }
+    if !addresses.is_empty() {
+        let ips: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
+        parts.push(format!("--address {}", ips.join(", ")));
+    }
+    if parts.is_empty() {
+        "every interface but loopback".to_string()
+    } else {
+        parts.join(" and ")
+    }
 }
 
 /// `turn:USER:PASS@HOST:PORT?transport=udp` → URL without credentials, user,
@@ -121,6 +185,8 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     if args.relays_from_server && grpc.is_empty() {
         bail!("--relays-from-server needs a grpc:// backend");
     }
+    check_limits(&args.interfaces, &args.addresses)?;
+    let limits = limits_text(&args.interfaces, &args.addresses);
     let options = IceOptions::default()
         .with_servers(servers)
         .only_interfaces(args.interfaces.iter().cloned())
@@ -160,8 +226,22 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         }
     };
     tokio::pin!(start);
+    let give_up = async {
+        match args.timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(give_up);
     let start = loop {
         tokio::select! {
+            () = &mut give_up => {
+                input.finish();
+                bail!(
+                    "no connection within --timeout {}: the session did not start",
+                    humantime::format_duration(args.timeout.unwrap_or_default())
+                );
+            }
             started = &mut start => {
                 let (backend, session) = started?;
                 break Start::Started(backend, Box::new(session));
@@ -188,13 +268,20 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
             Role::Controlled => "controlled (accepts)",
         }
     );
-    let mut printer = AbortOnDropHandle::new(tokio::spawn(print_events(session.events())));
+    let (fatal_tx, mut fatal) = mpsc::channel(1);
+    let printer = print_events(session.events(), fatal_tx, limits, ours.public_key());
+    let mut printer = AbortOnDropHandle::new(tokio::spawn(printer));
     let result = tokio::select! {
         result = pump(&session, &mut input) => result,
         name = signals.recv() => {
             eprintln!("cunicu-signal: {name}: stopping");
             Ok(())
         }
+        Some(why) = fatal.recv() => Err(anyhow::anyhow!(why)),
+        () = not_connected_for(session.connections(), args.timeout) => Err(anyhow::anyhow!(
+            "no connection for --timeout {}",
+            humantime::format_duration(args.timeout.unwrap_or_default())
+        )),
     };
     input.finish();
     // Closing is quick (the agent, the subscription); should it hang, a
@@ -359,8 +446,9 @@ async fn pump(session: &Session, input: &mut Input) -> Result<()> {
     }
 }
 
-/// Reads the next line (with its newline) into `line`, at most
-/// [`MAX_DATAGRAM`] bytes of it. False at the end of input with nothing read.
+/// Reads the next line (with its newline) into `line`. False at the end of
+/// input with nothing read. A line longer than [`MAX_DATAGRAM`] bytes is an
+/// error (InvalidData), found without reading more of it than that.
 fn next_datagram(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<bool> {
     loop {
         let buf = input.fill_buf()?;
@@ -368,18 +456,56 @@ fn next_datagram(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<boo
             return Ok(!line.is_empty());
         }
         let room = MAX_DATAGRAM - line.len();
-        let take = buf.iter().take(room).position(|&b| b == b'\n');
-        let (n, done) = match take {
-            Some(i) => (i + 1, true),
-            None => {
-                let n = buf.len().min(room);
-                (n, line.len() + n == MAX_DATAGRAM)
+        match buf.iter().take(room).position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..=i]);
+                input.consume(i + 1);
+                return Ok(true);
             }
-        };
-        line.extend_from_slice(&buf[..n]);
-        input.consume(n);
-        if done {
-            return Ok(true);
+            None if buf.len() < room => {
+                let n = buf.len();
+                line.extend_from_slice(buf);
+                input.consume(n);
+            }
+            None => {
+                // Full: fine if the input ends right here, too long otherwise.
+                line.extend_from_slice(&buf[..room]);
+                input.consume(room);
+                if input.fill_buf()?.is_empty() {
+                    return Ok(true);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "a stdin line is longer than one datagram ({MAX_DATAGRAM} bytes with its \
+                         newline): connect sends each line as one datagram; nothing of it was sent"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Completes once no connection has existed for `limit` (never without one).
+async fn not_connected_for(
+    mut connections: tokio::sync::watch::Receiver<Option<Connection>>,
+    limit: Option<Duration>,
+) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        if connections.borrow_and_update().is_some() {
+            if connections.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(limit) => return,
+            changed = connections.changed() => if changed.is_err() {
+                return std::future::pending().await;
+            },
         }
     }
 }
@@ -401,12 +527,66 @@ async fn receive(connection: Connection) {
     }
 }
 
-/// Prints states, selected pairs and connections on stderr.
-async fn print_events(mut events: broadcast::Receiver<Event>) {
+/// What the session waits for in `state`, for the user.
+fn waiting_for(state: State, ours: &Key) -> Option<String> {
+    Some(match state {
+        State::Creating => "making an ICE agent".into(),
+        State::Idle => format!(
+            "our credentials are sent; waiting for the peer's (it must run `connect --peer \
+             {ours}` on the same signaling)"
+        ),
+        State::Gathering => "gathering local candidates; waiting for the peer's".into(),
+        State::Connecting | State::Checking => "checking candidate pairs with the peer".into(),
+        State::Disconnected => {
+            "the peer stopped answering; waiting for it until --disconnect-grace ends".into()
+        }
+        State::Failed => "no candidate pair works; starting again".into(),
+        _ => return None,
+    })
+}
+
+/// A session moment as UTC wall-clock time, to the millisecond.
+fn timestamp(at: std::time::Instant) -> String {
+    let ago = std::time::Instant::now().saturating_duration_since(at);
+    let when = std::time::SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or_else(std::time::SystemTime::now);
+    humantime::format_rfc3339_millis(when).to_string()
+}
+
+/// Prints states (with their time and what they wait for), selected pairs and
+/// connections on stderr. A session that can never connect (no candidate
+/// gathered) is reported through `fatal`.
+async fn print_events(
+    mut events: broadcast::Receiver<Event>,
+    fatal: mpsc::Sender<String>,
+    limits: String,
+    ours: Key,
+) {
     loop {
         match events.recv().await {
-            Ok(Event::State { agent, state, .. }) => {
-                eprintln!("cunicu-signal: state {state} (agent {agent})");
+            Ok(Event::State { agent, state, at }) => {
+                let time = timestamp(at);
+                match waiting_for(state, &ours) {
+                    Some(what) => {
+                        eprintln!("cunicu-signal: {time} state {state} (agent {agent}): {what}");
+                    }
+                    None => eprintln!("cunicu-signal: {time} state {state} (agent {agent})"),
+                }
+            }
+            Ok(Event::NoCandidates { agent }) => {
+                let here = interfaces_here();
+                let _ = fatal
+                    .send(format!(
+                        "no local candidate gathered (agent {agent}): no address passed {limits} \
+                         (interfaces here: {}); the peer cannot reach us",
+                        if here.is_empty() {
+                            "unknown".to_string()
+                        } else {
+                            here.join(", ")
+                        }
+                    ))
+                    .await;
             }
             Ok(Event::SelectedPair {
                 agent,
@@ -440,28 +620,42 @@ async fn print_events(mut events: broadcast::Receiver<Event>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lines_become_datagrams_of_bounded_size() {
-        let long = "x".repeat(MAX_DATAGRAM + 10);
-        let input = format!("one\n\ntwo\n{long}\nlast");
+    /// Reads `input` as the stdin thread does: the lines, then the error
+    /// that ended it (if one did).
+    fn datagrams(input: &str) -> (Vec<String>, Option<io::Error>) {
         let mut reader = io::BufReader::with_capacity(7, input.as_bytes());
         let (tx, mut rx) = mpsc::channel(16);
         read_lines(&mut reader, &tx);
         drop(tx);
-        let mut got = Vec::new();
+        let (mut got, mut error) = (Vec::new(), None);
         while let Some(line) = rx.blocking_recv() {
-            got.push(String::from_utf8(line.unwrap()).unwrap());
+            match line {
+                Ok(line) => got.push(String::from_utf8(line).unwrap()),
+                Err(e) => error = Some(e),
+            }
         }
-        assert_eq!(
-            got,
-            [
-                "one\n".to_string(),
-                "\n".into(),
-                "two\n".into(),
-                "x".repeat(MAX_DATAGRAM),
-                "xxxxxxxxxx\n".into(),
-                "last".into()
-            ]
+        (got, error)
+    }
+
+    #[test]
+    fn lines_become_datagrams_and_longer_ones_are_refused() {
+        let (got, error) = datagrams("one\n\ntwo\nlast");
+        assert_eq!(got, ["one\n", "\n", "two\n", "last"]);
+        assert!(error.is_none());
+        // The longest line that fits, with and without its newline.
+        let fits = "x".repeat(MAX_DATAGRAM - 1);
+        let (got, error) = datagrams(&format!("{fits}\n{fits}y"));
+        assert_eq!(got, [format!("{fits}\n"), format!("{fits}y")]);
+        assert!(error.is_none());
+        // One byte more: the lines before it go, then the error; nothing of it.
+        let long = "x".repeat(MAX_DATAGRAM);
+        let (got, error) = datagrams(&format!("one\n{long}\nafter\n"));
+        assert_eq!(got, ["one\n"]);
+        let error = error.expect("refused");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            error.to_string().contains("longer than one datagram"),
+            "{error}"
         );
     }
 

@@ -6,8 +6,9 @@ mod bench;
 mod connect;
 
 use std::{
+    ffi::OsString,
     io::{IsTerminal, Read, Write},
-    net::SocketAddr,
+    net::{SocketAddr, ToSocketAddrs},
     num::NonZeroU32,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -16,15 +17,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cunicu_signal::{
-    Backend, ChannelHandler, Key, KeyPair,
+    Backend, ChannelHandler, Key, KeyPair, StreamEvent,
     json::{message_from_json, message_to_json},
     proto::signaling::Envelope,
 };
 use cunicu_signal_server::{AuthMode, ClusterConfig, Config, Rate, Relay, Server, TlsFiles};
 use prost::Message as _;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 #[derive(Parser)]
 #[command(
@@ -39,8 +40,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a new private key (base64, like `wg genkey`).
-    Keygen,
+    /// Print a new private key (base64, like `wg genkey`), or write it to a
+    /// file only its owner may read.
+    Keygen(KeygenArgs),
     /// Read a private key on stdin and print its public key (like `wg pubkey`).
     Pubkey,
     /// Seal or open a single envelope.
@@ -54,14 +56,25 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Load generator: subscribers and publishers against a signaling server.
     Bench(bench::BenchArgs),
-    /// An ICE session with a peer over signaling: stdin lines out as datagrams,
-    /// datagrams in to stdout (a tiny netcat over ICE).
+    /// An ICE session with a peer over signaling: each stdin line out as one
+    /// UDP datagram (at most 8000 bytes; longer lines are refused, and like UDP
+    /// a datagram may be lost), datagrams in to stdout.
     Connect(connect::ConnectArgs),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Write the key to this file, readable by its owner only (mode 0600),
+    /// instead of stdout. Without it, redirect stdout after `umask 077`, as
+    /// with `wg genkey`.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum EnvelopeCommand {
-    /// Read one Message as proto3 JSON on stdin; write the binary Envelope to stdout.
+    /// Read one Message as proto3 JSON on stdin; write the binary Envelope to
+    /// stdout (not to a terminal) or to --output.
     Seal {
         /// File with our base64 private key.
         #[arg(long)]
@@ -69,8 +82,12 @@ enum EnvelopeCommand {
         /// The recipient's base64 public key.
         #[arg(long)]
         to: String,
+        /// Write the envelope to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
-    /// Read a binary Envelope on stdin; write the Message as proto3 JSON to stdout.
+    /// Read a binary Envelope on stdin; write the Message as proto3 JSON to
+    /// stdout, and its sender and recipient to stderr.
     Open {
         /// File with our base64 private key.
         #[arg(long)]
@@ -85,32 +102,96 @@ fn default_duration(d: Duration) -> humantime::Duration {
     d.into()
 }
 
-fn memory_help() -> String {
+/// The end of `serve --help`: the worst-case memory of the configuration
+/// that `args` (the command line, `--help` aside) and the environment make, or
+/// of the defaults when they make none.
+fn memory_help(args: &[OsString]) -> String {
+    let given: Vec<&OsString> = args
+        .iter()
+        .filter(|a| !matches!(a.to_str(), Some("--help" | "-h")))
+        .collect();
+    let given_args = given.len();
+    let (config, of) = match Cli::try_parse_from(given) {
+        Ok(Cli {
+            command: Command::Serve(serve),
+        }) => match serve.config() {
+            Ok(config) => {
+                // More than the program and `serve`, or a variable of ours.
+                let given = given_args > 2
+                    || std::env::vars_os().any(|(name, _)| {
+                        name.to_str()
+                            .is_some_and(|n| n.starts_with("CUNICU_SIGNAL_"))
+                    });
+                let of = if given {
+                    "these flags and environment"
+                } else {
+                    "the defaults"
+                };
+                (config, of.to_string())
+            }
+            Err(e) => (
+                DEFAULTS.clone(),
+                format!(
+                    "the defaults, as the flags given are not valid: {}",
+                    report(&e)
+                ),
+            ),
+        },
+        _ => (DEFAULTS.clone(), "the defaults".to_string()),
+    };
+    let tls = if config.tls.is_some() {
+        "with TLS".to_string()
+    } else {
+        let mut tls = config.clone();
+        tls.tls = Some(TlsFiles {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        });
+        let more = tls.memory_bound().total() - config.memory_bound().total();
+        format!(
+            "plaintext; TLS adds {:.0} MiB",
+            more as f64 / f64::from(1 << 20)
+        )
+    };
     format!(
         "With every limit reached at once, the server's memory adds up to about {} \
-         (defaults, plaintext; TLS adds {:.0} MiB). Lower --max-connections, \
-         --max-subscriptions, --max-calls or --max-queued-bytes to fit a smaller limit.",
-        DEFAULTS.memory_bound(),
-        {
-            let mut tls = DEFAULTS.clone();
-            tls.tls = Some(TlsFiles {
-                cert: PathBuf::new(),
-                key: PathBuf::new(),
-            });
-            (tls.memory_bound().total() - DEFAULTS.memory_bound().total()) as f64
-                / f64::from(1 << 20)
-        }
+         ({of}, {tls}). Lower --max-connections, --max-subscriptions, --max-calls or \
+         --max-queued-bytes to fit a smaller limit; `serve --help` with other flags \
+         computes it for them.",
+        config.memory_bound(),
     )
 }
 
+/// A listen address: IP:PORT, [IPv6]:PORT, HOST:PORT (its first address) or
+/// :PORT (every address, IPv6 and IPv4).
+fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?}: the port is not a number from 0 to 65535"))?;
+        return Ok(SocketAddr::from(([0u16; 8], port)));
+    }
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{text:?}: the name has no address")),
+        Err(e) => Err(format!(
+            "{text:?}: expected IP:PORT, HOST:PORT or :PORT ({e})"
+        )),
+    }
+}
+
 #[derive(Args)]
-#[command(after_help = memory_help())]
 struct ServeArgs {
-    /// Address of the gRPC port.
-    #[arg(long, env = "CUNICU_SIGNAL_LISTEN", default_value_t = DEFAULTS.listen)]
+    /// Address of the gRPC port: IP:PORT, HOST:PORT or :PORT (every address).
+    #[arg(long, env = "CUNICU_SIGNAL_LISTEN", default_value_t = DEFAULTS.listen, value_parser = listen_addr)]
     listen: SocketAddr,
-    /// Address of the HTTP port with Prometheus metrics at /metrics and liveness at /healthz.
-    #[arg(long, env = "CUNICU_SIGNAL_METRICS_LISTEN")]
+    /// Address of the HTTP port with Prometheus metrics at /metrics and liveness at /healthz
+    /// (IP:PORT, HOST:PORT or :PORT).
+    #[arg(long, env = "CUNICU_SIGNAL_METRICS_LISTEN", value_parser = listen_addr)]
     metrics_listen: Option<SocketAddr>,
     /// Worker threads [default: the CPUs the process may use, its cgroup's quota included].
     /// One thread never wakes another: it costs less per delivery where the server shares
@@ -363,6 +444,11 @@ struct PublishArgs {
     /// tell (multicast, Kubernetes, a server that does not count).
     #[arg(long)]
     print_recipients: bool,
+    /// Longest stdin line, in bytes: a longer one ends publish with an error
+    /// before it is read whole (servers refuse envelopes over 64 KiB unless
+    /// configured otherwise).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    max_line: usize,
 }
 
 #[derive(Args)]
@@ -375,20 +461,42 @@ struct SubscribeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let command = Cli::command();
+    // Only `serve --help` shows the sum: computing it for every run would
+    // read the key files twice.
+    let command = if args.get(1).and_then(|a| a.to_str()) == Some("serve")
+        && args
+            .iter()
+            .any(|a| matches!(a.to_str(), Some("--help" | "-h")))
+    {
+        command.mut_subcommand("serve", |serve| serve.after_help(memory_help(&args)))
+    } else {
+        command
+    };
+    let cli = match Cli::from_arg_matches(&command.get_matches_from(&args)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // webrtc-ice warns about routine events (e.g. candidates closed with their agent).
     let default_level = if matches!(cli.command, Command::Serve(_)) {
         "info"
     } else {
         "warn,webrtc_ice=error"
     };
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // The NATS client logs each of its events (every failed reconnect) at
+    // info; the cluster logs them itself, once, with their cause and level.
+    // RUST_LOG that names async_nats decides for itself.
+    let asked = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("async_nats"));
+    if !asked && let Ok(quiet) = "async_nats=warn".parse() {
+        filter = filter.add_directive(quiet);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
+        .with_env_filter(filter)
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -419,20 +527,20 @@ fn report(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen => {
-            println!("{}", Key::generate());
-            Ok(())
-        }
+        Command::Keygen(args) => keygen(args.out.as_deref()),
         Command::Pubkey => {
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("reading the private key from stdin")?;
             let key: Key = text.parse().context("private key on stdin")?;
-            println!("{}", key.public_key());
-            Ok(())
+            write_stdout(format!("{}\n", key.public_key()).as_bytes())
         }
-        Command::Envelope(EnvelopeCommand::Seal { key_file, to }) => seal(&key_file, &to),
+        Command::Envelope(EnvelopeCommand::Seal {
+            key_file,
+            to,
+            output,
+        }) => seal(&key_file, &to, output.as_deref()),
         Command::Envelope(EnvelopeCommand::Open { key_file }) => open(&key_file),
         Command::Serve(args) => runtime_with(args.threads)?.block_on(serve(*args)),
         Command::Publish(args) => runtime()?.block_on(publish(args)),
@@ -482,7 +590,63 @@ fn public_key_arg(flag: &str, text: &str) -> Result<Key> {
     Ok(key)
 }
 
-fn seal(key_file: &Path, to: &str) -> Result<()> {
+/// Writes a new private key to `out` (created with mode 0600, or made so) or
+/// to stdout; says so when stdout is a file that others may read.
+fn keygen(out: Option<&Path>) -> Result<()> {
+    let key = Key::generate();
+    match out {
+        Some(path) => {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            // An existing file keeps its mode on open: make it private first.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private (mode 0600)", path.display()))?;
+            writeln!(file, "{key}").with_context(|| format!("writing {}", path.display()))?;
+            Ok(())
+        }
+        None => {
+            write_stdout(format!("{key}\n").as_bytes())?;
+            let stdout = std::io::stdout();
+            if let Ok(stat) = rustix::fs::fstat(&stdout) {
+                let mode = stat.st_mode & 0o7777;
+                let file = rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    == rustix::fs::FileType::RegularFile;
+                if file && mode & 0o077 != 0 {
+                    eprintln!(
+                        "cunicu-signal: warning: the private key went to a file that others may \
+                         read (mode {mode:04o}): run `chmod 600` on it, and next time use \
+                         `keygen --out FILE` or `umask 077` first"
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that went away (a closed pipe) is a
+/// normal end, not an error.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing stdout"),
+        _ => Ok(()),
+    }
+}
+
+fn seal(key_file: &Path, to: &str, output: Option<&Path>) -> Result<()> {
+    if output.is_none() && std::io::stdout().is_terminal() {
+        bail!(
+            "stdout is a terminal: the envelope is binary; redirect stdout (> FILE, | ...) \
+             or give --output FILE"
+        );
+    }
     let ours = read_key_file(key_file)?;
     let theirs = public_key_arg("to", to)?;
     let mut json = String::new();
@@ -491,10 +655,11 @@ fn seal(key_file: &Path, to: &str) -> Result<()> {
         .context("reading the message from stdin")?;
     let message = message_from_json(&json)?;
     let envelope = message.seal(&KeyPair::new(ours, theirs))?;
-    let mut stdout = std::io::stdout().lock();
-    stdout.write_all(&envelope.encode_to_vec())?;
-    stdout.flush()?;
-    Ok(())
+    match output {
+        Some(path) => std::fs::write(path, envelope.encode_to_vec())
+            .with_context(|| format!("writing {}", path.display())),
+        None => write_stdout(&envelope.encode_to_vec()),
+    }
 }
 
 fn open(key_file: &Path) -> Result<()> {
@@ -503,9 +668,14 @@ fn open(key_file: &Path) -> Result<()> {
     std::io::stdin()
         .read_to_end(&mut bytes)
         .context("reading the envelope from stdin")?;
-    let message = Envelope::from_bytes(&bytes)?.open(&ours)?;
-    println!("{}", message_to_json(&message));
-    Ok(())
+    let envelope = Envelope::from_bytes(&bytes)?;
+    let message = envelope.open(&ours)?;
+    eprintln!(
+        "cunicu-signal: from {} to {}",
+        envelope.sender_key()?,
+        ours.public_key()
+    );
+    write_stdout(format!("{}\n", message_to_json(&message)).as_bytes())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -569,16 +739,39 @@ async fn publish(args: PublishArgs) -> Result<()> {
     let theirs = public_key_arg("to", &args.to)?;
     let (backend, ours) = connect(&args.peer).await?;
     let pair = KeyPair::new(ours, theirs);
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     let mut number = 0;
+    let mut bytes = Vec::new();
     let result = async {
-        while let Some(line) = lines.next_line().await.context("reading stdin")? {
+        loop {
+            bytes.clear();
+            // At most one byte more than a line may have: a longer line is
+            // refused without being read whole.
+            let limit = u64::try_from(args.max_line)
+                .unwrap_or(u64::MAX)
+                .saturating_add(1);
+            let n = (&mut stdin)
+                .take(limit)
+                .read_until(b'\n', &mut bytes)
+                .await
+                .context("reading stdin")?;
+            if n == 0 {
+                break;
+            }
             number += 1;
+            if bytes.strip_suffix(b"\n").unwrap_or(&bytes).len() > args.max_line {
+                bail!(
+                    "stdin line {number} is longer than --max-line {} bytes",
+                    args.max_line
+                );
+            }
+            let line = std::str::from_utf8(&bytes)
+                .with_context(|| format!("stdin line {number} is not UTF-8"))?;
             if line.trim().is_empty() {
                 continue;
             }
             let message =
-                message_from_json(&line).with_context(|| format!("stdin line {number}"))?;
+                message_from_json(line).with_context(|| format!("stdin line {number}"))?;
             let published = backend
                 .publish(&pair, &message)
                 .await
@@ -608,6 +801,7 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
     let (backend, ours) = connect(&args.peer).await?;
     let (handler, mut deliveries) = ChannelHandler::new(1024);
     let pair = KeyPair::new(ours, theirs);
+    let mut streams = backend.registry().stream_events();
     backend.subscribe(&pair, handler.clone() as Arc<_>).await?;
     tracing::info!(key = %ours.public_key(), "subscribed");
     eprintln!("cunicu-signal: subscribed as {}", ours.public_key());
@@ -624,9 +818,26 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
                         "message": message_to_json(&d.message),
                     });
                     let mut stdout = std::io::stdout().lock();
-                    writeln!(stdout, "{line}")?;
-                    stdout.flush()?;
+                    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+                        // A reader that went away (`| head -1`) ends us normally.
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Ok(());
+                        }
+                        return Err(e).context("writing stdout");
+                    }
                 }
+                event = streams.recv() => match event {
+                    Ok(StreamEvent::Back { backend, .. }) => {
+                        eprintln!("cunicu-signal: {backend}: subscription back");
+                    }
+                    Ok(StreamEvent::Refused { backend, reason, .. }) => {
+                        bail!("{backend}: the server refused the subscription: {reason}");
+                    }
+                    // Said by the backend's warning.
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                },
                 signal = &mut signal => {
                     tracing::info!("{}: stopping", signal?);
                     return Ok(());
@@ -643,7 +854,25 @@ async fn subscribe(args: SubscribeArgs) -> Result<()> {
 mod tests {
     use std::{fmt, io};
 
-    use super::report;
+    use std::net::SocketAddr;
+
+    use super::{listen_addr, report};
+
+    #[test]
+    fn listen_addresses_as_users_write_them() {
+        let addr = |s: &str| listen_addr(s).unwrap();
+        assert_eq!(addr(":8080"), SocketAddr::from(([0u16; 8], 8080)));
+        assert_eq!(addr("127.0.0.1:80"), SocketAddr::from(([127, 0, 0, 1], 80)));
+        assert_eq!(
+            addr("[::1]:80"),
+            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 80))
+        );
+        assert!(addr("localhost:8080").ip().is_loopback());
+        assert_eq!(addr("localhost:8080").port(), 8080);
+        for bad in [":", ":x", ":65536", "8080", "127.0.0.1", "[::1]", "host:"] {
+            assert!(listen_addr(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     /// An error that shows its source in its own text, as many do.
     #[derive(Debug)]

@@ -1,4 +1,4 @@
-//! The server under attack (SPEC §10), as an attacker on the internet would
+//! The server under attack (docs/PROTOCOL.md §10), as an attacker on the internet would
 //! try it: one test per attack, each from 127.0.0.1 (and a few more loopback
 //! addresses where the attack needs them) against `cunicu-signal serve` in a
 //! child process, while a well-behaved client on 127.0.0.2 publishes to its

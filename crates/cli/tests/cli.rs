@@ -410,8 +410,17 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
     );
 
     // A short run against a real server: every expected delivery arrives, and
-    // the server's process is measured.
-    let (server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    // the server's process is measured. Its rates are lifted, so that no
+    // publish is refused (bench would exit 1 then).
+    let (server, _lines, addr) = spawn_server(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_REQUEST_RATE", "1000000"),
+        ("CUNICU_SIGNAL_REQUEST_BURST", "1000000"),
+        ("CUNICU_SIGNAL_PUBLISH_RATE", "1000000"),
+        ("CUNICU_SIGNAL_PUBLISH_BURST", "1000000"),
+        ("CUNICU_SIGNAL_PUBLISH_BYTES_RATE", "1000000000"),
+        ("CUNICU_SIGNAL_PUBLISH_BYTES_BURST", "1000000000"),
+    ]);
     let backend = format!("grpc://{addr}?insecure=true");
     let pid = server.0.id().to_string();
     let out = run(
@@ -434,9 +443,13 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
         b"",
     );
     assert_succeeds(&out);
+    // Piped: no progress, only the set-up line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let published = report["published"].as_u64().unwrap();
     assert!(published > 0, "{report}");
+    assert_eq!(report["publish_errors"], 0, "{report}");
     assert_eq!(
         report["expected_deliveries"].as_u64(),
         Some(published * 4),
@@ -505,4 +518,519 @@ fn bench_refuses_bad_arguments_and_measures_a_server() {
         .unwrap();
     let expected = with.saturating_sub(before) as f64 * 1024.0 / 40.0;
     assert!((per_subscription - expected).abs() < 1e-6, "{report}");
+}
+
+/// Runs `command_line` (a shell command) with a terminal as its stdin, stdout
+/// and stderr, as a user at a terminal would (util-linux `script`); returns
+/// its exit status and what the terminal showed.
+fn run_on_a_terminal(command_line: &str) -> (std::process::ExitStatus, String) {
+    let out = common::run_command(
+        Command::new("script"),
+        &[
+            "--quiet",
+            "--return",
+            "--command",
+            command_line,
+            "/dev/null",
+        ],
+        b"",
+    );
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn keygen_writes_private_files_and_warns_of_readable_ones() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    // --out: a new file of mode 0600, and an existing readable one made so.
+    let new = dir.path().join("new.key");
+    let out = run(&["keygen", "--out", new.to_str().unwrap()], b"");
+    assert_succeeds(&out);
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    assert_eq!(mode(&new), 0o600);
+    let key: Key = std::fs::read_to_string(&new).unwrap().parse().unwrap();
+    let existing = dir.path().join("existing.key");
+    std::fs::write(&existing, "old").unwrap();
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_succeeds(&run(&["keygen", "--out", existing.to_str().unwrap()], b""));
+    assert_eq!(mode(&existing), 0o600);
+    let other: Key = std::fs::read_to_string(&existing).unwrap().parse().unwrap();
+    assert_ne!(key, other);
+
+    // `keygen > file`: the key goes there; a warning when others may read it.
+    let keygen_into = |mode: u32| {
+        let path = dir.path().join(format!("stdout-{mode:o}.key"));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .unwrap();
+        let out = Command::new(BIN)
+            .arg("keygen")
+            .stdout(file)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        // The key went there.
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .parse::<Key>()
+            .unwrap();
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let warning = keygen_into(0o644);
+    assert!(
+        warning.contains("others may read (mode 0644)") && warning.contains("umask 077"),
+        "{warning}"
+    );
+    assert_eq!(keygen_into(0o600), "");
+}
+
+#[test]
+fn envelope_open_names_the_sender_and_seal_keeps_binary_off_terminals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+    let json = r#"{"credentials":{"ufrag":"abc"}}"#;
+    let sealed = dir.path().join("envelope.bin");
+    let out = run(
+        &[
+            "envelope",
+            "seal",
+            "--key-file",
+            alice_file.to_str().unwrap(),
+            "--to",
+            &bob.public_key().to_string(),
+            "--output",
+            sealed.to_str().unwrap(),
+        ],
+        json.as_bytes(),
+    );
+    assert_succeeds(&out);
+    assert!(out.stdout.is_empty());
+    let opened = run(
+        &["envelope", "open", "--key-file", bob_file.to_str().unwrap()],
+        &std::fs::read(&sealed).unwrap(),
+    );
+    assert_succeeds(&opened);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&opened.stdout).unwrap(),
+        serde_json::from_str::<serde_json::Value>(json).unwrap()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&opened.stderr),
+        format!(
+            "cunicu-signal: from {} to {}\n",
+            alice.public_key(),
+            bob.public_key()
+        )
+    );
+
+    // On a terminal: refused, nothing binary written.
+    let (status, screen) = run_on_a_terminal(&format!(
+        "echo '{json}' | {BIN} envelope seal --key-file {} --to {}",
+        alice_file.display(),
+        bob.public_key()
+    ));
+    assert!(!status.success(), "{screen}");
+    assert!(
+        screen.contains("stdout is a terminal") && screen.contains("--output"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn publish_stops_reading_a_line_longer_than_its_limit() {
+    let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "localhost:0")]);
+    let url = format!("grpc://{addr}?insecure=true");
+    let dir = tempfile::tempdir().unwrap();
+    let alice_file = key_file(dir.path(), "alice", &Key::generate());
+    let to = Key::generate().public_key().to_string();
+    let mut input = b"{\"credentials\":{\"ufrag\":\"fits\"}}\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 4 << 20));
+    input.push(b'\n');
+    let out = publish(&url, &alice_file, &to, &input);
+    assert_fails(&out, "stdin line 2 is longer than --max-line 262144 bytes");
+}
+
+#[test]
+fn serve_takes_listen_addresses_as_users_write_them_and_logs_plainly() {
+    // HOST:PORT, for both ports; the start-up line shows plain addresses and
+    // the allow-list.
+    let (_server, _lines, addr, startup) = spawn_server_logged(&[
+        ("CUNICU_SIGNAL_LISTEN", "localhost:0"),
+        ("CUNICU_SIGNAL_METRICS_LISTEN", "localhost:0"),
+    ]);
+    let loopback = |a: &str| a.starts_with("127.0.0.1:") || a.starts_with("[::1]:");
+    assert!(loopback(&addr), "{addr}");
+    let metrics = startup
+        .last()
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("metrics="))
+        })
+        .unwrap_or_else(|| panic!("no metrics= in {startup:?}"));
+    assert!(loopback(metrics), "{startup:?}");
+    // :PORT is every address; a bad port says what is expected.
+    let out = run(&["serve", "--listen", ":99999"], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("the port is not a number"), "{stderr}");
+    let out = run(&["serve", "--listen", "no-such-host.invalid:80"], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("expected IP:PORT, HOST:PORT or :PORT"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_start_up_says_where_metrics_are_and_who_is_admitted() {
+    // Without an allow-list: every key is admitted, and the line says so.
+    let (_server, _lines, _addr, startup) = spawn_server_logged(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_METRICS_LISTEN", "127.0.0.1:0"),
+    ]);
+    let listening = startup.last().unwrap();
+    assert!(!listening.contains("Some("), "{listening}");
+    assert!(listening.contains(" metrics=127.0.0.1:"), "{listening}");
+    assert!(listening.contains("server_key=none"), "{listening}");
+    assert!(
+        listening.contains("allow_keys=none (every key is admitted)"),
+        "{listening}"
+    );
+    assert!(!startup.iter().any(|l| l.contains("WARN")), "{startup:?}");
+
+    // An empty allow-list admits nobody: a warning says so.
+    let dir = tempfile::tempdir().unwrap();
+    let server_key = key_file(dir.path(), "server", &Key::generate());
+    let allow = dir.path().join("allow.txt");
+    std::fs::write(&allow, "# nobody yet\n").unwrap();
+    let (_server, _lines, _addr, startup) = spawn_server_logged(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_AUTH", "required"),
+        ("CUNICU_SIGNAL_KEY_FILE", server_key.to_str().unwrap()),
+        ("CUNICU_SIGNAL_ALLOW_KEYS", allow.to_str().unwrap()),
+    ]);
+    let warning = startup
+        .iter()
+        .find(|l| l.contains("allow-list"))
+        .unwrap_or_else(|| panic!("no warning: {startup:?}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("admits nobody"),
+        "{warning}"
+    );
+    let listening = startup.last().unwrap();
+    assert!(
+        listening.contains(&format!("allow_keys={} (0 keys)", allow.display())),
+        "{listening}"
+    );
+    assert!(listening.contains(" metrics=off"), "{listening}");
+}
+
+#[test]
+fn serve_with_nats_away_warns_once_with_the_cause() {
+    // Nothing listens on port 1: NATS is away from the start.
+    let (_server, lines, _addr, _startup) = spawn_server_logged(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_CLUSTER", "nats://127.0.0.1:1"),
+    ]);
+    let warning = common::wait_for_line(&lines, "NATS");
+    assert!(
+        warning.contains("WARN") && warning.contains("cannot reach NATS ("),
+        "{warning}"
+    );
+    assert!(warning.contains("nats://127.0.0.1:1"), "{warning}");
+    // The client tries again every 2 s at most: in 5 s, nothing more is said.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut more = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if let Ok(line) = lines.recv_timeout(left) {
+            more.push(line);
+        }
+    }
+    assert!(more.is_empty(), "{more:?}");
+}
+
+#[test]
+fn serve_help_computes_memory_for_the_flags_and_environment_given() {
+    let sum = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .arg("--help")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        let line = help
+            .lines()
+            .find(|l| l.contains("adds up to about"))
+            .unwrap_or_else(|| panic!("no sum in {help}"))
+            .to_string();
+        let total = line
+            .split("adds up to about ")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .unwrap()
+            .to_string();
+        (total, line)
+    };
+    let (defaults, line) = sum(&[], &[]);
+    assert!(line.contains("(the defaults, plaintext"), "{line}");
+    let (fewer, line) = sum(&["--max-connections", "100"], &[]);
+    assert!(line.contains("(these flags and environment"), "{line}");
+    assert_ne!(fewer, defaults, "{line}");
+    let (from_env, line) = sum(&[], &[("CUNICU_SIGNAL_MAX_SUBSCRIPTIONS", "10")]);
+    assert_ne!(from_env, defaults, "{line}");
+    assert_ne!(from_env, fewer, "{line}");
+    // The server logs the same sum at start.
+    let (_server, _lines, _addr, startup) = spawn_server_logged(&[
+        ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
+        ("CUNICU_SIGNAL_MAX_CONNECTIONS", "100"),
+    ]);
+    assert!(
+        startup
+            .iter()
+            .any(|l| l.contains(&format!("worst-case memory with these limits: {fewer}:"))),
+        "{fewer} not in {startup:?}"
+    );
+}
+
+/// Starts `subscribe` for `key` with its stdout and stderr as pipes, and waits
+/// until it has subscribed; returns it with its stderr lines.
+fn subscriber(
+    url: &str,
+    key: &std::path::Path,
+) -> (common::Killed, std::sync::mpsc::Receiver<String>) {
+    let mut child = common::Killed(
+        Command::new(BIN)
+            .args(["subscribe", "--backend", url, "--key-file"])
+            .arg(key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = common::lines_of(child.0.stderr.take().unwrap());
+    common::wait_for_line(&stderr, "subscribed as");
+    (child, stderr)
+}
+
+/// Waits (up to [`common::WAIT`]) for the exit of `child`.
+fn exit_of(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn subscribe_ends_normally_when_its_reader_goes_away() {
+    use std::io::BufRead;
+    let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    let url = format!("grpc://{addr}?insecure=true");
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &alice);
+    let bob_file = key_file(dir.path(), "bob", &bob);
+    let (mut child, stderr) = subscriber(&url, &bob_file);
+    let to = bob.public_key().to_string();
+    let message = b"{\"credentials\":{\"ufrag\":\"first\"}}\n";
+    assert_succeeds(&publish(&url, &alice_file, &to, message));
+    // `| head -1`: one line read, then the pipe is closed.
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains("first"), "{line}");
+    drop(stdout);
+    assert_succeeds(&publish(&url, &alice_file, &to, message));
+    let status = exit_of(&mut child.0);
+    let said: Vec<String> = stderr.try_iter().collect();
+    assert!(status.success(), "{status}: {said:?}");
+    assert!(
+        !said
+            .iter()
+            .any(|l| l.contains("Broken pipe") || l.contains("error")),
+        "{said:?}"
+    );
+}
+
+#[test]
+fn subscribe_says_when_it_is_back_and_stops_on_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_key = key_file(dir.path(), "server", &Key::generate());
+    let (alice, bob) = (Key::generate(), Key::generate());
+    let bob_file = key_file(dir.path(), "bob", &bob);
+    let allow = dir.path().join("allow.txt");
+    std::fs::write(
+        &allow,
+        format!("{}\n{}\n", alice.public_key(), bob.public_key()),
+    )
+    .unwrap();
+    let (key, allowed) = (
+        server_key.to_str().unwrap().to_string(),
+        allow.to_str().unwrap().to_string(),
+    );
+    let start = |listen: &str| {
+        spawn_server(&[
+            ("CUNICU_SIGNAL_LISTEN", listen),
+            ("CUNICU_SIGNAL_AUTH", "required"),
+            ("CUNICU_SIGNAL_KEY_FILE", &key),
+            ("CUNICU_SIGNAL_ALLOW_KEYS", &allowed),
+        ])
+    };
+    let (server, _lines, addr) = start("127.0.0.1:0");
+    let url = format!("grpc://{addr}?insecure=true");
+    let (mut child, stderr) = subscriber(&url, &bob_file);
+
+    // The server restarts on the same port: the subscription comes back, and
+    // subscribe says so.
+    drop(server);
+    let (_server, _lines, again) = start(&addr);
+    assert_eq!(again, addr);
+    let back = common::wait_for_line(&stderr, "subscription back");
+    assert!(back.contains(&url), "{back}");
+
+    // Bob is taken off the allow-list: subscribe exits 1 with the reason.
+    std::fs::write(&allow, format!("{}\n", alice.public_key())).unwrap();
+    let status = exit_of(&mut child.0);
+    let said: Vec<String> = stderr.try_iter().collect();
+    assert!(!status.success(), "{said:?}");
+    let last = said.last().unwrap_or_else(|| panic!("nothing said"));
+    assert!(
+        last.contains("refused the subscription") && last.contains("PermissionDenied"),
+        "{said:?}"
+    );
+}
+
+#[test]
+fn bench_shows_progress_on_a_terminal_and_fails_when_the_server_dies() {
+    let (server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    let backend = format!("grpc://{addr}?insecure=true");
+    // On a terminal, a line a second while the load runs (a slow rate: no
+    // publish is refused).
+    let (status, screen) = run_on_a_terminal(&format!(
+        "{BIN} bench --backend '{backend}' --subscribers 4 --keys 2 --publishers 1 \
+         --rate 20 --duration 2500ms"
+    ));
+    assert!(status.success(), "{screen}");
+    let progress = screen
+        .lines()
+        .filter(|l| l.contains(" s: published "))
+        .count();
+    assert!(
+        (1..=3).contains(&progress),
+        "{progress} progress lines: {screen}"
+    );
+
+    // The server dies a second into the run: every later publish fails. The
+    // report comes, the first error is one line, and the exit status is 1.
+    let mut bench = Command::new(BIN)
+        .args([
+            "bench",
+            "--backend",
+            &backend,
+            "--subscribers",
+            "4",
+            "--keys",
+            "2",
+        ])
+        .args(["--publishers", "2", "--rate", "100", "--duration", "3s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(server);
+    let status = exit_of(&mut bench);
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    bench
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    bench
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("published"), "no report: {stdout}");
+    assert!(stderr.contains("more than --max-errors 0"), "{stderr}");
+    for line in stderr.lines() {
+        assert!(
+            !line.contains("MetadataMap") && !line.contains("details:"),
+            "{line}"
+        );
+    }
+    let first = stderr
+        .lines()
+        .find(|l| l.contains("first publish error") || l.contains("ended early: "))
+        .unwrap_or_else(|| panic!("no first error: {stderr}"));
+    assert!(
+        first.contains("Unavailable") || first.contains("Unknown"),
+        "{first}"
+    );
+}
+
+/// The documents a clone has name every server variable as `serve` reads it,
+/// and nothing that is not there.
+#[test]
+fn docs_name_every_environment_variable_as_serve_reads_it() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = run(&["serve", "--help"], b"");
+    assert_succeeds(&out);
+    let help = String::from_utf8(out.stdout).unwrap();
+    let names = |text: &str| -> std::collections::BTreeSet<String> {
+        text.match_indices("CUNICU_SIGNAL_")
+            .map(|(i, _)| {
+                text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|name| name.len() > "CUNICU_SIGNAL_".len())
+            .collect()
+    };
+    let read = names(&help);
+    assert!(read.len() > 30, "{read:?}");
+    let mut documents = vec![root.join("README.md")];
+    for dir in ["docs", "deploy"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("md" | "yaml")
+            ) {
+                documents.push(path);
+            }
+        }
+    }
+    for path in &documents {
+        let text = std::fs::read_to_string(path).unwrap();
+        let unknown: Vec<_> = names(&text).difference(&read).cloned().collect();
+        assert!(unknown.is_empty(), "{}: {unknown:?}", path.display());
+        assert!(!text.contains("…_"), "{}: shorthand", path.display());
+        assert!(!text.contains("SPEC §"), "{}: SPEC", path.display());
+    }
+    let reference = std::fs::read_to_string(root.join("docs/SERVER.md")).unwrap();
+    let missing: Vec<_> = read.difference(&names(&reference)).cloned().collect();
+    assert!(missing.is_empty(), "docs/SERVER.md lacks {missing:?}");
 }

@@ -141,7 +141,7 @@ impl Peer {
         let suffix = format!(" (agent {agent})");
         self.seen
             .iter()
-            .filter_map(|(line, _)| line.split_once("state ")?.1.strip_suffix(&suffix))
+            .filter_map(|(line, _)| Some(line.split_once(" state ")?.1.split_once(&suffix)?.0))
             .map(str::to_string)
             .collect()
     }
@@ -374,7 +374,7 @@ async fn connect_on_loopback_through_the_grpc_server_and_after_a_kill() {
     }
 }
 
-/// Against a server that requires proof of key possession (SPEC §11),
+/// Against a server that requires proof of key possession (docs/PROTOCOL.md §11),
 /// `connect` works unchanged: it proves its key when it subscribes,
 /// publishes and asks for relays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,4 +589,139 @@ fn connect_refuses_bad_arguments() {
     assert!(err.contains("needs a grpc:// backend"), "{err}");
     let err = run(&["--peer", &peer, "--address", "not-an-ip"]);
     assert!(err.contains("not-an-ip"), "{err}");
+    // Limits that gather nothing are refused at once, with what exists.
+    let err = run(&["--peer", &peer, "--interface", "nosuch0"]);
+    assert!(
+        err.contains("--interface nosuch0: no such interface here (interfaces: ")
+            && err.contains("lo"),
+        "{err}"
+    );
+    // Binding a socket to it fails; nothing is sent.
+    let err = run(&["--peer", &peer, "--address", "192.0.2.1"]);
+    assert!(
+        err.contains("--address 192.0.2.1: not an address of this host"),
+        "{err}"
+    );
+}
+
+/// Two peers on loopback through a server of their own, connected.
+async fn connected_pair() -> (Server, Peer, Peer, tempfile::TempDir) {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let server = Server::spawn(config).await.expect("server starts");
+    let url = format!("grpc://{}?insecure=true", server.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let (fa, fb) = (
+        key_file(dir.path(), "a", &ka),
+        key_file(dir.path(), "b", &kb),
+    );
+    let start = |name: &str, key: &Path, peer: &Key| {
+        let mut command = Command::new(BIN);
+        connect_args(&mut command, &url, key, peer);
+        command.args(["--address", "127.0.0.1"]);
+        Peer::spawn(name, command)
+    };
+    let mut a = start("a", &fa, &kb.public_key());
+    let mut b = start("b", &fb, &ka.public_key());
+    a.stderr_line("connected, ").await;
+    b.stderr_line("connected, ").await;
+    (server, a, b, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_refuses_a_line_longer_than_one_datagram() {
+    let (_server, mut a, mut b, _dir) = connected_pair().await;
+    a.deliver(&mut b, "before").await;
+    // The longest line that fits (8 000 bytes with its newline) goes as it is.
+    let fits = "y".repeat(7999);
+    a.deliver(&mut b, &fits).await;
+    // A line of 1 MB: an error, and nothing of it arrives.
+    let long = "x".repeat(1_000_000);
+    let stdin = a.stdin.as_mut().expect("stdin open");
+    // connect may stop reading before the whole line is written.
+    let _ = timeout(STEP, stdin.write_all(format!("{long}\n").as_bytes())).await;
+    let (status, output) = a.exit_within(STEP, "a long line").await;
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("longer than one datagram (8000 bytes with its newline)"),
+        "{output}"
+    );
+    // b got nothing more than the lines before it.
+    let more = timeout(Duration::from_secs(2), b.stdout.recv()).await;
+    assert!(
+        !matches!(more, Ok(Some(_))),
+        "b got more: {more:?}\n{}",
+        b.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_says_what_it_waits_for_and_gives_up_when_told() {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let server = Server::spawn(config).await.expect("server starts");
+    let url = format!("grpc://{}?insecure=true", server.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let (fa, fb) = (
+        key_file(dir.path(), "a", &ka),
+        key_file(dir.path(), "b", &kb),
+    );
+    let start = |name: &str, key: &Path, peer: &Key, extra: &[&str]| {
+        let mut command = Command::new(BIN);
+        connect_args(&mut command, &url, key, peer);
+        command.args(extra);
+        Peer::spawn(name, command)
+    };
+
+    // Alone: the state lines carry their time and say what is awaited; after
+    // --timeout, an error.
+    let started = std::time::Instant::now();
+    let mut a = start(
+        "alone",
+        &fa,
+        &kb.public_key(),
+        &["--address", "127.0.0.1", "--timeout", "2s"],
+    );
+    let idle = a.stderr_line("state Idle (agent 1)").await;
+    let (time, what) = idle
+        .strip_prefix("cunicu-signal: ")
+        .and_then(|rest| rest.split_once(" state Idle (agent 1): "))
+        .unwrap_or_else(|| panic!("{idle}"));
+    assert!(
+        humantime::parse_rfc3339(time).is_ok(),
+        "not a time: {time:?} in {idle}"
+    );
+    assert!(
+        what.contains("waiting for the peer's")
+            && what.contains(&format!("--peer {}", ka.public_key())),
+        "{idle}"
+    );
+    let (status, output) = a.exit_within(STEP, "--timeout 2s").await;
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("no connection for --timeout 2s"),
+        "{output}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2), "{output}");
+
+    // Limits that no local address passes (127.0.0.2 can be bound, but no
+    // interface has it): once the peer's credentials come, gathering finds
+    // nothing, and connect says so and exits instead of waiting forever.
+    let mut a = start(
+        "nothing",
+        &fa,
+        &kb.public_key(),
+        &["--address", "127.0.0.2"],
+    );
+    let b = start("b", &fb, &ka.public_key(), &["--address", "127.0.0.1"]);
+    a.stderr_line("state Gathering (agent 1)").await;
+    let (status, output) = a.exit_within(STEP, "gathering nothing").await;
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("no local candidate gathered (agent 1): no address passed --address 127.0.0.2 (interfaces here: "),
+        "{output}"
+    );
+    b.kill().await;
 }

@@ -1,4 +1,4 @@
-//! Proof of key possession (SPEC §11): which calls need one, what a proof
+//! Proof of key possession (docs/PROTOCOL.md §11): which calls need one, what a proof
 //! must say, the nonces seen, and the list of allowed keys.
 //!
 //! The format is the library's ([`cunicu_signal::auth`]); here the server
@@ -143,7 +143,7 @@ struct Nonces {
     swept: u64,
 }
 
-/// The checks of SPEC §11.
+/// The checks of docs/PROTOCOL.md §11.
 pub(crate) struct Auth {
     mode: AuthMode,
     key: Option<ServerKey>,

@@ -1,4 +1,4 @@
-//! Clients and what each may hold (SPEC §10).
+//! Clients and what each may hold (docs/PROTOCOL.md §10).
 //!
 //! A client is a remote IP address, an IPv6 address by its /64. Everything a
 //! client makes the server hold is counted against it: its connections,

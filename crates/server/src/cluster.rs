@@ -1,4 +1,4 @@
-//! Several servers as one (SPEC §12): replicas that share a NATS system.
+//! Several servers as one (docs/PROTOCOL.md §12): replicas that share a NATS system.
 //!
 //! A replica subscribes to the subject of a key (`<prefix>.<key in lowercase
 //! hex>`) while it has local subscribers on that key, so NATS carries an
@@ -20,7 +20,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -202,6 +202,16 @@ impl Cluster {
         let origin = format!("{:032x}", rand::random::<u128>());
         let (connected_tx, connected) = watch::channel(false);
         let events = metrics.clone();
+        // What the warnings show of the URLs: no passwords.
+        let away_urls = config
+            .urls
+            .iter()
+            .map(|u| redact(u).into_owned())
+            .collect::<Vec<_>>()
+            .join(",");
+        // Whether the warning of this outage was given: one per outage, not
+        // one per reconnect attempt.
+        let warned = Arc::new(AtomicBool::new(false));
         let mut options = async_nats::ConnectOptions::new()
             .name(config.name.clone().unwrap_or_else(host_name))
             .no_echo()
@@ -216,18 +226,38 @@ impl Cluster {
             })
             .event_callback(move |event| {
                 let (connected_tx, metrics) = (connected_tx.clone(), events.clone());
+                let (warned, urls) = (warned.clone(), away_urls.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("cluster: connected to NATS");
+                            warned.store(false, Ordering::Relaxed);
                             connected_tx.send_replace(true);
                         }
                         async_nats::Event::Disconnected => {
-                            tracing::warn!("cluster: NATS is away; serving local subscribers only");
+                            tracing::warn!(
+                                %urls,
+                                "cluster: lost the connection to NATS; serving local subscribers \
+                                 only, reconnecting"
+                            );
+                            warned.store(true, Ordering::Relaxed);
                             connected_tx.send_replace(false);
                         }
                         async_nats::Event::SlowConsumer(_) => {
                             metrics.cluster_drop_for("slow_consumer");
+                        }
+                        // A failed (re)connect attempt: the first of an outage
+                        // is a warning with its cause, the rest are debug.
+                        async_nats::Event::ClientError(e) => {
+                            if warned.swap(true, Ordering::Relaxed) {
+                                tracing::debug!(%urls, "cluster: NATS still away: {e}");
+                            } else {
+                                tracing::warn!(
+                                    %urls,
+                                    "cluster: cannot reach NATS ({e}); serving local subscribers \
+                                     only, retrying"
+                                );
+                            }
                         }
                         other => tracing::info!("cluster: NATS {other}"),
                     }

@@ -1,5 +1,5 @@
 //! The server's settings, their defaults and checks, and the worst-case
-//! memory they add up to (SPEC §10).
+//! memory they add up to (docs/PROTOCOL.md §10).
 
 use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
@@ -79,7 +79,7 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// How long a ping may stay unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
-    /// The server's private key (SPEC §11): its public key goes out as
+    /// The server's private key (docs/PROTOCOL.md §11): its public key goes out as
     /// `cunicu-server-key` with every call, and proofs are boxes to it.
     pub key: Option<Key>,
     /// Whether Subscribe, Publish and GetRelays need a proof of key possession.
@@ -89,7 +89,7 @@ pub struct Config {
     /// Only the keys listed in this file may be proven (with `auth` required);
     /// the file is read again when it changes or on SIGHUP.
     pub allow_keys: Option<PathBuf>,
-    /// Replicas of one service: the NATS system they share (SPEC §12).
+    /// Replicas of one service: the NATS system they share (docs/PROTOCOL.md §12).
     pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Whether a Publish that asks (`cunicu-recipients: ask`) learns how many
     /// subscription streams got its envelope. Off for operators who see

@@ -9,7 +9,7 @@
 //! progress is a future the task polls, and a subscriber that does not read
 //! only fills its own queue.
 //!
-//! Limits (SPEC §10): the TLS handshake, the HTTP/2 preface and the first
+//! Limits (docs/PROTOCOL.md §10): the TLS handshake, the HTTP/2 preface and the first
 //! request must come within the handshake timeout; a request body within
 //! the request timeout; a connection without streams is closed (GOAWAY)
 //! after the idle timeout; one whose keepalive ping goes unanswered is

@@ -123,7 +123,7 @@ struct State {
 /// Why the server ends a subscription stream of its own accord.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cut {
-    /// Its key was removed from the allowed keys (SPEC §11).
+    /// Its key was removed from the allowed keys (docs/PROTOCOL.md §11).
     NotAllowed,
 }
 

@@ -1,4 +1,4 @@
-//! The gRPC signaling server (SPEC §7, §10): a relay of sealed envelopes
+//! The gRPC signaling server (docs/PROTOCOL.md §7, §10): a relay of sealed envelopes
 //! addressed by public keys. It never opens an envelope; it checks the key
 //! lengths and the size, and fans each envelope out to the open Subscribe
 //! streams of its recipient.
@@ -14,7 +14,7 @@
 //! the other services through tonic (`bridge`). The `hub` holds the
 //! subscriptions by key and their queues; `client` what each client may hold.
 //! Everything a client makes the server hold is bounded per client and in
-//! all (SPEC §10), and the README adds up the worst case.
+//! all (docs/PROTOCOL.md §10), and docs/SERVER.md adds up the worst case.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), cunicu_signal_server::ServerError> {
@@ -193,6 +193,19 @@ impl Server {
             Some(path) => Some(auth::read_allowed(path)?),
             None => None,
         };
+        // What the start-up line says of the allow-list.
+        let allow_list = match (&config.allow_keys, &allowed) {
+            (Some(path), Some(keys)) => {
+                if keys.is_empty() {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the allow-list has no key: it admits nobody until keys are added"
+                    );
+                }
+                format!("{} ({} keys)", path.display(), keys.len())
+            }
+            _ => "none (every key is admitted)".to_string(),
+        };
         let server_key = config.key.map(|private| auth::ServerKey {
             public: private.public_key(),
             private,
@@ -350,10 +363,11 @@ impl Server {
         });
         tracing::info!(
             %local_addr,
-            metrics = ?metrics_addr,
+            metrics = %metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
+            allow_keys = %allow_list,
             tls = config.tls.is_some(),
             auth = %config.auth,
-            server_key = ?auth.server_key().map(|k| k.to_string()),
+            server_key = %auth.server_key().map_or_else(|| "none".to_string(), |k| k.to_string()),
             relays = config.relays.len(),
             "signaling server listening"
         );

@@ -1,4 +1,4 @@
-//! STUN/TURN relays handed out by `RelayRegistry.GetRelays` (SPEC §7).
+//! STUN/TURN relays handed out by `RelayRegistry.GetRelays` (docs/PROTOCOL.md §7).
 //!
 //! A relay URL carries static credentials (`turn:USER:PASS@host:port?transport=udp`)
 //! or a shared secret (`turn:host:port?transport=udp&secret=S&ttl=1h`). With a

@@ -1,4 +1,4 @@
-//! Proof of key possession (SPEC §11) through a real server on loopback:
+//! Proof of key possession (docs/PROTOCOL.md §11) through a real server on loopback:
 //! every way a proof can be wrong is refused, our grpc:// backend proves
 //! what it must unchanged, and the allowed keys follow their file.
 

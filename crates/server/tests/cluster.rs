@@ -1,4 +1,4 @@
-//! Several servers as one (SPEC §12): replicas of our server on a real
+//! Several servers as one (docs/PROTOCOL.md §12): replicas of our server on a real
 //! nats-server (and a real three-node NATS cluster), on loopback.
 
 mod common;

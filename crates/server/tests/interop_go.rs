@@ -270,7 +270,7 @@ fn grpc_url(addr: &str) -> String {
     format!("grpc://{addr}?insecure=true")
 }
 
-/// A message that uses every field of SPEC §5 (enums, nested messages, a map, repeated
+/// A message that uses every field of docs/PROTOCOL.md §5 (enums, nested messages, a map, repeated
 /// and bytes fields, a negative int32), in Rust and written by hand in proto3 JSON.
 fn rich_message(tag: &str) -> (Message, String) {
     let key_a = [0x11u8; 32];
@@ -796,7 +796,7 @@ async fn build_info_for_a_grpc_go_client() {
 }
 
 /// A grpc-go client that sends no proof (as cunīcu's peers) against a server
-/// that requires them (SPEC §11): refused, with a message that says why.
+/// that requires them (docs/PROTOCOL.md §11): refused, with a message that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_go_client_without_proofs_is_told_why_it_is_refused() {
     go_tool();
@@ -846,7 +846,7 @@ async fn a_grpc_go_client_without_proofs_is_told_why_it_is_refused() {
     assert!(status.success(), "{lines:?}");
 }
 
-/// Go peers and ours through two replicas of a cluster (SPEC §12): each side
+/// Go peers and ours through two replicas of a cluster (docs/PROTOCOL.md §12): each side
 /// on another replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_and_rust_peers_through_two_replicas() {

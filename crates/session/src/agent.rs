@@ -19,9 +19,9 @@ use cunicu_signal::{Role, proto::epdisc::Candidate};
 use rand::{Rng, distr::Alphabetic};
 use tokio::sync::mpsc;
 
-/// Length of a generated ufrag (SPEC §8: 16 random letters).
+/// Length of a generated ufrag (docs/PROTOCOL.md §8: 16 random letters).
 pub const UFRAG_LEN: usize = 16;
-/// Length of a generated password (SPEC §8: 32 random letters).
+/// Length of a generated password (docs/PROTOCOL.md §8: 32 random letters).
 pub const PWD_LEN: usize = 32;
 
 /// ICE credentials: username fragment and password. `Debug` hides the password.

@@ -1,9 +1,9 @@
-//! The schedule of repeated credential messages (SPEC §8 step 2).
+//! The schedule of repeated credential messages (docs/PROTOCOL.md §8 step 2).
 //!
 //! cunīcu uses `cenkalti/backoff` with its defaults: 0.5 s initial, ×1.5, a
 //! randomization factor of 0.5 and a maximum interval of 1 min. backon's
 //! jitter only adds (0..100 % of the delay), so the schedule is computed here.
-//! One difference, as SPEC §8 asks: the delay *after* jitter is capped at the
+//! One difference, as docs/PROTOCOL.md §8 asks: the delay *after* jitter is capped at the
 //! maximum too (cenkalti jitters around the capped interval, so its delays can
 //! reach 1.5 min).
 
@@ -27,7 +27,7 @@ pub struct BackoffOptions {
 }
 
 impl Default for BackoffOptions {
-    /// SPEC §8: 0.5 s, ×1.5, ±50 %, at most 1 min.
+    /// docs/PROTOCOL.md §8: 0.5 s, ×1.5, ±50 %, at most 1 min.
     fn default() -> Self {
         BackoffOptions {
             initial: Duration::from_millis(500),

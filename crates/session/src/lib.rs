@@ -1,5 +1,5 @@
 //! ICE sessions between two peers known by Curve25519 keys, established over
-//! [`cunicu_signal`] backends: SPEC §8, as cunīcu does it.
+//! [`cunicu_signal`] backends: docs/PROTOCOL.md §8, as cunīcu does it.
 //!
 //! Per peer pair, a [`Session`] subscribes to the peer's messages, sends fresh
 //! ICE credentials with `need_creds` (repeating with backoff until the peer's
@@ -10,7 +10,7 @@
 //! handed to the user; its states and candidate pairs are [`Event`]s.
 //!
 //! The layers:
-//! - [`Machine`] (`machine`): SPEC §8 as a state machine without I/O or clock,
+//! - [`Machine`] (`machine`): docs/PROTOCOL.md §8 as a state machine without I/O or clock,
 //!   tested without sockets.
 //! - [`IceAgent`] / [`IceAgentFactory`] (`agent`): the small trait the session
 //!   needs from an ICE agent; [`WebrtcIce`] (`webrtc`) implements it on

@@ -1,4 +1,4 @@
-//! SPEC §8 without I/O: the session's state machine.
+//! docs/PROTOCOL.md §8 without I/O: the session's state machine.
 //!
 //! Like quinn-proto, the [`Machine`] does no I/O and reads no clock: the driver
 //! ([`Session`](crate::Session)) feeds it what happened (a message from the
@@ -30,7 +30,7 @@ use crate::{
     candidate,
 };
 
-/// The state of a session, under cunīcu's names, in SPEC §8's order.
+/// The state of a session, under cunīcu's names, in docs/PROTOCOL.md §8's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     /// A new agent is being made (step 1).
@@ -128,6 +128,13 @@ pub enum Action {
         /// The agent's number.
         agent: u64,
     },
+    /// Gathering on agent `agent` completed without a single local
+    /// candidate: no local address passed the limits (interfaces, addresses),
+    /// so the peer can never reach us. Report it; the session waits on.
+    NoCandidates {
+        /// The agent's number.
+        agent: u64,
+    },
     /// The session entered `state` (report it).
     State {
         /// The current agent's number.
@@ -168,6 +175,10 @@ impl fmt::Debug for Action {
             Action::CloseAgent { agent } => {
                 f.debug_struct("CloseAgent").field("agent", agent).finish()
             }
+            Action::NoCandidates { agent } => f
+                .debug_struct("NoCandidates")
+                .field("agent", agent)
+                .finish(),
             Action::State { agent, state } => f
                 .debug_struct("State")
                 .field("agent", agent)
@@ -240,7 +251,7 @@ pub const MAX_REMOTE_CANDIDATES: u64 = 64;
 pub const SUPERSEDED_CREDENTIALS: usize = 16;
 
 impl MachineConfig {
-    /// SPEC §8's defaults for `role`: the standard backoff, 5 s grace, at most
+    /// docs/PROTOCOL.md §8's defaults for `role`: the standard backoff, 5 s grace, at most
     /// [`MAX_REMOTE_CANDIDATES`] remote candidates per agent.
     pub fn new(role: Role) -> Self {
         MachineConfig {
@@ -300,7 +311,7 @@ enum Closing {
     Shutdown,
 }
 
-/// The SPEC §8 state machine of one peer pair. See the module docs.
+/// The docs/PROTOCOL.md §8 state machine of one peer pair. See the module docs.
 pub struct Machine {
     config: MachineConfig,
     rng: StdRng,
@@ -575,7 +586,13 @@ impl Machine {
         match event {
             AgentEvent::Candidate(candidate) => self.on_local_candidate(candidate),
             AgentEvent::State(state) => self.on_ice_state(now, *state),
-            AgentEvent::GatheringComplete | AgentEvent::SelectedPair { .. } => {}
+            AgentEvent::GatheringComplete => {
+                if self.state == State::Gathering && self.local_candidates == 0 {
+                    self.actions
+                        .push_back(Action::NoCandidates { agent: self.agent });
+                }
+            }
+            AgentEvent::SelectedPair { .. } => {}
         }
     }
 

@@ -1,4 +1,4 @@
-//! STUN/TURN servers from a signaling server's `RelayRegistry` (SPEC §7).
+//! STUN/TURN servers from a signaling server's `RelayRegistry` (docs/PROTOCOL.md §7).
 
 use std::{
     sync::Arc,
@@ -63,7 +63,7 @@ pub struct Relays {
 
 /// Asks the signaling server of `url` (`grpc://HOST:PORT?...`, secured as the
 /// backend of that URL would be) for its STUN/TURN relays for our key `ours`
-/// (private: a server may ask for proof that we hold it, SPEC §11).
+/// (private: a server may ask for proof that we hold it, docs/PROTOCOL.md §11).
 pub async fn relays_from_server(
     url: &str,
     ours: &Key,

@@ -38,7 +38,7 @@ use crate::{
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SessionOptions {
-    /// Schedule of repeated credentials while idle (SPEC §8: 0.5 s, ×1.5,
+    /// Schedule of repeated credentials while idle (docs/PROTOCOL.md §8: 0.5 s, ×1.5,
     /// ±50 %, at most 1 min).
     pub backoff: BackoffOptions,
     /// How long a disconnect may last before the session restarts (5 s).
@@ -119,7 +119,7 @@ pub enum SessionError {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Event {
-    /// The session entered `state` (SPEC §8's moments).
+    /// The session entered `state` (docs/PROTOCOL.md §8's moments).
     State {
         /// Number of the agent at that moment (1 for the first).
         agent: u64,
@@ -141,6 +141,12 @@ pub enum Event {
     },
     /// A connection is established: dial or accept returned.
     Connected(Connection),
+    /// The agent gathered no local candidate (no local address passed the
+    /// interface and address limits): the peer cannot reach us.
+    NoCandidates {
+        /// Number of the agent.
+        agent: u64,
+    },
 }
 
 /// An established ICE connection: datagrams to and from the peer over the
@@ -203,8 +209,8 @@ impl fmt::Debug for Connection {
     }
 }
 
-/// An ICE session with one peer over signaling (SPEC §8). It restarts by
-/// itself as the spec says, until closed or dropped.
+/// An ICE session with one peer over signaling (docs/PROTOCOL.md §8). It restarts by
+/// itself as docs/PROTOCOL.md §8 says, until closed or dropped.
 pub struct Session {
     role: Role,
     ours: Key,
@@ -232,7 +238,7 @@ impl fmt::Debug for Session {
 
 impl Session {
     /// Subscribes to the messages of `theirs` (ours = our private key `ours`)
-    /// on `backend`, then runs SPEC §8 with agents from `agents`. Returns once
+    /// on `backend`, then runs docs/PROTOCOL.md §8 with agents from `agents`. Returns once
     /// the subscription exists.
     pub async fn start(
         backend: Arc<dyn Backend>,
@@ -320,7 +326,7 @@ impl Session {
         })
     }
 
-    /// Our role: the smaller public key controls (SPEC §3).
+    /// Our role: the smaller public key controls (docs/PROTOCOL.md §3).
     pub fn role(&self) -> Role {
         self.role
     }
@@ -599,6 +605,10 @@ impl Driver {
                         }
                         Done::Closed
                     });
+                }
+                Action::NoCandidates { agent } => {
+                    tracing::warn!(agent, "gathering found no local candidate");
+                    let _ = self.events.send(Event::NoCandidates { agent });
                 }
                 Action::State { agent, state } => {
                     tracing::debug!(agent, %state, "session state");

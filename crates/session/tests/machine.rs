@@ -1,4 +1,4 @@
-//! SPEC §8's state machine without sockets, agents or clocks: inputs in,
+//! docs/PROTOCOL.md §8's state machine without sockets, agents or clocks: inputs in,
 //! actions out (quinn-proto style).
 
 use std::time::{Duration, Instant};
@@ -808,4 +808,31 @@ fn credentials_that_reach_someone_keep_the_usual_pace() {
     m.credentials_reached(t0, &ours.ufrag, None);
     assert_eq!(m.poll_timeout(), before);
     assert_eq!(m.stats().peer_absent, 0);
+}
+
+/// Gathering that ends without a single local candidate is reported: the
+/// peer could never reach us. Gathering that found one is not.
+#[test]
+fn gathering_nothing_is_reported() {
+    let now = Instant::now();
+    let mut m = machine(Role::Controlled);
+    to_idle(&mut m, now);
+    m.handle_message(now, &credentials("Rufrag", "Rpassword0123456789", false));
+    assert_eq!(states(&drain(&mut m)), [State::Gathering]);
+    m.handle_agent_event(now, m.agent(), &AgentEvent::GatheringComplete);
+    let actions = drain(&mut m);
+    assert_eq!(actions, [Action::NoCandidates { agent: 1 }]);
+
+    let mut m = machine(Role::Controlled);
+    to_idle(&mut m, now);
+    m.handle_message(now, &credentials("Rufrag", "Rpassword0123456789", false));
+    m.handle_agent_event(now, m.agent(), &AgentEvent::Candidate(host(1000)));
+    drain(&mut m);
+    m.handle_agent_event(now, m.agent(), &AgentEvent::GatheringComplete);
+    assert!(
+        !drain(&mut m)
+            .iter()
+            .any(|a| matches!(a, Action::NoCandidates { .. })),
+        "reported although a candidate was gathered"
+    );
 }

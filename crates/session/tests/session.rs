@@ -278,7 +278,7 @@ async fn two_peers_connect(url: &str) -> Result<()> {
                 other => bail!("no selected pair reported: {other:?}"),
             }
         }
-        // SPEC §8's moments, in order, for the one agent there was.
+        // docs/PROTOCOL.md §8's moments, in order, for the one agent there was.
         let states = states_of(&events, 1);
         assert_eq!(
             states.get(..6).unwrap_or(&states),

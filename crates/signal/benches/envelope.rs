@@ -110,7 +110,7 @@ fn protobuf(c: &mut Criterion) {
     group.finish();
 }
 
-/// What the server pays for a proof of key possession (SPEC §11): taking it
+/// What the server pays for a proof of key possession (docs/PROTOCOL.md §11): taking it
 /// apart and opening it with the cached shared key of (server, client) is one
 /// XSalsa20-Poly1305; the first proof of a key adds one X25519. (The server
 /// then compares the method and the time and remembers the nonce: a few

@@ -1,4 +1,4 @@
-//! Proofs of key possession for the gRPC signaling server (SPEC §11): the
+//! Proofs of key possession for the gRPC signaling server (docs/PROTOCOL.md §11): the
 //! format, made and opened here; the server decides what to accept.
 //!
 //! A client proves that it holds the private key of `K` on one call with the

@@ -1,4 +1,4 @@
-//! The backend API of SPEC §6, and backends built from URLs.
+//! The backend API of docs/PROTOCOL.md §6, and backends built from URLs.
 //!
 //! A [`Backend`] is what peers use: publish a message to a peer, subscribe a
 //! [`Handler`] to the messages from a peer. Every backend of this crate is a
@@ -203,7 +203,7 @@ impl Published {
     }
 }
 
-/// A signaling backend (SPEC §6).
+/// A signaling backend (docs/PROTOCOL.md §6).
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Seals `message` from `pair.ours` to `pair.theirs` and sends it. Says how
@@ -250,7 +250,7 @@ pub trait Transport: Send + Sync + 'static {
     async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError>;
     /// Sends a sealed envelope that `ours` (the sender's private key) sealed: a
     /// medium that proves possession of the sender's key (`grpc://` to a
-    /// server that asks for it, SPEC §11) uses the key; the others send.
+    /// server that asks for it, docs/PROTOCOL.md §11) uses the key; the others send.
     async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
         let _ = ours;
         self.send(envelope).await
@@ -570,7 +570,7 @@ impl fmt::Debug for SignalingBackend {
 }
 
 /// Builds the transport for one URL, delivering into `registry`. The scheme
-/// picks the medium (SPEC §6).
+/// picks the medium (docs/PROTOCOL.md §6).
 pub async fn connect_transport(
     url: &str,
     registry: Arc<Registry>,

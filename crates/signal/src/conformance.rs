@@ -6,7 +6,7 @@
 //! recipient; every handler must receive exactly the messages meant for it:
 //! nothing lost, duplicated or crossed. Then specific handlers are removed
 //! and the suite checks that they receive nothing more while wildcard handlers
-//! still do, that `first`/`last` are reported as SPEC §6 says, and that
+//! still do, that `first`/`last` are reported as docs/PROTOCOL.md §6 says, and that
 //! nothing arrives once every handler is unsubscribed.
 //!
 //! [`subscribe_race`] checks, on a backend whose medium is wrapped in

@@ -1,4 +1,4 @@
-//! Sealing messages into envelopes and opening them (SPEC §4).
+//! Sealing messages into envelopes and opening them (docs/PROTOCOL.md §4).
 //!
 //! An envelope carries a protobuf [`Message`] in a NaCl box (X25519, HSalsa20,
 //! XSalsa20-Poly1305) from the sender's private key to the recipient's public key.
@@ -157,7 +157,7 @@ impl SharedKey {
     }
 
     /// Seals `plain` into a bare box (tag, then ciphertext) with `nonce`: the
-    /// NaCl box of SPEC §4 without an envelope around it (the proofs of SPEC §11).
+    /// NaCl box of docs/PROTOCOL.md §4 without an envelope around it (the proofs of docs/PROTOCOL.md §11).
     pub fn seal_box(&self, nonce: &[u8; NONCE_LEN], plain: &[u8]) -> Vec<u8> {
         self.cipher
             .encrypt(GenericArray::from_slice(nonce), plain)
@@ -257,7 +257,7 @@ impl SharedKeyCache {
 }
 
 impl Message {
-    /// Seals this message from `pair.ours` to `pair.theirs` (SPEC §4), with the
+    /// Seals this message from `pair.ours` to `pair.theirs` (docs/PROTOCOL.md §4), with the
     /// shared key from the process-wide cache.
     pub fn seal(&self, pair: &KeyPair) -> Result<Envelope, EnvelopeError> {
         let shared = SharedKeyCache::global().get(&pair.ours, &pair.theirs)?;
@@ -287,7 +287,7 @@ impl Envelope {
         })
     }
 
-    /// Opens this envelope with our private key (SPEC §4), with the shared key
+    /// Opens this envelope with our private key (docs/PROTOCOL.md §4), with the shared key
     /// from the process-wide cache. Any failure yields no message at all.
     pub fn open(&self, ours: &Key) -> Result<Message, EnvelopeError> {
         self.open_with(ours, SharedKeyCache::global())

@@ -35,14 +35,21 @@ pub mod log_limit;
 mod registry;
 mod task;
 
+/// The README's Rust example, compiled by `cargo test --doc` (not run: it
+/// needs a server).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
+
 pub use backend::{Backend, BackendError, Published, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
 pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
 pub use registry::{
     ChannelHandler, Delivery, Handler, Registry, RegistryOptions, RegistryStats, Removal,
+    StreamEvent,
 };
 
-/// The protobuf types of SPEC §5, generated from `proto/` at build time.
+/// The protobuf types of docs/PROTOCOL.md §5, generated from `proto/` at build time.
 ///
 /// The module tree mirrors the protobuf packages (`cunicu`, `cunicu.core`, ...).
 #[allow(missing_docs, clippy::doc_lazy_continuation)]

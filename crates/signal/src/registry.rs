@@ -38,7 +38,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use prost::Message as _;
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{broadcast, mpsc, watch},
     time::Instant,
 };
 
@@ -282,7 +282,7 @@ impl Recent {
 /// The outcome of [`Registry::remove`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Removal {
-    /// No handler is left for that sender (SPEC §6's `last`).
+    /// No handler is left for that sender (docs/PROTOCOL.md §6's `last`).
     pub last_for_sender: bool,
     /// No handler at all is left for our key: the transport may stop listening.
     pub last_for_key: bool,
@@ -293,6 +293,48 @@ struct Queued {
     envelope: Envelope,
     size: usize,
 }
+
+/// What happened to a medium's subscription stream of one of our keys, as
+/// the media that keep such streams (grpc://) report it through
+/// [`Registry::stream_events`]: for a program that wants to say so, or to
+/// stop on a refusal that retrying does not cure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamEvent {
+    /// The stream ended or could not be opened for a passing reason (the
+    /// server went away, a timeout); the medium tries again.
+    Lost {
+        /// The medium, as in its URL.
+        backend: String,
+        /// Our public key the stream is for.
+        key: Key,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// The stream is open again after it was lost or refused.
+    Back {
+        /// The medium, as in its URL.
+        backend: String,
+        /// Our public key the stream is for.
+        key: Key,
+    },
+    /// The server refused the key or its proof (a gRPC UNAUTHENTICATED or
+    /// PERMISSION_DENIED, another server key than the pinned one): retrying
+    /// does not cure that by itself. The medium still tries again, slowly, in
+    /// case the server's list of keys changes.
+    Refused {
+        /// The medium, as in its URL.
+        backend: String,
+        /// Our public key the stream is for.
+        key: Key,
+        /// The server's reason, in one line.
+        reason: String,
+    },
+}
+
+/// Stream events kept for a receiver that is behind; older ones are lost to it
+/// (it learns how many through `RecvError::Lagged`).
+const STREAM_EVENTS: usize = 64;
 
 /// Handlers by own key and sender; opens envelopes on its worker task and
 /// calls the handlers.
@@ -306,6 +348,8 @@ pub struct Registry {
     finished: watch::Receiver<u64>,
     /// `None` once closed.
     worker: Mutex<Option<AbortOnDropHandle<()>>>,
+    /// What the media report about their subscription streams.
+    stream_events: broadcast::Sender<StreamEvent>,
 }
 
 /// What the registry shares with its worker.
@@ -370,6 +414,7 @@ impl Registry {
             queue,
             finished,
             worker: Mutex::new(Some(AbortOnDropHandle::new(worker))),
+            stream_events: broadcast::channel(STREAM_EVENTS).0,
         })
     }
 
@@ -511,6 +556,19 @@ impl Registry {
         let mut finished = self.finished.clone();
         // An error means the worker is gone: nothing more will be finished.
         let _ = finished.wait_for(|&n| n >= target).await;
+    }
+
+    /// What the media report about their subscription streams from now on:
+    /// lost, back, refused. A receiver that falls more than 64 events behind
+    /// loses the oldest.
+    pub fn stream_events(&self) -> broadcast::Receiver<StreamEvent> {
+        self.stream_events.subscribe()
+    }
+
+    /// Reports what happened to a medium's subscription stream (for media).
+    pub fn report_stream(&self, event: StreamEvent) {
+        // No receiver is fine: nobody asked.
+        let _ = self.stream_events.send(event);
     }
 
     /// The counters.

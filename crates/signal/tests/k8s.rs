@@ -164,7 +164,7 @@ fn deploy_crd_yaml_is_generated_from_the_type() {
 /// A change to an object's fields.
 type Edit = fn(&mut SignalingEnvelope);
 
-/// The CRD bounds each field (SPEC §10): the API server takes the largest
+/// The CRD bounds each field (docs/PROTOCOL.md §10): the API server takes the largest
 /// body and refuses anything longer, and objects whose fields are not what a
 /// key, a nonce or base64 looks like.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -781,7 +781,7 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
 
 /// Objects older than twice the ttl are deleted by any running instance,
 /// whoever sent them and whoever they are for, also objects without our
-/// labels (SPEC §10); younger ones of others are left alone.
+/// labels (docs/PROTOCOL.md §10); younger ones of others are left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_instance_deletes_objects_older_than_twice_the_ttl() {
     const TTL: Duration = Duration::from_secs(3);

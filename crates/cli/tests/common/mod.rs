@@ -157,7 +157,7 @@ pub fn spawn_server(extra_env: &[(&str, &str)]) -> (Killed, mpsc::Receiver<Strin
     (child, lines, addr)
 }
 
-/// [`spawn_server`], and the lines it logged before it listened.
+/// [`spawn_server`], and the lines it logged up to "listening" (the last).
 pub fn spawn_server_logged(
     extra_env: &[(&str, &str)],
 ) -> (Killed, mpsc::Receiver<String>, String, Vec<String>) {
@@ -179,7 +179,10 @@ pub fn spawn_server_logged(
     let line = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok(line) if line.contains("signaling server listening") => break line,
+            Ok(line) if line.contains("signaling server listening") => {
+                startup.push(line.clone());
+                break line;
+            }
             Ok(line) => startup.push(line),
             Err(e) => panic!("server not listening: {e}; it logged {startup:?}"),
         }

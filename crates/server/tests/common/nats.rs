@@ -1,4 +1,4 @@
-//! A real nats-server for the cluster tests (SPEC §12): one, or a cluster of
+//! A real nats-server for the cluster tests (docs/PROTOCOL.md §12): one, or a cluster of
 //! several with routes between them, on loopback. `scripts/test` builds the
 //! server from the Go module proxy and names it in `CUNICU_TEST_NATS_SERVER`;
 //! nothing is skipped without it: the tests fail and say so.

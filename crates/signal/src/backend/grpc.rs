@@ -1,4 +1,4 @@
-//! `grpc://HOST:PORT`: a signaling server reached over gRPC (SPEC §6, §7).
+//! `grpc://HOST:PORT`: a signaling server reached over gRPC (docs/PROTOCOL.md §6, §7).
 //!
 //! One `Subscribe` stream per own key that has handlers, opened by `listen`,
 //! which returns once the server's empty sync envelope arrived (or with the
@@ -38,7 +38,7 @@ use super::{BackendError, Published, Transport, bool_param, check_params};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
-    Key, Registry,
+    Key, Registry, StreamEvent,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA},
     proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
     task,
@@ -88,7 +88,7 @@ pub struct GrpcTarget {
     pub port: u16,
     /// Security of the connection.
     pub security: Security,
-    /// The server's key, pinned by `server_key=` (SPEC §11): a server that
+    /// The server's key, pinned by `server_key=` (docs/PROTOCOL.md §11): a server that
     /// presents another is refused.
     pub server_key: Option<Key>,
 }
@@ -362,7 +362,7 @@ pub const PUSHBACK_METADATA: &str = "grpc-retry-pushback-ms";
 /// The path of `RelayRegistry.GetRelays`.
 pub const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
 
-/// Proofs of key possession for one server (SPEC §11). The server's key is
+/// Proofs of key possession for one server (docs/PROTOCOL.md §11). The server's key is
 /// pinned (`server_key=` in the URL) or learned from `GetBuildInfo`'s
 /// `cunicu-server-key` metadata the first time a proof is needed; a server
 /// that presents no key asks for no proofs. Cheap to clone.
@@ -706,7 +706,7 @@ pub enum GrpcError {
     /// A Subscribe stream ended before the server confirmed it.
     #[error("subscribe: the server ended the stream before confirming the subscription")]
     NoSync,
-    /// No proof of key possession could be made for this key (SPEC §11).
+    /// No proof of key possession could be made for this key (docs/PROTOCOL.md §11).
     #[error("proof of key possession: {0}")]
     Proof(#[source] crate::EnvelopeError),
     /// The server's `cunicu-server-key` is not a key.
@@ -828,8 +828,10 @@ async fn run_subscription(
     };
     let mut delays = backoff();
     let mut ready = Some(ready);
+    // What was last reported since the stream was last open: (refused, reason).
+    let mut reported: Option<(bool, String)> = None;
     loop {
-        // Our private key proves the subscription (SPEC §11); the handler that
+        // Our private key proves the subscription (docs/PROTOCOL.md §11); the handler that
         // asked for it is in the registry before the medium listens.
         let private = registry.private_key(&key);
         match open_stream(
@@ -846,8 +848,15 @@ async fn run_subscription(
                     Some(tx) => {
                         let _ = tx.send(Ok(()));
                     }
-                    None => tracing::info!(backend = %name, %key, "subscription re-established"),
+                    None => {
+                        tracing::info!(backend = %name, %key, "subscription re-established");
+                        registry.report_stream(StreamEvent::Back {
+                            backend: name.to_string(),
+                            key,
+                        });
+                    }
                 }
+                reported = None;
                 let opened = tokio::time::Instant::now();
                 if let Some(envelope) = first {
                     registry.deliver(&envelope);
@@ -858,8 +867,8 @@ async fn run_subscription(
                         Ok(Some(envelope)) => {
                             registry.deliver(&envelope);
                         }
-                        Ok(None) => break "the server ended the stream".to_string(),
-                        Err(status) => break status_text(&status),
+                        Ok(None) => break (false, "the server ended the stream".to_string()),
+                        Err(status) => break (refusal(status.code()), status_text(&status)),
                     }
                 };
                 // A stream that lived a while was healthy: start the backoff
@@ -868,19 +877,68 @@ async fn run_subscription(
                     delays = backoff();
                 }
                 // Logged once per loss; failed attempts until it is back are debug.
+                let (refused, reason) = reason;
                 tracing::warn!(backend = %name, %key, "subscription stream lost ({reason}); reconnecting");
+                report(&registry, &name, key, refused, reason, &mut reported);
             }
             Err(e) => {
                 tracing::debug!(backend = %name, %key, "subscription attempt failed: {e}");
                 // The first failure goes to `listen`; the task keeps trying until
                 // unlistened (in a multi backend the others may carry on meanwhile).
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(Err(e));
+                // A refusal while reconnecting is reported: retries do not cure it.
+                match ready.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(e));
+                    }
+                    None if !e.is_transient() => {
+                        report(&registry, &name, key, true, e.to_string(), &mut reported);
+                    }
+                    None => {}
                 }
             }
         }
         tokio::time::sleep(delays.next().unwrap_or(options.backoff_max)).await;
     }
+}
+
+/// Whether a gRPC status refuses our key or its proof, which retrying does not cure.
+fn refusal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
+}
+
+/// Reports a lost or refused stream to the registry, unless the same was
+/// reported last since the stream was open.
+fn report(
+    registry: &Registry,
+    name: &str,
+    key: Key,
+    refused: bool,
+    reason: String,
+    reported: &mut Option<(bool, String)>,
+) {
+    let now = (refused, reason);
+    if reported.as_ref() == Some(&now) {
+        return;
+    }
+    let (refused, reason) = now.clone();
+    *reported = Some(now);
+    let backend = name.to_string();
+    registry.report_stream(if refused {
+        StreamEvent::Refused {
+            backend,
+            key,
+            reason,
+        }
+    } else {
+        StreamEvent::Lost {
+            backend,
+            key,
+            reason,
+        }
+    });
 }
 
 /// Removes a key's stream when `listen` is dropped before it finished.

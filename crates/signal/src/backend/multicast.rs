@@ -1,5 +1,5 @@
 //! `multicast://GROUP:PORT?interface=NAME&loopback=BOOL`: peers on one LAN
-//! signal through UDP multicast, without a server (SPEC §6).
+//! signal through UDP multicast, without a server (docs/PROTOCOL.md §6).
 //!
 //! Every transport has a socket of its own, bound to the group and port with
 //! `SO_REUSEADDR` and `SO_REUSEPORT`, so several processes (and several
@@ -77,7 +77,7 @@ use crate::{
 };
 
 /// The largest envelope that travels as one datagram, in bytes: cunīcu's peers
-/// read datagrams into a buffer of this size (SPEC §6).
+/// read datagrams into a buffer of this size (docs/PROTOCOL.md §6).
 pub const MAX_DATAGRAM: usize = 4096;
 
 /// How long the receive task waits after a failed read before it reads again,

@@ -1,5 +1,5 @@
 //! The envelope object: the custom resource `signalingenvelopes.cunicu.li`
-//! (SPEC §9), its labels, and the conversion from and to [`Envelope`].
+//! (docs/PROTOCOL.md §9), its labels, and the conversion from and to [`Envelope`].
 
 use std::{collections::BTreeMap, time::SystemTime};
 
@@ -33,7 +33,7 @@ pub(super) const RESOURCE: &str = "signalingenvelopes";
 /// The largest body (tag and ciphertext) an envelope object carries, in
 /// bytes: the signaling server's default envelope limit
 /// (`--max-envelope-size`), which the body of an envelope it passes never
-/// exceeds. The CRD refuses longer ones (SPEC §10).
+/// exceeds. The CRD refuses longer ones (docs/PROTOCOL.md §10).
 pub const MAX_BODY_LEN: usize = 65_536;
 /// The longest `contents.body` field: [`MAX_BODY_LEN`] bytes in base64.
 pub const MAX_BODY_FIELD_LEN: usize = MAX_BODY_LEN.div_ceil(3) * 4;
@@ -77,7 +77,7 @@ pub struct SignalingEnvelopeFields {
     pub contents: EnvelopeContents,
 }
 
-/// The sealed message of a [`SignalingEnvelope`]: `EncryptedMessage` of SPEC §5.
+/// The sealed message of a [`SignalingEnvelope`]: `EncryptedMessage` of docs/PROTOCOL.md §5.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EnvelopeContents {
     /// The 24-byte nonce, base64.

@@ -1,5 +1,5 @@
 //! Deleting expired envelope objects, so that the namespace does not grow
-//! while peers run (SPEC §9, §10): a running transport deletes the objects it
+//! while peers run (docs/PROTOCOL.md §9, §10): a running transport deletes the objects it
 //! sent and the objects addressed to the keys it listens on once they are
 //! older than the ttl, and any object once it is older than twice the ttl,
 //! whoever sent it and whoever it is for (also objects without our labels,

@@ -1,5 +1,5 @@
 //! `k8s:///PATH/TO/KUBECONFIG?namespace=NS&ttl=D`: envelopes as objects of a
-//! Kubernetes API server (SPEC §6, §9).
+//! Kubernetes API server (docs/PROTOCOL.md §6, §9).
 //!
 //! Publishing creates one [`SignalingEnvelope`] object (a custom resource,
 //! `signalingenvelopes.cunicu.li`) in the namespace, labelled with the sender's
@@ -15,7 +15,7 @@
 //! `config` the loading of the client configuration, `stats` the counters;
 //! this file the transport that ties them together.
 //!
-//! Delivery rules (SPEC §9):
+//! Delivery rules (docs/PROTOCOL.md §9):
 //! - A subscription delivers what is created after it started: objects that
 //!   the first list of a newly listened key finds are delivered if they were
 //!   created after `listen` was called (less [`CLOCK_SKEW`], see *Time* below),
@@ -24,7 +24,7 @@
 //!   starting is not lost.
 //! - Each object is handed to the registry at most once *while its UID is
 //!   remembered*: UIDs are kept for two ttls from when they were first seen
-//!   (at least the one ttl SPEC §9 asks), but at most 65 536 of them; when more objects arrive within that
+//!   (at least the one ttl docs/PROTOCOL.md §9 asks), but at most 65 536 of them; when more objects arrive within that
 //!   time, the oldest UIDs are forgotten early ([`K8sStats::forgotten_early`]
 //!   counts them). An object whose UID was forgotten early and that a later
 //!   relist or restart of the watch finds again while it is younger than the
@@ -41,7 +41,7 @@
 //!   is from or for ([`K8sStats::deleted_abandoned`]), so the namespace does
 //!   not grow while peers run, nor keep what peers that are gone left. The
 //!   CRD bounds each field (a body of at most [`MAX_BODY_LEN`] bytes), and
-//!   `deploy/resourcequota.yaml` the number of objects (SPEC §10).
+//!   `deploy/resourcequota.yaml` the number of objects (docs/PROTOCOL.md §10).
 //!
 //! Failures of `listen`: a key stays *wanted* from `listen` until `unlisten`,
 //! also when its `listen` fails with a transient error (the API server is
@@ -71,7 +71,7 @@
 //! (default `default`), `ttl` (how long an envelope object lives, default 2
 //! minutes, e.g. `ttl=30s`).
 //!
-//! Where this differs from cunīcu: the labels are ours (SPEC §9). Objects
+//! Where this differs from cunīcu: the labels are ours (docs/PROTOCOL.md §9). Objects
 //! without them (cunīcu's Go peers do not set them) are not seen by the label
 //! selector of our watch; our objects carry cunīcu's fields, so Go peers can
 //! read them.

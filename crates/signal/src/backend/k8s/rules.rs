@@ -1,4 +1,4 @@
-//! SPEC §9's delivery rules without I/O: which objects the watch hands to the
+//! docs/PROTOCOL.md §9's delivery rules without I/O: which objects the watch hands to the
 //! registry.
 //!
 //! Like the session's state machine, [`Rules`] does no I/O and reads no clock:
@@ -20,7 +20,7 @@
 //!   after `listen` was called: delivered.
 //! - [`Verdict::Deliver`]: everything else.
 //!
-//! [`Ttl::expiry`] is the rule of the expiry sweep (SPEC §9, §10): an object
+//! [`Ttl::expiry`] is the rule of the expiry sweep (docs/PROTOCOL.md §9, §10): an object
 //! sent by or addressed to one of our keys is deleted once it is older than
 //! the ttl ([`Expiry::Expired`]); anyone's, once it is older than twice the
 //! ttl ([`Expiry::Abandoned`]), so that objects of peers that are gone do not

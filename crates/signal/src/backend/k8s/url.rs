@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use crate::backend::{BackendError, check_params};
 
-/// How long an envelope object lives when the URL gives no `ttl` (SPEC §6).
+/// How long an envelope object lives when the URL gives no `ttl` (docs/PROTOCOL.md §6).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(120);
 /// The namespace used when the URL gives none.
 pub const DEFAULT_NAMESPACE: &str = "default";
