@@ -723,6 +723,17 @@ pub enum GrpcError {
 }
 
 impl GrpcError {
+    /// How long the server asked to wait before trying again, if it
+    /// refused for a rate (`grpc-retry-pushback-ms`).
+    pub fn pushback(&self) -> Option<Duration> {
+        match self {
+            GrpcError::Status { status, .. } | GrpcError::RateLimited { status, .. } => {
+                pushback(status)
+            }
+            _ => None,
+        }
+    }
+
     /// The gRPC status code, for [`GrpcError::Status`].
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
@@ -830,6 +841,8 @@ async fn run_subscription(
     let mut ready = Some(ready);
     // What was last reported since the stream was last open: (refused, reason).
     let mut reported: Option<(bool, String)> = None;
+    // How long the server's last refusal asked us to wait, if it did.
+    let mut pushed_back: Option<Duration> = None;
     loop {
         // Our private key proves the subscription (docs/PROTOCOL.md §11); the handler that
         // asked for it is in the registry before the medium listens.
@@ -868,7 +881,10 @@ async fn run_subscription(
                             registry.deliver(&envelope);
                         }
                         Ok(None) => break (false, "the server ended the stream".to_string()),
-                        Err(status) => break (refusal(status.code()), status_text(&status)),
+                        Err(status) => {
+                            pushed_back = pushback(&status);
+                            break (refusal(status.code()), status_text(&status));
+                        }
                     }
                 };
                 // A stream that lived a while was healthy: start the backoff
@@ -882,6 +898,7 @@ async fn run_subscription(
                 report(&registry, &name, key, refused, reason, &mut reported);
             }
             Err(e) => {
+                pushed_back = e.pushback();
                 tracing::debug!(backend = %name, %key, "subscription attempt failed: {e}");
                 // The first failure goes to `listen`; the task keeps trying until
                 // unlistened (in a multi backend the others may carry on meanwhile).
@@ -897,7 +914,9 @@ async fn run_subscription(
                 }
             }
         }
-        tokio::time::sleep(delays.next().unwrap_or(options.backoff_max)).await;
+        // Never sooner than the server asked (a refusal by a rate says when).
+        let delay = delays.next().unwrap_or(options.backoff_max);
+        tokio::time::sleep(delay.max(pushed_back.take().unwrap_or_default())).await;
     }
 }
 
@@ -1086,6 +1105,34 @@ mod tests {
         assert!(all.is_transient());
         assert!(!BackendError::Closed.is_transient());
         assert!(BackendError::Closed.medium::<GrpcError>().is_none());
+    }
+
+    #[test]
+    fn pushback_is_read_from_resource_exhausted_only() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(PUSHBACK_METADATA, "250".parse().unwrap());
+        let refused = Status::with_metadata(
+            tonic::Code::ResourceExhausted,
+            "slow down",
+            metadata.clone(),
+        );
+        assert_eq!(pushback(&refused), Some(Duration::from_millis(250)));
+        let error = GrpcError::Status {
+            what: "subscribe",
+            status: refused,
+        };
+        assert_eq!(error.pushback(), Some(Duration::from_millis(250)));
+        let other = Status::with_metadata(tonic::Code::Unavailable, "x", metadata);
+        assert_eq!(pushback(&other), None);
+        let mut huge = tonic::metadata::MetadataMap::new();
+        huge.insert(PUSHBACK_METADATA, "99999999".parse().unwrap());
+        let huge = Status::with_metadata(tonic::Code::ResourceExhausted, "x", huge);
+        assert_eq!(
+            pushback(&huge),
+            Some(Duration::from_secs(60)),
+            "a minute at most"
+        );
+        assert_eq!(pushback(&Status::resource_exhausted("no hint")), None);
     }
 
     #[test]
