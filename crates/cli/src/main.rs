@@ -176,6 +176,11 @@ struct ServeArgs {
     /// Raise it when many peers share one address (NAT, a proxy).
     #[arg(long, env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_CLIENT", default_value_t = DEFAULTS.max_subscriptions_per_client)]
     max_subscriptions_per_client: usize,
+    /// Most subscription streams open at once on one key (a key is one peer). When a key is
+    /// full, a client holding less than its fair share of them still gets one and the client
+    /// holding the most loses its most recent (RESOURCE_EXHAUSTED); others are refused.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_KEY", default_value_t = DEFAULTS.max_subscriptions_per_key)]
+    max_subscriptions_per_key: usize,
     /// Most calls in progress at once (publishes being read, subscriptions being set up,
     /// GetRelays, health, reflection); more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_CALLS", default_value_t = DEFAULTS.max_calls)]
@@ -280,6 +285,7 @@ impl ServeArgs {
         config.idle_timeout = self.idle_timeout.into();
         config.max_subscriptions = self.max_subscriptions;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
+        config.max_subscriptions_per_key = self.max_subscriptions_per_key;
         config.max_calls = self.max_calls;
         config.max_calls_per_client = self.max_calls_per_client;
         config.request_rate = Rate {

@@ -131,6 +131,23 @@ impl TestServer {
             .expect("VmRSS")
     }
 
+    /// CPU time the server has used (user and system), from `/proc/PID/stat`.
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).expect("the server runs");
+        // After the command's name in parentheses: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
+    }
+
     /// The value of one metric (`name{labels}` exactly as the server writes it).
     async fn metric(&self, name: &str) -> f64 {
         let mut stream = TcpStream::connect(self.metrics)
@@ -513,7 +530,10 @@ fn assert_rss_within(server: &TestServer, baseline: u64, bound_kib: u64, what: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_window_subscribers_cannot_starve_the_others() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--max-subscriptions-per-client", "2000")]);
+    let server = TestServer::start(&[
+        ("--max-subscriptions-per-client", "2000"),
+        ("--max-subscriptions-per-key", "1000"),
+    ]);
     let baseline = server.rss_kib();
     let mut streams = Vec::new();
     let mut attackers = Vec::new();
@@ -557,7 +577,10 @@ async fn zero_window_subscribers_cannot_starve_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_that_never_read_hold_no_more_than_their_budget() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--stall-timeout", "30s")]);
+    let server = TestServer::start(&[
+        ("--stall-timeout", "30s"),
+        ("--max-subscriptions-per-key", "1000"),
+    ]);
     let baseline = server.rss_kib();
     let mut attacker = Attacker::connect(&server, loopback(1), Windows::HUGE).await;
     let mut streams = Vec::new();
@@ -1246,4 +1269,191 @@ async fn a_busy_publisher_keeps_its_connection() {
     );
     let published = server.metric("signaling_envelopes_published_total").await;
     assert_eq!(published, (TASKS * EACH) as f64);
+}
+
+/// Opens `n` Subscribe streams to the keys `keys(i)` on `attacker`, all
+/// requests first, then their answers; returns the streams opened and how
+/// many were refused.
+async fn subscribe_many(
+    attacker: &mut Attacker,
+    n: u32,
+    keys: impl Fn(u32) -> [u8; 32],
+) -> (Vec<h2::RecvStream>, u32) {
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let (response, mut body) = attacker
+            .send_request("/cunicu.signaling.Signaling/Subscribe")
+            .await
+            .expect("stream");
+        body.send_data(
+            message(&SubscribeParams {
+                key: keys(i).to_vec(),
+            }),
+            true,
+        )
+        .expect("request");
+        pending.push(response);
+    }
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for response in pending {
+        let response = timeout(STEP, response)
+            .await
+            .expect("answered in time")
+            .expect("answer");
+        if response.headers().get("grpc-status").is_some() {
+            refused += 1;
+        } else {
+            open.push(response.into_body());
+        }
+    }
+    (open, refused)
+}
+
+/// 16 000 subscriptions on one key from 8 addresses (the cap per key raised
+/// out of the way), then subscribes and unsubscribes on it. Before, each
+/// change copied the key's whole list of subscribers under the one lock of
+/// all keys: building the 16 000 cost about 5 times the CPU of as many on
+/// distinct keys, and a well-behaved client waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_to_a_hot_key_cost_what_changes_to_any_key_cost() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[
+        ("--max-subscriptions-per-key", "100000"),
+        ("--max-subscriptions-per-client", "2000"),
+        ("--max-streams-per-connection", "2000"),
+        ("--request-rate", "100000"),
+        ("--request-burst", "100000"),
+        ("--max-calls-per-client", "4000"),
+        ("--stall-timeout", "60s"),
+    ]);
+    const EACH: u32 = 2000;
+    const ADDRESSES: u8 = 8;
+    let hot = key(u32::MAX);
+    // The same work on distinct keys first: what a change costs anyway.
+    let mut cold = Attacker::connect(&server, loopback(3), Windows::ZERO).await;
+    let before = server.cpu();
+    let (cold_streams, refused) = subscribe_many(&mut cold, EACH, key).await;
+    assert_eq!(refused, 0);
+    let cold_cpu = server.cpu() - before;
+    drop((cold, cold_streams));
+    server
+        .wait_metric("signaling_subscriptions", |v| v == 0.0)
+        .await;
+    let before = server.cpu();
+    let mut held = Vec::new();
+    for address in 0..ADDRESSES {
+        let mut attacker = Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await;
+        let (streams, refused) = subscribe_many(&mut attacker, EACH, |_| hot).await;
+        assert_eq!(refused, 0);
+        held.push((attacker, streams));
+    }
+    server
+        .wait_metric("signaling_subscriptions", |v| {
+            v == f64::from(EACH) * f64::from(ADDRESSES)
+        })
+        .await;
+    let hot_cpu = (server.cpu() - before) / u32::from(ADDRESSES);
+    // Each address's 2 000 on one key cost no more than 2 000 on distinct keys,
+    // with room for the clock's 10 ms ticks and a busy machine.
+    assert!(
+        hot_cpu <= cold_cpu * 2 + Duration::from_millis(100),
+        "2 000 subscriptions on a key with up to 16 000 cost {hot_cpu:?}, on distinct keys {cold_cpu:?}"
+    );
+    // Now changes on the hot key, 125 a second from each address, while the
+    // well-behaved client publishes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut churn = tokio::task::JoinSet::new();
+    for (mut attacker, mut streams) in held {
+        let stop = stop.clone();
+        churn.spawn(async move {
+            let mut changes = 0u32;
+            let mut ticker = tokio::time::interval(Duration::from_millis(8));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ticker.tick().await;
+                drop(streams.swap_remove(changes as usize % streams.len()));
+                streams.push(attacker.subscribe(hot).await.expect("subscribed"));
+                changes += 1;
+            }
+            (attacker, streams, changes)
+        });
+    }
+    let before = server.cpu();
+    let report = well_behaved(&server, Duration::from_secs(3), 200).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut changes = 0;
+    let mut held = Vec::new();
+    while let Some(done) = churn.join_next().await {
+        let (attacker, streams, n) = done.expect("churn");
+        changes += n;
+        held.push((attacker, streams));
+    }
+    let churn_cpu = server.cpu() - before;
+    report.assert_served();
+    assert!(changes >= 1000, "{changes} changes");
+    // Per subscribe and unsubscribe (the publishes included): well under
+    // what copying 16 000 entries costs.
+    let per_change = churn_cpu / changes;
+    assert!(
+        per_change <= Duration::from_micros(1000),
+        "{per_change:?} of CPU per change of the hot key ({changes} changes)"
+    );
+    drop(held);
+}
+
+/// 8 addresses try to take one key with 100 subscriptions each; then a
+/// well-behaved client subscribes to it. A key holds at most 64
+/// (`--max-subscriptions-per-key`): a client below its fair share still gets
+/// one, at the cost of the client that holds the most. Before, nothing
+/// bounded a key: the 800 were all open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_holds_a_few_subscriptions_shared_fairly() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("--stall-timeout", "60s")]);
+    // The well-behaved client's key.
+    let victim = [0x77u8; 32];
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for address in 0..8u8 {
+        let mut attacker = Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await;
+        let (streams, n) = subscribe_many(&mut attacker, 100, |_| victim).await;
+        refused += n;
+        held.push((attacker, streams));
+    }
+    let open = server.metric("signaling_subscriptions").await;
+    assert!(open <= 64.0, "{open} subscriptions open on one key");
+    assert!(refused > 0);
+    let counted = server
+        .metric("signaling_requests_rejected_total{reason=\"too_many_key_subscriptions\"}")
+        .await;
+    assert_eq!(counted, f64::from(refused));
+    // The ones cut for a newcomer are counted; every address kept its share.
+    let cut = server
+        .metric("signaling_subscribers_cut_total{reason=\"key_fair_share\"}")
+        .await;
+    assert_eq!(cut + 64.0, 800.0 - f64::from(refused));
+    // The well-behaved client gets into the full key and loses nothing,
+    // while the attackers go on trying.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tries = tokio::task::JoinSet::new();
+    for (mut attacker, streams) in held {
+        let stop = stop.clone();
+        tries.spawn(async move {
+            let mut streams = streams;
+            let mut ticker = tokio::time::interval(Duration::from_millis(10));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ticker.tick().await;
+                if let Ok(stream) = attacker.subscribe(victim).await {
+                    streams.push(stream);
+                }
+            }
+            (attacker, streams)
+        });
+    }
+    let report = well_behaved(&server, Duration::from_secs(2), 200).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held = tries.join_all().await;
+    report.assert_served();
+    let open = server.metric("signaling_subscriptions").await;
+    assert!(open <= 64.0, "{open} subscriptions open on one key");
+    drop(held);
 }

@@ -58,6 +58,11 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Most subscription streams open at once from one client.
     pub max_subscriptions_per_client: usize,
+    /// Most subscription streams open at once on one key (a key is one peer:
+    /// it needs a few). When a key is full, a client holding less than its
+    /// fair share of them still gets one, and the client holding the most
+    /// loses its most recent.
+    pub max_subscriptions_per_key: usize,
     /// Most calls in progress at once (anything but an established
     /// subscription: a Publish being read, a subscription being set up,
     /// GetRelays, health, reflection).
@@ -130,6 +135,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             max_subscriptions: 100_000,
             max_subscriptions_per_client: 1_000,
+            max_subscriptions_per_key: 64,
             max_calls: 4_096,
             max_calls_per_client: 64,
             request_rate: rate(500, 1_000),
@@ -196,7 +202,7 @@ const SEND_BUFFER: usize = 64 * 1024;
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let counts: [(&'static str, usize); 11] = [
+        let counts: [(&'static str, usize); 12] = [
             ("max-envelope-size", self.max_envelope_size),
             ("queue-depth", self.queue_depth),
             ("max-connections", self.max_connections),
@@ -209,6 +215,7 @@ impl Config {
                 "max-subscriptions-per-client",
                 self.max_subscriptions_per_client,
             ),
+            ("max-subscriptions-per-key", self.max_subscriptions_per_key),
             ("max-calls", self.max_calls),
             ("max-calls-per-client", self.max_calls_per_client),
             (

@@ -522,6 +522,12 @@ impl Connection {
                     "not_allowed",
                     Status::permission_denied("this key is no longer allowed here"),
                 ),
+                Cut::KeyFairShare => (
+                    "key_fair_share",
+                    Status::resource_exhausted(
+                        "this key has all the subscriptions it may, and another client needed its share",
+                    ),
+                ),
             };
             let _ = send.send_trailers(wire::status_trailers(&status));
             self.shared.metrics.cut_for(reason);
@@ -799,10 +805,13 @@ async fn subscribe(
             tracing::debug!("subscription refused: {refused}");
             Status::resource_exhausted(refused.to_string())
         })?;
-        let (subscription, _first) =
-            shared
-                .hub
-                .subscribe(key, client.clone(), guard, mailbox, slot);
+        let (subscription, _first) = shared
+            .hub
+            .subscribe(key, client.clone(), guard, mailbox, slot)
+            .map_err(|full| {
+                tracing::debug!("subscription refused: {full}");
+                Status::resource_exhausted(full.to_string())
+            })?;
         // The sync envelope goes once the other replicas can reach us.
         if let Some(cluster) = shared.hub.cluster() {
             cluster.ready(&key).await;

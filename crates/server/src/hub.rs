@@ -11,12 +11,23 @@
 //! moment they are queued until HTTP/2 has written them out (see
 //! [`Sub::take`]): a client whose budget is full loses its own envelopes, and
 //! only its own.
+//!
+//! Keys are spread over [`SHARDS`] maps, each behind its own lock, and a
+//! key's subscriptions are a list in which each knows its place: adding or
+//! removing one costs the same however many the key has, and touches the
+//! one shard of its key. A key is one peer, so it has few streams: at most
+//! `max_per_key` (`--max-subscriptions-per-key`). When a key is full, a
+//! client holding less than its fair share of it (the cap divided by the
+//! clients holding any, the newcomer included) still gets in, and the client
+//! holding the most loses its most recent one (ended with
+//! RESOURCE_EXHAUSTED); others are refused.
 
 use std::{
     collections::{HashMap, VecDeque},
+    hash::BuildHasher,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     task::Wake,
 };
@@ -27,7 +38,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
-    client::{Budget, ClientState, Exhausted, SlotGuard, reserve},
+    client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
     cluster::Cluster,
     metrics::Metrics,
 };
@@ -125,6 +136,8 @@ struct State {
 pub(crate) enum Cut {
     /// Its key was removed from the allowed keys (SPEC §11).
     NotAllowed,
+    /// Its key was full and a client with less than its share of it came.
+    KeyFairShare,
 }
 
 impl State {
@@ -188,6 +201,12 @@ impl Offered {
 /// One subscription stream: its queue, and where its envelopes go.
 pub(crate) struct Sub {
     key: Topic,
+    /// When it was added (a number from the hub's counter): the most
+    /// recent of a client on a full key goes first.
+    seq: u64,
+    /// Its place in its key's list; [`NOT_LISTED`] once taken out. Changed
+    /// only under the lock of the key's shard.
+    index: AtomicUsize,
     client: Arc<ClientState>,
     server: Arc<Budget>,
     limits: QueueLimits,
@@ -398,14 +417,49 @@ impl std::ops::Drop for InFlight {
     }
 }
 
+/// The place of a subscription no longer in its key's list.
+const NOT_LISTED: usize = usize::MAX;
+
+/// Locks the keys are spread over: changes to different keys seldom wait
+/// for each other.
+pub(crate) const SHARDS: usize = 64;
+
+/// One shard: keys and their subscriptions.
+type Shard = Mutex<HashMap<Topic, Vec<Arc<Sub>>>>;
+
 struct Inner {
-    topics: Mutex<HashMap<Topic, Arc<[Arc<Sub>]>>>,
+    shards: Box<[Shard]>,
+    /// Picks a key's shard; seeded at random, so that nobody can choose keys
+    /// that all land in one.
+    hasher: std::hash::RandomState,
     limits: QueueLimits,
+    /// Most subscriptions of one key.
+    max_per_key: usize,
+    /// Numbers subscriptions in the order they were added.
+    next_seq: AtomicU64,
     server: Arc<Budget>,
     metrics: Arc<Metrics>,
     /// The other replicas: a key's first and last subscriber here start
     /// and end its NATS subscription.
     cluster: Option<Arc<Cluster>>,
+}
+
+impl Inner {
+    fn shard(&self, key: &Topic) -> &Shard {
+        let n = self.hasher.hash_one(key) as usize % self.shards.len();
+        &self.shards[n]
+    }
+}
+
+/// A key has all the subscriptions it may, and the client holds its share.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "key {key} has reached the limit of {limit} subscriptions, and {client} holds its share of them"
+)]
+pub(crate) struct KeyFull {
+    key: cunicu_signal::Key,
+    limit: usize,
+    client: Client,
 }
 
 /// Subscriptions by key. Cheap to clone.
@@ -417,14 +471,18 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(
         limits: QueueLimits,
+        max_per_key: usize,
         server: Arc<Budget>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Hub {
             inner: Arc::new(Inner {
-                topics: Mutex::new(HashMap::new()),
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher: std::hash::RandomState::new(),
                 limits,
+                max_per_key: max_per_key.max(1),
+                next_seq: AtomicU64::new(0),
                 server,
                 metrics,
                 cluster,
@@ -445,7 +503,7 @@ impl Hub {
     /// Adds a subscription to `key` whose envelopes are announced to
     /// `mailbox` as `slot`; `slot_guard` is its place in the limits. It ends
     /// when the returned handle drops. Returns the handle and whether it is
-    /// the key's first subscription here.
+    /// the key's first subscription here, or [`KeyFull`] (counted).
     pub(crate) fn subscribe(
         &self,
         key: Topic,
@@ -453,53 +511,76 @@ impl Hub {
         slot_guard: SlotGuard,
         mailbox: Arc<Mailbox>,
         slot: usize,
-    ) -> (Subscription, bool) {
+    ) -> Result<(Subscription, bool), KeyFull> {
+        let inner = &*self.inner;
         let sub = Arc::new(Sub {
             key,
+            seq: inner.next_seq.fetch_add(1, Relaxed),
+            index: AtomicUsize::new(NOT_LISTED),
             client,
-            server: self.inner.server.clone(),
-            limits: self.inner.limits,
+            server: inner.server.clone(),
+            limits: inner.limits,
             mailbox,
             slot,
             state: Mutex::new(State::default()),
         });
-        let first = {
-            let mut topics = self.inner.topics.lock();
-            let list = topics.entry(key).or_insert_with(|| Arc::from([]));
+        let (first, evicted) = {
+            let mut shard = inner.shard(&key).lock();
+            let list = shard.entry(key).or_default();
             let first = list.is_empty();
-            let mut next = Vec::with_capacity(list.len() + 1);
-            next.extend(list.iter().cloned());
-            next.push(sub.clone());
-            *list = next.into();
+            let evicted = if list.len() >= inner.max_per_key {
+                let Some(evicted) = make_room(list, sub.client.client, inner.max_per_key) else {
+                    drop(shard);
+                    inner.metrics.reject_for("too_many_key_subscriptions");
+                    return Err(KeyFull {
+                        key: cunicu_signal::Key::from(key),
+                        limit: inner.max_per_key,
+                        client: sub.client.client,
+                    });
+                };
+                Some(evicted)
+            } else {
+                None
+            };
+            sub.index.store(list.len(), Relaxed);
+            list.push(sub.clone());
             // Under the lock: a last subscriber going at the same time cannot
             // unsubscribe after this subscribes.
-            if first && let Some(cluster) = &self.inner.cluster {
+            if first && let Some(cluster) = &inner.cluster {
                 cluster.watch(key);
             }
-            first
+            (first, evicted)
         };
-        let metrics = &self.inner.metrics;
+        if let Some(evicted) = evicted {
+            // Its connection task ends the stream; its handle, dropped
+            // there, finds it out of the list already.
+            evicted.cut_for(Cut::KeyFairShare);
+        }
+        let metrics = &inner.metrics;
         metrics.subscriptions.inc();
         if first {
             metrics.topics.inc();
         }
-        (
+        Ok((
             Subscription {
                 hub: self.clone(),
                 sub,
                 _slot: slot_guard,
             },
             first,
-        )
+        ))
     }
 
     /// Queues `frame` for every subscription of `key`; returns how many there were.
     pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> usize {
-        let Some(subs) = self.inner.topics.lock().get(key).cloned() else {
-            return 0;
+        // A copy of the list (at most `max_per_key`), so that the offers,
+        // which take each queue's lock, run outside the shard's.
+        let subs: Vec<Arc<Sub>> = match self.inner.shard(key).lock().get(key) {
+            Some(list) => list.clone(),
+            None => return 0,
         };
         let mut offered = Offered::default();
-        for sub in subs.iter() {
+        for sub in &subs {
             offered.merge(sub.offer(frame));
         }
         let metrics = &self.inner.metrics;
@@ -514,24 +595,86 @@ impl Hub {
     /// Ends every subscription of `keys` (their connection tasks send the
     /// status); returns how many there were.
     pub(crate) fn cut(&self, keys: &[Topic], why: Cut) -> usize {
-        let subs: Vec<Arc<Sub>> = {
-            let topics = self.inner.topics.lock();
-            keys.iter()
-                .filter_map(|k| topics.get(k))
-                .flat_map(|list| list.iter().cloned())
-                .collect()
-        };
+        let subs: Vec<Arc<Sub>> = keys
+            .iter()
+            .flat_map(|k| {
+                self.inner
+                    .shard(k)
+                    .lock()
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
         for sub in &subs {
             sub.cut_for(why);
         }
         subs.len()
     }
 
+    /// Takes `sub` out of its key's list; returns whether it was the last.
+    fn remove(&self, sub: &Arc<Sub>) -> bool {
+        let inner = &*self.inner;
+        let mut shard = inner.shard(&sub.key).lock();
+        let index = sub.index.swap(NOT_LISTED, Relaxed);
+        if index == NOT_LISTED {
+            return false;
+        }
+        let Some(list) = shard.get_mut(&sub.key) else {
+            return false;
+        };
+        take_out(list, index);
+        if !list.is_empty() {
+            return false;
+        }
+        shard.remove(&sub.key);
+        if let Some(cluster) = &inner.cluster {
+            cluster.unwatch(&sub.key);
+        }
+        true
+    }
+
     /// Number of keys with subscriptions.
     #[cfg(test)]
     pub(crate) fn topic_count(&self) -> usize {
-        self.inner.topics.lock().len()
+        self.inner.shards.iter().map(|s| s.lock().len()).sum()
     }
+}
+
+/// Removes the subscription at `index` of `list` in O(1): the last one takes its place.
+fn take_out(list: &mut Vec<Arc<Sub>>, index: usize) -> Arc<Sub> {
+    let gone = list.swap_remove(index);
+    if let Some(moved) = list.get(index) {
+        moved.index.store(index, Relaxed);
+    }
+    gone
+}
+
+/// A full key's list and a newcomer from `client`: if the newcomer holds
+/// less than its fair share, takes the most recent subscription of the
+/// client that holds the most out of `list` and returns it. O(`max`): only
+/// on a full key.
+fn make_room(list: &mut Vec<Arc<Sub>>, client: Client, max: usize) -> Option<Arc<Sub>> {
+    let mut held: HashMap<Client, usize> = HashMap::new();
+    for sub in list.iter() {
+        *held.entry(sub.client.client).or_default() += 1;
+    }
+    let mine = held.get(&client).copied().unwrap_or(0);
+    let holders = held.len() + usize::from(mine == 0);
+    // mine < max / holders, without fractions.
+    if mine * holders >= max {
+        return None;
+    }
+    let (&heaviest, _) = held.iter().max_by_key(|&(_, n)| *n)?;
+    let index = list
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.client.client == heaviest)
+        .max_by_key(|(_, s)| s.seq)
+        .map(|(i, _)| i)?;
+    let evicted = take_out(list, index);
+    evicted.index.store(NOT_LISTED, Relaxed);
+    Some(evicted)
 }
 
 /// A subscription in the hub; dropping it unsubscribes and frees its queue.
@@ -549,28 +692,7 @@ impl Subscription {
 
 impl std::ops::Drop for Subscription {
     fn drop(&mut self) {
-        let key = self.sub.key;
-        let last = {
-            let mut topics = self.hub.inner.topics.lock();
-            let mut last = false;
-            if let Some(list) = topics.get_mut(&key) {
-                let next: Vec<Arc<Sub>> = list
-                    .iter()
-                    .filter(|s| !Arc::ptr_eq(s, &self.sub))
-                    .cloned()
-                    .collect();
-                if next.is_empty() {
-                    topics.remove(&key);
-                    last = true;
-                    if let Some(cluster) = &self.hub.inner.cluster {
-                        cluster.unwatch(&key);
-                    }
-                } else {
-                    *list = next.into();
-                }
-            }
-            last
-        };
+        let last = self.hub.remove(&self.sub);
         let metrics = &self.hub.inner.metrics;
         metrics.subscriptions.dec();
         if last {
@@ -632,6 +754,7 @@ mod tests {
                 depth,
                 bytes: queue_bytes,
             },
+            4,
             Arc::new(Budget::new(server_bytes)),
             metrics.clone(),
             None,
@@ -652,6 +775,16 @@ mod tests {
             mailbox: &Arc<Mailbox>,
             slot: usize,
         ) -> Subscription {
+            self.try_subscribe(key, ip, mailbox, slot).unwrap()
+        }
+
+        fn try_subscribe(
+            &mut self,
+            key: u8,
+            ip: &str,
+            mailbox: &Arc<Mailbox>,
+            slot: usize,
+        ) -> Result<Subscription, KeyFull> {
             let client = crate::client::Client::of(ip.parse::<IpAddr>().unwrap());
             let conn = self.clients.connect(client).unwrap();
             let state = conn.state().clone();
@@ -659,7 +792,7 @@ mod tests {
             let guard = self.clients.subscribe(client).unwrap();
             self.hub
                 .subscribe([key; 32], state, guard, mailbox.clone(), slot)
-                .0
+                .map(|(s, _)| s)
         }
     }
 
@@ -789,5 +922,48 @@ mod tests {
         assert_eq!(sub.offer(&frame(2, 10)), Offered::default());
         assert!(matches!(sub.take(usize::MAX), Take::Nothing));
         assert_eq!(f.hub.budget().used(), 0, "no bytes left behind");
+    }
+
+    #[test]
+    fn a_full_key_admits_a_client_below_its_share_at_the_heaviest_cost() {
+        let mut f = fixture(4, 1 << 20, 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        // Four of one client fill the key (the fixture's cap is 4).
+        let a: Vec<Subscription> = (0..4)
+            .map(|slot| f.subscribe(1, "192.0.2.1", &mailbox, slot))
+            .collect();
+        assert!(f.try_subscribe(1, "192.0.2.1", &mailbox, 9).is_err());
+        assert_eq!(
+            f.metrics
+                .rejected
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "too_many_key_subscriptions"
+                })
+                .get(),
+            1
+        );
+        // A newcomer gets in; A's most recent goes.
+        let b = f.subscribe(1, "192.0.2.2", &mailbox, 10);
+        assert_eq!(a[3].sub().cut(), Some(Cut::KeyFairShare));
+        assert!(a[..3].iter().all(|s| s.sub().cut().is_none()));
+        assert_eq!(f.hub.publish(&[1; 32], &frame(1, 10)), 4);
+        // B holds 1 of 4 with two holders: below its share of 2, it gets one more.
+        let b2 = f.subscribe(1, "192.0.2.2", &mailbox, 11);
+        assert_eq!(a[2].sub().cut(), Some(Cut::KeyFairShare));
+        // Now both hold 2: neither may take more.
+        assert!(f.try_subscribe(1, "192.0.2.2", &mailbox, 12).is_err());
+        assert!(f.try_subscribe(1, "192.0.2.1", &mailbox, 13).is_err());
+        // Dropping the cut ones (their handles) changes nothing in the list.
+        let mut a = a;
+        a.truncate(2);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(2, 10)), 4);
+        // Removing in any order keeps every place right.
+        drop(b);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(3, 10)), 3);
+        drop(a);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(4, 10)), 1);
+        drop(b2);
+        assert_eq!(f.hub.topic_count(), 0);
+        assert_eq!(f.hub.budget().used(), 0);
     }
 }

@@ -175,6 +175,7 @@ impl Server {
                 depth: config.queue_depth,
                 bytes: config.queue_bytes,
             },
+            config.max_subscriptions_per_key,
             budget,
             metrics.clone(),
             cluster.clone(),

@@ -67,7 +67,8 @@ pub struct Metrics {
     /// `bad_box`, `wrong_key`, `expired`, `replayed`, `low_order`,
     /// `not_allowed`, `cache_full`).
     pub auth: Family<AuthResult, Counter>,
-    /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`).
+    /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
+    /// `key_fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
     /// `connection_rate`).
