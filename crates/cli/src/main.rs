@@ -249,6 +249,10 @@ struct ServeArgs {
     /// Prefix of the NATS subjects, one per key.
     #[arg(long, env = "CUNICU_SIGNAL_CLUSTER_SUBJECT_PREFIX", default_value = cunicu_signal_server::cluster::DEFAULT_SUBJECT_PREFIX)]
     cluster_subject_prefix: String,
+    /// Serve gRPC server reflection (v1 and v1alpha), for tools such as grpcurl. Off by
+    /// default: its answers are tens of KiB for a request of a few bytes.
+    #[arg(long, env = "CUNICU_SIGNAL_REFLECTION")]
+    reflection: bool,
 }
 
 impl ServeArgs {
@@ -307,6 +311,7 @@ impl ServeArgs {
         config.auth = self.auth;
         config.auth_skew = self.auth_skew.into();
         config.allow_keys = self.allow_keys;
+        config.reflection = self.reflection;
         let urls: Vec<String> = self.cluster.into_iter().filter(|u| !u.is_empty()).collect();
         if !urls.is_empty() {
             let mut cluster = ClusterConfig::new(urls);

@@ -86,7 +86,11 @@ impl TestServer {
             .filter(|(flag, _)| !flags.iter().any(|(f, _)| f == flag));
         for (flag, value) in defaults.chain(flags) {
             if known.iter().any(|k| k == flag) {
-                command.args([flag, value]);
+                // A switch has no value.
+                command.arg(flag);
+                if !value.is_empty() {
+                    command.arg(value);
+                }
             } else {
                 eprintln!("{bin} does not know {flag}: left out");
             }
@@ -1115,7 +1119,7 @@ async fn connection_floods_are_rate_limited_per_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_in_progress_are_limited_per_client() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--request-timeout", "30s")]);
+    let server = TestServer::start(&[("--request-timeout", "30s"), ("--reflection", "")]);
     let baseline = server.rss_kib();
     let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
     let (mut bodies, mut responses) = (Vec::new(), Vec::new());
@@ -1456,4 +1460,131 @@ async fn one_key_holds_a_few_subscriptions_shared_fairly() {
     let open = server.metric("signaling_subscriptions").await;
     assert!(open <= 64.0, "{open} subscriptions open on one key");
     drop(held);
+}
+
+/// A socket that is written and never read: the peer's answers pile up.
+struct NeverRead(TcpStream);
+
+impl tokio::io::AsyncRead for NeverRead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl tokio::io::AsyncWrite for NeverRead {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// 24 connections from one address that open huge windows, never read, and
+/// ask for reflection answers (64 KB for a request of 700 bytes) as fast as
+/// the request rate allows. Before, each answer stayed in
+/// h2's send buffers after its call had ended, counted by nothing: the
+/// server grew by hundreds of MiB. Now an answer counts against the client
+/// and the server until it is written, its call keeps its slot until then,
+/// and after the request timeout its stream is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_answers_of_other_services_count_against_their_client() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("--reflection", "")]);
+    let baseline = server.rss_kib();
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "cunicu.signaling.Signaling".into(),
+            ),
+        ),
+    };
+    // 20 questions in one request (700 bytes), 20 answers (about 64 KB).
+    let request: Bytes = std::iter::repeat_n(message(&request), 20)
+        .flatten()
+        .collect();
+    const CONNECTIONS: u64 = 24;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let tcp = tcp_from(server.addr, loopback(1), Some(4096)).await;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size((1 << 31) - 1)
+            .initial_connection_window_size((1 << 31) - 1)
+            .handshake::<_, Bytes>(NeverRead(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+        let addr = server.addr;
+        let request = request.clone();
+        tasks.spawn(async move {
+            let driver = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let mut send = send;
+            let mut streams = Vec::new();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(4) {
+                let head = http::Request::builder()
+                    .method("POST")
+                    .uri(format!(
+                        "http://{addr}/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+                    ))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .expect("request");
+                send = match timeout(STEP, send.clone().ready()).await {
+                    Ok(Ok(send)) => send,
+                    _ => break,
+                };
+                let Ok((response, mut body)) = send.send_request(head, false) else {
+                    break;
+                };
+                let _ = body.send_data(request.clone(), true);
+                streams.push((response, body));
+                // The connections share the address's 500 requests a second.
+                tokio::time::sleep(Duration::from_millis(2 * CONNECTIONS)).await;
+            }
+            (send, streams, driver)
+        });
+    }
+    let report = well_behaved(&server, Duration::from_secs(4), 200).await;
+    let held = tasks.join_all().await;
+    report.assert_served();
+    let grown = server.rss_kib().saturating_sub(baseline);
+    assert_rss_within(
+        &server,
+        baseline,
+        4 * 1024 + CONNECTIONS * CONNECTION_KIB,
+        "connections that never read reflection answers",
+    );
+    assert!(
+        server
+            .metric("signaling_requests_rejected_total{reason=\"too_many_client_service_calls\"}")
+            .await
+            > 0.0,
+        "grew by {grown} KiB and refused nothing"
+    );
+    for (_, _, driver) in &held {
+        driver.abort();
+    }
 }

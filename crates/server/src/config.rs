@@ -96,6 +96,8 @@ pub struct Config {
     pub allow_keys: Option<PathBuf>,
     /// Replicas of one service: the NATS system they share (SPEC §12).
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Serve gRPC server reflection (v1 and v1alpha), for tools such as grpcurl.
+    pub reflection: bool,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -149,6 +151,7 @@ impl Default for Config {
             auth_skew: Duration::from_secs(60),
             allow_keys: None,
             cluster: None,
+            reflection: false,
         }
     }
 }

@@ -436,12 +436,20 @@ impl Connection {
                     }
                 };
                 Box::pin(async move {
+                    // Held until the answer is written, or thrown away.
                     let _call = (call, bridged);
+                    let answering = bridge::Answering {
+                        client,
+                        server: shared.hub.budget().clone(),
+                        metrics: shared.metrics.clone(),
+                        timeout: shared.timeouts.request,
+                    };
                     bridge::serve(
                         shared.routes.clone(),
                         request,
                         respond,
                         &shared.response_headers,
+                        &answering,
                     )
                     .await;
                     Done::Finished

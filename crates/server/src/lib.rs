@@ -260,27 +260,33 @@ impl Server {
                 }
             });
         }
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let service_error = |service, e: tonic_reflection::server::Error| ServerError::Service {
-            service,
-            reason: e.to_string(),
-        };
-        let reflection_v1 = reflection()
-            .build_v1()
-            .map_err(|e| service_error("reflection v1", e))?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .map_err(|e| service_error("reflection v1alpha", e))?;
-        let routes = tonic::service::Routes::new(signaling)
+        let mut routes = tonic::service::Routes::new(signaling)
             .add_service(relays)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .prepare();
+            .add_service(health_service);
+        // Off by default: its answers are tens of KiB for a request of a few
+        // bytes, a lever for anyone who wants the server to send much.
+        if config.reflection {
+            let reflection = || {
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            };
+            let service_error =
+                |service, e: tonic_reflection::server::Error| ServerError::Service {
+                    service,
+                    reason: e.to_string(),
+                };
+            let reflection_v1 = reflection()
+                .build_v1()
+                .map_err(|e| service_error("reflection v1", e))?;
+            let reflection_v1alpha = reflection()
+                .build_v1alpha()
+                .map_err(|e| service_error("reflection v1alpha", e))?;
+            routes = routes
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha);
+        }
+        let routes = routes.prepare();
 
         let shared = Arc::new(conn::Shared {
             hub: hub.clone(),
