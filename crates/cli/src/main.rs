@@ -224,9 +224,13 @@ struct ServeArgs {
     /// required: Subscribe, Publish and GetRelays need a proof of their key.
     #[arg(long, env = "CUNICU_SIGNAL_AUTH", default_value_t = DEFAULTS.auth)]
     auth: AuthMode,
-    /// How far a proof's time may be from the server's clock.
+    /// How far a proof's time may be behind the server's clock.
     #[arg(long, env = "CUNICU_SIGNAL_AUTH_SKEW", default_value_t = default_duration(DEFAULTS.auth_skew))]
     auth_skew: humantime::Duration,
+    /// How far a proof's time may be ahead of the server's clock (a proof's nonce is
+    /// remembered until its time plus --auth-skew, so this stays short).
+    #[arg(long, env = "CUNICU_SIGNAL_AUTH_FUTURE_SKEW", default_value_t = default_duration(DEFAULTS.auth_future_skew))]
+    auth_future_skew: humantime::Duration,
     /// Admit only the keys in this file (one base64 key a line, # comments); read again
     /// when it changes or on SIGHUP. Needs --auth required.
     #[arg(long, env = "CUNICU_SIGNAL_ALLOW_KEYS")]
@@ -310,6 +314,7 @@ impl ServeArgs {
         config.key = self.key_file.as_deref().map(read_key_file).transpose()?;
         config.auth = self.auth;
         config.auth_skew = self.auth_skew.into();
+        config.auth_future_skew = self.auth_future_skew.into();
         config.allow_keys = self.allow_keys;
         config.reflection = self.reflection;
         let urls: Vec<String> = self.cluster.into_iter().filter(|u| !u.is_empty()).collect();

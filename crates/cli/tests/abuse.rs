@@ -21,10 +21,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use common::{Killed, lines_of, wait_for_line};
-use cunicu_signal::proto::signaling::{
-    EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
+use cunicu_signal::{
+    Key,
+    auth::{PROOF_METADATA, prove},
+    proto::signaling::{
+        EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
+    },
 };
 use parking_lot::Mutex;
 use tokio::{
@@ -248,14 +253,58 @@ async fn channel_from(server: &TestServer, from: IpAddr) -> Channel {
 /// publishes to it `per_second` times a second for `duration`, and measures
 /// each envelope's way back.
 async fn well_behaved(server: &TestServer, duration: Duration, per_second: u32) -> Report {
+    well_behaved_proving(server, duration, per_second, None).await
+}
+
+/// A proof of `ours` for `method`, to the server key `server`, dated now.
+fn proof_request<T>(message: T, proving: Option<&Proving>, method: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(p) = proving {
+        let proof = prove(&p.ours, &p.server, method, unix_now()).expect("proof");
+        request.metadata_mut().insert_bin(
+            PROOF_METADATA,
+            tonic::metadata::MetadataValue::from_bytes(&proof),
+        );
+    }
+    request
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// A well-behaved client's key and the server's, for a server that needs proofs.
+struct Proving {
+    ours: Key,
+    server: Key,
+}
+
+/// [`well_behaved`], proving its key with every call if `proving` is given
+/// (then its key is its public key, not 0x77…).
+async fn well_behaved_proving(
+    server: &TestServer,
+    duration: Duration,
+    per_second: u32,
+    proving: Option<Proving>,
+) -> Report {
     let channel = timeout(STEP, channel_from(server, loopback(2)))
         .await
         .expect("connected in time");
     let mut client = SignalingClient::new(channel);
-    let key = [0x77u8; 32];
+    let key = match &proving {
+        Some(p) => *p.ours.public_key().as_bytes(),
+        None => [0x77u8; 32],
+    };
     let mut stream = timeout(
         STEP,
-        client.subscribe(SubscribeParams { key: key.to_vec() }),
+        client.subscribe(proof_request(
+            SubscribeParams { key: key.to_vec() },
+            proving.as_ref(),
+            "/cunicu.signaling.Signaling/Subscribe",
+        )),
     )
     .await
     .expect("subscribed in time")
@@ -295,14 +344,23 @@ async fn well_behaved(server: &TestServer, duration: Duration, per_second: u32) 
         body.extend_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
         body.resize(120, 0);
         let envelope = Envelope {
-            sender: vec![1; 32],
+            sender: if proving.is_some() {
+                key.to_vec()
+            } else {
+                vec![1; 32]
+            },
             recipient: key.to_vec(),
             contents: Some(EncryptedMessage {
                 body,
                 nonce: vec![0; 24],
             }),
         };
-        match timeout(STEP, client.publish(envelope)).await {
+        let request = proof_request(
+            envelope,
+            proving.as_ref(),
+            "/cunicu.signaling.Signaling/Publish",
+        );
+        match timeout(STEP, client.publish(request)).await {
             Ok(Ok(_)) => sent += 1,
             _ => refused += 1,
         }
@@ -458,6 +516,48 @@ impl Attacker {
         self.send
             .send_request(request, false)
             .map_err(|e| e.to_string())
+    }
+
+    /// Publishes from `sender` with a proof of it dated `time` (to the server
+    /// key `server`); returns the grpc-status of a refusal.
+    async fn publish_proven(
+        &mut self,
+        sender: &Key,
+        server: &Key,
+        time: u64,
+    ) -> Result<(), String> {
+        let path = "/cunicu.signaling.Signaling/Publish";
+        let proof = prove(sender, server, path, time).map_err(|e| e.to_string())?;
+        let mut request = self.request(path);
+        request.headers_mut().insert(
+            PROOF_METADATA,
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(proof)
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        );
+        let ready = timeout(STEP, self.send.clone().ready())
+            .await
+            .map_err(|_| "stream limit".to_string())?
+            .map_err(|e| e.to_string())?;
+        self.send = ready;
+        let (response, mut stream) = self
+            .send
+            .send_request(request, false)
+            .map_err(|e| e.to_string())?;
+        let mut envelope = envelope([0x55; 32], 10);
+        envelope.sender = sender.public_key().as_bytes().to_vec();
+        stream
+            .send_data(message(&envelope), true)
+            .map_err(|e| e.to_string())?;
+        let response = timeout(STEP, response)
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        match response.headers().get("grpc-status") {
+            Some(status) => Err(format!("refused: {status:?}")),
+            None => Ok(()),
+        }
     }
 
     /// Publishes and waits for the answer (dropping it would cancel the call).
@@ -1587,4 +1687,163 @@ async fn unread_answers_of_other_services_count_against_their_client() {
     for (_, _, driver) in &held {
         driver.abort();
     }
+}
+
+/// A server that needs proofs, with its key in `dir`.
+fn proving_server(dir: &std::path::Path, flags: &[(&str, &str)]) -> (TestServer, Key) {
+    let key = Key::generate();
+    let path = common::key_file(dir, "server.key", &key);
+    let path = path.to_str().expect("a UTF-8 path").to_string();
+    let mut all = vec![
+        ("--auth", "required"),
+        ("--key-file", path.as_str()),
+        ("--publish-rate", "100000"),
+        ("--publish-burst", "100000"),
+        ("--request-rate", "100000"),
+        ("--request-burst", "100000"),
+    ];
+    all.extend_from_slice(flags);
+    (TestServer::start(&all), key.public_key())
+}
+
+/// Proofs against the nonce cache (`--auth required`). Before, one
+/// self-made key from 8 addresses with proofs dated 58 s ahead filled the
+/// whole cache, and every other client was refused from then on. Now a
+/// proof may be at most a few seconds ahead, one key holds at most 1 024
+/// nonces and one client an eighth of the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_fills_the_nonce_cache_for_the_others() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, server_key) = proving_server(dir.path(), &[]);
+    let forger = Key::generate();
+    let mut attackers = Vec::new();
+    for address in 0..8 {
+        attackers.push(Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await);
+    }
+    // Dated 58 s ahead: refused.
+    let mut accepted = 0;
+    for attacker in &mut attackers {
+        for _ in 0..50 {
+            if attacker
+                .publish_proven(&forger, &server_key, unix_now() + 58)
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+    }
+    assert_eq!(accepted, 0, "proofs dated 58 s ahead were accepted");
+    assert_eq!(
+        server
+            .metric("signaling_auth_total{result=\"expired\"}")
+            .await,
+        400.0
+    );
+    // One key from 8 addresses: its quota.
+    let mut accepted = 0;
+    for attacker in &mut attackers {
+        for _ in 0..200 {
+            if attacker
+                .publish_proven(&forger, &server_key, unix_now())
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+    }
+    assert_eq!(accepted, 1024, "one key's proofs remembered");
+    // Many keys from one address: its quota.
+    let keys: Vec<Key> = (0..18).map(|_| Key::generate()).collect();
+    let mut accepted = 0;
+    for key in &keys {
+        for _ in 0..1000 {
+            if attackers[0]
+                .publish_proven(key, &server_key, unix_now())
+                .await
+                .is_ok()
+            {
+                accepted += 1;
+            }
+        }
+    }
+    // The address had 200 of the first key's already.
+    assert_eq!(accepted, 16_384 - 200, "one address's proofs remembered");
+    assert!(
+        server
+            .metric("signaling_auth_total{result=\"client_quota\"}")
+            .await
+            > 0.0
+    );
+    // Everyone else proves and is served.
+    let proving = Proving {
+        ours: Key::generate(),
+        server: server_key,
+    };
+    let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;
+    report.assert_served();
+    drop(attackers);
+}
+
+/// Proofs of made-up keys cost the server an X25519 each and the attacker
+/// nothing. Before, each cost 6 times a proof of a known key (twice in a
+/// debug build, where everything else costs more too). Now one
+/// client may send a few a second (a burst of 256, then 32 a second), and
+/// a key whose proof did not open is remembered, so a repeat costs no more
+/// than a known key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, server_key) = proving_server(dir.path(), &[]);
+    let mut attacker = Attacker::connect(&server, loopback(10), Windows::ZERO).await;
+    const N: u32 = 2000;
+    // Known keys: a few keys, proven again and again.
+    let known: Vec<Key> = (0..10).map(|_| Key::generate()).collect();
+    let before = server.cpu();
+    for n in 0..N {
+        attacker
+            .publish_proven(&known[n as usize % 10], &server_key, unix_now())
+            .await
+            .expect("published");
+    }
+    let known_cpu = (server.cpu() - before) / N;
+    // Made-up keys, a new one each time, with proofs that do not open.
+    let made_up: Vec<Key> = (0..N).map(|_| Key::generate()).collect();
+    let before = server.cpu();
+    let mut refused_for_rate = 0;
+    for key in &made_up {
+        // A proof to another server: the box does not open here.
+        let other = Key::generate().public_key();
+        if let Err(e) = attacker.publish_proven(key, &other, unix_now()).await
+            && e.contains("\"8\"")
+        {
+            refused_for_rate += 1;
+        }
+    }
+    let made_up_cpu = (server.cpu() - before) / N;
+    // Within half again (the X25519 made it twice, in this debug build).
+    assert!(
+        made_up_cpu * 2 <= known_cpu * 3,
+        "a made-up key cost {made_up_cpu:?}, a known one {known_cpu:?}"
+    );
+    assert!(
+        refused_for_rate > 1000,
+        "{refused_for_rate} refused for the rate"
+    );
+    assert_eq!(
+        server
+            .metric("signaling_auth_total{result=\"unknown_key_rate\"}")
+            .await,
+        f64::from(refused_for_rate)
+    );
+    // Meanwhile others prove their keys and are served.
+    let proving = Proving {
+        ours: Key::generate(),
+        server: server_key,
+    };
+    let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;
+    report.assert_served();
 }

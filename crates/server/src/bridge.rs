@@ -150,13 +150,15 @@ pub(crate) async fn serve(
     extra: &HeaderMap,
     answering: &Answering,
 ) {
-    let request = request.map(|recv| {
+    let mut request = request.map(|recv| {
         tonic::body::Body::new(RecvBody {
             recv,
             data_done: false,
             received: 0,
         })
     });
+    // Who calls, for the services that charge it (GetRelays' proofs).
+    request.extensions_mut().insert(answering.client.client);
     let response = match routes.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},

@@ -6,7 +6,7 @@ use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use cunicu_signal::Key;
 
 use crate::{
-    auth::{AuthMode, MAX_NONCES, NONCE_BYTES},
+    auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
     client::{BRIDGED_CALLS, ClientLimits, Rate},
     relay::Relay,
 };
@@ -89,8 +89,12 @@ pub struct Config {
     pub key: Option<Key>,
     /// Whether Subscribe, Publish and GetRelays need a proof of key possession.
     pub auth: AuthMode,
-    /// How far a proof's time may be from the server's clock (inclusive).
+    /// How far a proof's time may be behind the server's clock (inclusive).
     pub auth_skew: Duration,
+    /// How far a proof's time may be ahead of the server's clock (inclusive):
+    /// a few seconds, since a proof's nonce is remembered until its time plus
+    /// `auth_skew`.
+    pub auth_future_skew: Duration,
     /// Only the keys listed in this file may be proven (with `auth` required);
     /// the file is read again when it changes or on SIGHUP.
     pub allow_keys: Option<PathBuf>,
@@ -149,6 +153,7 @@ impl Default for Config {
             key: None,
             auth: AuthMode::Off,
             auth_skew: Duration::from_secs(60),
+            auth_future_skew: Duration::from_secs(5),
             allow_keys: None,
             cluster: None,
             reflection: false,
@@ -318,7 +323,7 @@ impl Config {
                 .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
             queued: self.max_queued_bytes,
             auth: if self.key.is_some() {
-                MAX_NONCES * NONCE_BYTES + SHARED_KEY_CACHE_BYTES
+                MAX_NONCES * NONCE_BYTES + SHARED_KEY_CACHE_BYTES + UNKNOWN_KEY_BYTES
             } else {
                 0
             },

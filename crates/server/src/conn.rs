@@ -805,9 +805,12 @@ async fn subscribe(
             Status::internal(format!("SubscribeParams does not decode: {e}"))
         })?;
         let key = key_field(&shared.metrics, "subscription", &params.key)?;
-        shared
-            .auth
-            .check(&parts.headers, wire::SUBSCRIBE, &Key::from(key))?;
+        shared.auth.check(
+            &parts.headers,
+            wire::SUBSCRIBE,
+            &Key::from(key),
+            client.client,
+        )?;
         let guard = shared.clients.subscribe(client.client).map_err(|refused| {
             shared.metrics.reject_for(refused.reason());
             tracing::debug!("subscription refused: {refused}");
@@ -884,9 +887,12 @@ async fn publish(
         })?;
         let sender = key_field(metrics, "sender", &envelope.sender)?;
         let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
-        shared
-            .auth
-            .check(&parts.headers, wire::PUBLISH, &Key::from(sender))?;
+        shared.auth.check(
+            &parts.headers,
+            wire::PUBLISH,
+            &Key::from(sender),
+            client.client,
+        )?;
         metrics.published.inc();
         // The frame as received: the envelope unchanged, unknown fields kept.
         let local = shared.hub.publish(&recipient, &frame);

@@ -201,7 +201,7 @@ impl Server {
         let auth = Arc::new(auth::Auth::new(
             config.auth,
             server_key,
-            config.auth_skew,
+            (config.auth_skew, config.auth_future_skew),
             allowed,
             metrics.clone(),
         ));
