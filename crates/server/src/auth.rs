@@ -483,6 +483,11 @@ impl Auth {
         }
     }
 
+    /// How many keys are listed (0 without a list).
+    fn allowed_count(&self) -> usize {
+        self.allowed.read().as_ref().map_or(0, |keys| keys.len())
+    }
+
     /// Puts a new list of allowed keys in place; returns the keys it removed.
     pub(crate) fn set_allowed(&self, keys: HashSet<Key>) -> Vec<Key> {
         let mut allowed = self.allowed.write();
@@ -549,6 +554,12 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 /// Keeps the allowed keys in step with the file at `path` (looked at every
 /// half second, by path, so that a replacement by rename counts; and on
 /// SIGHUP) until `shutdown`. The streams of a removed key end.
+///
+/// A file edited in place is read while it is being written: a new list is
+/// put in place only once two reads half a second apart agree (or at once on
+/// SIGHUP), and an empty file where a list was is taken as one being written
+/// (the list stays, with a warning): a file that admits no key says so with
+/// a comment.
 pub(crate) async fn watch_allowed(
     path: PathBuf,
     auth: Arc<Auth>,
@@ -566,6 +577,8 @@ pub(crate) async fn watch_allowed(
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: Option<String> = None;
+    // A list read once, put in place when the next read agrees.
+    let mut settling: Option<HashSet<Key>> = None;
     loop {
         let forced = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -578,34 +591,54 @@ pub(crate) async fn watch_allowed(
             } => true,
         };
         let now = version(&path);
-        if !forced && now == seen {
+        if !forced && now == seen && settling.is_none() {
             continue;
         }
-        seen = now;
-        match read_allowed(&path) {
-            Ok(keys) => {
-                failing = None;
-                let count = keys.len();
-                let removed = auth.set_allowed(keys);
-                let topics: Vec<[u8; 32]> = removed.iter().map(|k| *k.as_bytes()).collect();
-                let ended = hub.cut(&topics, crate::hub::Cut::NotAllowed);
-                tracing::info!(
-                    path = %path.display(),
-                    keys = count,
-                    removed = removed.len(),
-                    streams_ended = ended,
-                    "allowed keys reloaded"
-                );
-            }
+        seen = now.clone();
+        let keys = match read_allowed(&path) {
+            Ok(keys) => keys,
             Err(e) => {
+                settling = None;
                 // One line per failure, not per look.
                 let text = e.to_string();
                 if failing.as_deref() != Some(text.as_str()) {
                     tracing::error!("allowed keys not reloaded, the previous list stays: {text}");
                     failing = Some(text);
                 }
+                continue;
             }
+        };
+        let listed = auth.allowed_count();
+        if keys.is_empty() && now.as_ref().is_some_and(|v| v.len == 0) && listed > 0 {
+            settling = None;
+            let text = format!(
+                "{} is empty: taken as a file being written, the previous {listed} keys stay \
+                 (a file that admits no key says so with a comment)",
+                path.display()
+            );
+            if failing.as_deref() != Some(text.as_str()) {
+                tracing::warn!("{text}");
+                failing = Some(text);
+            }
+            continue;
         }
+        failing = None;
+        if !forced && settling.as_ref() != Some(&keys) {
+            settling = Some(keys);
+            continue;
+        }
+        settling = None;
+        let count = keys.len();
+        let removed = auth.set_allowed(keys);
+        let topics: Vec<[u8; 32]> = removed.iter().map(|k| *k.as_bytes()).collect();
+        let ended = hub.cut(&topics, crate::hub::Cut::NotAllowed);
+        tracing::info!(
+            path = %path.display(),
+            keys = count,
+            removed = removed.len(),
+            streams_ended = ended,
+            "allowed keys reloaded"
+        );
     }
 }
 
