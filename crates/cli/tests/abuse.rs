@@ -1847,3 +1847,75 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;
     report.assert_served();
 }
+
+/// 4 addresses publish 64 KB of junk to one victim's key while its real peer
+/// sends it 64 small envelopes, and the victim reads only afterwards (a slow
+/// downlink). Before, the victim's queue dropped its oldest envelopes, so
+/// the flood pushed out nearly all of the peer's. Now the publisher holding
+/// the most of a queue loses first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_to_one_key_costs_the_flooders_envelopes_not_the_peers() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[("--stall-timeout", "60s")]);
+    let victim = [0x66u8; 32];
+    let channel = timeout(STEP, channel_from(&server, loopback(2)))
+        .await
+        .expect("connected in time");
+    let mut stream = SignalingClient::new(channel)
+        .subscribe(SubscribeParams {
+            key: victim.to_vec(),
+        })
+        .await
+        .expect("subscribed")
+        .into_inner();
+    assert_eq!(
+        timeout(STEP, stream.message())
+            .await
+            .expect("sync in time")
+            .expect("sync"),
+        Some(Envelope::default())
+    );
+    let mut peer = SignalingClient::new(
+        timeout(STEP, channel_from(&server, loopback(3)))
+            .await
+            .expect("connected in time"),
+    );
+    let mut flooders = Vec::new();
+    for address in 0..4 {
+        flooders.push(Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await);
+    }
+    const REAL: u8 = 64;
+    for n in 0..REAL {
+        let envelope = Envelope {
+            sender: vec![1; 32],
+            recipient: victim.to_vec(),
+            contents: Some(EncryptedMessage {
+                body: vec![n; 100],
+                nonce: vec![0; 24],
+            }),
+        };
+        timeout(STEP, peer.publish(envelope))
+            .await
+            .expect("in time")
+            .expect("the peer's publish");
+        for flooder in &mut flooders {
+            let _ = flooder.publish(victim, 65_000).await;
+        }
+    }
+    let dropped = server
+        .metric("signaling_envelopes_dropped_total{reason=\"queue_full\"}")
+        .await;
+    assert!(dropped >= 200.0, "{dropped} dropped");
+    // Now the victim reads what its queue kept.
+    let mut real = Vec::new();
+    while let Ok(Ok(Some(envelope))) = timeout(Duration::from_secs(1), stream.message()).await {
+        if envelope.sender == [1; 32] {
+            real.push(envelope.contents.map_or(0, |c| c.body[0]));
+        }
+    }
+    assert_eq!(
+        real,
+        (0..REAL).collect::<Vec<u8>>(),
+        "the peer's envelopes kept"
+    );
+}

@@ -52,7 +52,7 @@ use crate::{
     auth::Auth,
     bridge,
     client::{ClientState, Clients, ConnectionGuard, Refused, Reserved, SlotGuard},
-    hub::{Cut, Hub, Mailbox, Subscription, Take},
+    hub::{Cut, Hub, Mailbox, Publisher, Subscription, Take},
     listener::Io,
     metrics::Metrics,
     wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
@@ -895,7 +895,9 @@ async fn publish(
         )?;
         metrics.published.inc();
         // The frame as received: the envelope unchanged, unknown fields kept.
-        let local = shared.hub.publish(&recipient, &frame);
+        let local = shared
+            .hub
+            .publish_from(&recipient, &frame, Publisher::Client(client.client));
         match shared.hub.cluster() {
             Some(cluster) => cluster.publish(recipient, frame.slice(PREFIX_LEN..)),
             None if local == 0 => {

@@ -5,8 +5,10 @@
 //! An envelope travels as a [`Frame`]: its gRPC message frame (the 5-byte
 //! prefix and the envelope's bytes exactly as the publisher sent them), one
 //! buffer shared by every subscriber. Each subscription has its own queue,
-//! bounded in envelopes and bytes; a full queue drops its oldest envelopes
-//! first (newer credentials matter more) and counts them. The bytes of an
+//! bounded in envelopes and bytes; a full queue drops envelopes of the
+//! publisher that holds the most of it, its oldest first (newer credentials
+//! matter more), and counts them: a flood to one key costs the flooder's
+//! envelopes, not those of the key's other peers. The bytes of an
 //! envelope count against the subscriber's client and the server from the
 //! moment they are queued until HTTP/2 has written them out (see
 //! [`Sub::take`]): a client whose budget is full loses its own envelopes, and
@@ -114,11 +116,22 @@ impl Mailbox {
     }
 }
 
+/// Who published an envelope, for sharing a queue fairly between publishers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Publisher {
+    /// A client of this server.
+    Client(Client),
+    /// Another replica of the cluster.
+    Replicas,
+}
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Frame>,
+    queue: VecDeque<(Frame, Publisher)>,
     /// Bytes in `queue`.
     queued: usize,
+    /// Bytes in `queue` by publisher (a few publishers: a list).
+    by_publisher: Vec<(Publisher, usize)>,
     /// Bytes handed to HTTP/2 and not yet written.
     in_flight: usize,
     /// Since when envelopes have been waiting without any being taken.
@@ -148,7 +161,44 @@ impl State {
     fn can_send(&self) -> bool {
         !self.queue.is_empty()
             && (self.in_flight == 0
-                || self.in_flight + cost(&self.queue[0]) <= IN_FLIGHT_PER_STREAM)
+                || self.in_flight + cost(&self.queue[0].0) <= IN_FLIGHT_PER_STREAM)
+    }
+
+    fn push(&mut self, frame: Frame, from: Publisher) {
+        let size = cost(&frame);
+        self.queued += size;
+        match self.by_publisher.iter_mut().find(|(p, _)| *p == from) {
+            Some((_, bytes)) => *bytes += size,
+            None => self.by_publisher.push((from, size)),
+        }
+        self.queue.push_back((frame, from));
+    }
+
+    /// Takes the queue's entry at `index` out.
+    fn remove(&mut self, index: usize) -> Option<Frame> {
+        let (frame, from) = self.queue.remove(index)?;
+        let size = cost(&frame);
+        self.queued -= size;
+        if let Some(at) = self.by_publisher.iter().position(|(p, _)| *p == from) {
+            self.by_publisher[at].1 -= size;
+            if self.by_publisher[at].1 == 0 {
+                self.by_publisher.swap_remove(at);
+            }
+        }
+        Some(frame)
+    }
+
+    /// The oldest envelope of the publisher holding the most bytes here,
+    /// counting `incoming` from `from` as held already: taken out.
+    fn drop_heaviest(&mut self, from: Publisher, incoming: usize) -> Option<Frame> {
+        let heaviest = self
+            .by_publisher
+            .iter()
+            .map(|&(p, bytes)| (p, bytes + if p == from { incoming } else { 0 }))
+            .max_by_key(|&(_, bytes)| bytes)?
+            .0;
+        let index = self.queue.iter().position(|(_, p)| *p == heaviest)?;
+        self.remove(index)
     }
 }
 
@@ -221,10 +271,12 @@ impl Sub {
         &self.key
     }
 
-    /// Queues `frame`, dropping this queue's oldest envelopes to make room
-    /// within the queue's, the client's and the server's limits; drops
-    /// `frame` itself when even an empty queue would not make room.
-    pub(crate) fn offer(&self, frame: &Frame) -> Offered {
+    /// Queues `frame` from `from`, dropping envelopes of the publisher that
+    /// holds the most of this queue (its oldest first; `frame` counted as
+    /// its publisher's) to make room within the queue's, the client's and
+    /// the server's limits; drops `frame` itself when even an empty queue
+    /// would not make room.
+    pub(crate) fn offer(&self, frame: &Frame, from: Publisher) -> Offered {
         let size = cost(frame);
         let mut out = Offered::default();
         let mut state = self.state.lock();
@@ -258,19 +310,18 @@ impl Sub {
                     Err(Exhausted::Server) => Drop::ServerBudget,
                 }
             };
-            // Make room by dropping our oldest; when there is none, others
-            // hold the budget: drop the new one and keep the backlog.
-            let Some(old) = state.queue.pop_front() else {
+            // Make room by dropping the heaviest publisher's oldest; when
+            // there is none, others hold the budget: drop the new one and
+            // keep the backlog.
+            let Some(old) = state.drop_heaviest(from, size) else {
                 out.add(why);
                 return out;
             };
-            state.queued -= cost(&old);
             self.client.budget.release(cost(&old));
             self.server.release(cost(&old));
             out.add(why);
         }
-        state.queue.push_back(frame.clone());
-        state.queued += size;
+        state.push(frame.clone(), from);
         if state.waiting_since.is_none() {
             state.waiting_since = Some(Instant::now());
             self.mailbox.waiting.fetch_add(1, Relaxed);
@@ -296,7 +347,7 @@ impl Sub {
             state.posted = false;
             return Take::Nothing;
         }
-        let len = cost(&state.queue[0]);
+        let len = cost(&state.queue[0].0);
         // A frame larger than the window goes alone, once the peer opened a
         // fair part of it (a largest envelope exceeds a default window).
         if len > window && (state.in_flight > 0 || window < len.min(LARGE_FRAME_WINDOW)) {
@@ -304,15 +355,15 @@ impl Sub {
             let room = IN_FLIGHT_PER_STREAM.saturating_sub(state.in_flight);
             return Take::Window(state.queued.min(room).max(len));
         }
-        let Some(frame) = state.queue.pop_front() else {
+        let Some(frame) = state.remove(0) else {
             state.posted = false;
             return Take::Nothing;
         };
-        state.queued -= cost(&frame);
         state.in_flight += cost(&frame);
         if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_SLOTS {
             // A burst grew it: do not keep that for an idle subscriber.
             state.queue.shrink_to(IDLE_QUEUE_SLOTS);
+            state.by_publisher.shrink_to(IDLE_QUEUE_SLOTS);
         }
         drop(state);
         Take::Frame(Bytes::from_owner(InFlight {
@@ -378,6 +429,7 @@ impl Sub {
         state.closed = true;
         let queued = std::mem::take(&mut state.queued);
         state.queue = VecDeque::new();
+        state.by_publisher = Vec::new();
         if state.waiting_since.take().is_some() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
@@ -571,8 +623,15 @@ impl Hub {
         ))
     }
 
-    /// Queues `frame` for every subscription of `key`; returns how many there were.
+    /// Queues `frame`, from another replica, for every subscription of
+    /// `key`; returns how many there were.
     pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> usize {
+        self.publish_from(key, frame, Publisher::Replicas)
+    }
+
+    /// Queues `frame`, published by `from`, for every subscription of `key`;
+    /// returns how many there were.
+    pub(crate) fn publish_from(&self, key: &Topic, frame: &Frame, from: Publisher) -> usize {
         // A copy of the list (at most `max_per_key`), so that the offers,
         // which take each queue's lock, run outside the shard's.
         let subs: Vec<Arc<Sub>> = match self.inner.shard(key).lock().get(key) {
@@ -581,7 +640,7 @@ impl Hub {
         };
         let mut offered = Offered::default();
         for sub in &subs {
-            offered.merge(sub.offer(frame));
+            offered.merge(sub.offer(frame, from));
         }
         let metrics = &self.inner.metrics;
         if offered != Offered::default() {
@@ -873,7 +932,7 @@ mod tests {
         }
         let seqs = |s: &Subscription| {
             let state = s.sub().state.lock();
-            state.queue.iter().map(|f| f[5]).collect::<Vec<_>>()
+            state.queue.iter().map(|(f, _)| f[5]).collect::<Vec<_>>()
         };
         // Client A needs two copies of each and may hold 3 in all: it lost
         // some of its own; B, holding 3 of its own 3, lost nothing.
@@ -899,11 +958,11 @@ mod tests {
         // A bigger one would not fit even in an empty b: it goes, b keeps 9.
         f.hub.publish(&[2; 32], &frame(10, 2000));
         assert_eq!(b.sub().state.lock().queue.len(), 1);
-        assert_eq!(b.sub().state.lock().queue[0][5], 9);
+        assert_eq!(b.sub().state.lock().queue[0].0[5], 9);
         assert_eq!(f.metrics.server_budget.get(), 1);
         // One of the same size takes the place of b's oldest.
         f.hub.publish(&[2; 32], &frame(11, 1000));
-        assert_eq!(b.sub().state.lock().queue[0][5], 11);
+        assert_eq!(b.sub().state.lock().queue[0].0[5], 11);
         assert_eq!(f.metrics.server_budget.get(), 2);
         drop((a, b));
         assert_eq!(f.hub.budget().used(), 0);
@@ -919,7 +978,10 @@ mod tests {
         drop(a);
         assert_eq!(f.hub.budget().used(), 0);
         // A publisher that copied the list before the end offers late.
-        assert_eq!(sub.offer(&frame(2, 10)), Offered::default());
+        assert_eq!(
+            sub.offer(&frame(2, 10), Publisher::Replicas),
+            Offered::default()
+        );
         assert!(matches!(sub.take(usize::MAX), Take::Nothing));
         assert_eq!(f.hub.budget().used(), 0, "no bytes left behind");
     }
@@ -964,6 +1026,35 @@ mod tests {
         assert_eq!(f.hub.publish(&[1; 32], &frame(4, 10)), 1);
         drop(b2);
         assert_eq!(f.hub.topic_count(), 0);
+        assert_eq!(f.hub.budget().used(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_heaviest_publishers_envelopes_first() {
+        let mut f = fixture(100, 10 * cost(&frame(0, 1000)), 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        let victim = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        let peer = Publisher::Client(crate::client::Client::of([192, 0, 2, 2].into()));
+        let flooder = Publisher::Client(crate::client::Client::of([192, 0, 2, 3].into()));
+        // The peer's envelopes come between the flood's, which is 30 times as much.
+        for n in 0..30u8 {
+            if n % 10 == 0 {
+                f.hub.publish_from(&[1; 32], &frame(200 + n, 1000), peer);
+            }
+            f.hub.publish_from(&[1; 32], &frame(n, 1000), flooder);
+        }
+        let got: Vec<u8> = drain(victim.sub()).iter().map(|f| f[5]).collect();
+        // The peer's three stay; the flood keeps its newest seven.
+        assert_eq!(got.iter().filter(|&&b| b >= 200).count(), 3, "{got:?}");
+        assert_eq!(
+            got.iter()
+                .filter(|&&b| b < 200)
+                .copied()
+                .collect::<Vec<_>>(),
+            (23..30).collect::<Vec<u8>>()
+        );
+        assert_eq!(f.metrics.queue_full.get(), 23);
+        drop(victim);
         assert_eq!(f.hub.budget().used(), 0);
     }
 }
