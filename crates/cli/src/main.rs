@@ -163,6 +163,15 @@ struct ServeArgs {
     /// Deadline of a connection's TLS handshake, HTTP/2 preface and first request.
     #[arg(long, env = "CUNICU_SIGNAL_HANDSHAKE_TIMEOUT", default_value_t = default_duration(DEFAULTS.handshake_timeout))]
     handshake_timeout: humantime::Duration,
+    /// TLS handshakes in progress at once; beyond, connections wait their turn (within
+    /// --handshake-timeout).
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_TLS_HANDSHAKES", default_value_t = DEFAULTS.max_tls_handshakes)]
+    max_tls_handshakes: usize,
+    /// TLS handshakes started per second from all clients together (a token bucket of as
+    /// many); beyond, connections are closed. One costs about 1 ms of CPU with an RSA-2048
+    /// certificate, a quarter of that with ECDSA P-256.
+    #[arg(long, env = "CUNICU_SIGNAL_TLS_HANDSHAKE_RATE", default_value_t = DEFAULTS.tls_handshake_rate.per_second)]
+    tls_handshake_rate: NonZeroU32,
     /// Deadline of a request's message once its stream opened.
     #[arg(long, env = "CUNICU_SIGNAL_REQUEST_TIMEOUT", default_value_t = default_duration(DEFAULTS.request_timeout))]
     request_timeout: humantime::Duration,
@@ -289,6 +298,11 @@ impl ServeArgs {
             burst: self.connection_burst,
         };
         config.handshake_timeout = self.handshake_timeout.into();
+        config.max_tls_handshakes = self.max_tls_handshakes;
+        config.tls_handshake_rate = Rate {
+            per_second: self.tls_handshake_rate,
+            burst: self.tls_handshake_rate,
+        };
         config.request_timeout = self.request_timeout.into();
         config.idle_timeout = self.idle_timeout.into();
         config.max_subscriptions = self.max_subscriptions;

@@ -220,7 +220,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    fn quota(self) -> Quota {
+    pub(crate) fn quota(self) -> Quota {
         Quota::per_second(self.per_second).allow_burst(self.burst)
     }
 }

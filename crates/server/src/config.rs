@@ -50,6 +50,14 @@ pub struct Config {
     pub connection_rate: Rate,
     /// Deadline of a connection's TLS handshake, HTTP/2 preface and first request.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; beyond, connections wait their
+    /// turn (within the handshake timeout).
+    pub max_tls_handshakes: usize,
+    /// TLS handshakes started per second, from all clients together (a token
+    /// bucket); beyond, connections are closed at once. Each costs the
+    /// certificate's signature: about 1 ms of CPU with RSA-2048, a quarter
+    /// of that with ECDSA P-256.
+    pub tls_handshake_rate: Rate,
     /// Deadline of a request's message once its stream opened.
     pub request_timeout: Duration,
     /// A connection without a stream for this long is closed with GOAWAY.
@@ -137,6 +145,8 @@ impl Default for Config {
             max_connections_per_client: 64,
             connection_rate: rate(10, 64),
             handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 256,
+            tls_handshake_rate: rate(500, 500),
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_subscriptions: 100_000,
@@ -210,7 +220,7 @@ const SEND_BUFFER: usize = 64 * 1024;
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let counts: [(&'static str, usize); 12] = [
+        let counts: [(&'static str, usize); 13] = [
             ("max-envelope-size", self.max_envelope_size),
             ("queue-depth", self.queue_depth),
             ("max-connections", self.max_connections),
@@ -224,6 +234,7 @@ impl Config {
                 self.max_subscriptions_per_client,
             ),
             ("max-subscriptions-per-key", self.max_subscriptions_per_key),
+            ("max-tls-handshakes", self.max_tls_handshakes),
             ("max-calls", self.max_calls),
             ("max-calls-per-client", self.max_calls_per_client),
             (

@@ -98,12 +98,23 @@ pub(crate) struct Shared {
     pub(crate) timeouts: Timeouts,
     pub(crate) max_envelope_size: usize,
     pub(crate) h2: Builder,
-    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<Tls>,
     /// Metadata of every response.
     pub(crate) response_headers: HeaderMap,
     /// Proofs of key possession.
     pub(crate) auth: Arc<Auth>,
     pub(crate) logs: Logs,
+}
+
+/// TLS, and the bounds on what its handshakes cost (a handshake costs a
+/// signature, a fraction of a millisecond to a millisecond of CPU).
+pub(crate) struct Tls {
+    pub(crate) acceptor: TlsAcceptor,
+    /// Handshakes in progress at once; beyond, a connection waits (within
+    /// its handshake deadline).
+    pub(crate) in_progress: Arc<tokio::sync::Semaphore>,
+    /// Handshakes started a second, in all; beyond, connections are closed.
+    pub(crate) rate: governor::DefaultDirectRateLimiter,
 }
 
 /// Log limiters of what clients can cause many times.
@@ -130,15 +141,41 @@ pub(crate) async fn serve(
         metrics.connections.dec();
     });
     let deadline = Instant::now() + shared.timeouts.handshake;
+    // A TLS handshake waits for its turn among those in progress, and goes
+    // only within the rate of all.
+    let handshake = match &shared.tls {
+        None => None,
+        Some(tls) => {
+            let permit = tokio::select! {
+                _ = kill.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                permit = tokio::time::timeout_at(deadline, tls.in_progress.clone().acquire_owned()) => permit,
+            };
+            let Ok(Ok(permit)) = permit else {
+                shared.metrics.close_connection_for("handshake_timeout");
+                return;
+            };
+            if tls.rate.check().is_err() {
+                shared.metrics.refuse_connection_for("tls_handshake_rate");
+                if shared.logs.refused.allow() {
+                    tracing::info!(%remote, "connection refused: the server starts all the TLS handshakes a second it may");
+                }
+                return;
+            }
+            Some(permit)
+        }
+    };
     let set_up = async {
         let io = match &shared.tls {
             None => Io::Plain(stream),
-            Some(acceptor) => Io::Tls(Box::new(
-                acceptor
-                    .accept(stream)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?,
-            )),
+            Some(tls) => {
+                let accepted = tls.acceptor.accept(stream).await;
+                // The handshake's turn ends with it, not with the preface.
+                drop(handshake);
+                Io::Tls(Box::new(
+                    accepted.map_err(|e| format!("TLS handshake: {e}"))?,
+                ))
+            }
         };
         shared
             .h2

@@ -303,7 +303,11 @@ impl Server {
             },
             max_envelope_size: config.max_envelope_size,
             h2: config.h2_builder(),
-            tls,
+            tls: tls.map(|acceptor| conn::Tls {
+                acceptor,
+                in_progress: Arc::new(tokio::sync::Semaphore::new(config.max_tls_handshakes)),
+                rate: governor::RateLimiter::direct(config.tls_handshake_rate.quota()),
+            }),
             response_headers,
             auth: auth.clone(),
             logs: conn::Logs::default(),

@@ -71,7 +71,7 @@ pub struct Metrics {
     /// `key_fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
-    /// `connection_rate`).
+    /// `connection_rate`, `tls_handshake_rate`).
     pub connections_refused: Family<Reason, Counter>,
     /// Connections the server closed, by reason (`handshake_timeout`, `idle`,
     /// `keepalive_timeout`).
