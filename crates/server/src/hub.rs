@@ -51,9 +51,10 @@ pub(crate) type Topic = [u8; 32];
 /// An envelope as a gRPC message frame: 5-byte prefix, then the envelope.
 pub(crate) type Frame = Bytes;
 
-/// What a queued or in-flight frame costs beyond its bytes: its handle in a
-/// queue, or the shared header HTTP/2 holds it by.
-const ENTRY_COST: usize = 48;
+/// What a queued or in-flight frame costs beyond its bytes: its slot in a
+/// queue (the buffer's handle and its publisher) and its share of the
+/// queue's bytes by publisher, or the shared header HTTP/2 holds it by.
+const ENTRY_COST: usize = 80;
 
 /// What one copy of `frame` counts against the budgets: its bytes (each
 /// subscriber's copy counts whole, although they share one buffer) and its entry.
