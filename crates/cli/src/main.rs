@@ -88,8 +88,9 @@ fn default_duration(d: Duration) -> humantime::Duration {
 fn memory_help() -> String {
     format!(
         "With every limit reached at once, the server's memory adds up to about {} \
-         (defaults, plaintext; TLS adds {:.0} MiB). Lower --max-connections, \
-         --max-subscriptions, --max-calls or --max-queued-bytes to fit a smaller limit.",
+         (defaults, plaintext; TLS adds {:.0} MiB, --cluster {:.0} MiB). Lower \
+         --max-connections, --max-subscriptions, --max-calls or --max-queued-bytes to fit a \
+         smaller limit.",
         DEFAULTS.memory_bound(),
         {
             let mut tls = DEFAULTS.clone();
@@ -98,6 +99,12 @@ fn memory_help() -> String {
                 key: PathBuf::new(),
             });
             (tls.memory_bound().total() - DEFAULTS.memory_bound().total()) as f64
+                / f64::from(1 << 20)
+        },
+        {
+            let mut cluster = DEFAULTS.clone();
+            cluster.cluster = Some(ClusterConfig::new(vec!["nats://nats:4222".into()]));
+            (cluster.memory_bound().total() - DEFAULTS.memory_bound().total()) as f64
                 / f64::from(1 << 20)
         }
     )

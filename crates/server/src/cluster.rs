@@ -13,7 +13,11 @@
 //! could not send, and says so in health; the NATS client reconnects and
 //! subscribes again by itself. `Publish` never waits for NATS: envelopes go
 //! through a bounded queue to one task that publishes them in order, and what
-//! does not fit is dropped and counted.
+//! does not fit is dropped and counted. What waits for NATS is bounded in
+//! bytes: an envelope in the queue holds its bytes in the server's budget,
+//! and the task hands the NATS client at most [`NATS_UNFLUSHED_BYTES`] that
+//! the client has not confirmed written (a flush) before it hands more; with
+//! NATS away or hung, the rest is dropped and counted.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
@@ -26,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
+    client::{Budget, Reserved},
     hub::{Hub, Topic},
     metrics::Metrics,
     wire::PREFIX_LEN,
@@ -86,8 +91,16 @@ pub const HEALTH_SERVICE: &str = "cunicu.signaling.Cluster";
 const OUTBOUND: usize = 4096;
 /// Commands the NATS client buffers (while disconnected, too).
 const CLIENT_CAPACITY: usize = 4096;
-/// Messages one key's NATS subscription holds before dropping.
-const SUBSCRIPTION_CAPACITY: usize = 1024;
+/// Messages one key's NATS subscription holds before dropping: its task
+/// hands each to the hub at once, so a few suffice.
+const SUBSCRIPTION_CAPACITY: usize = 64;
+/// Bytes handed to the NATS client and not confirmed written at most.
+pub(crate) const NATS_UNFLUSHED_BYTES: usize = 4 << 20;
+/// What one envelope in the queue to NATS costs beyond its bytes.
+const OUTBOUND_ENTRY_BYTES: usize = 64;
+/// What one key's NATS subscription costs here (measured: its task, its
+/// subscription in the NATS client, its subject, its entry).
+pub(crate) const KEY_BYTES: usize = 9 << 10;
 /// The subject (after the prefix) of the request that confirms a new
 /// subscription has reached the NATS server; nobody serves it.
 const READY_PROBE: &str = "_ready";
@@ -137,7 +150,9 @@ pub(crate) struct Cluster {
     /// The hub that received envelopes go to; `None` once closed, which
     /// breaks the cycle hub → cluster → hub.
     hub: Mutex<Option<Hub>>,
-    outbound: mpsc::Sender<(Topic, Bytes)>,
+    outbound: mpsc::Sender<(Topic, Bytes, Reserved)>,
+    /// The server's byte budget, which the envelopes queued for NATS take from.
+    budget: Arc<Budget>,
     connected: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -157,6 +172,7 @@ impl Cluster {
     /// publisher task, which `tasks` owns.
     pub(crate) async fn connect(
         config: &ClusterConfig,
+        budget: Arc<Budget>,
         metrics: Arc<Metrics>,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Result<Arc<Self>, ClusterError> {
@@ -251,6 +267,7 @@ impl Cluster {
             keys: Mutex::new(HashMap::new()),
             hub: Mutex::new(None),
             outbound,
+            budget,
             connected,
             metrics: metrics.clone(),
             stop: stop.clone(),
@@ -322,7 +339,12 @@ impl Cluster {
     /// Hands an envelope (its bytes as published) to the other replicas,
     /// without waiting.
     pub(crate) fn publish(&self, key: Topic, envelope: Bytes) {
-        match self.outbound.try_send((key, envelope)) {
+        let Ok(reserved) = Reserved::new(&self.budget, envelope.len() + OUTBOUND_ENTRY_BYTES)
+        else {
+            self.metrics.cluster_drop_for("server_budget");
+            return;
+        };
+        match self.outbound.try_send((key, envelope, reserved)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.cluster_drop_for("buffer_full");
@@ -411,20 +433,37 @@ async fn publish_all(
     client: async_nats::Client,
     origin: String,
     prefix: String,
-    mut queue: mpsc::Receiver<(Topic, Bytes)>,
+    mut queue: mpsc::Receiver<(Topic, Bytes, Reserved)>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(ORIGIN_HEADER, origin.as_str());
+    // Bytes handed to the client since its last confirmed flush.
+    let mut unflushed = 0usize;
     loop {
-        let (key, envelope) = tokio::select! {
+        let (key, envelope, _reserved) = tokio::select! {
             _ = stop.cancelled() => break,
             next = queue.recv() => match next {
                 Some(next) => next,
                 None => break,
             },
         };
+        if unflushed + envelope.len() > NATS_UNFLUSHED_BYTES {
+            // The client holds what it may: wait (a while) for it to write.
+            let flushed = tokio::select! {
+                _ = stop.cancelled() => break,
+                flushed = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()) => flushed,
+            };
+            match flushed {
+                Ok(Ok(())) => unflushed = 0,
+                _ => {
+                    metrics.cluster_drop_for("nats_buffer_full");
+                    continue;
+                }
+            }
+        }
+        unflushed += envelope.len();
         let subject = subject(&prefix, &key);
         let sent = tokio::select! {
             _ = stop.cancelled() => break,

@@ -333,6 +333,15 @@ impl Config {
                 .saturating_mul(CALL_BYTES)
                 .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
             queued: self.max_queued_bytes,
+            cluster: if self.cluster.is_some() {
+                // A NATS subscription and its task per key: at worst one
+                // key per subscription. And what the NATS client holds.
+                self.max_subscriptions
+                    .saturating_mul(crate::cluster::KEY_BYTES)
+                    .saturating_add(crate::cluster::NATS_UNFLUSHED_BYTES + NATS_CLIENT_BYTES)
+            } else {
+                0
+            },
             auth: if self.key.is_some() {
                 MAX_NONCES * NONCE_BYTES + SHARED_KEY_CACHE_BYTES + UNKNOWN_KEY_BYTES
             } else {
@@ -358,6 +367,10 @@ const CALL_BYTES: usize = 4 << 10;
 /// window, and what h2 buffers of it.
 const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
 
+/// The NATS client's own buffers (reading and writing), beyond what it was
+/// handed to publish.
+const NATS_CLIENT_BYTES: usize = 1 << 20;
+
 /// The cache of shared keys of proven client keys.
 const SHARED_KEY_CACHE_BYTES: usize = 16_384 * 256;
 
@@ -374,6 +387,9 @@ pub struct MemoryBound {
     pub calls: usize,
     /// Every byte budget full (`max_queued_bytes`).
     pub queued: usize,
+    /// With a cluster: a NATS subscription per key, and what the NATS client
+    /// holds of what it was handed and of its buffers.
+    pub cluster: usize,
     /// Proofs of key possession remembered (with a server key).
     pub auth: usize,
 }
@@ -387,6 +403,7 @@ impl MemoryBound {
             self.subscriptions,
             self.calls,
             self.queued,
+            self.cluster,
             self.auth,
         ]
         .into_iter()
@@ -410,6 +427,9 @@ impl fmt::Display for MemoryBound {
             mib(self.calls),
             mib(self.queued),
         )?;
+        if self.cluster > 0 {
+            write!(f, " + {:.0} cluster", mib(self.cluster))?;
+        }
         if self.auth > 0 {
             write!(f, " + {:.0} proofs", mib(self.auth))?;
         }

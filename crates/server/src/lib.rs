@@ -165,9 +165,10 @@ impl Server {
         ));
         let connections = TaskTracker::new();
         let cluster = match &config.cluster {
-            Some(cluster) => {
-                Some(cluster::Cluster::connect(cluster, metrics.clone(), &connections).await?)
-            }
+            Some(cluster) => Some(
+                cluster::Cluster::connect(cluster, budget.clone(), metrics.clone(), &connections)
+                    .await?,
+            ),
             None => None,
         };
         let hub = hub::Hub::new(

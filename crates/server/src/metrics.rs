@@ -165,7 +165,8 @@ impl Metrics {
         registry.register(
             "signaling_cluster_dropped",
             "Envelopes not sent to or not taken from NATS: buffer_full (NATS away long), \
-             publish_failed, slow_consumer, invalid, own, closed",
+             server_budget, nats_buffer_full (NATS hung or away), publish_failed, \
+             slow_consumer, invalid, own, closed",
             cluster_dropped.clone(),
         );
         registry.register(
