@@ -62,6 +62,8 @@ struct TestServer {
     pid: u32,
     addr: SocketAddr,
     metrics: SocketAddr,
+    /// The worst case of its memory, as it logged it at start (MiB).
+    memory_bound_mib: Option<u64>,
 }
 
 /// Limits small enough to reach in a test; a test overrides some.
@@ -108,7 +110,16 @@ impl TestServer {
         let mut child = Killed(command.spawn().expect("spawn the server"));
         let pid = child.0.id();
         let lines = lines_of(child.0.stderr.take().expect("stderr"));
-        let line = wait_for_line(&lines, "signaling server listening");
+        let mut memory_bound_mib = None;
+        let line = loop {
+            let line = wait_for_line(&lines, "");
+            if let Some(rest) = line.split("worst-case memory with these limits: ").nth(1) {
+                memory_bound_mib = rest.split(' ').next().and_then(|n| n.parse().ok());
+            }
+            if line.contains("signaling server listening") {
+                break line;
+            }
+        };
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name))
@@ -126,6 +137,7 @@ impl TestServer {
             pid,
             addr,
             metrics,
+            memory_bound_mib,
         }
     }
 
@@ -2019,4 +2031,104 @@ async fn tls_handshake_floods_cost_a_bounded_share_of_the_cpu() {
         cpu.as_secs_f64() <= 0.6 * elapsed.as_secs_f64(),
         "{cpu:?} of CPU in {elapsed:?} ({handshakes} handshakes, {refused} refused)"
     );
+}
+
+/// Every limit reached at once, with small limits: connections, subscriptions,
+/// calls in progress, and bytes held. The server's memory grows by no more
+/// than the sum it logs at start (without the process's own base, which the
+/// baseline holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_limit_reached_at_once_stays_within_the_memory_sum() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(&[
+        ("--max-connections", "320"),
+        ("--max-subscriptions", "3000"),
+        ("--max-subscriptions-per-client", "750"),
+        ("--max-calls", "256"),
+        ("--max-queued-bytes", "16777216"),
+        ("--stall-timeout", "60s"),
+        ("--request-timeout", "60s"),
+        ("--handshake-timeout", "60s"),
+        ("--idle-timeout", "60s"),
+    ]);
+    let bound_mib = server
+        .memory_bound_mib
+        .expect("the server logs its memory sum");
+    let baseline = server.rss_kib();
+    // 5 addresses with 64 connections each: the 320.
+    let mut connections: Vec<Vec<Attacker>> = Vec::new();
+    for address in 0..5u8 {
+        let mut mine = Vec::new();
+        for _ in 0..64 {
+            mine.push(Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await);
+        }
+        connections.push(mine);
+    }
+    // 4 of them subscribe 750 times each (zero windows, never read): the 3 000.
+    let mut streams = Vec::new();
+    for (a, mine) in connections.iter_mut().take(4).enumerate() {
+        for n in 0..750u32 {
+            let key = key(a as u32 * 1000 + n % 20);
+            let attacker = &mut mine[n as usize % 64];
+            streams.push(attacker.subscribe(key).await.expect("subscribed"));
+        }
+    }
+    assert_eq!(server.metric("signaling_subscriptions").await, 3000.0);
+    // 60 KB envelopes to them until every byte budget is full: the 16 MiB.
+    let mut published = 0;
+    for round in 0..40u32 {
+        for a in 0..4u32 {
+            let publisher = &mut connections[4][(round + a) as usize % 64];
+            if publisher
+                .publish(key(a * 1000 + round % 20), 60_000)
+                .await
+                .is_ok()
+            {
+                published += 1;
+            }
+        }
+    }
+    let queued = server.metric("signaling_queued_bytes").await;
+    assert!(
+        queued >= (15 << 20) as f64,
+        "{queued} bytes queued after {published} publishes"
+    );
+    // Calls that never send their message's prefix whole: the 256.
+    let mut calls = Vec::new();
+    for mine in connections.iter_mut().take(4) {
+        for attacker in mine.iter_mut() {
+            let (response, mut body) = attacker
+                .send_request("/cunicu.signaling.Signaling/Publish")
+                .await
+                .expect("stream");
+            let _ = body.send_data(Bytes::from_static(&[0, 0, 0]), false);
+            calls.push((response, body));
+        }
+    }
+    // One more is refused: the server holds all the calls it may.
+    let (response, mut body) = connections[4][0]
+        .send_request("/cunicu.signaling.Signaling/Publish")
+        .await
+        .expect("stream");
+    let _ = body.send_data(Bytes::from_static(&[0, 0, 0]), false);
+    server
+        .wait_metric(
+            "signaling_requests_rejected_total{reason=\"too_many_calls\"}",
+            |v| v >= 1.0,
+        )
+        .await;
+    calls.push((response, body));
+    // Everything held: the server's memory within its sum.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.metric("signaling_connections").await, 320.0);
+    assert_eq!(server.metric("signaling_subscriptions").await, 3000.0);
+    let rss = server.rss_kib();
+    let grown = rss.saturating_sub(baseline);
+    // The base (16 MiB) is in the baseline already; no slack here.
+    let allowed = (bound_mib - 16) * 1024;
+    assert!(
+        grown <= allowed,
+        "grew by {grown} KiB with every limit reached, the sum allows {allowed} KiB (sum {bound_mib} MiB)"
+    );
+    drop((streams, calls, connections));
 }
