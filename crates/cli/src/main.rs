@@ -244,6 +244,15 @@ struct ServeArgs {
     /// Deadline of a connection's TLS handshake, HTTP/2 preface and first request.
     #[arg(long, env = "CUNICU_SIGNAL_HANDSHAKE_TIMEOUT", default_value_t = default_duration(DEFAULTS.handshake_timeout))]
     handshake_timeout: humantime::Duration,
+    /// TLS handshakes in progress at once; beyond, connections wait their turn (within
+    /// --handshake-timeout).
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_TLS_HANDSHAKES", default_value_t = DEFAULTS.max_tls_handshakes)]
+    max_tls_handshakes: usize,
+    /// TLS handshakes started per second from all clients together (a token bucket of as
+    /// many); beyond, connections are closed. One costs about 1 ms of CPU with an RSA-2048
+    /// certificate, a quarter of that with ECDSA P-256.
+    #[arg(long, env = "CUNICU_SIGNAL_TLS_HANDSHAKE_RATE", default_value_t = DEFAULTS.tls_handshake_rate.per_second)]
+    tls_handshake_rate: NonZeroU32,
     /// Deadline of a request's message once its stream opened.
     #[arg(long, env = "CUNICU_SIGNAL_REQUEST_TIMEOUT", default_value_t = default_duration(DEFAULTS.request_timeout))]
     request_timeout: humantime::Duration,
@@ -257,6 +266,11 @@ struct ServeArgs {
     /// Raise it when many peers share one address (NAT, a proxy).
     #[arg(long, env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_CLIENT", default_value_t = DEFAULTS.max_subscriptions_per_client)]
     max_subscriptions_per_client: usize,
+    /// Most subscription streams open at once on one key (a key is one peer). When a key is
+    /// full, a client holding less than its fair share of them still gets one and the client
+    /// holding the most loses its most recent (RESOURCE_EXHAUSTED); others are refused.
+    #[arg(long, env = "CUNICU_SIGNAL_MAX_SUBSCRIPTIONS_PER_KEY", default_value_t = DEFAULTS.max_subscriptions_per_key)]
+    max_subscriptions_per_key: usize,
     /// Most calls in progress at once (publishes being read, subscriptions being set up,
     /// GetRelays, health, reflection); more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_CALLS", default_value_t = DEFAULTS.max_calls)]
@@ -300,9 +314,13 @@ struct ServeArgs {
     /// required: Subscribe, Publish and GetRelays need a proof of their key.
     #[arg(long, env = "CUNICU_SIGNAL_AUTH", default_value_t = DEFAULTS.auth)]
     auth: AuthMode,
-    /// How far a proof's time may be from the server's clock.
+    /// How far a proof's time may be behind the server's clock.
     #[arg(long, env = "CUNICU_SIGNAL_AUTH_SKEW", default_value_t = default_duration(DEFAULTS.auth_skew))]
     auth_skew: humantime::Duration,
+    /// How far a proof's time may be ahead of the server's clock (a proof's nonce is
+    /// remembered until its time plus --auth-skew, so this stays short).
+    #[arg(long, env = "CUNICU_SIGNAL_AUTH_FUTURE_SKEW", default_value_t = default_duration(DEFAULTS.auth_future_skew))]
+    auth_future_skew: humantime::Duration,
     /// Admit only the keys in this file (one base64 key a line, # comments); read again
     /// when it changes or on SIGHUP. Needs --auth required.
     #[arg(long, env = "CUNICU_SIGNAL_ALLOW_KEYS")]
@@ -334,6 +352,10 @@ struct ServeArgs {
     /// that asks (an answer comes at once when nobody listens anywhere).
     #[arg(long, env = "CUNICU_SIGNAL_RECIPIENTS_WAIT", default_value_t = default_duration(DEFAULTS.recipients_wait))]
     recipients_wait: humantime::Duration,
+    /// Serve gRPC server reflection (v1 and v1alpha), for tools such as grpcurl. Off by
+    /// default: its answers are tens of KiB for a request of a few bytes.
+    #[arg(long, env = "CUNICU_SIGNAL_REFLECTION")]
+    reflection: bool,
 }
 
 /// A setting that is on or off.
@@ -379,10 +401,16 @@ impl ServeArgs {
             burst: self.connection_burst,
         };
         config.handshake_timeout = self.handshake_timeout.into();
+        config.max_tls_handshakes = self.max_tls_handshakes;
+        config.tls_handshake_rate = Rate {
+            per_second: self.tls_handshake_rate,
+            burst: self.tls_handshake_rate,
+        };
         config.request_timeout = self.request_timeout.into();
         config.idle_timeout = self.idle_timeout.into();
         config.max_subscriptions = self.max_subscriptions;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
+        config.max_subscriptions_per_key = self.max_subscriptions_per_key;
         config.max_calls = self.max_calls;
         config.max_calls_per_client = self.max_calls_per_client;
         config.request_rate = Rate {
@@ -403,7 +431,9 @@ impl ServeArgs {
         config.key = self.key_file.as_deref().map(read_key_file).transpose()?;
         config.auth = self.auth;
         config.auth_skew = self.auth_skew.into();
+        config.auth_future_skew = self.auth_future_skew.into();
         config.allow_keys = self.allow_keys;
+        config.reflection = self.reflection;
         let urls: Vec<String> = self.cluster.into_iter().filter(|u| !u.is_empty()).collect();
         if !urls.is_empty() {
             let mut cluster = ClusterConfig::new(urls);

@@ -5,11 +5,20 @@
 //! decides: the proof must be of the call's key, for the call's method, within
 //! the time skew, with a nonce not seen before, and (with `--allow-keys`) of a
 //! listed key.
+//!
+//! What proofs cost the server is bounded per client: proofs of keys it has
+//! not seen cost an X25519 each, and a client may make only so many a
+//! second (the shared keys of those that did not open are kept in a small
+//! cache of their own, so a repeat costs no X25519 and pushes no proven key
+//! out); and each key and each client may hold only a share of the nonce
+//! cache, so that nobody can fill it for the others. A proof may be dated at
+//! most `future_skew` ahead (a few seconds: clocks are close, and a proof
+//! dated far ahead would hold its nonce for long), and `skew` behind.
 
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    num::NonZeroUsize,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -20,14 +29,16 @@ use base64::{
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
 use cunicu_signal::{
-    Key, NONCE_LEN, SharedKeyCache,
+    EnvelopeError, Key, NONCE_LEN, SharedKey, SharedKeyCache,
     auth::{PROOF_METADATA, Proof, ProofError},
 };
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
+use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use tonic::Status;
 
-use crate::metrics::Metrics;
+use crate::{client::Client, metrics::Metrics};
 
 /// Whether calls need a proof.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,8 +77,25 @@ impl fmt::Display for AuthMode {
 pub(crate) const MAX_NONCES: usize = 131_072;
 /// Shared keys of (server, client key) kept.
 const SHARED_KEYS: usize = 16_384;
-/// What one remembered nonce costs.
-pub(crate) const NONCE_BYTES: usize = 128;
+/// What one remembered nonce costs (its entry, and its share of the counts
+/// per key and per client).
+pub(crate) const NONCE_BYTES: usize = 160;
+/// Nonces one key may hold at once: a peer proves a few calls a second.
+pub(crate) const NONCES_PER_KEY: usize = 1024;
+/// Nonces one client (an address, an IPv6 /64) may hold at once: an eighth.
+pub(crate) const NONCES_PER_CLIENT: usize = MAX_NONCES / 8;
+/// Proofs of keys not seen before (an X25519 each) one client may send a
+/// second, and at once.
+const UNKNOWN_KEYS_PER_SECOND: u32 = 32;
+const UNKNOWN_KEYS_BURST: u32 = 256;
+/// Shared keys of claimed keys whose proof did not open.
+pub(crate) const UNPROVEN_KEYS: usize = 4096;
+/// Clients whose rate of unknown keys is tracked, beyond which those back
+/// to a full bucket are forgotten.
+const UNKNOWN_KEY_CLIENTS: usize = 16 * 1024;
+/// What the caches of unproven keys and the rates of unknown keys hold at
+/// most: a shared key and its entry (256 bytes) each, a client's bucket (64).
+pub(crate) const UNKNOWN_KEY_BYTES: usize = UNPROVEN_KEYS * 256 + UNKNOWN_KEY_CLIENTS * 64;
 
 /// The server's key pair.
 #[derive(Clone)]
@@ -89,6 +117,12 @@ pub(crate) enum Outcome {
     LowOrder,
     NotAllowed,
     CacheFull,
+    /// The key holds all the nonces it may.
+    KeyQuota,
+    /// The client holds all the nonces it may.
+    ClientQuota,
+    /// The client sends proofs of unknown keys faster than it may.
+    UnknownKeyRate,
 }
 
 impl Outcome {
@@ -104,10 +138,13 @@ impl Outcome {
             Outcome::LowOrder => "low_order",
             Outcome::NotAllowed => "not_allowed",
             Outcome::CacheFull => "cache_full",
+            Outcome::KeyQuota => "key_quota",
+            Outcome::ClientQuota => "client_quota",
+            Outcome::UnknownKeyRate => "unknown_key_rate",
         }
     }
 
-    fn status(self, key: &Key, skew: Duration) -> Status {
+    fn status(self, key: &Key, skew: Duration, future_skew: Duration) -> Status {
         let message = match self {
             Outcome::Ok => return Status::ok(""),
             Outcome::Missing => format!(
@@ -119,9 +156,9 @@ impl Outcome {
                 "the proof does not open for this server's key and this method".to_string()
             }
             Outcome::WrongKey => format!("the proof is not of key {key}"),
-            Outcome::Expired => {
-                format!("the proof's time is more than {skew:?} away from the server's clock")
-            }
+            Outcome::Expired => format!(
+                "the proof's time is more than {skew:?} behind or {future_skew:?} ahead of the server's clock"
+            ),
             Outcome::Replayed => "the proof was used before".to_string(),
             Outcome::LowOrder => "the proof is of a low-order key".to_string(),
             Outcome::NotAllowed => {
@@ -129,6 +166,18 @@ impl Outcome {
             }
             Outcome::CacheFull => {
                 "the server remembers all the proofs it may: try again shortly".to_string()
+            }
+            Outcome::KeyQuota => format!(
+                "key {key} has {NONCES_PER_KEY} proofs remembered, all it may: try again shortly"
+            ),
+            Outcome::ClientQuota => format!(
+                "this client has {NONCES_PER_CLIENT} proofs remembered, all it may: try again shortly"
+            ),
+            Outcome::UnknownKeyRate => {
+                return Status::resource_exhausted(format!(
+                    "this client sends proofs of keys the server has not seen faster than \
+                     {UNKNOWN_KEYS_PER_SECOND} per second"
+                ));
             }
         };
         Status::unauthenticated(message)
@@ -138,9 +187,44 @@ impl Outcome {
 /// The nonces of accepted proofs, each until its proof would be out of the
 /// skew window anyway.
 struct Nonces {
-    seen: HashMap<(Key, [u8; NONCE_LEN]), u64>,
+    /// Until when (UNIX seconds), and whose.
+    seen: HashMap<(Key, [u8; NONCE_LEN]), (u64, Client)>,
+    /// Entries in `seen` by key and by client.
+    per_key: HashMap<Key, usize>,
+    per_client: HashMap<Client, usize>,
     /// When expired entries were last swept (UNIX seconds).
     swept: u64,
+}
+
+impl Nonces {
+    /// Forgets the nonces out of their window, at most once a second (a
+    /// full cache or quota is not swept per call).
+    fn sweep(&mut self, now: u64) {
+        if self.swept == now {
+            return;
+        }
+        self.swept = now;
+        let Nonces {
+            seen,
+            per_key,
+            per_client,
+            ..
+        } = self;
+        seen.retain(|(key, _), &mut (until, client)| {
+            if until >= now {
+                return true;
+            }
+            for count in [per_key.get_mut(key), per_client.get_mut(&client)]
+                .into_iter()
+                .flatten()
+            {
+                *count -= 1;
+            }
+            false
+        });
+        per_key.retain(|_, n| *n > 0);
+        per_client.retain(|_, n| *n > 0);
+    }
 }
 
 /// The checks of docs/PROTOCOL.md §11.
@@ -148,7 +232,13 @@ pub(crate) struct Auth {
     mode: AuthMode,
     key: Option<ServerKey>,
     skew: Duration,
+    future_skew: Duration,
     shared: SharedKeyCache,
+    /// Shared keys of claimed keys whose proof did not open: a repeat costs
+    /// no X25519, and no proven key is pushed out of `shared`.
+    unproven: Mutex<LruCache<Key, Arc<SharedKey>>>,
+    /// Proofs of keys in neither cache, per client.
+    unknown_keys: DefaultKeyedRateLimiter<Client>,
     nonces: Mutex<Nonces>,
     /// `None`: every key may.
     allowed: RwLock<Option<Arc<HashSet<Key>>>>,
@@ -172,19 +262,28 @@ impl Auth {
     pub(crate) fn new(
         mode: AuthMode,
         key: Option<ServerKey>,
-        skew: Duration,
+        (skew, future_skew): (Duration, Duration),
         allowed: Option<HashSet<Key>>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let per_second = NonZeroU32::new(UNKNOWN_KEYS_PER_SECOND).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(UNKNOWN_KEYS_BURST).unwrap_or(NonZeroU32::MIN);
         Auth {
             mode,
             key,
             skew,
+            future_skew,
             shared: SharedKeyCache::new(
                 NonZeroUsize::new(SHARED_KEYS).unwrap_or(NonZeroUsize::MIN),
             ),
+            unproven: Mutex::new(LruCache::new(
+                NonZeroUsize::new(UNPROVEN_KEYS).unwrap_or(NonZeroUsize::MIN),
+            )),
+            unknown_keys: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             nonces: Mutex::new(Nonces {
                 seen: HashMap::new(),
+                per_key: HashMap::new(),
+                per_client: HashMap::new(),
                 swept: 0,
             }),
             allowed: RwLock::new(allowed.map(Arc::new)),
@@ -197,15 +296,23 @@ impl Auth {
         self.key.as_ref().map(|k| k.public)
     }
 
-    /// Checks the proof in `headers` for a call of `method` on `key`, as the
-    /// mode asks: Ok, or the status that refuses the call.
-    pub(crate) fn check(&self, headers: &HeaderMap, method: &str, key: &Key) -> Result<(), Status> {
+    /// Checks the proof in `headers` for a call of `method` on `key` by
+    /// `client`, as the mode asks: Ok, or the status that refuses the call.
+    pub(crate) fn check(
+        &self,
+        headers: &HeaderMap,
+        method: &str,
+        key: &Key,
+        client: Client,
+    ) -> Result<(), Status> {
         let present = headers.get(PROOF_METADATA);
         let outcome = match (present, &self.key) {
             (None, _) => Outcome::Missing,
             // No key, no proofs: a client that sends one anyway is ignored.
             (Some(_), None) => return self.off_or(Outcome::Missing, key),
-            (Some(value), Some(server)) => self.verify(value.as_bytes(), server, method, key),
+            (Some(value), Some(server)) => {
+                self.verify(value.as_bytes(), server, method, key, client)
+            }
         };
         let outcome = match outcome {
             Outcome::Ok if self.mode == AuthMode::Required && !self.is_allowed(key) => {
@@ -223,11 +330,18 @@ impl Auth {
     fn off_or(&self, outcome: Outcome, key: &Key) -> Result<(), Status> {
         match (self.mode, outcome) {
             (_, Outcome::Ok) | (AuthMode::Off, _) => Ok(()),
-            (AuthMode::Required, refused) => Err(refused.status(key, self.skew)),
+            (AuthMode::Required, refused) => Err(refused.status(key, self.skew, self.future_skew)),
         }
     }
 
-    fn verify(&self, value: &[u8], server: &ServerKey, method: &str, key: &Key) -> Outcome {
+    fn verify(
+        &self,
+        value: &[u8],
+        server: &ServerKey,
+        method: &str,
+        key: &Key,
+        client: Client,
+    ) -> Outcome {
         let Ok(bytes) = BASE64.decode(value) else {
             return Outcome::Malformed;
         };
@@ -243,7 +357,23 @@ impl Auth {
                 Outcome::WrongKey
             };
         }
-        let proven = match proof.open(&server.private, &self.shared) {
+        let (shared, proven_before) = match self.shared_key(&server.private, &proof.key, client) {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
+        };
+        let opened = proof.open_with(&shared);
+        if !proven_before {
+            match &opened {
+                Ok(_) => {
+                    self.unproven.lock().pop(&proof.key);
+                    self.shared.insert(&server.private, &proof.key, shared);
+                }
+                Err(_) => {
+                    self.unproven.lock().put(proof.key, shared);
+                }
+            }
+        }
+        let proven = match opened {
             Ok(proven) => proven,
             Err(ProofError::LowOrder) => return Outcome::LowOrder,
             Err(ProofError::BadBox) => return Outcome::BadBox,
@@ -255,32 +385,94 @@ impl Auth {
         }
         let now = now();
         let skew = self.skew.as_secs();
-        if proven.time.abs_diff(now) > skew {
+        if proven.time > now.saturating_add(self.future_skew.as_secs())
+            || now > proven.time.saturating_add(skew)
+        {
             return Outcome::Expired;
         }
+        // Remembered while the proof would still be accepted.
         self.remember(
             proof.key,
             proof.nonce,
             proven.time.saturating_add(skew),
             now,
+            client,
         )
     }
 
+    /// The shared key of (server, `key`), and whether a proof of `key` opened
+    /// with it before; a new one (an X25519) within `client`'s rate.
+    fn shared_key(
+        &self,
+        server: &Key,
+        key: &Key,
+        client: Client,
+    ) -> Result<(Arc<SharedKey>, bool), Outcome> {
+        if let Some(shared) = self.shared.lookup(server, key) {
+            return Ok((shared, true));
+        }
+        if let Some(shared) = self.unproven.lock().get(key) {
+            return Ok((shared.clone(), false));
+        }
+        if self.unknown_keys.check_key(&client).is_err() {
+            return Err(Outcome::UnknownKeyRate);
+        }
+        if self.unknown_keys.len() > UNKNOWN_KEY_CLIENTS {
+            self.unknown_keys.retain_recent();
+        }
+        match SharedKey::new(server, key) {
+            Ok(shared) => Ok((Arc::new(shared), false)),
+            Err(EnvelopeError::LowOrderKey(_)) => Err(Outcome::LowOrder),
+            Err(_) => Err(Outcome::BadBox),
+        }
+    }
+
     /// Remembers a proof's nonce until `until`: each is accepted once.
-    fn remember(&self, key: Key, nonce: [u8; NONCE_LEN], until: u64, now: u64) -> Outcome {
+    /// Within the cache's bound and the quotas of its key and its client.
+    fn remember(
+        &self,
+        key: Key,
+        nonce: [u8; NONCE_LEN],
+        until: u64,
+        now: u64,
+        client: Client,
+    ) -> Outcome {
         let mut nonces = self.nonces.lock();
-        if nonces.seen.get(&(key, nonce)).is_some_and(|&t| t >= now) {
+        if nonces
+            .seen
+            .get(&(key, nonce))
+            .is_some_and(|&(t, _)| t >= now)
+        {
             return Outcome::Replayed;
         }
-        if nonces.seen.len() >= MAX_NONCES && nonces.swept != now {
-            // At most once a second: a full cache is not swept per call.
-            nonces.swept = now;
-            nonces.seen.retain(|_, &mut t| t >= now);
+        let full = |n: &Nonces| {
+            if n.seen.len() >= MAX_NONCES {
+                Some(Outcome::CacheFull)
+            } else if n.per_key.get(&key).copied().unwrap_or(0) >= NONCES_PER_KEY {
+                Some(Outcome::KeyQuota)
+            } else if n.per_client.get(&client).copied().unwrap_or(0) >= NONCES_PER_CLIENT {
+                Some(Outcome::ClientQuota)
+            } else {
+                None
+            }
+        };
+        if full(&nonces).is_some() {
+            nonces.sweep(now);
+            if let Some(outcome) = full(&nonces) {
+                return outcome;
+            }
         }
-        if nonces.seen.len() >= MAX_NONCES {
-            return Outcome::CacheFull;
+        // An expired entry of the same nonce is replaced: its counts go.
+        if let Some((_, old)) = nonces.seen.insert((key, nonce), (until, client)) {
+            if let Some(count) = nonces.per_key.get_mut(&key) {
+                *count -= 1;
+            }
+            if let Some(count) = nonces.per_client.get_mut(&old) {
+                *count -= 1;
+            }
         }
-        nonces.seen.insert((key, nonce), until);
+        *nonces.per_key.entry(key).or_default() += 1;
+        *nonces.per_client.entry(client).or_default() += 1;
         Outcome::Ok
     }
 
@@ -289,6 +481,11 @@ impl Auth {
             None => true,
             Some(keys) => keys.contains(key),
         }
+    }
+
+    /// How many keys are listed (0 without a list).
+    fn allowed_count(&self) -> usize {
+        self.allowed.read().as_ref().map_or(0, |keys| keys.len())
     }
 
     /// Puts a new list of allowed keys in place; returns the keys it removed.
@@ -357,6 +554,12 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 /// Keeps the allowed keys in step with the file at `path` (looked at every
 /// half second, by path, so that a replacement by rename counts; and on
 /// SIGHUP) until `shutdown`. The streams of a removed key end.
+///
+/// A file edited in place is read while it is being written: a new list is
+/// put in place only once two reads half a second apart agree (or at once on
+/// SIGHUP), and an empty file where a list was is taken as one being written
+/// (the list stays, with a warning): a file that admits no key says so with
+/// a comment.
 pub(crate) async fn watch_allowed(
     path: PathBuf,
     auth: Arc<Auth>,
@@ -374,6 +577,8 @@ pub(crate) async fn watch_allowed(
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing: Option<String> = None;
+    // A list read once, put in place when the next read agrees.
+    let mut settling: Option<HashSet<Key>> = None;
     loop {
         let forced = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -386,34 +591,54 @@ pub(crate) async fn watch_allowed(
             } => true,
         };
         let now = version(&path);
-        if !forced && now == seen {
+        if !forced && now == seen && settling.is_none() {
             continue;
         }
-        seen = now;
-        match read_allowed(&path) {
-            Ok(keys) => {
-                failing = None;
-                let count = keys.len();
-                let removed = auth.set_allowed(keys);
-                let topics: Vec<[u8; 32]> = removed.iter().map(|k| *k.as_bytes()).collect();
-                let ended = hub.cut(&topics, crate::hub::Cut::NotAllowed);
-                tracing::info!(
-                    path = %path.display(),
-                    keys = count,
-                    removed = removed.len(),
-                    streams_ended = ended,
-                    "allowed keys reloaded"
-                );
-            }
+        seen = now.clone();
+        let keys = match read_allowed(&path) {
+            Ok(keys) => keys,
             Err(e) => {
+                settling = None;
                 // One line per failure, not per look.
                 let text = e.to_string();
                 if failing.as_deref() != Some(text.as_str()) {
                     tracing::error!("allowed keys not reloaded, the previous list stays: {text}");
                     failing = Some(text);
                 }
+                continue;
             }
+        };
+        let listed = auth.allowed_count();
+        if keys.is_empty() && now.as_ref().is_some_and(|v| v.len == 0) && listed > 0 {
+            settling = None;
+            let text = format!(
+                "{} is empty: taken as a file being written, the previous {listed} keys stay \
+                 (a file that admits no key says so with a comment)",
+                path.display()
+            );
+            if failing.as_deref() != Some(text.as_str()) {
+                tracing::warn!("{text}");
+                failing = Some(text);
+            }
+            continue;
         }
+        failing = None;
+        if !forced && settling.as_ref() != Some(&keys) {
+            settling = Some(keys);
+            continue;
+        }
+        settling = None;
+        let count = keys.len();
+        let removed = auth.set_allowed(keys);
+        let topics: Vec<[u8; 32]> = removed.iter().map(|k| *k.as_bytes()).collect();
+        let ended = hub.cut(&topics, crate::hub::Cut::NotAllowed);
+        tracing::info!(
+            path = %path.display(),
+            keys = count,
+            removed = removed.len(),
+            streams_ended = ended,
+            "allowed keys reloaded"
+        );
     }
 }
 
@@ -443,6 +668,12 @@ mod tests {
     use super::*;
 
     const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+    const CLIENT: Client = Client::of_const([192, 0, 2, 99]);
+
+    /// The `i`th made-up key.
+    fn key_of(i: u64) -> Key {
+        Key::from_slice(&(i + 1).to_be_bytes().repeat(4)).unwrap()
+    }
 
     fn auth(mode: AuthMode) -> (Auth, Key) {
         let server = Key::generate();
@@ -452,7 +683,7 @@ mod tests {
                 private: server,
                 public: server.public_key(),
             }),
-            Duration::from_secs(60),
+            (Duration::from_secs(60), Duration::from_secs(5)),
             None,
             Metrics::new(),
         );
@@ -470,7 +701,7 @@ mod tests {
         let server = auth.key.clone().unwrap();
         match headers.get(PROOF_METADATA) {
             None => Outcome::Missing,
-            Some(v) => auth.verify(v.as_bytes(), &server, method, key),
+            Some(v) => auth.verify(v.as_bytes(), &server, method, key, CLIENT),
         }
     }
 
@@ -498,10 +729,18 @@ mod tests {
             ),
             Outcome::BadBox
         );
-        // ±60 s inclusive.
+        // 60 s behind and 5 s ahead, inclusive.
         assert_eq!(
             outcome(&auth, &fresh(SUBSCRIBE, now() - 60), SUBSCRIBE, &key),
             Outcome::Ok
+        );
+        assert_eq!(
+            outcome(&auth, &fresh(SUBSCRIBE, now() + 5), SUBSCRIBE, &key),
+            Outcome::Ok
+        );
+        assert_eq!(
+            outcome(&auth, &fresh(SUBSCRIBE, now() + 7), SUBSCRIBE, &key),
+            Outcome::Expired
         );
         assert_eq!(
             outcome(&auth, &fresh(SUBSCRIBE, now() - 62), SUBSCRIBE, &key),
@@ -533,19 +772,19 @@ mod tests {
         let (off, server) = auth(AuthMode::Off);
         let client = Key::generate();
         assert!(
-            off.check(&HeaderMap::new(), SUBSCRIBE, &client.public_key())
+            off.check(&HeaderMap::new(), SUBSCRIBE, &client.public_key(), CLIENT)
                 .is_ok()
         );
         let mut bad = prove(&client, &server, SUBSCRIBE, now()).unwrap();
         *bad.last_mut().unwrap() ^= 1;
         assert!(
-            off.check(&headers(&bad), SUBSCRIBE, &client.public_key())
+            off.check(&headers(&bad), SUBSCRIBE, &client.public_key(), CLIENT)
                 .is_ok()
         );
 
         let (required, server) = auth(AuthMode::Required);
         let status = required
-            .check(&HeaderMap::new(), SUBSCRIBE, &client.public_key())
+            .check(&HeaderMap::new(), SUBSCRIBE, &client.public_key(), CLIENT)
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
         assert!(
@@ -557,7 +796,7 @@ mod tests {
         assert!(removed.is_empty());
         let proof = headers(&prove(&client, &server, SUBSCRIBE, now()).unwrap());
         let status = required
-            .check(&proof, SUBSCRIBE, &client.public_key())
+            .check(&proof, SUBSCRIBE, &client.public_key(), CLIENT)
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         let removed = required.set_allowed(HashSet::from([client.public_key()]));
@@ -565,7 +804,7 @@ mod tests {
         let proof = headers(&prove(&client, &server, SUBSCRIBE, now()).unwrap());
         assert!(
             required
-                .check(&proof, SUBSCRIBE, &client.public_key())
+                .check(&proof, SUBSCRIBE, &client.public_key(), CLIENT)
                 .is_ok()
         );
     }
@@ -573,22 +812,83 @@ mod tests {
     #[test]
     fn a_full_nonce_cache_refuses_rather_than_forgets() {
         let (auth, _) = auth(AuthMode::Required);
-        let key = Key::generate().public_key();
         let now = now();
-        for n in 0..MAX_NONCES as u64 {
+        let nonce = |n: u64| {
             let mut nonce = [0u8; NONCE_LEN];
             nonce[..8].copy_from_slice(&n.to_be_bytes());
-            assert_eq!(auth.remember(key, nonce, now + 60, now), Outcome::Ok);
+            nonce
+        };
+        let client = |n: u64| Client::of(std::net::IpAddr::from((n as u32 + 1).to_be_bytes()));
+        // Many keys of many clients fill it.
+        let per_client = NONCES_PER_CLIENT as u64;
+        for n in 0..MAX_NONCES as u64 {
+            let key = key_of(n / 1000);
+            assert_eq!(
+                auth.remember(key, nonce(n), now + 60, now, client(n / per_client)),
+                Outcome::Ok,
+                "{n}"
+            );
         }
+        let key = Key::generate().public_key();
         assert_eq!(
-            auth.remember(key, [0xff; NONCE_LEN], now + 60, now),
+            auth.remember(key, nonce(0), now + 60, now, client(1000)),
             Outcome::CacheFull
         );
         // Once they are out of their window, they make room.
         assert_eq!(
-            auth.remember(key, [0xff; NONCE_LEN], now + 200, now + 61),
+            auth.remember(key, nonce(0), now + 200, now + 61, client(1000)),
             Outcome::Ok
         );
+    }
+
+    #[test]
+    fn a_key_or_a_client_holds_only_its_share_of_the_nonces() {
+        let (auth, _) = auth(AuthMode::Required);
+        let now = now();
+        let nonce = |n: u64| {
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce[..8].copy_from_slice(&n.to_be_bytes());
+            nonce
+        };
+        let (one, other) = (Key::generate().public_key(), Key::generate().public_key());
+        let attacker = Client::of([192, 0, 2, 1].into());
+        assert_ne!(attacker, CLIENT);
+        for n in 0..NONCES_PER_KEY as u64 {
+            assert_eq!(
+                auth.remember(one, nonce(n), now + 60, now, attacker),
+                Outcome::Ok
+            );
+        }
+        assert_eq!(
+            auth.remember(one, nonce(u64::MAX), now + 60, now, attacker),
+            Outcome::KeyQuota
+        );
+        // Self-made keys from one client: its quota.
+        let mut n = NONCES_PER_KEY as u64;
+        while n < NONCES_PER_CLIENT as u64 {
+            let key = key_of(1_000_000 + n / 1000);
+            assert_eq!(
+                auth.remember(key, nonce(n), now + 60, now, attacker),
+                Outcome::Ok
+            );
+            n += 1;
+        }
+        assert_eq!(
+            auth.remember(other, nonce(0), now + 60, now, attacker),
+            Outcome::ClientQuota
+        );
+        // Everyone else is served.
+        let peer = Client::of([192, 0, 2, 2].into());
+        assert_eq!(
+            auth.remember(other, nonce(0), now + 60, now, peer),
+            Outcome::Ok
+        );
+        // Out of their window, they are forgotten and their counts with them.
+        assert_eq!(
+            auth.remember(one, nonce(u64::MAX), now + 200, now + 61, attacker),
+            Outcome::Ok
+        );
+        assert_eq!(auth.nonces.lock().per_client.get(&attacker), Some(&1));
     }
 
     #[test]

@@ -2,19 +2,38 @@
 //! RelayRegistry, health, reflection) are tonic's: a call's HTTP/2 stream is
 //! handed to tonic's router as an `http::Request` and its response written
 //! back, within HTTP/2 flow control. The request body is bounded.
+//!
+//! The response's bytes count against the caller's client and the server
+//! (their byte budgets, as envelopes for subscribers do) from the moment
+//! they are handed to h2 until h2 has written them or thrown them away, and
+//! the call keeps its slots until then: a client that opens huge windows
+//! and never reads holds at most its calls' worth of answers, and only for
+//! the request timeout, after which the stream is reset.
 
 use std::{
     future::poll_fn,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream, server::SendResponse};
 use http::{HeaderMap, Request};
 use http_body::{Body, Frame};
-use tonic::service::Routes;
+use tokio::sync::Notify;
+use tonic::{Status, service::Routes};
 use tower::ServiceExt as _;
+
+use crate::{
+    client::{Budget, ClientState, Exhausted, reserve},
+    metrics::Metrics,
+    wire,
+};
 
 /// Request bytes a bridged call may send: these services take small requests.
 pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
@@ -71,20 +90,75 @@ impl Body for RecvBody {
     }
 }
 
-/// Serves one call through `routes`, adding `extra` to the response headers.
+/// Where a bridged call's answer is counted, and how long it may wait to be written.
+pub(crate) struct Answering {
+    pub(crate) client: Arc<ClientState>,
+    pub(crate) server: Arc<Budget>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// How long the answer may stay unwritten after the call ended.
+    pub(crate) timeout: Duration,
+}
+
+/// The bytes of one answer handed to h2 and not yet written.
+struct Unwritten {
+    client: Arc<ClientState>,
+    server: Arc<Budget>,
+    bytes: AtomicUsize,
+    written: Notify,
+}
+
+/// A piece of an answer handed to h2: its bytes are given back when dropped.
+struct Piece {
+    data: Bytes,
+    unwritten: Arc<Unwritten>,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        let n = self.data.len();
+        let unwritten = &self.unwritten;
+        unwritten.client.budget.release(n);
+        unwritten.server.release(n);
+        if unwritten.bytes.fetch_sub(n, Relaxed) == n {
+            unwritten.written.notify_one();
+        }
+    }
+}
+
+/// Why an answer was not sent whole.
+#[derive(Debug, thiserror::Error)]
+enum PipeError {
+    #[error("a byte budget is full: {0:?}")]
+    Budget(Exhausted),
+    #[error("{0}")]
+    Stream(String),
+}
+
+/// Serves one call through `routes`, adding `extra` to the response headers;
+/// returns once the answer is written (or thrown away), so that whoever
+/// holds the call's slots holds them until then.
 pub(crate) async fn serve(
     routes: Routes,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     extra: &HeaderMap,
+    answering: &Answering,
 ) {
-    let request = request.map(|recv| {
+    let mut request = request.map(|recv| {
         tonic::body::Body::new(RecvBody {
             recv,
             data_done: false,
             received: 0,
         })
     });
+    // Who calls, for the services that charge it (GetRelays' proofs).
+    request.extensions_mut().insert(answering.client.client);
     let response = match routes.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -97,17 +171,62 @@ pub(crate) async fn serve(
     let Ok(mut send) = respond.send_response(http::Response::from_parts(parts, ()), end) else {
         return;
     };
-    if !end && let Err(e) = pipe(body, &mut send).await {
-        tracing::debug!("response of a bridged call: {e}");
-        send.send_reset(h2::Reason::INTERNAL_ERROR);
+    if end {
+        return;
+    }
+    let unwritten = Arc::new(Unwritten {
+        client: answering.client.clone(),
+        server: answering.server.clone(),
+        bytes: AtomicUsize::new(0),
+        written: Notify::new(),
+    });
+    match pipe(body, &mut send, &unwritten).await {
+        Ok(()) => {}
+        Err(PipeError::Budget(exhausted)) => {
+            let (reason, status) = match exhausted {
+                Exhausted::Client => (
+                    "client_budget",
+                    Status::resource_exhausted("this client holds all the bytes it may"),
+                ),
+                Exhausted::Server => (
+                    "server_budget",
+                    Status::resource_exhausted("the server holds all the bytes it may"),
+                ),
+            };
+            answering.metrics.reject_for(reason);
+            let _ = send.send_trailers(wire::status_trailers(&status));
+        }
+        Err(PipeError::Stream(e)) => {
+            tracing::debug!("response of a bridged call: {e}");
+            send.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
+    }
+    let written = async {
+        while unwritten.bytes.load(Relaxed) > 0 {
+            unwritten.written.notified().await;
+        }
+    };
+    if tokio::time::timeout(answering.timeout, written)
+        .await
+        .is_err()
+    {
+        // Not read: the stream goes, and h2 drops what it buffered of it.
+        answering.metrics.reject_for("answer_unread");
+        send.send_reset(h2::Reason::CANCEL);
     }
 }
 
-/// Writes `body` to `send`, no faster than the peer's flow control allows.
-async fn pipe(body: tonic::body::Body, send: &mut SendStream<Bytes>) -> Result<(), String> {
+/// Writes `body` to `send`, no faster than the peer's flow control allows,
+/// each piece counted in `unwritten` and its budgets until h2 drops it.
+async fn pipe(
+    body: tonic::body::Body,
+    send: &mut SendStream<Bytes>,
+    unwritten: &Arc<Unwritten>,
+) -> Result<(), PipeError> {
     let mut body = std::pin::pin!(body);
+    let stream = |e: &dyn std::fmt::Display| PipeError::Stream(e.to_string());
     while let Some(frame) = poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let frame = frame.map_err(|e| e.to_string())?;
+        let frame = frame.map_err(|e| stream(&e))?;
         let frame = match frame.into_data() {
             Ok(mut data) => {
                 while data.has_remaining() {
@@ -116,12 +235,19 @@ async fn pipe(body: tonic::body::Body, send: &mut SendStream<Bytes>) -> Result<(
                         match poll_fn(|cx| send.poll_capacity(cx)).await {
                             Some(Ok(0)) => continue,
                             Some(Ok(n)) => break n,
-                            Some(Err(e)) => return Err(e.to_string()),
-                            None => return Err("stream closed".into()),
+                            Some(Err(e)) => return Err(stream(&e)),
+                            None => return Err(PipeError::Stream("stream closed".into())),
                         }
                     };
                     let piece = data.split_to(capacity.min(data.len()));
-                    send.send_data(piece, false).map_err(|e| e.to_string())?;
+                    reserve(&unwritten.client.budget, &unwritten.server, piece.len())
+                        .map_err(PipeError::Budget)?;
+                    unwritten.bytes.fetch_add(piece.len(), Relaxed);
+                    let piece = Bytes::from_owner(Piece {
+                        data: piece,
+                        unwritten: unwritten.clone(),
+                    });
+                    send.send_data(piece, false).map_err(|e| stream(&e))?;
                 }
                 continue;
             }
@@ -129,9 +255,8 @@ async fn pipe(body: tonic::body::Body, send: &mut SendStream<Bytes>) -> Result<(
         };
         if let Ok(trailers) = frame.into_trailers() {
             send.reserve_capacity(0);
-            return send.send_trailers(trailers).map_err(|e| e.to_string());
+            return send.send_trailers(trailers).map_err(|e| stream(&e));
         }
     }
-    send.send_data(Bytes::new(), true)
-        .map_err(|e| e.to_string())
+    send.send_data(Bytes::new(), true).map_err(|e| stream(&e))
 }

@@ -36,6 +36,14 @@ use tonic::Status;
 pub struct Client(IpAddr);
 
 impl Client {
+    /// The client at an IPv4 address, in a constant.
+    #[cfg(test)]
+    pub(crate) const fn of_const(v4: [u8; 4]) -> Client {
+        Client(IpAddr::V4(std::net::Ipv4Addr::new(
+            v4[0], v4[1], v4[2], v4[3],
+        )))
+    }
+
     /// The client at `addr`.
     pub fn of(addr: IpAddr) -> Client {
         match addr {
@@ -218,7 +226,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    fn quota(self) -> Quota {
+    pub(crate) fn quota(self) -> Quota {
         Quota::per_second(self.per_second).allow_burst(self.burst)
     }
 }

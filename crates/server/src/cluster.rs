@@ -13,7 +13,11 @@
 //! could not send, and says so in health; the NATS client reconnects and
 //! subscribes again by itself. `Publish` never waits for NATS: envelopes go
 //! through a bounded queue to one task that publishes them in order, and what
-//! does not fit is dropped and counted.
+//! does not fit is dropped and counted. What waits for NATS is bounded in
+//! bytes: an envelope in the queue holds its bytes in the server's budget,
+//! and the task hands the NATS client at most [`NATS_UNFLUSHED_BYTES`] that
+//! the client has not confirmed written (a flush) before it hands more; with
+//! NATS away or hung, the rest is dropped and counted.
 
 use std::{
     collections::HashMap,
@@ -34,6 +38,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
+    client::{Budget, Reserved},
     hub::{Hub, Topic},
     metrics::Metrics,
     wire::PREFIX_LEN,
@@ -94,8 +99,16 @@ pub const HEALTH_SERVICE: &str = "cunicu.signaling.Cluster";
 const OUTBOUND: usize = 4096;
 /// Commands the NATS client buffers (while disconnected, too).
 const CLIENT_CAPACITY: usize = 4096;
-/// Messages one key's NATS subscription holds before dropping.
-const SUBSCRIPTION_CAPACITY: usize = 1024;
+/// Messages one key's NATS subscription holds before dropping: its task
+/// hands each to the hub at once, so a few suffice.
+const SUBSCRIPTION_CAPACITY: usize = 64;
+/// Bytes handed to the NATS client and not confirmed written at most.
+pub(crate) const NATS_UNFLUSHED_BYTES: usize = 4 << 20;
+/// What one envelope in the queue to NATS costs beyond its bytes.
+const OUTBOUND_ENTRY_BYTES: usize = 64;
+/// What one key's NATS subscription costs here (measured: its task, its
+/// subscription in the NATS client, its subject, its entry).
+pub(crate) const KEY_BYTES: usize = 9 << 10;
 /// The subject (after the prefix) of the request that confirms a new
 /// subscription has reached the NATS server; nobody serves it.
 const READY_PROBE: &str = "_ready";
@@ -148,6 +161,8 @@ struct Outbound {
     envelope: Bytes,
     /// Where the replicas that deliver it send their counts, if asked.
     reply: Option<String>,
+    /// Its bytes in the server's budget, until NATS has them.
+    _reserved: Reserved,
 }
 
 /// The counts of the other replicas for one asking publish.
@@ -171,6 +186,8 @@ pub(crate) struct Cluster {
     /// Recipient counts being collected, by request number.
     counting: Mutex<HashMap<u64, Arc<Count>>>,
     next_count: AtomicU64,
+    /// The server's byte budget, which the envelopes queued for NATS take from.
+    budget: Arc<Budget>,
     connected: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -190,6 +207,7 @@ impl Cluster {
     /// publisher task, which `tasks` owns.
     pub(crate) async fn connect(
         config: &ClusterConfig,
+        budget: Arc<Budget>,
         metrics: Arc<Metrics>,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Result<Arc<Self>, ClusterError> {
@@ -316,6 +334,7 @@ impl Cluster {
             outbound,
             counting: Mutex::new(HashMap::new()),
             next_count: AtomicU64::new(0),
+            budget,
             connected,
             metrics: metrics.clone(),
             stop: stop.clone(),
@@ -388,11 +407,7 @@ impl Cluster {
     /// Hands an envelope (its bytes as published) to the other replicas,
     /// without waiting.
     pub(crate) fn publish(&self, key: Topic, envelope: Bytes) {
-        self.enqueue(Outbound {
-            key,
-            envelope,
-            reply: None,
-        });
+        self.enqueue(key, envelope, None);
     }
 
     /// Hands an envelope to the other replicas as [`Cluster::publish`] does,
@@ -420,12 +435,9 @@ impl Cluster {
             counting: &self.counting,
             number,
         });
-        let sent = self.enqueue(Outbound {
-            key,
-            envelope,
-            reply: counting
-                .then(|| format!("{}.{RECIPIENTS}.{}.{number}", self.prefix, self.origin)),
-        });
+        let reply =
+            counting.then(|| format!("{}.{RECIPIENTS}.{}.{number}", self.prefix, self.origin));
+        let sent = self.enqueue(key, envelope, reply);
         async move {
             let _forget = forget;
             if !(counting && sent) {
@@ -436,8 +448,20 @@ impl Cluster {
         }
     }
 
-    /// Queues an envelope for the publisher task; false if it was dropped.
-    fn enqueue(&self, outbound: Outbound) -> bool {
+    /// Queues an envelope for the publisher task, its bytes taken from the
+    /// server's budget until NATS has it; false if it was dropped.
+    fn enqueue(&self, key: Topic, envelope: Bytes, reply: Option<String>) -> bool {
+        let Ok(reserved) = Reserved::new(&self.budget, envelope.len() + OUTBOUND_ENTRY_BYTES)
+        else {
+            self.metrics.cluster_drop_for("server_budget");
+            return false;
+        };
+        let outbound = Outbound {
+            key,
+            envelope,
+            reply,
+            _reserved: reserved,
+        };
         match self.outbound.try_send(outbound) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -594,6 +618,8 @@ async fn publish_all(
 ) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(ORIGIN_HEADER, origin.as_str());
+    // Bytes handed to the client since its last confirmed flush.
+    let mut unflushed = 0usize;
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => break,
@@ -602,6 +628,22 @@ async fn publish_all(
                 None => break,
             },
         };
+        if unflushed + next.envelope.len() > NATS_UNFLUSHED_BYTES {
+            // The client holds what it may: wait (a while) for it to write.
+            let flushed = tokio::select! {
+                _ = stop.cancelled() => break,
+                flushed = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()) => flushed,
+            };
+            match flushed {
+                Ok(Ok(())) => unflushed = 0,
+                _ => {
+                    metrics.cluster_drop_for("nats_buffer_full");
+                    continue;
+                }
+            }
+        }
+        unflushed += next.envelope.len();
+        
         let subject = subject(&prefix, &next.key);
         let publish = async {
             match next.reply {

@@ -6,7 +6,7 @@ use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use cunicu_signal::Key;
 
 use crate::{
-    auth::{AuthMode, MAX_NONCES, NONCE_BYTES},
+    auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
     client::{BRIDGED_CALLS, ClientLimits, Rate},
     relay::Relay,
 };
@@ -50,6 +50,14 @@ pub struct Config {
     pub connection_rate: Rate,
     /// Deadline of a connection's TLS handshake, HTTP/2 preface and first request.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; beyond, connections wait their
+    /// turn (within the handshake timeout).
+    pub max_tls_handshakes: usize,
+    /// TLS handshakes started per second, from all clients together (a token
+    /// bucket); beyond, connections are closed at once. Each costs the
+    /// certificate's signature: about 1 ms of CPU with RSA-2048, a quarter
+    /// of that with ECDSA P-256.
+    pub tls_handshake_rate: Rate,
     /// Deadline of a request's message once its stream opened.
     pub request_timeout: Duration,
     /// A connection without a stream for this long is closed with GOAWAY.
@@ -58,6 +66,11 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Most subscription streams open at once from one client.
     pub max_subscriptions_per_client: usize,
+    /// Most subscription streams open at once on one key (a key is one peer:
+    /// it needs a few). When a key is full, a client holding less than its
+    /// fair share of them still gets one, and the client holding the most
+    /// loses its most recent.
+    pub max_subscriptions_per_key: usize,
     /// Most calls in progress at once (anything but an established
     /// subscription: a Publish being read, a subscription being set up,
     /// GetRelays, health, reflection).
@@ -84,8 +97,12 @@ pub struct Config {
     pub key: Option<Key>,
     /// Whether Subscribe, Publish and GetRelays need a proof of key possession.
     pub auth: AuthMode,
-    /// How far a proof's time may be from the server's clock (inclusive).
+    /// How far a proof's time may be behind the server's clock (inclusive).
     pub auth_skew: Duration,
+    /// How far a proof's time may be ahead of the server's clock (inclusive):
+    /// a few seconds, since a proof's nonce is remembered until its time plus
+    /// `auth_skew`.
+    pub auth_future_skew: Duration,
     /// Only the keys listed in this file may be proven (with `auth` required);
     /// the file is read again when it changes or on SIGHUP.
     pub allow_keys: Option<PathBuf>,
@@ -98,6 +115,8 @@ pub struct Config {
     /// With `cluster`: how long a replica collects the other replicas'
     /// counts for a Publish that asks.
     pub recipients_wait: Duration,
+    /// Serve gRPC server reflection (v1 and v1alpha), for tools such as grpcurl.
+    pub reflection: bool,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -133,10 +152,13 @@ impl Default for Config {
             max_connections_per_client: 64,
             connection_rate: rate(10, 64),
             handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 256,
+            tls_handshake_rate: rate(500, 500),
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_subscriptions: 100_000,
             max_subscriptions_per_client: 1_000,
+            max_subscriptions_per_key: 64,
             max_calls: 4_096,
             max_calls_per_client: 64,
             request_rate: rate(500, 1_000),
@@ -148,10 +170,12 @@ impl Default for Config {
             key: None,
             auth: AuthMode::Off,
             auth_skew: Duration::from_secs(60),
+            auth_future_skew: Duration::from_secs(5),
             allow_keys: None,
             cluster: None,
             recipients: true,
             recipients_wait: Duration::from_millis(100),
+            reflection: false,
         }
     }
 }
@@ -205,7 +229,7 @@ const SEND_BUFFER: usize = 64 * 1024;
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let counts: [(&'static str, usize); 11] = [
+        let counts: [(&'static str, usize); 13] = [
             ("max-envelope-size", self.max_envelope_size),
             ("queue-depth", self.queue_depth),
             ("max-connections", self.max_connections),
@@ -218,6 +242,8 @@ impl Config {
                 "max-subscriptions-per-client",
                 self.max_subscriptions_per_client,
             ),
+            ("max-subscriptions-per-key", self.max_subscriptions_per_key),
+            ("max-tls-handshakes", self.max_tls_handshakes),
             ("max-calls", self.max_calls),
             ("max-calls-per-client", self.max_calls_per_client),
             (
@@ -317,8 +343,17 @@ impl Config {
                 .saturating_mul(CALL_BYTES)
                 .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
             queued: self.max_queued_bytes,
+            cluster: if self.cluster.is_some() {
+                // A NATS subscription and its task per key: at worst one
+                // key per subscription. And what the NATS client holds.
+                self.max_subscriptions
+                    .saturating_mul(crate::cluster::KEY_BYTES)
+                    .saturating_add(crate::cluster::NATS_UNFLUSHED_BYTES + NATS_CLIENT_BYTES)
+            } else {
+                0
+            },
             auth: if self.key.is_some() {
-                MAX_NONCES * NONCE_BYTES + SHARED_KEY_CACHE_BYTES
+                MAX_NONCES * NONCE_BYTES + SHARED_KEY_CACHE_BYTES + UNKNOWN_KEY_BYTES
             } else {
                 0
             },
@@ -342,6 +377,10 @@ const CALL_BYTES: usize = 4 << 10;
 /// window, and what h2 buffers of it.
 const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
 
+/// The NATS client's own buffers (reading and writing), beyond what it was
+/// handed to publish.
+const NATS_CLIENT_BYTES: usize = 1 << 20;
+
 /// The cache of shared keys of proven client keys.
 const SHARED_KEY_CACHE_BYTES: usize = 16_384 * 256;
 
@@ -358,6 +397,9 @@ pub struct MemoryBound {
     pub calls: usize,
     /// Every byte budget full (`max_queued_bytes`).
     pub queued: usize,
+    /// With a cluster: a NATS subscription per key, and what the NATS client
+    /// holds of what it was handed and of its buffers.
+    pub cluster: usize,
     /// Proofs of key possession remembered (with a server key).
     pub auth: usize,
 }
@@ -371,6 +413,7 @@ impl MemoryBound {
             self.subscriptions,
             self.calls,
             self.queued,
+            self.cluster,
             self.auth,
         ]
         .into_iter()
@@ -394,6 +437,9 @@ impl fmt::Display for MemoryBound {
             mib(self.calls),
             mib(self.queued),
         )?;
+        if self.cluster > 0 {
+            write!(f, " + {:.0} cluster", mib(self.cluster))?;
+        }
         if self.auth > 0 {
             write!(f, " + {:.0} proofs", mib(self.auth))?;
         }

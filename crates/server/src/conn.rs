@@ -53,7 +53,7 @@ use crate::{
     auth::Auth,
     bridge,
     client::{ClientState, Clients, ConnectionGuard, Refused, Reserved, SlotGuard},
-    hub::{Cut, Hub, Mailbox, Subscription, Take},
+    hub::{Cut, Hub, Mailbox, Publisher, Subscription, Take},
     listener::Io,
     metrics::Metrics,
     wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
@@ -99,7 +99,7 @@ pub(crate) struct Shared {
     pub(crate) timeouts: Timeouts,
     pub(crate) max_envelope_size: usize,
     pub(crate) h2: Builder,
-    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<Tls>,
     /// Metadata of every response.
     pub(crate) response_headers: HeaderMap,
     /// Proofs of key possession.
@@ -129,6 +129,17 @@ impl Recipients {
     }
 }
 
+/// TLS, and the bounds on what its handshakes cost (a handshake costs a
+/// signature, a fraction of a millisecond to a millisecond of CPU).
+pub(crate) struct Tls {
+    pub(crate) acceptor: TlsAcceptor,
+    /// Handshakes in progress at once; beyond, a connection waits (within
+    /// its handshake deadline).
+    pub(crate) in_progress: Arc<tokio::sync::Semaphore>,
+    /// Handshakes started a second, in all; beyond, connections are closed.
+    pub(crate) rate: governor::DefaultDirectRateLimiter,
+}
+
 /// Log limiters of what clients can cause many times.
 #[derive(Default)]
 pub(crate) struct Logs {
@@ -153,15 +164,41 @@ pub(crate) async fn serve(
         metrics.connections.dec();
     });
     let deadline = Instant::now() + shared.timeouts.handshake;
+    // A TLS handshake waits for its turn among those in progress, and goes
+    // only within the rate of all.
+    let handshake = match &shared.tls {
+        None => None,
+        Some(tls) => {
+            let permit = tokio::select! {
+                _ = kill.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+                permit = tokio::time::timeout_at(deadline, tls.in_progress.clone().acquire_owned()) => permit,
+            };
+            let Ok(Ok(permit)) = permit else {
+                shared.metrics.close_connection_for("handshake_timeout");
+                return;
+            };
+            if tls.rate.check().is_err() {
+                shared.metrics.refuse_connection_for("tls_handshake_rate");
+                if shared.logs.refused.allow() {
+                    tracing::info!(%remote, "connection refused: the server starts all the TLS handshakes a second it may");
+                }
+                return;
+            }
+            Some(permit)
+        }
+    };
     let set_up = async {
         let io = match &shared.tls {
             None => Io::Plain(stream),
-            Some(acceptor) => Io::Tls(Box::new(
-                acceptor
-                    .accept(stream)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?,
-            )),
+            Some(tls) => {
+                let accepted = tls.acceptor.accept(stream).await;
+                // The handshake's turn ends with it, not with the preface.
+                drop(handshake);
+                Io::Tls(Box::new(
+                    accepted.map_err(|e| format!("TLS handshake: {e}"))?,
+                ))
+            }
         };
         shared
             .h2
@@ -463,12 +500,20 @@ impl Connection {
                     }
                 };
                 Box::pin(async move {
+                    // Held until the answer is written, or thrown away.
                     let _call = (call, bridged);
+                    let answering = bridge::Answering {
+                        client,
+                        server: shared.hub.budget().clone(),
+                        metrics: shared.metrics.clone(),
+                        timeout: shared.timeouts.request,
+                    };
                     bridge::serve(
                         shared.routes.clone(),
                         request,
                         respond,
                         &shared.response_headers,
+                        &answering,
                     )
                     .await;
                     Done::Finished
@@ -548,6 +593,12 @@ impl Connection {
                 Cut::NotAllowed => (
                     "not_allowed",
                     Status::permission_denied("this key is no longer allowed here"),
+                ),
+                Cut::KeyFairShare => (
+                    "key_fair_share",
+                    Status::resource_exhausted(
+                        "this key has all the subscriptions it may, and another client needed its share",
+                    ),
                 ),
             };
             let _ = send.send_trailers(wire::status_trailers(&status));
@@ -818,18 +869,24 @@ async fn subscribe(
             Status::internal(format!("SubscribeParams does not decode: {e}"))
         })?;
         let key = key_field(&shared.metrics, "subscription", &params.key)?;
-        shared
-            .auth
-            .check(&parts.headers, wire::SUBSCRIBE, &Key::from(key))?;
+        shared.auth.check(
+            &parts.headers,
+            wire::SUBSCRIBE,
+            &Key::from(key),
+            client.client,
+        )?;
         let guard = shared.clients.subscribe(client.client).map_err(|refused| {
             shared.metrics.reject_for(refused.reason());
             tracing::debug!("subscription refused: {refused}");
             refused.status()
         })?;
-        let (subscription, _first) =
-            shared
-                .hub
-                .subscribe(key, client.clone(), guard, mailbox, slot);
+        let (subscription, _first) = shared
+            .hub
+            .subscribe(key, client.clone(), guard, mailbox, slot)
+            .map_err(|full| {
+                tracing::debug!("subscription refused: {full}");
+                Status::resource_exhausted(full.to_string())
+            })?;
         // The sync envelope goes once the other replicas can reach us.
         if let Some(cluster) = shared.hub.cluster() {
             cluster.ready(&key).await;
@@ -894,13 +951,18 @@ async fn publish(
         })?;
         let sender = key_field(metrics, "sender", &envelope.sender)?;
         let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
-        shared
-            .auth
-            .check(&parts.headers, wire::PUBLISH, &Key::from(sender))?;
+        shared.auth.check(
+            &parts.headers,
+            wire::PUBLISH,
+            &Key::from(sender),
+            client.client,
+        )?;
         metrics.published.inc();
         let ask = shared.recipients.answers(&parts.headers);
         // The frame as received: the envelope unchanged, unknown fields kept.
-        let local = shared.hub.publish(&recipient, &frame);
+        let local = shared
+            .hub
+            .publish_from(&recipient, &frame, Publisher::Client(client.client));
         let recipients = match shared.hub.cluster() {
             Some(cluster) if ask => {
                 let others = cluster.publish_counted(

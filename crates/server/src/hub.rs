@@ -5,18 +5,31 @@
 //! An envelope travels as a [`Frame`]: its gRPC message frame (the 5-byte
 //! prefix and the envelope's bytes exactly as the publisher sent them), one
 //! buffer shared by every subscriber. Each subscription has its own queue,
-//! bounded in envelopes and bytes; a full queue drops its oldest envelopes
-//! first (newer credentials matter more) and counts them. The bytes of an
+//! bounded in envelopes and bytes; a full queue drops envelopes of the
+//! publisher that holds the most of it, its oldest first (newer credentials
+//! matter more), and counts them: a flood to one key costs the flooder's
+//! envelopes, not those of the key's other peers. The bytes of an
 //! envelope count against the subscriber's client and the server from the
 //! moment they are queued until HTTP/2 has written them out (see
 //! [`Sub::take`]): a client whose budget is full loses its own envelopes, and
 //! only its own.
+//!
+//! Keys are spread over [`SHARDS`] maps, each behind its own lock, and a
+//! key's subscriptions are a list in which each knows its place: adding or
+//! removing one costs the same however many the key has, and touches the
+//! one shard of its key. A key is one peer, so it has few streams: at most
+//! `max_per_key` (`--max-subscriptions-per-key`). When a key is full, a
+//! client holding less than its fair share of it (the cap divided by the
+//! clients holding any, the newcomer included) still gets in, and the client
+//! holding the most loses its most recent one (ended with
+//! RESOURCE_EXHAUSTED); others are refused.
 
 use std::{
     collections::{HashMap, VecDeque},
+    hash::BuildHasher,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     task::Wake,
 };
@@ -27,7 +40,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
-    client::{Budget, ClientState, Exhausted, SlotGuard, reserve},
+    client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
     cluster::Cluster,
     metrics::Metrics,
 };
@@ -38,9 +51,10 @@ pub(crate) type Topic = [u8; 32];
 /// An envelope as a gRPC message frame: 5-byte prefix, then the envelope.
 pub(crate) type Frame = Bytes;
 
-/// What a queued or in-flight frame costs beyond its bytes: its handle in a
-/// queue, or the shared header HTTP/2 holds it by.
-const ENTRY_COST: usize = 48;
+/// What a queued or in-flight frame costs beyond its bytes: its slot in a
+/// queue (the buffer's handle and its publisher) and its share of the
+/// queue's bytes by publisher, or the shared header HTTP/2 holds it by.
+const ENTRY_COST: usize = 80;
 
 /// What one copy of `frame` counts against the budgets: its bytes (each
 /// subscriber's copy counts whole, although they share one buffer) and its entry.
@@ -103,11 +117,22 @@ impl Mailbox {
     }
 }
 
+/// Who published an envelope, for sharing a queue fairly between publishers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Publisher {
+    /// A client of this server.
+    Client(Client),
+    /// Another replica of the cluster.
+    Replicas,
+}
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Frame>,
+    queue: VecDeque<(Frame, Publisher)>,
     /// Bytes in `queue`.
     queued: usize,
+    /// Bytes in `queue` by publisher (a few publishers: a list).
+    by_publisher: Vec<(Publisher, usize)>,
     /// Bytes handed to HTTP/2 and not yet written.
     in_flight: usize,
     /// Since when envelopes have been waiting without any being taken.
@@ -125,6 +150,8 @@ struct State {
 pub(crate) enum Cut {
     /// Its key was removed from the allowed keys (docs/PROTOCOL.md §11).
     NotAllowed,
+    /// Its key was full and a client with less than its share of it came.
+    KeyFairShare,
 }
 
 impl State {
@@ -135,7 +162,44 @@ impl State {
     fn can_send(&self) -> bool {
         !self.queue.is_empty()
             && (self.in_flight == 0
-                || self.in_flight + cost(&self.queue[0]) <= IN_FLIGHT_PER_STREAM)
+                || self.in_flight + cost(&self.queue[0].0) <= IN_FLIGHT_PER_STREAM)
+    }
+
+    fn push(&mut self, frame: Frame, from: Publisher) {
+        let size = cost(&frame);
+        self.queued += size;
+        match self.by_publisher.iter_mut().find(|(p, _)| *p == from) {
+            Some((_, bytes)) => *bytes += size,
+            None => self.by_publisher.push((from, size)),
+        }
+        self.queue.push_back((frame, from));
+    }
+
+    /// Takes the queue's entry at `index` out.
+    fn remove(&mut self, index: usize) -> Option<Frame> {
+        let (frame, from) = self.queue.remove(index)?;
+        let size = cost(&frame);
+        self.queued -= size;
+        if let Some(at) = self.by_publisher.iter().position(|(p, _)| *p == from) {
+            self.by_publisher[at].1 -= size;
+            if self.by_publisher[at].1 == 0 {
+                self.by_publisher.swap_remove(at);
+            }
+        }
+        Some(frame)
+    }
+
+    /// The oldest envelope of the publisher holding the most bytes here,
+    /// counting `incoming` from `from` as held already: taken out.
+    fn drop_heaviest(&mut self, from: Publisher, incoming: usize) -> Option<Frame> {
+        let heaviest = self
+            .by_publisher
+            .iter()
+            .map(|&(p, bytes)| (p, bytes + if p == from { incoming } else { 0 }))
+            .max_by_key(|&(_, bytes)| bytes)?
+            .0;
+        let index = self.queue.iter().position(|(_, p)| *p == heaviest)?;
+        self.remove(index)
     }
 }
 
@@ -192,6 +256,12 @@ impl Offered {
 /// One subscription stream: its queue, and where its envelopes go.
 pub(crate) struct Sub {
     key: Topic,
+    /// When it was added (a number from the hub's counter): the most
+    /// recent of a client on a full key goes first.
+    seq: u64,
+    /// Its place in its key's list; [`NOT_LISTED`] once taken out. Changed
+    /// only under the lock of the key's shard.
+    index: AtomicUsize,
     client: Arc<ClientState>,
     server: Arc<Budget>,
     limits: QueueLimits,
@@ -206,10 +276,12 @@ impl Sub {
         &self.key
     }
 
-    /// Queues `frame`, dropping this queue's oldest envelopes to make room
-    /// within the queue's, the client's and the server's limits; drops
-    /// `frame` itself when even an empty queue would not make room.
-    pub(crate) fn offer(&self, frame: &Frame) -> Offered {
+    /// Queues `frame` from `from`, dropping envelopes of the publisher that
+    /// holds the most of this queue (its oldest first; `frame` counted as
+    /// its publisher's) to make room within the queue's, the client's and
+    /// the server's limits; drops `frame` itself when even an empty queue
+    /// would not make room.
+    pub(crate) fn offer(&self, frame: &Frame, from: Publisher) -> Offered {
         let size = cost(frame);
         let mut out = Offered::default();
         let mut state = self.state.lock();
@@ -243,19 +315,18 @@ impl Sub {
                     Err(Exhausted::Server) => Drop::ServerBudget,
                 }
             };
-            // Make room by dropping our oldest; when there is none, others
-            // hold the budget: drop the new one and keep the backlog.
-            let Some(old) = state.queue.pop_front() else {
+            // Make room by dropping the heaviest publisher's oldest; when
+            // there is none, others hold the budget: drop the new one and
+            // keep the backlog.
+            let Some(old) = state.drop_heaviest(from, size) else {
                 out.add(why);
                 return out;
             };
-            state.queued -= cost(&old);
             self.client.budget.release(cost(&old));
             self.server.release(cost(&old));
             out.add(why);
         }
-        state.queue.push_back(frame.clone());
-        state.queued += size;
+        state.push(frame.clone(), from);
         out.queued = 1;
         if state.waiting_since.is_none() {
             state.waiting_since = Some(Instant::now());
@@ -282,7 +353,7 @@ impl Sub {
             state.posted = false;
             return Take::Nothing;
         }
-        let len = cost(&state.queue[0]);
+        let len = cost(&state.queue[0].0);
         // A frame larger than the window goes alone, once the peer opened a
         // fair part of it (a largest envelope exceeds a default window).
         if len > window && (state.in_flight > 0 || window < len.min(LARGE_FRAME_WINDOW)) {
@@ -290,15 +361,15 @@ impl Sub {
             let room = IN_FLIGHT_PER_STREAM.saturating_sub(state.in_flight);
             return Take::Window(state.queued.min(room).max(len));
         }
-        let Some(frame) = state.queue.pop_front() else {
+        let Some(frame) = state.remove(0) else {
             state.posted = false;
             return Take::Nothing;
         };
-        state.queued -= cost(&frame);
         state.in_flight += cost(&frame);
         if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_SLOTS {
             // A burst grew it: do not keep that for an idle subscriber.
             state.queue.shrink_to(IDLE_QUEUE_SLOTS);
+            state.by_publisher.shrink_to(IDLE_QUEUE_SLOTS);
         }
         drop(state);
         Take::Frame(Bytes::from_owner(InFlight {
@@ -364,6 +435,7 @@ impl Sub {
         state.closed = true;
         let queued = std::mem::take(&mut state.queued);
         state.queue = VecDeque::new();
+        state.by_publisher = Vec::new();
         if state.waiting_since.take().is_some() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
@@ -403,14 +475,49 @@ impl std::ops::Drop for InFlight {
     }
 }
 
+/// The place of a subscription no longer in its key's list.
+const NOT_LISTED: usize = usize::MAX;
+
+/// Locks the keys are spread over: changes to different keys seldom wait
+/// for each other.
+pub(crate) const SHARDS: usize = 64;
+
+/// One shard: keys and their subscriptions.
+type Shard = Mutex<HashMap<Topic, Vec<Arc<Sub>>>>;
+
 struct Inner {
-    topics: Mutex<HashMap<Topic, Arc<[Arc<Sub>]>>>,
+    shards: Box<[Shard]>,
+    /// Picks a key's shard; seeded at random, so that nobody can choose keys
+    /// that all land in one.
+    hasher: std::hash::RandomState,
     limits: QueueLimits,
+    /// Most subscriptions of one key.
+    max_per_key: usize,
+    /// Numbers subscriptions in the order they were added.
+    next_seq: AtomicU64,
     server: Arc<Budget>,
     metrics: Arc<Metrics>,
     /// The other replicas: a key's first and last subscriber here start
     /// and end its NATS subscription.
     cluster: Option<Arc<Cluster>>,
+}
+
+impl Inner {
+    fn shard(&self, key: &Topic) -> &Shard {
+        let n = self.hasher.hash_one(key) as usize % self.shards.len();
+        &self.shards[n]
+    }
+}
+
+/// A key has all the subscriptions it may, and the client holds its share.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "key {key} has reached the limit of {limit} subscriptions, and {client} holds its share of them"
+)]
+pub(crate) struct KeyFull {
+    key: cunicu_signal::Key,
+    limit: usize,
+    client: Client,
 }
 
 /// Subscriptions by key. Cheap to clone.
@@ -422,14 +529,18 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(
         limits: QueueLimits,
+        max_per_key: usize,
         server: Arc<Budget>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Hub {
             inner: Arc::new(Inner {
-                topics: Mutex::new(HashMap::new()),
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher: std::hash::RandomState::new(),
                 limits,
+                max_per_key: max_per_key.max(1),
+                next_seq: AtomicU64::new(0),
                 server,
                 metrics,
                 cluster,
@@ -450,7 +561,7 @@ impl Hub {
     /// Adds a subscription to `key` whose envelopes are announced to
     /// `mailbox` as `slot`; `slot_guard` is its place in the limits. It ends
     /// when the returned handle drops. Returns the handle and whether it is
-    /// the key's first subscription here.
+    /// the key's first subscription here, or [`KeyFull`] (counted).
     pub(crate) fn subscribe(
         &self,
         key: Topic,
@@ -458,54 +569,82 @@ impl Hub {
         slot_guard: SlotGuard,
         mailbox: Arc<Mailbox>,
         slot: usize,
-    ) -> (Subscription, bool) {
+    ) -> Result<(Subscription, bool), KeyFull> {
+        let inner = &*self.inner;
         let sub = Arc::new(Sub {
             key,
+            seq: inner.next_seq.fetch_add(1, Relaxed),
+            index: AtomicUsize::new(NOT_LISTED),
             client,
-            server: self.inner.server.clone(),
-            limits: self.inner.limits,
+            server: inner.server.clone(),
+            limits: inner.limits,
             mailbox,
             slot,
             state: Mutex::new(State::default()),
         });
-        let first = {
-            let mut topics = self.inner.topics.lock();
-            let list = topics.entry(key).or_insert_with(|| Arc::from([]));
+        let (first, evicted) = {
+            let mut shard = inner.shard(&key).lock();
+            let list = shard.entry(key).or_default();
             let first = list.is_empty();
-            let mut next = Vec::with_capacity(list.len() + 1);
-            next.extend(list.iter().cloned());
-            next.push(sub.clone());
-            *list = next.into();
+            let evicted = if list.len() >= inner.max_per_key {
+                let Some(evicted) = make_room(list, sub.client.client, inner.max_per_key) else {
+                    drop(shard);
+                    inner.metrics.reject_for("too_many_key_subscriptions");
+                    return Err(KeyFull {
+                        key: cunicu_signal::Key::from(key),
+                        limit: inner.max_per_key,
+                        client: sub.client.client,
+                    });
+                };
+                Some(evicted)
+            } else {
+                None
+            };
+            sub.index.store(list.len(), Relaxed);
+            list.push(sub.clone());
             // Under the lock: a last subscriber going at the same time cannot
             // unsubscribe after this subscribes.
-            if first && let Some(cluster) = &self.inner.cluster {
+            if first && let Some(cluster) = &inner.cluster {
                 cluster.watch(key);
             }
-            first
+            (first, evicted)
         };
-        let metrics = &self.inner.metrics;
+        if let Some(evicted) = evicted {
+            // Its connection task ends the stream; its handle, dropped
+            // there, finds it out of the list already.
+            evicted.cut_for(Cut::KeyFairShare);
+        }
+        let metrics = &inner.metrics;
         metrics.subscriptions.inc();
         if first {
             metrics.topics.inc();
         }
-        (
+        Ok((
             Subscription {
                 hub: self.clone(),
                 sub,
                 _slot: slot_guard,
             },
             first,
-        )
+        ))
     }
 
-    /// Queues `frame` for every subscription of `key`.
+    /// Queues `frame`, from another replica, for every subscription of `key`.
     pub(crate) fn publish(&self, key: &Topic, frame: &Frame) -> Fanout {
-        let Some(subs) = self.inner.topics.lock().get(key).cloned() else {
-            return Fanout::default();
+        self.publish_from(key, frame, Publisher::Replicas)
+    }
+
+    /// Queues `frame`, published by `from`, for every subscription of `key`.
+    pub(crate) fn publish_from(&self, key: &Topic, frame: &Frame, from: Publisher) -> Fanout {
+        // A copy of the list (at most `max_per_key`), so that the offers,
+        // which take each queue's lock, run outside the shard's.
+        let subs: Vec<Arc<Sub>> = match self.inner.shard(key).lock().get(key) {
+            Some(list) => list.clone(),
+            None => return Fanout::default(),
         };
         let mut offered = Offered::default();
-        for sub in subs.iter() {
-            offered.merge(sub.offer(frame));
+        for sub in &subs {
+            offered.merge(sub.offer(frame, from));
         }
         let metrics = &self.inner.metrics;
         if offered.queue_full + offered.client_budget + offered.server_budget > 0 {
@@ -522,23 +661,49 @@ impl Hub {
     /// Ends every subscription of `keys` (their connection tasks send the
     /// status); returns how many there were.
     pub(crate) fn cut(&self, keys: &[Topic], why: Cut) -> usize {
-        let subs: Vec<Arc<Sub>> = {
-            let topics = self.inner.topics.lock();
-            keys.iter()
-                .filter_map(|k| topics.get(k))
-                .flat_map(|list| list.iter().cloned())
-                .collect()
-        };
+        let subs: Vec<Arc<Sub>> = keys
+            .iter()
+            .flat_map(|k| {
+                self.inner
+                    .shard(k)
+                    .lock()
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
         for sub in &subs {
             sub.cut_for(why);
         }
         subs.len()
     }
 
+    /// Takes `sub` out of its key's list; returns whether it was the last.
+    fn remove(&self, sub: &Arc<Sub>) -> bool {
+        let inner = &*self.inner;
+        let mut shard = inner.shard(&sub.key).lock();
+        let index = sub.index.swap(NOT_LISTED, Relaxed);
+        if index == NOT_LISTED {
+            return false;
+        }
+        let Some(list) = shard.get_mut(&sub.key) else {
+            return false;
+        };
+        take_out(list, index);
+        if !list.is_empty() {
+            return false;
+        }
+        shard.remove(&sub.key);
+        if let Some(cluster) = &inner.cluster {
+            cluster.unwatch(&sub.key);
+        }
+        true
+    }
+
     /// Number of keys with subscriptions.
     #[cfg(test)]
     pub(crate) fn topic_count(&self) -> usize {
-        self.inner.topics.lock().len()
+        self.inner.shards.iter().map(|s| s.lock().len()).sum()
     }
 }
 
@@ -549,6 +714,42 @@ pub(crate) struct Fanout {
     pub(crate) subscriptions: usize,
     /// Those whose queue took the envelope: its recipients.
     pub(crate) queued: usize,
+}
+
+/// Removes the subscription at `index` of `list` in O(1): the last one takes its place.
+fn take_out(list: &mut Vec<Arc<Sub>>, index: usize) -> Arc<Sub> {
+    let gone = list.swap_remove(index);
+    if let Some(moved) = list.get(index) {
+        moved.index.store(index, Relaxed);
+    }
+    gone
+}
+
+/// A full key's list and a newcomer from `client`: if the newcomer holds
+/// less than its fair share, takes the most recent subscription of the
+/// client that holds the most out of `list` and returns it. O(`max`): only
+/// on a full key.
+fn make_room(list: &mut Vec<Arc<Sub>>, client: Client, max: usize) -> Option<Arc<Sub>> {
+    let mut held: HashMap<Client, usize> = HashMap::new();
+    for sub in list.iter() {
+        *held.entry(sub.client.client).or_default() += 1;
+    }
+    let mine = held.get(&client).copied().unwrap_or(0);
+    let holders = held.len() + usize::from(mine == 0);
+    // mine < max / holders, without fractions.
+    if mine * holders >= max {
+        return None;
+    }
+    let (&heaviest, _) = held.iter().max_by_key(|&(_, n)| *n)?;
+    let index = list
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.client.client == heaviest)
+        .max_by_key(|(_, s)| s.seq)
+        .map(|(i, _)| i)?;
+    let evicted = take_out(list, index);
+    evicted.index.store(NOT_LISTED, Relaxed);
+    Some(evicted)
 }
 
 /// A subscription in the hub; dropping it unsubscribes and frees its queue.
@@ -566,28 +767,7 @@ impl Subscription {
 
 impl std::ops::Drop for Subscription {
     fn drop(&mut self) {
-        let key = self.sub.key;
-        let last = {
-            let mut topics = self.hub.inner.topics.lock();
-            let mut last = false;
-            if let Some(list) = topics.get_mut(&key) {
-                let next: Vec<Arc<Sub>> = list
-                    .iter()
-                    .filter(|s| !Arc::ptr_eq(s, &self.sub))
-                    .cloned()
-                    .collect();
-                if next.is_empty() {
-                    topics.remove(&key);
-                    last = true;
-                    if let Some(cluster) = &self.hub.inner.cluster {
-                        cluster.unwatch(&key);
-                    }
-                } else {
-                    *list = next.into();
-                }
-            }
-            last
-        };
+        let last = self.hub.remove(&self.sub);
         let metrics = &self.hub.inner.metrics;
         metrics.subscriptions.dec();
         if last {
@@ -649,6 +829,7 @@ mod tests {
                 depth,
                 bytes: queue_bytes,
             },
+            4,
             Arc::new(Budget::new(server_bytes)),
             metrics.clone(),
             None,
@@ -669,6 +850,16 @@ mod tests {
             mailbox: &Arc<Mailbox>,
             slot: usize,
         ) -> Subscription {
+            self.try_subscribe(key, ip, mailbox, slot).unwrap()
+        }
+
+        fn try_subscribe(
+            &mut self,
+            key: u8,
+            ip: &str,
+            mailbox: &Arc<Mailbox>,
+            slot: usize,
+        ) -> Result<Subscription, KeyFull> {
             let client = crate::client::Client::of(ip.parse::<IpAddr>().unwrap());
             let conn = self.clients.connect(client).unwrap();
             let state = conn.state().clone();
@@ -676,7 +867,7 @@ mod tests {
             let guard = self.clients.subscribe(client).unwrap();
             self.hub
                 .subscribe([key; 32], state, guard, mailbox.clone(), slot)
-                .0
+                .map(|(s, _)| s)
         }
     }
 
@@ -758,7 +949,7 @@ mod tests {
         }
         let seqs = |s: &Subscription| {
             let state = s.sub().state.lock();
-            state.queue.iter().map(|f| f[5]).collect::<Vec<_>>()
+            state.queue.iter().map(|(f, _)| f[5]).collect::<Vec<_>>()
         };
         // Client A needs two copies of each and may hold 3 in all: it lost
         // some of its own; B, holding 3 of its own 3, lost nothing.
@@ -786,11 +977,11 @@ mod tests {
         let fanout = f.hub.publish(&[2; 32], &frame(10, 2000));
         assert_eq!((fanout.subscriptions, fanout.queued), (1, 0));
         assert_eq!(b.sub().state.lock().queue.len(), 1);
-        assert_eq!(b.sub().state.lock().queue[0][5], 9);
+        assert_eq!(b.sub().state.lock().queue[0].0[5], 9);
         assert_eq!(f.metrics.server_budget.get(), 1);
         // One of the same size takes the place of b's oldest.
         f.hub.publish(&[2; 32], &frame(11, 1000));
-        assert_eq!(b.sub().state.lock().queue[0][5], 11);
+        assert_eq!(b.sub().state.lock().queue[0].0[5], 11);
         assert_eq!(f.metrics.server_budget.get(), 2);
         drop((a, b));
         assert_eq!(f.hub.budget().used(), 0);
@@ -806,8 +997,83 @@ mod tests {
         drop(a);
         assert_eq!(f.hub.budget().used(), 0);
         // A publisher that copied the list before the end offers late.
-        assert_eq!(sub.offer(&frame(2, 10)), Offered::default());
+        assert_eq!(
+            sub.offer(&frame(2, 10), Publisher::Replicas),
+            Offered::default()
+        );
         assert!(matches!(sub.take(usize::MAX), Take::Nothing));
         assert_eq!(f.hub.budget().used(), 0, "no bytes left behind");
+    }
+
+    #[test]
+    fn a_full_key_admits_a_client_below_its_share_at_the_heaviest_cost() {
+        let mut f = fixture(4, 1 << 20, 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        // Four of one client fill the key (the fixture's cap is 4).
+        let a: Vec<Subscription> = (0..4)
+            .map(|slot| f.subscribe(1, "192.0.2.1", &mailbox, slot))
+            .collect();
+        assert!(f.try_subscribe(1, "192.0.2.1", &mailbox, 9).is_err());
+        assert_eq!(
+            f.metrics
+                .rejected
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "too_many_key_subscriptions"
+                })
+                .get(),
+            1
+        );
+        // A newcomer gets in; A's most recent goes.
+        let b = f.subscribe(1, "192.0.2.2", &mailbox, 10);
+        assert_eq!(a[3].sub().cut(), Some(Cut::KeyFairShare));
+        assert!(a[..3].iter().all(|s| s.sub().cut().is_none()));
+        assert_eq!(f.hub.publish(&[1; 32], &frame(1, 10)), 4);
+        // B holds 1 of 4 with two holders: below its share of 2, it gets one more.
+        let b2 = f.subscribe(1, "192.0.2.2", &mailbox, 11);
+        assert_eq!(a[2].sub().cut(), Some(Cut::KeyFairShare));
+        // Now both hold 2: neither may take more.
+        assert!(f.try_subscribe(1, "192.0.2.2", &mailbox, 12).is_err());
+        assert!(f.try_subscribe(1, "192.0.2.1", &mailbox, 13).is_err());
+        // Dropping the cut ones (their handles) changes nothing in the list.
+        let mut a = a;
+        a.truncate(2);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(2, 10)), 4);
+        // Removing in any order keeps every place right.
+        drop(b);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(3, 10)), 3);
+        drop(a);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(4, 10)), 1);
+        drop(b2);
+        assert_eq!(f.hub.topic_count(), 0);
+        assert_eq!(f.hub.budget().used(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_heaviest_publishers_envelopes_first() {
+        let mut f = fixture(100, 10 * cost(&frame(0, 1000)), 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        let victim = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        let peer = Publisher::Client(crate::client::Client::of([192, 0, 2, 2].into()));
+        let flooder = Publisher::Client(crate::client::Client::of([192, 0, 2, 3].into()));
+        // The peer's envelopes come between the flood's, which is 30 times as much.
+        for n in 0..30u8 {
+            if n % 10 == 0 {
+                f.hub.publish_from(&[1; 32], &frame(200 + n, 1000), peer);
+            }
+            f.hub.publish_from(&[1; 32], &frame(n, 1000), flooder);
+        }
+        let got: Vec<u8> = drain(victim.sub()).iter().map(|f| f[5]).collect();
+        // The peer's three stay; the flood keeps its newest seven.
+        assert_eq!(got.iter().filter(|&&b| b >= 200).count(), 3, "{got:?}");
+        assert_eq!(
+            got.iter()
+                .filter(|&&b| b < 200)
+                .copied()
+                .collect::<Vec<_>>(),
+            (23..30).collect::<Vec<u8>>()
+        );
+        assert_eq!(f.metrics.queue_full.get(), 23);
+        drop(victim);
+        assert_eq!(f.hub.budget().used(), 0);
     }
 }

@@ -165,9 +165,10 @@ impl Server {
         ));
         let connections = TaskTracker::new();
         let cluster = match &config.cluster {
-            Some(cluster) => {
-                Some(cluster::Cluster::connect(cluster, metrics.clone(), &connections).await?)
-            }
+            Some(cluster) => Some(
+                cluster::Cluster::connect(cluster, budget.clone(), metrics.clone(), &connections)
+                    .await?,
+            ),
             None => None,
         };
         let hub = hub::Hub::new(
@@ -175,6 +176,7 @@ impl Server {
                 depth: config.queue_depth,
                 bytes: config.queue_bytes,
             },
+            config.max_subscriptions_per_key,
             budget,
             metrics.clone(),
             cluster.clone(),
@@ -213,7 +215,7 @@ impl Server {
         let auth = Arc::new(auth::Auth::new(
             config.auth,
             server_key,
-            config.auth_skew,
+            (config.auth_skew, config.auth_future_skew),
             allowed,
             metrics.clone(),
         ));
@@ -272,27 +274,33 @@ impl Server {
                 }
             });
         }
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let service_error = |service, e: tonic_reflection::server::Error| ServerError::Service {
-            service,
-            reason: e.to_string(),
-        };
-        let reflection_v1 = reflection()
-            .build_v1()
-            .map_err(|e| service_error("reflection v1", e))?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .map_err(|e| service_error("reflection v1alpha", e))?;
-        let routes = tonic::service::Routes::new(signaling)
+        let mut routes = tonic::service::Routes::new(signaling)
             .add_service(relays)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .prepare();
+            .add_service(health_service);
+        // Off by default: its answers are tens of KiB for a request of a few
+        // bytes, a lever for anyone who wants the server to send much.
+        if config.reflection {
+            let reflection = || {
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            };
+            let service_error =
+                |service, e: tonic_reflection::server::Error| ServerError::Service {
+                    service,
+                    reason: e.to_string(),
+                };
+            let reflection_v1 = reflection()
+                .build_v1()
+                .map_err(|e| service_error("reflection v1", e))?;
+            let reflection_v1alpha = reflection()
+                .build_v1alpha()
+                .map_err(|e| service_error("reflection v1alpha", e))?;
+            routes = routes
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha);
+        }
+        let routes = routes.prepare();
 
         let shared = Arc::new(conn::Shared {
             hub: hub.clone(),
@@ -309,7 +317,11 @@ impl Server {
             },
             max_envelope_size: config.max_envelope_size,
             h2: config.h2_builder(),
-            tls,
+            tls: tls.map(|acceptor| conn::Tls {
+                acceptor,
+                in_progress: Arc::new(tokio::sync::Semaphore::new(config.max_tls_handshakes)),
+                rate: governor::RateLimiter::direct(config.tls_handshake_rate.quota()),
+            }),
             response_headers,
             auth: auth.clone(),
             recipients: conn::Recipients {

@@ -67,10 +67,11 @@ pub struct Metrics {
     /// `bad_box`, `wrong_key`, `expired`, `replayed`, `low_order`,
     /// `not_allowed`, `cache_full`).
     pub auth: Family<AuthResult, Counter>,
-    /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`).
+    /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
+    /// `key_fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
-    /// `connection_rate`).
+    /// `connection_rate`, `tls_handshake_rate`).
     pub connections_refused: Family<Reason, Counter>,
     /// Connections the server closed, by reason (`handshake_timeout`, `idle`,
     /// `keepalive_timeout`).
@@ -164,7 +165,8 @@ impl Metrics {
         registry.register(
             "signaling_cluster_dropped",
             "Envelopes not sent to or not taken from NATS: buffer_full (NATS away long), \
-             publish_failed, slow_consumer, invalid, own, closed",
+             server_budget, nats_buffer_full (NATS hung or away), publish_failed, \
+             slow_consumer, invalid, own, closed",
             cluster_dropped.clone(),
         );
         registry.register(

@@ -17,7 +17,7 @@ use cunicu_signal::{
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::{auth::Auth, conn::key_field, metrics::Metrics, relay::Relay};
+use crate::{auth::Auth, client::Client, conn::key_field, metrics::Metrics, relay::Relay};
 
 /// The version, commit and build date of this server.
 pub fn build_info() -> BuildInfo {
@@ -85,10 +85,17 @@ impl RelayRegistry for RelayService {
             "public",
             &request.get_ref().public_key,
         )?);
+        // The connection put its client there (see `bridge`).
+        let client = request
+            .extensions()
+            .get::<Client>()
+            .copied()
+            .ok_or_else(|| Status::internal("the call came without its client"))?;
         self.auth.check(
             request.metadata().as_ref(),
             "/cunicu.signaling.RelayRegistry/GetRelays",
             &key,
+            client,
         )?;
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

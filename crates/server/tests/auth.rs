@@ -452,6 +452,67 @@ async fn the_allowed_keys_follow_their_file() -> Result<()> {
     Ok(())
 }
 
+/// An allow-keys file rewritten in place: truncated, then written again with
+/// the same keys 1.2 s later (as an editor or a `>` redirection may). Before,
+/// the reload saw an empty file, cut the allowed subscriber and refused its
+/// publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_read_while_it_is_written_cuts_nobody() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("allowed");
+    let alice = Key::generate();
+    let list = format!("{}\n", alice.public_key());
+    std::fs::write(&path, &list)?;
+    let f = start(AuthMode::Required, Some(&path)).await;
+    let channel = f.channel().await;
+    let mut client = SignalingClient::new(channel.clone());
+    let key = alice.public_key();
+    let mut stream = client
+        .subscribe(with_proof(
+            SubscribeParams {
+                key: key.as_bytes().to_vec(),
+            },
+            Some(&prove(&alice, &f.public(), SUBSCRIBE, now())?),
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(stream.message().await?, Some(Envelope::default()));
+    // Truncated; the keys come back 1.2 s later. Alice publishes to herself
+    // every 100 ms throughout, and for a while after.
+    std::fs::File::create(&path)?;
+    let rewrite = {
+        let (path, list) = (path.clone(), list.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            std::fs::write(&path, list)
+        })
+    };
+    let mut sent = 0u32;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let proof = prove(&alice, &f.public(), PUBLISH, now())?;
+        client
+            .publish(with_proof(envelope(&key, *key.as_bytes()), Some(&proof)))
+            .await
+            .map_err(|status| anyhow::anyhow!("publish {sent} refused: {status:?}"))?;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rewrite.await??;
+    for n in 0..sent {
+        let got = timeout(WAIT, stream.message())
+            .await?
+            .map_err(|status| anyhow::anyhow!("stream ended after {n} of {sent}: {status:?}"))?;
+        assert_eq!(got, Some(envelope(&key, *key.as_bytes())), "envelope {n}");
+    }
+    let text = f.server.metrics().encode();
+    assert!(
+        !text.contains("signaling_subscribers_cut_total{reason=\"not_allowed\"}"),
+        "{text}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn settings_that_cannot_work_are_refused() {
     let mut config = Config::default();

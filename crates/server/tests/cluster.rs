@@ -730,3 +730,77 @@ async fn recipient_counts_add_up_over_every_replica() {
     let (count, _) = publish_asking(&r[2], key).await;
     assert_eq!(count, Some(4));
 }
+
+/// Resident memory of this process (the replica runs in it).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// NATS hung (SIGSTOP) while 60 addresses publish 60 KB envelopes, each
+/// within its own rates. Before, the queue to NATS and the NATS client's
+/// buffer were bounded in envelopes (4 096 each), not bytes, and outside
+/// the server's budget: a replica grew by hundreds of MiB. Now what waits
+/// for NATS takes from the server's budget, and the NATS client is handed
+/// at most 4 MiB it has not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_nats_holds_no_more_than_the_budget() {
+    let nats = Nats::start().await;
+    let server = replica("a", vec![nats.url()]).await;
+    let baseline = rss_kib();
+    nats.signal("STOP");
+    struct Resume<'a>(&'a Nats);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal("CONT");
+        }
+    }
+    let _resume = Resume(&nats);
+    let mut tasks = tokio::task::JoinSet::new();
+    for address in 0..60u8 {
+        let endpoint = Channel::from_shared(format!("http://{}", server.local_addr()))
+            .expect("uri")
+            .local_address(Some([127, 0, 1, 10 + address].into()));
+        tasks.spawn(async move {
+            let mut client = SignalingClient::new(endpoint.connect().await.expect("connects"));
+            let mut sent = 0u32;
+            for n in 0..64u32 {
+                let mut envelope = envelope([100 + address; 32], address, n);
+                if let Some(contents) = envelope.contents.as_mut() {
+                    contents.body = vec![address; 60_000];
+                }
+                if client.publish(envelope).await.is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+    }
+    let sent: u32 = timeout(WAIT * 2, tasks.join_all())
+        .await
+        .expect("published in time")
+        .into_iter()
+        .sum();
+    assert!(sent >= 60 * 60, "{sent} publishes accepted");
+    let grown = rss_kib().saturating_sub(baseline);
+    let text = server.metrics().encode();
+    // The budget (64 MiB), the NATS client's 4 MiB, and room for the test's
+    // own clients and the allocator.
+    assert!(
+        grown <= 128 * 1024,
+        "grew by {grown} KiB with NATS hung\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| (l
+            .starts_with("signaling_cluster_dropped_total{reason=\"server_budget\"}")
+            || l.starts_with("signaling_cluster_dropped_total{reason=\"nats_buffer_full\"}"))
+            && !l.ends_with(" 0")),
+        "nothing dropped for the bound\n{text}"
+    );
+    drop(_resume);
+    wait_health(&server, ServingStatus::Serving).await;
+}

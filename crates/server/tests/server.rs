@@ -327,7 +327,9 @@ async fn a_stream_the_server_cannot_end_ends_when_the_grace_runs_out() -> Result
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest,
     };
-    let server = start(config()).await;
+    let mut config = config();
+    config.reflection = true;
+    let server = start(config).await;
     let channel = Channel::from_shared(format!("http://{}", server.local_addr()))?
         .connect()
         .await?;
@@ -610,6 +612,7 @@ async fn graceful_shutdown_ends_open_streams() -> Result<()> {
 #[tokio::test]
 async fn build_info_relays_health_reflection_and_metrics() -> Result<()> {
     let mut config = config();
+    config.reflection = true;
     config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.relays = vec![
         "stun:stun.example.com:3478".parse::<Relay>()?,
@@ -679,6 +682,16 @@ async fn build_info_relays_health_reflection_and_metrics() -> Result<()> {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
+    // Without --reflection there is none.
+    let plain = start(self::config()).await;
+    let plain = Channel::from_shared(format!("http://{}", plain.local_addr()))?
+        .connect()
+        .await?;
+    let status = ServerReflectionClient::new(plain)
+        .server_reflection_info(futures::stream::iter([request.clone()]))
+        .await
+        .expect_err("no reflection by default");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     let mut responses = ServerReflectionClient::new(channel.clone())
         .server_reflection_info(futures::stream::iter([request]))
         .await?

@@ -111,12 +111,19 @@ impl<'a> Proof<'a> {
                 Err(_) => return Err(ProofError::BadBox),
             },
         };
-        let plain = shared
-            .open_box(&self.nonce, self.sealed)
-            .ok_or(ProofError::BadBox)?;
+        let proven = self.open_with(&shared)?;
         if !cached {
             cache.insert(server, &self.key, shared);
         }
+        Ok(proven)
+    }
+
+    /// Opens the proof with the shared key of (server, claimed key), which
+    /// the caller computed or looked up itself.
+    pub fn open_with(&self, shared: &SharedKey) -> Result<Proven, ProofError> {
+        let plain = shared
+            .open_box(&self.nonce, self.sealed)
+            .ok_or(ProofError::BadBox)?;
         let rest = plain
             .strip_prefix(CONTEXT)
             .and_then(|r| r.strip_prefix(&[0]))

@@ -214,6 +214,18 @@ impl Nats {
         }
     }
 
+    /// Sends the server a signal (`STOP`, `CONT`) by `kill`.
+    pub fn signal(&self, name: &str) {
+        let Some(pid) = self.child.as_ref().and_then(|c| c.id()) else {
+            return;
+        };
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{name} {pid}");
+    }
+
     /// Starts it again on the same ports.
     pub async fn restart(&mut self) {
         self.kill().await;
