@@ -122,7 +122,8 @@ pub(crate) enum Outcome {
     /// The client holds all the nonces it may.
     ClientQuota,
     /// The client sends proofs of unknown keys faster than it may.
-    UnknownKeyRate,
+    /// Proofs of unseen keys too fast; the wait until the client's bucket has room.
+    UnknownKeyRate(Duration),
 }
 
 impl Outcome {
@@ -140,7 +141,7 @@ impl Outcome {
             Outcome::CacheFull => "cache_full",
             Outcome::KeyQuota => "key_quota",
             Outcome::ClientQuota => "client_quota",
-            Outcome::UnknownKeyRate => "unknown_key_rate",
+            Outcome::UnknownKeyRate(_) => "unknown_key_rate",
         }
     }
 
@@ -173,11 +174,16 @@ impl Outcome {
             Outcome::ClientQuota => format!(
                 "this client has {NONCES_PER_CLIENT} proofs remembered, all it may: try again shortly"
             ),
-            Outcome::UnknownKeyRate => {
-                return Status::resource_exhausted(format!(
+            Outcome::UnknownKeyRate(wait) => {
+                let mut status = Status::resource_exhausted(format!(
                     "this client sends proofs of keys the server has not seen faster than \
                      {UNKNOWN_KEYS_PER_SECOND} per second"
                 ));
+                status.metadata_mut().insert(
+                    cunicu_signal::backend::grpc::PUSHBACK_METADATA,
+                    crate::client::pushback_ms(wait).into(),
+                );
+                return status;
             }
         };
         Status::unauthenticated(message)
@@ -414,8 +420,10 @@ impl Auth {
         if let Some(shared) = self.unproven.lock().get(key) {
             return Ok((shared.clone(), false));
         }
-        if self.unknown_keys.check_key(&client).is_err() {
-            return Err(Outcome::UnknownKeyRate);
+        if let Err(not_until) = self.unknown_keys.check_key(&client) {
+            use governor::clock::Clock as _;
+            let wait = not_until.wait_time_from(self.unknown_keys.clock().now());
+            return Err(Outcome::UnknownKeyRate(wait));
         }
         if self.unknown_keys.len() > UNKNOWN_KEY_CLIENTS {
             self.unknown_keys.retain_recent();

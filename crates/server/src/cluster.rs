@@ -643,7 +643,7 @@ async fn publish_all(
             }
         }
         unflushed += next.envelope.len();
-        
+
         let subject = subject(&prefix, &next.key);
         let publish = async {
             match next.reply {

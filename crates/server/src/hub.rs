@@ -1027,7 +1027,7 @@ mod tests {
         let b = f.subscribe(1, "192.0.2.2", &mailbox, 10);
         assert_eq!(a[3].sub().cut(), Some(Cut::KeyFairShare));
         assert!(a[..3].iter().all(|s| s.sub().cut().is_none()));
-        assert_eq!(f.hub.publish(&[1; 32], &frame(1, 10)), 4);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(1, 10)).subscriptions, 4);
         // B holds 1 of 4 with two holders: below its share of 2, it gets one more.
         let b2 = f.subscribe(1, "192.0.2.2", &mailbox, 11);
         assert_eq!(a[2].sub().cut(), Some(Cut::KeyFairShare));
@@ -1037,12 +1037,12 @@ mod tests {
         // Dropping the cut ones (their handles) changes nothing in the list.
         let mut a = a;
         a.truncate(2);
-        assert_eq!(f.hub.publish(&[1; 32], &frame(2, 10)), 4);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(2, 10)).subscriptions, 4);
         // Removing in any order keeps every place right.
         drop(b);
-        assert_eq!(f.hub.publish(&[1; 32], &frame(3, 10)), 3);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(3, 10)).subscriptions, 3);
         drop(a);
-        assert_eq!(f.hub.publish(&[1; 32], &frame(4, 10)), 1);
+        assert_eq!(f.hub.publish(&[1; 32], &frame(4, 10)).subscriptions, 1);
         drop(b2);
         assert_eq!(f.hub.topic_count(), 0);
         assert_eq!(f.hub.budget().used(), 0);
