@@ -24,41 +24,62 @@ pub fn listeners() -> std::io::Result<Listeners> {
 
 /// Tells systemd the server is ready (and what it listens on).
 pub fn ready(status: &str) {
-    send(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(status),
-    ]);
+    send(&format!("READY=1\nSTATUS={status}\n"));
 }
 
 /// Tells systemd the server is stopping.
 pub fn stopping() {
-    send(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("draining"),
-    ]);
+    send("STOPPING=1\nSTATUS=draining\n");
 }
 
 /// While the unit sets `WatchdogSec`, tells systemd every half of it that
 /// the server is alive (the runtime runs tasks), until `stop`.
 pub fn watchdog(stop: CancellationToken) -> Option<AbortOnDropHandle<()>> {
-    let every = sd_notify::watchdog_enabled()? / 2;
+    let every = watchdog_interval()? / 2;
     let every = every.max(Duration::from_millis(10));
     Some(AbortOnDropHandle::new(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => send(&[sd_notify::NotifyState::Watchdog]),
+                _ = tick.tick() => send("WATCHDOG=1\n"),
             }
         }
     })))
 }
 
-fn send(state: &[sd_notify::NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
+/// `WATCHDOG_USEC`, if it is meant for this process (`WATCHDOG_PID`).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => (usec > 0).then(|| Duration::from_micros(usec)),
     }
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!("cannot notify systemd: {e}");
+}
+
+/// One datagram to `$NOTIFY_SOCKET` (a path, or `@` and an abstract name),
+/// without blocking: a service manager that does not read loses it rather
+/// than stalling the server.
+fn send(message: &str) {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = net::UnixDatagram::unbound().and_then(|socket| {
+        socket.set_nonblocking(true)?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        match bytes.strip_prefix(b"@") {
+            Some(name) => socket.send_to_addr(
+                message.as_bytes(),
+                &net::SocketAddr::from_abstract_name(name)?,
+            ),
+            None => socket.send_to(message.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(
+            "cannot notify systemd at {}: {e}",
+            std::path::Path::new(&path).display()
+        );
     }
 }
