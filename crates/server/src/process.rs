@@ -20,7 +20,7 @@ struct Sample {
     cpu_seconds: f64,
     resident_bytes: i64,
     virtual_bytes: i64,
-    start_time_seconds: i64,
+    start_time_seconds: Option<i64>,
     open_fds: i64,
     max_fds: Option<i64>,
 }
@@ -28,10 +28,11 @@ struct Sample {
 impl Sample {
     fn read() -> Option<Sample> {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let boot_time = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<i64>().ok())?;
+        // Hidden by systemd's ProcSubset=pid: then there is no start time.
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<i64>().ok())
+        });
         let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
         let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
         let ticks = rustix::param::clock_ticks_per_second();
@@ -46,7 +47,7 @@ impl Sample {
 
 /// `/proc/self/stat`: the fields after the command name (which may hold
 /// spaces and parentheses) are counted from its closing parenthesis.
-fn parse_stat(stat: &str, ticks: u64, page: usize, boot_time: i64) -> Option<Sample> {
+fn parse_stat(stat: &str, ticks: u64, page: usize, boot_time: Option<i64>) -> Option<Sample> {
     let after = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Field n of proc(5) is fields[n - 3].
@@ -59,7 +60,7 @@ fn parse_stat(stat: &str, ticks: u64, page: usize, boot_time: i64) -> Option<Sam
         cpu_seconds,
         virtual_bytes: i64::try_from(field(23)?).ok()?,
         resident_bytes: i64::try_from(field(24)?.saturating_mul(page)).ok()?,
-        start_time_seconds: boot_time + start,
+        start_time_seconds: boot_time.map(|boot| boot + start),
         open_fds: 0,
         max_fds: None,
     })
@@ -101,7 +102,7 @@ impl Collector for ProcessCollector {
             (
                 "process_start_time_seconds",
                 "Start time of the process since the Unix epoch in seconds",
-                Some(s.start_time_seconds),
+                s.start_time_seconds,
             ),
             (
                 "process_open_fds",
@@ -133,11 +134,11 @@ mod tests {
         // cmajflt utime stime cutime cstime priority nice threads itrealvalue starttime vsize rss
         let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1000 \
                     123456789 2048 18446744073709551615";
-        let s = parse_stat(stat, 100, 4096, 1_700_000_000).unwrap();
+        let s = parse_stat(stat, 100, 4096, Some(1_700_000_000)).unwrap();
         assert_eq!(s.cpu_seconds, 3.0);
         assert_eq!(s.resident_bytes, 2048 * 4096);
         assert_eq!(s.virtual_bytes, 123_456_789);
-        assert_eq!(s.start_time_seconds, 1_700_000_010);
+        assert_eq!(s.start_time_seconds, Some(1_700_000_010));
     }
 
     #[test]
