@@ -218,3 +218,29 @@ fn a_socket_passed_by_systemd_is_served_instead_of_listen() {
     wait_for_line(&lines, "serving on the socket passed by systemd");
     drop(taken);
 }
+
+#[test]
+fn connection_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::key_file(dir.path(), "k", &cunicu_signal::Key::generate());
+    let to = cunicu_signal::Key::generate().public_key().to_string();
+    let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
+    // A TLS client (the default) against a plaintext server.
+    let out = common::publish(&format!("grpc://{addr}"), &key, &to, b"{}\n");
+    common::assert_fails(&out, "the server speaks plaintext: add ?insecure=true");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("learning the server's key"), "{stderr}");
+    // Nothing listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let out = common::publish(
+        &format!("grpc://{closed_addr}?insecure=true"),
+        &key,
+        &to,
+        b"{}\n",
+    );
+    common::assert_fails(&out, "connection refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("learning the server's key"), "{stderr}");
+}
