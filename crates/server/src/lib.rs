@@ -199,6 +199,9 @@ impl Server {
         };
 
         let metrics = Metrics::new();
+        metrics
+            .memory_bound
+            .set(i64::try_from(config.memory_bound().total()).unwrap_or(i64::MAX));
         let shutdown = CancellationToken::new();
         let budget = Arc::new(client::Budget::in_gauge(
             config.max_queued_bytes,

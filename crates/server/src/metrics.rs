@@ -102,6 +102,8 @@ pub struct Metrics {
     pub cluster_unconfirmed: Counter,
     /// Duration of unary RPCs; for Subscribe, the time until the stream is set up.
     pub rpc_duration: HistogramFamily,
+    /// The memory the server can hold with every limit reached at once.
+    pub memory_bound: Gauge,
     /// `rpc_duration` of the methods timed on every call, looked up once.
     hot_rpcs: [(&'static str, Histogram); 2],
     registry: Registry,
@@ -315,6 +317,12 @@ impl Metrics {
             reason("no_subscriber"),
         );
         register_operator_metrics(&mut registry);
+        let memory_bound = Gauge::default();
+        registry.register(
+            "signaling_memory_bound_bytes",
+            "The memory the server can hold with every limit reached at once (the worst case)",
+            memory_bound.clone(),
+        );
         let hot_rpcs = ["Publish", "Subscribe"].map(|method| {
             (
                 method,
@@ -361,6 +369,7 @@ impl Metrics {
             cluster_received,
             cluster_dropped,
             cluster_unconfirmed,
+            memory_bound,
             registry,
         })
     }
