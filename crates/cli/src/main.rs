@@ -60,6 +60,13 @@ enum Command {
     /// UDP datagram (at most 8000 bytes; longer lines are refused, and like UDP
     /// a datagram may be lost), datagrams in to stdout.
     Connect(connect::ConnectArgs),
+    /// Write the man pages (DIR/man) and shell completions (DIR/completions) of this
+    /// command, for packages.
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -356,6 +363,15 @@ struct ServeArgs {
     /// default: its answers are tens of KiB for a request of a few bytes.
     #[arg(long, env = "CUNICU_SIGNAL_REFLECTION")]
     reflection: bool,
+    /// On SIGTERM, how long to go on serving with readiness (/readyz, gRPC health) saying
+    /// NOT_SERVING, so that load balancers stop sending new clients.
+    #[arg(long, env = "CUNICU_SIGNAL_DRAIN_DELAY", default_value = "5s")]
+    drain_delay: humantime::Duration,
+    /// Then, the time over which the subscription streams end, each at its own moment
+    /// (UNAVAILABLE: clients subscribe again, elsewhere), so that they do not all come back
+    /// at once. A second SIGTERM or SIGINT skips what is left.
+    #[arg(long, env = "CUNICU_SIGNAL_DRAIN_WINDOW", default_value = "10s")]
+    drain_window: humantime::Duration,
 }
 
 /// A setting that is on or off.
@@ -572,7 +588,13 @@ fn run(cli: Cli) -> Result<()> {
             output,
         }) => seal(&key_file, &to, output.as_deref()),
         Command::Envelope(EnvelopeCommand::Open { key_file }) => open(&key_file),
-        Command::Serve(args) => runtime_with(args.threads)?.block_on(serve(*args)),
+        Command::Serve(args) => {
+            // Before any thread starts: this edits the environment.
+            let listeners = cunicu_signal_server::systemd::listeners()
+                .context("taking the sockets passed by systemd (LISTEN_FDS)")?;
+            runtime_with(args.threads)?.block_on(serve(*args, listeners))
+        }
+        Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Publish(args) => runtime()?.block_on(publish(args)),
         Command::Subscribe(args) => runtime()?.block_on(subscribe(args)),
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
@@ -708,25 +730,96 @@ fn open(key_file: &Path) -> Result<()> {
     write_stdout(format!("{}\n", message_to_json(&message)).as_bytes())
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, listeners: cunicu_signal_server::Listeners) -> Result<()> {
+    use cunicu_signal_server::{Reloaded, systemd};
+    let (delay, window) = (args.drain_delay.into(), args.drain_window.into());
     let config = args.config()?;
     tracing::info!(
         "worst-case memory with these limits: {}; worker threads: {}",
         config.memory_bound(),
         tokio::runtime::Handle::current().metrics().num_workers()
     );
-    let mut server = Server::spawn(config).await?;
-    tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!("{}: shutting down", signal?);
-            // Exit within 5 s: streams end at once, connections get the rest.
-            if let Err(e) = server.shutdown(Duration::from_millis(4500)).await {
-                tracing::warn!("{e}; open connections were closed");
-            }
-            Ok(())
-        }
-        result = server.join() => result.context("server stopped"),
+    if listeners.grpc.is_some() {
+        tracing::info!("serving on the socket passed by systemd instead of --listen");
     }
+    let mut signals = Signals::install()?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let mut server = Server::spawn_with(config, listeners).await?;
+    systemd::ready(&format!("serving on {}", server.local_addr()));
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    let _watchdog = systemd::watchdog(watchdog_stop.clone());
+    let signal = loop {
+        tokio::select! {
+            signal = signals.recv() => break signal,
+            _ = hangup.recv() => match server.reload() {
+                Ok(Reloaded::Nothing) => tracing::info!(
+                    "SIGHUP: nothing to reload (no --tls-cert, no --allow-keys); going on"
+                ),
+                Ok(Reloaded::Tls) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Ok(Reloaded::AllowedKeys) => {}
+                Ok(_) => {}
+                Err(e) => tracing::error!("SIGHUP: not reloaded, the previous TLS files stay: {e}"),
+            },
+            result = server.join() => return result.context("server stopped"),
+        }
+    };
+    systemd::stopping();
+    tracing::info!(
+        "{signal}: draining: not ready now, new clients for {delay:?}, then streams end over {window:?} \
+         (send it again to stop at once)"
+    );
+    let again = async {
+        let signal = signals.recv().await;
+        tracing::info!("{signal} again: stopping at once");
+    };
+    let result = server.drain(delay, window, again).await;
+    watchdog_stop.cancel();
+    if let Err(e) = result {
+        tracing::warn!("{e}; open connections were closed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Man pages (one per command) and completions for bash, zsh and fish.
+fn generate_assets(dir: &Path) -> Result<()> {
+    use clap::CommandFactory as _;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut command = Cli::command();
+    command.build();
+    fn pages(command: &clap::Command, name: &str, man: &Path) -> Result<()> {
+        if command.is_hide_set() {
+            return Ok(());
+        }
+        let path = man.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        // A one-off command: leaking the few page names is fine.
+        clap_mangen::Man::new(command.clone().name(&*name.to_string().leak()))
+            .render(&mut page)
+            .context("rendering a man page")?;
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        for sub in command.get_subcommands() {
+            if sub.get_name() != "help" {
+                pages(sub, &format!("{name}-{}", sub.get_name()), man)?;
+            }
+        }
+        Ok(())
+    }
+    pages(&command, "cunicu-signal", &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut command, "cunicu-signal", &completions)
+            .with_context(|| format!("writing the {shell} completion"))?;
+    }
+    Ok(())
 }
 
 /// Waits for SIGTERM or SIGINT; returns its name.

@@ -59,6 +59,8 @@ use crate::{
     wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
 };
 
+/// The status message of streams ended and calls refused at shutdown.
+const SHUTTING_DOWN: &str = "server shutting down";
 /// The request message of a Subscribe is a key: a few dozen bytes.
 const MAX_SUBSCRIBE_MESSAGE: usize = 1024;
 /// Loop turns before the task lets others run.
@@ -107,6 +109,8 @@ pub(crate) struct Shared {
     /// Whether and how a Publish learns its recipient count.
     pub(crate) recipients: Recipients,
     pub(crate) logs: Logs,
+    /// When each stream open at shutdown ends.
+    pub(crate) drain: crate::drain::DrainPlan,
 }
 
 /// Recipient counts: a Publish with `cunicu-recipients: ask` learns how many
@@ -317,6 +321,8 @@ struct Connection {
     stopping: bool,
     /// A GOAWAY went out: the connection ends with its last stream.
     closing: bool,
+    /// Stopping: when each open subscription ends, latest first.
+    ending: Vec<(Instant, usize)>,
     /// Streams refused for the request rate.
     refused: u32,
     /// Writing was put off once to let other tasks add to it.
@@ -354,6 +360,7 @@ impl Connection {
             kill: Box::pin(kill.cancelled_owned()),
             stopping: false,
             closing: false,
+            ending: Vec::new(),
             refused: 0,
             deferred: false,
             shared,
@@ -459,7 +466,7 @@ impl Connection {
         self.idle_at = None;
         self.streams += 1;
         if self.stopping {
-            let status = Status::unavailable("the server is shutting down");
+            let status = Status::unavailable(SHUTTING_DOWN);
             let _ = respond.send_response(
                 wire::error_response(&status, &shared.response_headers),
                 true,
@@ -552,9 +559,8 @@ impl Connection {
                 let headers = &self.shared.response_headers;
                 if self.stopping {
                     // Set up while stopping: end it at once.
-                    if let Ok(mut send) = respond.send_response(wire::ok_headers(headers), false) {
-                        let _ = send.send_trailers(wire::ok_trailers());
-                    }
+                    let status = Status::unavailable(SHUTTING_DOWN);
+                    let _ = respond.send_response(wire::error_response(&status, headers), true);
                     self.subs.try_remove(slot);
                     self.stream_done();
                     return;
@@ -647,25 +653,42 @@ impl Connection {
         }
     }
 
-    /// Ends every subscription stream (OK) and sends GOAWAY: the connection
-    /// ends once the calls in progress are answered.
+    /// Sends GOAWAY and gives each subscription stream its moment to end
+    /// (the server's drain plan); the connection ends with its last stream.
     fn stop(&mut self) {
         self.stopping = true;
-        let open: Vec<usize> = self
+        let drain = &self.shared.drain;
+        self.ending = self
             .subs
             .iter()
             .filter(|(_, s)| matches!(s, Slot::Open { .. }))
-            .map(|(slot, _)| slot)
+            .map(|(slot, _)| (drain.next_end(), slot))
             .collect();
-        for slot in open {
-            if let Some(Slot::Open { mut send, .. }) = self.subs.try_remove(slot) {
-                let _ = send.send_trailers(wire::ok_trailers());
-            }
-            self.stream_done();
-        }
+        self.ending
+            .sort_unstable_by_key(|&(at, _)| std::cmp::Reverse(at));
         self.closing = true;
         self.idle_at = None;
         self.h2.graceful_shutdown();
+        self.end_due(Instant::now());
+    }
+
+    /// Ends the subscription streams whose moment has come (UNAVAILABLE:
+    /// clients subscribe again, elsewhere).
+    fn end_due(&mut self, now: Instant) -> bool {
+        let mut ended = false;
+        while let Some(&(at, slot)) = self.ending.last() {
+            if at > now {
+                break;
+            }
+            self.ending.pop();
+            if let Some(Slot::Open { mut send, .. }) = self.subs.try_remove(slot) {
+                let status = Status::unavailable(SHUTTING_DOWN);
+                let _ = send.send_trailers(wire::status_trailers(&status));
+                self.stream_done();
+                ended = true;
+            }
+        }
+        ended
     }
 
     /// Cuts off the subscribers that took nothing for the stall timeout.
@@ -776,10 +799,12 @@ impl Connection {
         } else {
             self.stall_at = None;
         }
+        acted |= self.end_due(now);
         let keepalive = match self.keepalive {
             Keepalive::Next(at) | Keepalive::Waiting(at) => at,
         };
-        let next = [self.first_request_at, self.idle_at, self.stall_at]
+        let ending = self.ending.last().map(|&(at, _)| at);
+        let next = [self.first_request_at, self.idle_at, self.stall_at, ending]
             .into_iter()
             .flatten()
             .fold(keepalive, Instant::min);

@@ -31,15 +31,19 @@ mod client;
 pub mod cluster;
 mod config;
 mod conn;
+mod drain;
 mod health;
 mod hub;
 mod listener;
 pub mod metrics;
+mod process;
 pub mod relay;
 mod service;
+pub mod systemd;
+mod tls;
 mod wire;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use cunicu_signal::proto::{
     FILE_DESCRIPTOR_SET,
@@ -112,15 +116,50 @@ pub enum ServerError {
     ShutdownTimeout(Duration),
 }
 
-/// A running server. Dropping it stops it at once; [`Server::shutdown`] stops
-/// it gracefully.
+/// Listening sockets made elsewhere (passed by systemd, say), used instead of
+/// binding [`Config::listen`] and [`Config::metrics_listen`].
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The gRPC port.
+    pub grpc: Option<std::net::TcpListener>,
+    /// The metrics port.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+/// How long the connections still open after the drain window may take to
+/// close (calls in progress being answered) before they are cut.
+const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(5);
+
+/// What [`Server::reload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reloaded {
+    /// Nothing can be reloaded: no TLS files, no allowed keys.
+    Nothing,
+    /// The TLS certificate and key were read again (and the allowed keys,
+    /// if any, are read again by their own watcher).
+    Tls,
+    /// Only the allowed keys (read again by their own watcher, which also
+    /// listens for SIGHUP).
+    AllowedKeys,
+}
+
+/// A running server. Dropping it stops it at once; [`Server::shutdown`] and
+/// [`Server::drain`] stop it gracefully.
 pub struct Server {
     /// The other replicas, if any.
     cluster: Option<Arc<cluster::Cluster>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
+    /// Readiness says NOT_SERVING from the moment this is cancelled.
+    draining: CancellationToken,
     shutdown: CancellationToken,
+    shared: Arc<conn::Shared>,
+    tls: Option<Arc<tls::Reloadable>>,
+    allow_keys: bool,
+    /// The cluster's publisher: it stops after the connections.
+    cluster_tasks: TaskTracker,
     /// Ends the connections still open: after a graceful shutdown ran out of
     /// time, or on drop.
     kill: CancellationToken,
@@ -132,41 +171,47 @@ pub struct Server {
 impl Server {
     /// Binds the ports and starts serving.
     pub async fn spawn(config: Config) -> Result<Self, ServerError> {
+        Self::spawn_with(config, Listeners::default()).await
+    }
+
+    /// Starts serving on the listeners given, binding the ports of `config`
+    /// only for those not given.
+    pub async fn spawn_with(config: Config, given: Listeners) -> Result<Self, ServerError> {
         config.check()?;
         let tls = match &config.tls {
-            Some(files) => Some(listener::tls_acceptor(&files.cert, &files.key)?),
+            Some(files) => Some(Arc::new(tls::Reloadable::new(
+                files.cert.clone(),
+                files.key.clone(),
+            )?)),
             None => None,
         };
 
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = listen(given.grpc, config.listen).await?;
         let local_addr = listener::bound(&listener, config.listen)?;
-        let (metrics_listener, metrics_addr) = match config.metrics_listen {
-            Some(addr) => {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServerError::Bind { addr, source })?;
-                let bound = listener::bound(&l, addr)?;
+        let (metrics_listener, metrics_addr) = match (given.metrics, config.metrics_listen) {
+            (given @ Some(_), addr) | (given @ None, addr @ Some(_)) => {
+                let asked = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let l = listen(given, asked).await?;
+                let bound = listener::bound(&l, asked)?;
                 (Some(l), Some(bound))
             }
-            None => (None, None),
+            (None, None) => (None, None),
         };
 
         let metrics = Metrics::new();
+        metrics
+            .memory_bound
+            .set(i64::try_from(config.memory_bound().total()).unwrap_or(i64::MAX));
         let shutdown = CancellationToken::new();
         let budget = Arc::new(client::Budget::in_gauge(
             config.max_queued_bytes,
             metrics.queued_bytes.clone(),
         ));
         let connections = TaskTracker::new();
+        let cluster_tasks = TaskTracker::new();
         let cluster = match &config.cluster {
             Some(cluster) => Some(
-                cluster::Cluster::connect(cluster, budget.clone(), metrics.clone(), &connections)
+                cluster::Cluster::connect(cluster, budget.clone(), metrics.clone(), &cluster_tasks)
                     .await?,
             ),
             None => None,
@@ -317,11 +362,15 @@ impl Server {
             },
             max_envelope_size: config.max_envelope_size,
             h2: config.h2_builder(),
-            tls: tls.map(|acceptor| conn::Tls {
-                acceptor,
-                in_progress: Arc::new(tokio::sync::Semaphore::new(config.max_tls_handshakes)),
-                rate: governor::RateLimiter::direct(config.tls_handshake_rate.quota()),
-            }),
+            tls: tls
+                .as_ref()
+                .map(|tls| tls.acceptor())
+                .transpose()?
+                .map(|acceptor| conn::Tls {
+                    acceptor,
+                    in_progress: Arc::new(tokio::sync::Semaphore::new(config.max_tls_handshakes)),
+                    rate: governor::RateLimiter::direct(config.tls_handshake_rate.quota()),
+                }),
             response_headers,
             auth: auth.clone(),
             recipients: conn::Recipients {
@@ -329,6 +378,7 @@ impl Server {
                 wait: config.recipients_wait,
             },
             logs: conn::Logs::default(),
+            drain: drain::DrainPlan::default(),
         });
 
         let kill = CancellationToken::new();
@@ -342,18 +392,19 @@ impl Server {
         }
         let accept = tokio::spawn(listener::accept(
             listener,
-            shared,
+            shared.clone(),
             config.max_connections,
             shutdown.clone(),
             kill.clone(),
             connections.clone(),
         ));
-        // NOT_SERVING as soon as shutdown starts, while health watchers can
-        // still see it; then their streams end.
+        // NOT_SERVING as soon as draining starts, while health watchers can
+        // still see it; their streams end at shutdown.
+        let draining = CancellationToken::new();
         connections.spawn({
-            let token = shutdown.clone();
+            let (draining, token) = (draining.clone(), shutdown.clone());
             async move {
-                token.cancelled().await;
+                draining.cancelled().await;
                 set_health(&health, tonic_health::ServingStatus::NotServing).await;
                 health
                     .set_service_status(
@@ -361,14 +412,16 @@ impl Server {
                         tonic_health::ServingStatus::NotServing,
                     )
                     .await;
+                token.cancelled().await;
                 health_stopped.cancel();
             }
         });
         let http = metrics_listener.map(|listener| {
             let (metrics, token) = (metrics.clone(), shutdown.clone());
             let connected = cluster.as_ref().map(|c| c.connected());
+            let draining = draining.clone();
             AbortOnDropHandle::new(tokio::spawn(async move {
-                metrics::serve(listener, metrics, connected, token)
+                metrics::serve(listener, metrics, connected, draining, token)
                     .await
                     .map_err(ServerError::Metrics)
             }))
@@ -388,7 +441,12 @@ impl Server {
             local_addr,
             metrics_addr,
             metrics,
+            draining,
             shutdown,
+            shared,
+            tls,
+            allow_keys: config.allow_keys.is_some(),
+            cluster_tasks,
             kill,
             connections,
             accept: Some(AbortOnDropHandle::new(accept)),
@@ -415,31 +473,95 @@ impl Server {
     /// for the connections to close, for at most `grace`; then cuts the
     /// connections still open and fails with [`ServerError::ShutdownTimeout`].
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), ServerError> {
+        self.draining.cancel();
+        self.stop(Duration::ZERO);
+        let join = self.join_all();
+        match tokio::time::timeout(grace, join).await {
+            Ok(result) => result,
+            // Dropping self ends what is left.
+            Err(_) => Err(ServerError::ShutdownTimeout(grace)),
+        }
+    }
+
+    /// Stops as a replica behind a load balancer should: readiness says
+    /// NOT_SERVING at once; the server goes on serving for `delay` (the
+    /// balancers stop sending new clients); then it stops accepting, sends
+    /// GOAWAY and ends each subscription stream at its own moment, spread
+    /// evenly over `window` in random order, with UNAVAILABLE "server
+    /// shutting down" (clients subscribe again, elsewhere). It returns once
+    /// the connections have closed, at most a few seconds after the window.
+    /// If `skip` completes first (a second signal), what is left is cut at
+    /// once.
+    pub async fn drain(
+        mut self,
+        delay: Duration,
+        window: Duration,
+        skip: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        self.draining.cancel();
+        let mut skip = std::pin::pin!(skip);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut skip => return Ok(()),
+        }
+        self.stop(window);
+        let grace = window + AFTER_DRAIN_WINDOW;
+        let join = self.join_all();
+        tokio::select! {
+            result = tokio::time::timeout(grace, join) => match result {
+                Ok(result) => result,
+                Err(_) => Err(ServerError::ShutdownTimeout(grace)),
+            },
+            // Dropping self ends what is left.
+            _ = skip => Ok(()),
+        }
+    }
+
+    /// Reads again what can change while the server runs: the TLS
+    /// certificate and key (the connections made from now on use them). The
+    /// allowed keys have their own watcher, which also reloads on SIGHUP.
+    pub fn reload(&self) -> Result<Reloaded, ServerError> {
+        match (&self.tls, self.allow_keys) {
+            (Some(tls), _) => {
+                tls.reload()?;
+                Ok(Reloaded::Tls)
+            }
+            (None, true) => Ok(Reloaded::AllowedKeys),
+            (None, false) => Ok(Reloaded::Nothing),
+        }
+    }
+
+    /// Stops accepting and ends the streams over `window`.
+    fn stop(&self, window: Duration) {
+        let streams = usize::try_from(self.metrics.subscriptions.get()).unwrap_or(0);
+        self.shared.drain.begin(window, streams);
         self.shutdown.cancel();
         self.connections.close();
+    }
+
+    /// Waits for the accept loop, the connections, then the cluster (which
+    /// serves the subscribers until their streams end) and the metrics port.
+    fn join_all(&mut self) -> impl Future<Output = Result<(), ServerError>> + use<> {
         let (accept, http, connections) = (
             self.accept.take(),
             self.http.take(),
             self.connections.clone(),
         );
-        let join = async {
+        let (cluster, cluster_tasks) = (self.cluster.clone(), self.cluster_tasks.clone());
+        async move {
             if let Some(accept) = accept {
                 accept.await?;
             }
             connections.wait().await;
+            if let Some(cluster) = cluster {
+                cluster.close();
+                cluster_tasks.close();
+                cluster_tasks.wait().await;
+            }
             if let Some(http) = http {
                 http.await??;
             }
             Ok(())
-        };
-        let result = tokio::time::timeout(grace, join).await;
-        if let Some(cluster) = self.cluster.take() {
-            cluster.close();
-        }
-        match result {
-            Ok(result) => result,
-            // Dropping self ends what is left.
-            Err(_) => Err(ServerError::ShutdownTimeout(grace)),
         }
     }
 
@@ -452,6 +574,21 @@ impl Server {
             result?;
         }
         Ok(())
+    }
+}
+
+/// A listener: the one given (made non-blocking for tokio), or `addr` bound.
+async fn listen(
+    given: Option<std::net::TcpListener>,
+    addr: SocketAddr,
+) -> Result<TcpListener, ServerError> {
+    let bind_error = |source| ServerError::Bind { addr, source };
+    match given {
+        Some(listener) => {
+            listener.set_nonblocking(true).map_err(bind_error)?;
+            TcpListener::from_std(listener).map_err(bind_error)
+        }
+        None => TcpListener::bind(addr).await.map_err(bind_error),
     }
 }
 

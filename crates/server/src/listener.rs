@@ -5,54 +5,23 @@
 use std::{
     io,
     net::SocketAddr,
-    path::Path,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{ServerError, client::Client, conn, conn::Shared};
 /// Pause after an accept error (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
-/// Builds the TLS acceptor from PEM files (rustls, HTTP/2 by ALPN).
-pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ServerError> {
-    let file_error = |path: &Path, e: rustls::pki_types::pem::Error| ServerError::TlsFile {
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| file_error(cert, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(cert, e))?;
-    if chain.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "{} holds no certificate",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ServerError::Tls(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| ServerError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 /// An accepted connection, plain or TLS.
 pub(crate) enum Io {

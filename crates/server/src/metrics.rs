@@ -10,6 +10,7 @@ use prometheus_client::{
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
+        info::Info,
     },
     registry::Registry,
 };
@@ -102,6 +103,8 @@ pub struct Metrics {
     pub cluster_unconfirmed: Counter,
     /// Duration of unary RPCs; for Subscribe, the time until the stream is set up.
     pub rpc_duration: HistogramFamily,
+    /// The memory the server can hold with every limit reached at once.
+    pub memory_bound: Gauge,
     /// `rpc_duration` of the methods timed on every call, looked up once.
     hot_rpcs: [(&'static str, Histogram); 2],
     registry: Registry,
@@ -110,6 +113,72 @@ pub struct Metrics {
 fn rpc_histogram() -> Histogram {
     // 10 µs to about 10 s.
     Histogram::new(exponential_buckets(0.00001, 4.0, 11))
+}
+
+// Every label a counter family can take, shown at 0 from the start (a rate
+// over a series that appears only with its first event misses that event).
+// A reason added where it is counted belongs here too.
+const REJECT_REASONS: &[&str] = &[
+    "invalid_key",
+    "server_budget",
+    "oversize",
+    "malformed",
+    "request_timeout",
+    "too_many_client_subscriptions",
+    "too_many_subscriptions",
+    "too_many_client_calls",
+    "too_many_calls",
+    "too_many_client_service_calls",
+    "too_many_service_calls",
+    "request_rate",
+    "publish_rate",
+    "publish_bytes_rate",
+];
+const CUT_REASONS: &[&str] = &["stalled", "not_allowed"];
+const CONNECTION_REFUSED_REASONS: &[&str] = &["too_many_client_connections", "connection_rate"];
+const CONNECTION_CLOSED_REASONS: &[&str] = &[
+    "handshake_timeout",
+    "idle",
+    "keepalive_timeout",
+    "request_rate",
+];
+const CLUSTER_DROP_REASONS: &[&str] = &[
+    "buffer_full",
+    "publish_failed",
+    "slow_consumer",
+    "invalid",
+    "own",
+    "closed",
+];
+const AUTH_RESULTS: &[&str] = &[
+    "ok",
+    "missing",
+    "malformed",
+    "bad_box",
+    "wrong_key",
+    "expired",
+    "replayed",
+    "low_order",
+    "not_allowed",
+    "cache_full",
+];
+
+/// Label of the build information.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Version {
+    version: &'static str,
+}
+
+/// What every server shows whatever it does: its build and its process.
+fn register_operator_metrics(registry: &mut Registry) {
+    registry.register(
+        "signaling_build",
+        "The server's version",
+        Info::new(Version {
+            version: env!("CARGO_PKG_VERSION"),
+        }),
+    );
+    registry.register_collector(Box::new(crate::process::ProcessCollector));
 }
 
 impl Metrics {
@@ -249,12 +318,33 @@ impl Metrics {
             reason("server_budget"),
             reason("no_subscriber"),
         );
+        register_operator_metrics(&mut registry);
+        let memory_bound = Gauge::default();
+        registry.register(
+            "signaling_memory_bound_bytes",
+            "The memory the server can hold with every limit reached at once (the worst case)",
+            memory_bound.clone(),
+        );
         let hot_rpcs = ["Publish", "Subscribe"].map(|method| {
             (
                 method,
                 rpc_duration.get_or_create(&Method { method }).clone(),
             )
         });
+        for (family, reasons) in [
+            (&rejected, REJECT_REASONS),
+            (&subscribers_cut, CUT_REASONS),
+            (&connections_refused, CONNECTION_REFUSED_REASONS),
+            (&connections_closed, CONNECTION_CLOSED_REASONS),
+            (&cluster_dropped, CLUSTER_DROP_REASONS),
+        ] {
+            for &reason in reasons {
+                drop(family.get_or_create(&Reason { reason }));
+            }
+        }
+        for &result in AUTH_RESULTS {
+            drop(auth.get_or_create(&AuthResult { result }));
+        }
         Arc::new(Metrics {
             hot_rpcs,
             published,
@@ -281,6 +371,7 @@ impl Metrics {
             cluster_received,
             cluster_dropped,
             cluster_unconfirmed,
+            memory_bound,
             registry,
         })
     }
@@ -331,12 +422,18 @@ impl Metrics {
         }
     }
 
-    /// The metrics in the Prometheus (OpenMetrics) text format.
+    /// The metrics in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
+    }
+
+    /// The metrics in the Prometheus text format (0.0.4), for scrapers that
+    /// ask for `text/plain`.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
     }
 }
 
@@ -352,31 +449,92 @@ impl Drop for RpcTimer {
     }
 }
 
-/// Serves `/metrics`, liveness at `/healthz` and readiness at `/readyz` on
-/// `listener` until `shutdown`. Readiness is 200 also while NATS is away
-/// (`cluster` says whether it is there): the replica serves its own clients
-/// then, and taking every replica out of a load balancer during a NATS outage
-/// would turn a degradation into an outage; the body says "degraded".
+/// The content type of the OpenMetrics text format.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scraper's `Accept` asks for the Prometheus text format: it
+/// names `text/plain` and not OpenMetrics (which Prometheus itself prefers).
+fn wants_text(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("text/plain") && !a.contains("application/openmetrics-text"))
+}
+
+/// OpenMetrics text to Prometheus text (0.0.4): counters are declared by
+/// their sample name (`_total`), info metrics become gauges, and there is no
+/// `# UNIT` or `# EOF`.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut types = std::collections::HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some((name, kind)) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            types.insert(name, kind);
+        }
+    }
+    let rename = |name: &str| -> (String, Option<&'static str>) {
+        match types.get(name).copied() {
+            Some("counter") => (format!("{name}_total"), None),
+            Some("info") => (format!("{name}_info"), Some("gauge")),
+            Some("unknown") => (name.to_string(), Some("untyped")),
+            _ => (name.to_string(), None),
+        }
+    };
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (name, _) = rename(name);
+            text.push_str(&format!("# HELP {name} {}\n", help.replace("\\\"", "\"")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (name, new_kind) = rename(name);
+            text.push_str(&format!("# TYPE {name} {}\n", new_kind.unwrap_or(kind)));
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+/// Serves `/metrics` (OpenMetrics, or the Prometheus text format to a
+/// scraper that asks for `text/plain`), liveness at `/healthz` and readiness
+/// at `/readyz` on `listener` until `shutdown`. Readiness is 503 from the
+/// moment the server starts draining (`draining`), and 200 also while NATS
+/// is away (`cluster` says whether it is there): the replica serves its own
+/// clients then, and taking every replica out of a load balancer during a
+/// NATS outage would turn a degradation into an outage; the body says
+/// "degraded".
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     cluster: Option<tokio::sync::watch::Receiver<bool>>,
+    draining: CancellationToken,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let metrics = metrics.clone();
                 async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                        .into_response()
+                    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+                    if wants_text(accept) {
+                        (
+                            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                            metrics.encode_text(),
+                        )
+                            .into_response()
+                    } else {
+                        ([(header::CONTENT_TYPE, OPENMETRICS)], metrics.encode()).into_response()
+                    }
                 }
             }),
         )
@@ -385,11 +543,19 @@ pub(crate) async fn serve(
             "/readyz",
             get(move || {
                 let up = cluster.as_ref().is_none_or(|c| *c.borrow());
+                let draining = draining.is_cancelled();
                 async move {
-                    if up {
-                        "ok\n"
+                    if draining {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "shutting down\n",
+                        )
+                            .into_response()
+                    } else if up {
+                        "ok\n".into_response()
                     } else {
                         "degraded: the NATS cluster is away; serving local subscribers only\n"
+                            .into_response()
                     }
                 }
             }),
@@ -397,4 +563,86 @@ pub(crate) async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrapers_get_the_format_they_ask_for() {
+        assert!(!wants_text(None));
+        assert!(!wants_text(Some("*/*")));
+        assert!(wants_text(Some("text/plain")));
+        assert!(wants_text(Some("text/plain;version=0.0.4;q=1,*/*;q=0.1")));
+        // Prometheus's own Accept: OpenMetrics first.
+        assert!(!wants_text(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+    }
+
+    #[test]
+    fn text_format_names_counters_by_their_samples() {
+        let metrics = Metrics::new();
+        metrics.published.inc();
+        let text = metrics.encode_text();
+        assert!(
+            text.contains("# TYPE signaling_envelopes_published_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nsignaling_envelopes_published_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE signaling_build_info gauge\n"),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "signaling_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(!text.contains("# EOF"));
+        let om = metrics.encode();
+        assert!(om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn counters_with_known_labels_start_at_zero() {
+        let text = Metrics::new().encode();
+        for (name, label, values) in [
+            (
+                "signaling_requests_rejected_total",
+                "reason",
+                REJECT_REASONS,
+            ),
+            ("signaling_subscribers_cut_total", "reason", CUT_REASONS),
+            (
+                "signaling_connections_refused_total",
+                "reason",
+                CONNECTION_REFUSED_REASONS,
+            ),
+            (
+                "signaling_connections_closed_total",
+                "reason",
+                CONNECTION_CLOSED_REASONS,
+            ),
+            (
+                "signaling_cluster_dropped_total",
+                "reason",
+                CLUSTER_DROP_REASONS,
+            ),
+            ("signaling_auth_total", "result", AUTH_RESULTS),
+        ] {
+            for value in values {
+                let line = format!("{name}{{{label}=\"{value}\"}} 0\n");
+                assert!(text.contains(&line), "no {line} in\n{text}");
+            }
+        }
+    }
 }

@@ -165,6 +165,9 @@ pub fn spawn_server_logged(
     command
         .arg("serve")
         .env("RUST_LOG", "info")
+        // Tests stop servers at once unless they test the drain.
+        .env("CUNICU_SIGNAL_DRAIN_DELAY", "0s")
+        .env("CUNICU_SIGNAL_DRAIN_WINDOW", "0s")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -421,7 +421,11 @@ impl ServerAuth {
                     timeout: self.timeout,
                 })?
                 .map_err(|status| GrpcError::Status {
-                    what: "learning the server's key",
+                    // A connection that failed was not about the key.
+                    what: match connection_problem(&status) {
+                        Some(_) => "connecting",
+                        None => "learning the server's key",
+                    },
                     status,
                 })?;
         let presented = match response.metadata().get(SERVER_KEY_METADATA) {
@@ -658,6 +662,9 @@ impl ServerCertVerifier for NoVerification {
 
 /// A gRPC status as one short line.
 fn status_text(status: &Status) -> String {
+    if let Some(problem) = connection_problem(status) {
+        return problem.to_string();
+    }
     let mut text = format!("{:?}", status.code());
     if !status.message().is_empty() {
         text.push_str(": ");
@@ -668,6 +675,35 @@ fn status_text(status: &Status) -> String {
         text.push_str(&format!(" ({source})"));
     }
     text
+}
+
+/// What to tell a user whose connection failed in a way they can act on:
+/// nothing listens there, or a TLS client met a plaintext server.
+fn connection_problem(status: &Status) -> Option<&'static str> {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let tls = |e: &(dyn std::error::Error + 'static)| {
+            matches!(
+                e.downcast_ref::<rustls::Error>(),
+                Some(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType
+                ))
+            )
+        };
+        if tls(error) {
+            return Some("the server speaks plaintext: add ?insecure=true to the URL");
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return Some("connection refused: is the server running, on this host and port?");
+            }
+            if io.get_ref().is_some_and(|inner| tls(inner)) {
+                return Some("the server speaks plaintext: add ?insecure=true to the URL");
+            }
+        }
+        source = error.source();
+    }
+    None
 }
 
 /// Why the gRPC medium failed: the source of a
