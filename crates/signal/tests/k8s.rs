@@ -375,9 +375,9 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
     )
     .await;
     let ns = within("namespace", STEP, namespace(&admin, "deploy")).await;
-    // cluster.yaml: three replicas of the server and NATS; the API server
-    // validates both.
-    for file in ["rbac.yaml", "cluster.yaml"] {
+    // nats.yaml and cluster.yaml: NATS and three replicas of the server (the
+    // chart, rendered); the API server validates both.
+    for file in ["rbac.yaml", "nats.yaml", "cluster.yaml"] {
         within(file, STEP, apply_deploy(&admin, file, Some(&ns))).await;
     }
     let get = |what: &'static str, f: std::pin::Pin<Box<dyn Future<Output = bool> + Send>>| {
