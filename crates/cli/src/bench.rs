@@ -134,17 +134,32 @@ async fn connection(url: &url::Url, target: &GrpcTarget, local: Option<IpAddr>) 
             .tcp_nodelay(true)
             .connect_lazy(),
     };
-    // Connect now, so that set-up errors show before the load starts.
+    // Connect now, so that set-up errors show before the load starts. Many
+    // connections set up at once from one address can meet the server's
+    // limit of such calls per client: that one waits its turn (the server's
+    // pushback, or a moment) and tries again, a bounded number of times.
     let mut client = SignalingClient::new(channel.clone());
-    client
-        .get_build_info(cunicu_signal::proto::Empty {})
-        .await
-        .map_err(|s| {
-            let from = local.map(|l| format!(" from {l}")).unwrap_or_default();
-            anyhow::anyhow!("{url}{from}: {:?}: {}", s.code(), s.message())
-        })?;
-    Ok(channel)
+    let mut refused = 0;
+    loop {
+        match client.get_build_info(cunicu_signal::proto::Empty {}).await {
+            Ok(_) => return Ok(channel),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && refused < SETUP_RETRIES => {
+                refused += 1;
+                let wait =
+                    cunicu_signal::backend::grpc::pushback(&s).unwrap_or(Duration::from_millis(50));
+                tokio::time::sleep(wait).await;
+            }
+            Err(s) => {
+                let from = local.map(|l| format!(" from {l}")).unwrap_or_default();
+                bail!("{url}{from}: {:?}: {}", s.code(), s.message());
+            }
+        }
+    }
 }
+
+/// Times a connection's first call is tried again when the server says it
+/// has too many calls in progress for this client.
+const SETUP_RETRIES: u32 = 200;
 
 /// The local address of connection `i` of `count` addresses from 127.0.0.1 up.
 fn local_address(i: usize, count: u32) -> Option<IpAddr> {
