@@ -817,15 +817,17 @@ mod tests {
         );
     }
 
+    /// The nonce numbered `n`.
+    fn nonce(n: u64) -> [u8; NONCE_LEN] {
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[..8].copy_from_slice(&n.to_be_bytes());
+        nonce
+    }
+
     #[test]
     fn a_full_nonce_cache_refuses_rather_than_forgets() {
         let (auth, _) = auth(AuthMode::Required);
         let now = now();
-        let nonce = |n: u64| {
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce[..8].copy_from_slice(&n.to_be_bytes());
-            nonce
-        };
         let client = |n: u64| Client::of(std::net::IpAddr::from((n as u32 + 1).to_be_bytes()));
         // Many keys of many clients fill it.
         let per_client = NONCES_PER_CLIENT as u64;
@@ -853,11 +855,6 @@ mod tests {
     fn a_key_or_a_client_holds_only_its_share_of_the_nonces() {
         let (auth, _) = auth(AuthMode::Required);
         let now = now();
-        let nonce = |n: u64| {
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce[..8].copy_from_slice(&n.to_be_bytes());
-            nonce
-        };
         let (one, other) = (Key::generate().public_key(), Key::generate().public_key());
         let attacker = Client::of([192, 0, 2, 1].into());
         assert_ne!(attacker, CLIENT);

@@ -96,50 +96,49 @@ async fn every_refusal_by_a_rate_says_when_to_come_back_and_that_is_enough() -> 
     // Publishes per second.
     let mut config = config();
     config.publish_rate = rate(5, 5);
-    let server = start(config).await;
-    let mut c = client(&server).await;
-    let wait = pushback_of(&publish_until_refused(&mut c, 10).await);
+    let (_, refused, wait) = refused_then_served(config, 10).await?;
+    assert!(
+        refused.message().contains("envelopes per second"),
+        "{refused:?}"
+    );
     assert!(wait <= Duration::from_millis(201), "{wait:?}");
-    tokio::time::sleep(wait).await;
-    c.publish(envelope([1; 32], 10))
-        .await
-        .context("after waiting the pushback")?;
 
     // Published bytes per second: a second 60 000-byte envelope must wait.
     let mut config = self::config();
     config.publish_bytes_rate = rate(100_000, 100_000);
-    let server = start(config).await;
-    let mut c = client(&server).await;
-    let refused = publish_until_refused(&mut c, 60_000).await;
+    let (_, refused, wait) = refused_then_served(config, 60_000).await?;
     assert!(
         refused.message().contains("bytes per second"),
         "{refused:?}"
     );
-    let wait = pushback_of(&refused);
     assert!(wait <= Duration::from_millis(601), "{wait:?}");
-    tokio::time::sleep(wait).await;
-    c.publish(envelope([1; 32], 60_000))
-        .await
-        .context("after waiting the pushback")?;
 
     // Requests (streams) per second: answered, not reset, with a pushback.
     let mut config = self::config();
     config.request_rate = rate(5, 5);
-    let server = start(config).await;
-    let mut c = client(&server).await;
-    let refused = publish_until_refused(&mut c, 10).await;
+    let (server, refused, _) = refused_then_served(config, 10).await?;
     assert!(refused.message().contains("requests faster"), "{refused:?}");
-    let wait = pushback_of(&refused);
-    tokio::time::sleep(wait).await;
-    c.publish(envelope([1; 32], 10))
-        .await
-        .context("after waiting the pushback")?;
     let metrics = server.metrics().encode();
     assert!(
         metrics.contains("signaling_requests_rejected_total{reason=\"request_rate\"} 1"),
         "{metrics}"
     );
     Ok(())
+}
+
+/// A server with `config`, published to with envelopes of `size` bytes until
+/// it refuses; after waiting the refusal's pushback, the next publish is
+/// served. Returns the server, the refusal and its pushback.
+async fn refused_then_served(config: Config, size: usize) -> Result<(Server, Status, Duration)> {
+    let server = start(config).await;
+    let mut c = client(&server).await;
+    let refused = publish_until_refused(&mut c, size).await;
+    let wait = pushback_of(&refused);
+    tokio::time::sleep(wait).await;
+    c.publish(envelope([1; 32], size))
+        .await
+        .context("after waiting the pushback")?;
+    Ok((server, refused, wait))
 }
 
 /// A backend over our grpc:// medium, with its counters at hand.

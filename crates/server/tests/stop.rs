@@ -11,7 +11,9 @@ use std::{
 
 use anyhow::Result;
 use common::{WAIT, nats::Nats};
-use cunicu_signal::proto::signaling::{SubscribeParams, signaling_client::SignalingClient};
+use cunicu_signal::proto::signaling::{
+    Envelope, SubscribeParams, signaling_client::SignalingClient,
+};
 use cunicu_signal_server::{ClusterConfig, Config, Server};
 use tokio::time::timeout;
 use tonic::{Code, transport::Channel};
@@ -145,15 +147,21 @@ async fn drain_turns_readiness_first_then_ends_streams_one_by_one() -> Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_skips_the_rest_of_the_drain() -> Result<()> {
-    let server = Server::spawn(config()).await?;
-    let mut client = SignalingClient::new(channel(&server).await?);
+/// A subscription stream on `server`, once it is confirmed.
+async fn one_subscription(server: &Server) -> Result<tonic::Streaming<Envelope>> {
+    let mut client = SignalingClient::new(channel(server).await?);
     let mut stream = client
         .subscribe(SubscribeParams { key: vec![1; 32] })
         .await?
         .into_inner();
     stream.message().await?;
+    Ok(stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_skips_the_rest_of_the_drain() -> Result<()> {
+    let server = Server::spawn(config()).await?;
+    let mut stream = one_subscription(&server).await?;
     let started = Instant::now();
     let drain = server.drain(
         Duration::from_secs(30),
@@ -177,12 +185,7 @@ async fn a_second_signal_skips_the_rest_of_the_drain() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_delay_and_window_the_server_stops_at_once() -> Result<()> {
     let server = Server::spawn(config()).await?;
-    let mut client = SignalingClient::new(channel(&server).await?);
-    let mut stream = client
-        .subscribe(SubscribeParams { key: vec![1; 32] })
-        .await?
-        .into_inner();
-    stream.message().await?;
+    let mut stream = one_subscription(&server).await?;
     let started = Instant::now();
     timeout(
         WAIT,
