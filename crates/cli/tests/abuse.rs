@@ -25,7 +25,7 @@ use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use common::{Killed, lines_of, wait_for_line};
 use cunicu_signal::{
-    Key,
+    Key, PrivateKey,
     auth::{PROOF_METADATA, prove},
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
@@ -290,7 +290,7 @@ fn unix_now() -> u64 {
 
 /// A well-behaved client's key and the server's, for a server that needs proofs.
 struct Proving {
-    ours: Key,
+    ours: PrivateKey,
     server: Key,
 }
 
@@ -544,7 +544,7 @@ impl Attacker {
     /// key `server`); returns the grpc-status of a refusal.
     async fn publish_proven(
         &mut self,
-        sender: &Key,
+        sender: &PrivateKey,
         server: &Key,
         time: u64,
     ) -> Result<(), String> {
@@ -1713,7 +1713,7 @@ async fn unread_answers_of_other_services_count_against_their_client() {
 
 /// A server that needs proofs, with its key in `dir`.
 fn proving_server(dir: &std::path::Path, flags: &[(&str, &str)]) -> (TestServer, Key) {
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let path = common::key_file(dir, "server.key", &key);
     let path = path.to_str().expect("a UTF-8 path").to_string();
     let mut all = vec![
@@ -1738,7 +1738,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, server_key) = proving_server(dir.path(), &[]);
-    let forger = Key::generate();
+    let forger = PrivateKey::generate();
     let mut attackers = Vec::new();
     for address in 0..8 {
         attackers.push(Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await);
@@ -1778,7 +1778,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
     }
     assert_eq!(accepted, 1024, "one key's proofs remembered");
     // Many keys from one address: its quota.
-    let keys: Vec<Key> = (0..18).map(|_| Key::generate()).collect();
+    let keys: Vec<PrivateKey> = (0..18).map(|_| PrivateKey::generate()).collect();
     let mut accepted = 0;
     for key in &keys {
         for _ in 0..1000 {
@@ -1801,7 +1801,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
     );
     // Everyone else proves and is served.
     let proving = Proving {
-        ours: Key::generate(),
+        ours: PrivateKey::generate(),
         server: server_key,
     };
     let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;
@@ -1823,7 +1823,7 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     let mut attacker = Attacker::connect(&server, loopback(10), Windows::ZERO).await;
     const N: u32 = 2000;
     // Known keys: a few keys, proven again and again.
-    let known: Vec<Key> = (0..10).map(|_| Key::generate()).collect();
+    let known: Vec<PrivateKey> = (0..10).map(|_| PrivateKey::generate()).collect();
     let before = server.cpu();
     for n in 0..N {
         attacker
@@ -1833,12 +1833,12 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     }
     let known_cpu = (server.cpu() - before) / N;
     // Made-up keys, a new one each time, with proofs that do not open.
-    let made_up: Vec<Key> = (0..N).map(|_| Key::generate()).collect();
+    let made_up: Vec<PrivateKey> = (0..N).map(|_| PrivateKey::generate()).collect();
     let before = server.cpu();
     let mut refused_for_rate = 0;
     for key in &made_up {
         // A proof to another server: the box does not open here.
-        let other = Key::generate().public_key();
+        let other = PrivateKey::generate().public_key();
         if let Err(e) = attacker.publish_proven(key, &other, unix_now()).await
             && e.contains("\"8\"")
         {
@@ -1863,7 +1863,7 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     );
     // Meanwhile others prove their keys and are served.
     let proving = Proving {
-        ours: Key::generate(),
+        ours: PrivateKey::generate(),
         server: server_key,
     };
     let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;

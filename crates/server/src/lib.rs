@@ -253,7 +253,7 @@ impl Server {
             }
             _ => "none (every key is admitted)".to_string(),
         };
-        let server_key = config.key.map(|private| auth::ServerKey {
+        let server_key = config.key.clone().map(|private| auth::ServerKey {
             public: private.public_key(),
             private,
         });

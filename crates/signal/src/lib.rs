@@ -43,7 +43,7 @@ pub struct ReadmeExample;
 
 pub use backend::{Backend, BackendError, Published, Transport};
 pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
-pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
+pub use key::{KEY_LEN, Key, KeyError, KeyPair, PrivateKey, Role, SameKeyError, Sender, ice_role};
 pub use registry::{
     ChannelHandler, Delivery, Handler, Registry, RegistryOptions, RegistryStats, Removal,
     StreamEvent,

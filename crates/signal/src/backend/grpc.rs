@@ -38,7 +38,7 @@ use super::{BackendError, Published, Transport, bool_param, check_params};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
-    Key, Registry, StreamEvent,
+    Key, PrivateKey, Registry, StreamEvent,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA},
     proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
     task,
@@ -255,7 +255,7 @@ impl Grpc {
     async fn publish(
         &self,
         envelope: &Envelope,
-        ours: Option<&Key>,
+        ours: Option<&PrivateKey>,
     ) -> Result<Published, BackendError> {
         let timeout = self.options.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -454,7 +454,7 @@ impl ServerAuth {
         url: &str,
         client: &SignalingClient<Channel>,
         request: &mut Request<T>,
-        ours: &Key,
+        ours: &PrivateKey,
         method: &str,
     ) -> Result<(), BackendError> {
         self.add_proof(client, request, ours, method)
@@ -466,7 +466,7 @@ impl ServerAuth {
         &self,
         client: &SignalingClient<Channel>,
         request: &mut Request<T>,
-        ours: &Key,
+        ours: &PrivateKey,
         method: &str,
     ) -> Result<(), GrpcError> {
         let Some(server) = self.server_key(client).await? else {
@@ -811,7 +811,7 @@ async fn open_stream(
     mut client: SignalingClient<Channel>,
     auth: &ServerAuth,
     key: Key,
-    private: Option<Key>,
+    private: Option<PrivateKey>,
     timeout: Duration,
 ) -> Result<(Streaming<Envelope>, Option<Envelope>), GrpcError> {
     let attempt = async {
@@ -1017,7 +1017,11 @@ impl Transport for Grpc {
         self.publish(envelope, None).await
     }
 
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
+    async fn send_as(
+        &self,
+        envelope: &Envelope,
+        ours: &PrivateKey,
+    ) -> Result<Published, BackendError> {
         self.publish(envelope, Some(ours)).await
     }
 
@@ -1124,7 +1128,7 @@ mod tests {
             assert!(!BackendError::transport("grpc://h:1", status(code)).is_transient());
         }
         let other = GrpcError::OtherServerKey {
-            pinned: Key::ZERO,
+            pinned: Key::from([0; 32]),
             presented: None,
         };
         assert!(!other.is_transient());
