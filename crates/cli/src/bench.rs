@@ -27,9 +27,10 @@ use clap::Args;
 use cunicu_signal::{
     Key, PrivateKey,
     backend::grpc::{
-        GrpcOptions, GrpcTarget, PUBLISH, RECIPIENTS_ASK, RECIPIENTS_METADATA, SUBSCRIBE, Security,
-        ServerAuth, channel_for,
+        GrpcOptions, GrpcTarget, RECIPIENTS_ASK, RECIPIENTS_METADATA, Security, ServerAuth,
+        channel_for,
     },
+    proto::method::{PUBLISH, SUBSCRIBE},
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
     },

@@ -675,7 +675,7 @@ mod tests {
 
     use super::*;
 
-    const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+    use cunicu_signal::proto::method::{PUBLISH, SUBSCRIBE};
     const CLIENT: Client = Client::of_const([192, 0, 2, 99]);
 
     /// The `i`th made-up key.
@@ -729,12 +729,7 @@ mod tests {
             Outcome::WrongKey
         );
         assert_eq!(
-            outcome(
-                &auth,
-                &fresh("/cunicu.signaling.Signaling/Publish", now()),
-                SUBSCRIBE,
-                &key
-            ),
+            outcome(&auth, &fresh(PUBLISH, now()), SUBSCRIBE, &key),
             Outcome::BadBox
         );
         // 60 s behind and 5 s ahead, inclusive.

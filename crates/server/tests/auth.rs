@@ -28,9 +28,7 @@ use cunicu_signal_server::{AuthMode, Config, Server};
 use tokio::time::timeout;
 use tonic::{Code, Request, metadata::MetadataValue, transport::Channel};
 
-const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
-const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
-const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
+use cunicu_signal::proto::method::{GET_RELAYS, PUBLISH, SUBSCRIBE};
 
 struct Fixture {
     server: Server,

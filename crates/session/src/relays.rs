@@ -8,7 +8,8 @@ use std::{
 use async_trait::async_trait;
 use cunicu_signal::{
     BackendError, PrivateKey,
-    backend::grpc::{GET_RELAYS, GrpcOptions, ServerAuth, channel_for},
+    backend::grpc::{GrpcOptions, ServerAuth, channel_for},
+    proto::method::GET_RELAYS,
     proto::signaling::{
         GetRelaysParams, RelayInfo, relay_registry_client::RelayRegistryClient,
         signaling_client::SignalingClient,

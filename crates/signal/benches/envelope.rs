@@ -124,7 +124,7 @@ fn proofs(c: &mut Criterion) {
         auth::{Proof, prove},
     };
     let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
-    let method = "/cunicu.signaling.Signaling/Publish";
+    let method = cunicu_signal::proto::method::PUBLISH;
     let cache = SharedKeyCache::new(std::num::NonZeroUsize::new(1024).expect("1024"));
     let proof = prove(&client, &server.public_key(), method, 1_800_000_000).expect("prove");
     Proof::parse(&proof)

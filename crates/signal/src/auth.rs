@@ -150,7 +150,7 @@ mod tests {
 
     use super::*;
 
-    const METHOD: &str = "/cunicu.signaling.Signaling/Subscribe";
+    const METHOD: &str = crate::proto::method::SUBSCRIBE;
 
     #[test]
     fn a_proof_opens_with_the_server_key_only() {

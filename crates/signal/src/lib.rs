@@ -76,6 +76,20 @@ pub mod proto {
         include!(concat!(env!("OUT_DIR"), "/cunicu.signaling.rs"));
     }
 
+    /// The paths of the gRPC methods, as a call's HTTP/2 `:path` and a proof of
+    /// key possession name them. Defined here once for the client, the server
+    /// and the tests.
+    pub mod method {
+        /// `Signaling.GetBuildInfo`.
+        pub const GET_BUILD_INFO: &str = "/cunicu.signaling.Signaling/GetBuildInfo";
+        /// `Signaling.Subscribe`.
+        pub const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+        /// `Signaling.Publish`.
+        pub const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
+        /// `RelayRegistry.GetRelays`.
+        pub const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
+    }
+
     /// The encoded `FileDescriptorSet` of all the protobuf files, for gRPC
     /// reflection and the JSON mapping.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -40,7 +40,10 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::{
     Key, PrivateKey, Registry, StreamEvent,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA},
-    proto::signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
+    proto::{
+        method::{PUBLISH, SUBSCRIBE},
+        signaling::{BackendType, Envelope, SubscribeParams, signaling_client::SignalingClient},
+    },
     task,
 };
 
@@ -346,10 +349,6 @@ pub fn pushback(status: &Status) -> Option<Duration> {
     Some(Duration::from_millis(ms.clamp(1, 60_000)))
 }
 
-/// The path of `Signaling.Subscribe`.
-pub const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
-/// The path of `Signaling.Publish`.
-pub const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
 /// The metadata of a Publish that asks how many subscription streams got its
 /// envelope (value [`RECIPIENTS_ASK`]), and of the answer (the count, in the
 /// response headers).
@@ -359,8 +358,6 @@ pub const RECIPIENTS_ASK: &str = "ask";
 /// The metadata of a refusal by a rate: milliseconds until the server has
 /// room again (gRPC's name for it).
 pub const PUSHBACK_METADATA: &str = "grpc-retry-pushback-ms";
-/// The path of `RelayRegistry.GetRelays`.
-pub const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
 
 /// Proofs of key possession for one server (docs/PROTOCOL.md §11). The server's key is
 /// pinned (`server_key=` in the URL) or learned from `GetBuildInfo`'s
