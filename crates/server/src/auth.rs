@@ -29,8 +29,9 @@ use base64::{
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
 use cunicu_signal::{
-    EnvelopeError, Key, NONCE_LEN, PrivateKey, SharedKey, SharedKeyCache,
+    EnvelopeError, Key, PrivateKey,
     auth::{PROOF_METADATA, Proof, ProofError},
+    envelope::{NONCE_LEN, SharedKey, SharedKeyCache},
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;

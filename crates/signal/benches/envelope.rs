@@ -6,7 +6,8 @@ use std::{hint::black_box, time::Duration};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cunicu_signal::{
-    KeyPair, PrivateKey, SharedKey,
+    KeyPair, PrivateKey,
+    envelope::SharedKey,
     proto::{
         epdisc::{Candidate, CandidateType, NetworkType, RelatedAddress},
         signaling::{Envelope, Message},
@@ -120,8 +121,8 @@ fn protobuf(c: &mut Criterion) {
 /// hundred nanoseconds, in the server benchmark.)
 fn proofs(c: &mut Criterion) {
     use cunicu_signal::{
-        SharedKeyCache,
         auth::{Proof, prove},
+        envelope::SharedKeyCache,
     };
     let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
     let method = cunicu_signal::proto::method::PUBLISH;

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use crypto_secretbox::aead::{AeadCore, OsRng};
 
 use crate::{
-    EnvelopeError, KEY_LEN, Key, NONCE_LEN, PrivateKey, SharedKey, SharedKeyCache, TAG_LEN,
+    EnvelopeError, KEY_LEN, Key, PrivateKey,
+    envelope::{NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN},
 };
 
 /// The request metadata that carries a proof (binary: `-bin`).

@@ -768,6 +768,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(published.recipients, Some(0));
-        assert_eq!(registry.stats(), crate::RegistryStats::default());
+        assert_eq!(registry.stats(), crate::registry::RegistryStats::default());
     }
 }

@@ -19,6 +19,7 @@
 //! - [`ice_url`]: the one parser of STUN/TURN URLs (`stun:`, `turn:USER:PASS@HOST?transport=udp`).
 //! - [`log_limit`]: at most one log line per interval for what outside input can cause.
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod auth;
 pub mod backend;
@@ -27,12 +28,12 @@ pub mod backend;
 pub mod codec;
 #[cfg(feature = "test-util")]
 pub mod conformance;
-mod envelope;
+pub mod envelope;
 pub mod ice_url;
 pub mod json;
 mod key;
 pub mod log_limit;
-mod registry;
+pub mod registry;
 mod task;
 
 /// The README's Rust example, compiled by `cargo test --doc` (not run: it
@@ -42,12 +43,9 @@ mod task;
 pub struct ReadmeExample;
 
 pub use backend::{Backend, BackendError, Published, Transport};
-pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
+pub use envelope::EnvelopeError;
 pub use key::{KEY_LEN, Key, KeyError, KeyPair, PrivateKey, Role, SameKeyError, Sender, ice_role};
-pub use registry::{
-    ChannelHandler, Delivery, Handler, Registry, RegistryOptions, RegistryStats, Removal,
-    StreamEvent,
-};
+pub use registry::{ChannelHandler, Delivery, Handler, Registry, StreamEvent};
 
 /// The protobuf types of docs/PROTOCOL.md §5, generated from `proto/` at build time.
 ///

@@ -45,7 +45,8 @@ use tokio::{
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
-    Key, NONCE_LEN, PrivateKey, Sender,
+    Key, PrivateKey, Sender,
+    envelope::NONCE_LEN,
     log_limit::LogLimiter,
     proto::signaling::{Envelope, Message},
     task,

@@ -4,7 +4,8 @@
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use cunicu_signal::{
-    EnvelopeError, Key, KeyPair, PrivateKey, SharedKey,
+    EnvelopeError, Key, KeyPair, PrivateKey,
+    envelope::SharedKey,
     json::message_from_json,
     proto::signaling::{Envelope, Message},
 };

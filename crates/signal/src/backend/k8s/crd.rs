@@ -211,11 +211,11 @@ mod tests {
         }
         // What we send fits: the largest body, and the shortest.
         let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
-        for len in [0, MAX_BODY_LEN - crate::TAG_LEN] {
+        for len in [0, MAX_BODY_LEN - crate::envelope::TAG_LEN] {
             let mut envelope = crate::proto::signaling::Message::default()
                 .seal(&crate::KeyPair::new(a.clone(), b.public_key()))
                 .unwrap();
-            envelope.contents.as_mut().unwrap().body = vec![0xfb; len + crate::TAG_LEN];
+            envelope.contents.as_mut().unwrap().body = vec![0xfb; len + crate::envelope::TAG_LEN];
             let object = SignalingEnvelope::from_envelope(&envelope).unwrap();
             let body = &object.spec.contents.body;
             assert!(
