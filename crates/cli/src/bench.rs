@@ -25,11 +25,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use cunicu_signal::{
-    Key,
+    Key, PrivateKey,
     backend::grpc::{
-        GrpcOptions, GrpcTarget, PUBLISH, RECIPIENTS_ASK, RECIPIENTS_METADATA, SUBSCRIBE, Security,
-        ServerAuth, channel_for,
+        GrpcOptions, GrpcTarget, RECIPIENTS_ASK, RECIPIENTS_METADATA, Security, ServerAuth,
+        channel_for,
     },
+    proto::method::{PUBLISH, SUBSCRIBE},
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
     },
@@ -342,11 +343,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .try_collect()
         .await?;
     // The keys subscribed to: with --auth, real key pairs whose holder we are.
-    let topics: Arc<Vec<(Vec<u8>, Option<Key>)>> = Arc::new(
+    let topics: Arc<Vec<(Vec<u8>, Option<PrivateKey>)>> = Arc::new(
         (0..args.keys)
             .map(|i| match args.auth {
                 true => {
-                    let private = Key::generate();
+                    let private = PrivateKey::generate();
                     (private.public_key().as_bytes().to_vec(), Some(private))
                 }
                 false => (topic(i), None),
@@ -550,7 +551,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let subs_per_key = subs_per_key.clone();
         let keys = args.keys;
         let (topics, auth, url) = (topics.clone(), server_auth.clone(), args.backend.clone());
-        let private = args.auth.then(Key::generate);
+        let private = args.auth.then(PrivateKey::generate);
         let ask = args.ask_recipients;
         publishers.spawn(async move {
             let mut ticker = per_publisher_interval.map(|i| {
@@ -559,7 +560,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 t
             });
             let mut seq = 0u64;
-            let sender = match private {
+            let sender = match &private {
                 Some(private) => private.public_key().as_bytes().to_vec(),
                 None => Key::from([p as u8; 32]).as_bytes().to_vec(),
             };

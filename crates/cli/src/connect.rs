@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use cunicu_signal::{Backend, Key, Role, ice_url::IceUrl};
+use cunicu_signal::{Backend, Key, KeyPair, Role, ice_url::IceUrl};
 use cunicu_signal_session::{
     Connection, Event, IceAgentFactory, IceOptions, IceServer, ServerRelayIce, Session,
     SessionOptions, State, WebrtcIce, candidate,
@@ -204,7 +204,8 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         let ice: Arc<dyn IceAgentFactory> = match ice {
             Some(ice) => Arc::new(ice),
             None => {
-                let ice = ServerRelayIce::fetch(options, grpc, ours, RELAYS_TIMEOUT).await?;
+                let ice =
+                    ServerRelayIce::fetch(options, grpc, ours.clone(), RELAYS_TIMEOUT).await?;
                 for (url, relays) in ice.relays().await {
                     eprintln!(
                         "cunicu-signal: {} relay(s) from {url}",
@@ -217,7 +218,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         let backend: Arc<dyn Backend> =
             Arc::new(cunicu_signal::backend::connect(&args.signaling.backends).await?);
         let options = SessionOptions::default().with_disconnect_grace(args.disconnect_grace);
-        match Session::start(backend.clone(), ours, theirs, ice, options).await {
+        match Session::start(backend.clone(), KeyPair::new(ours, theirs), ice, options).await {
             Ok(session) => anyhow::Ok((backend, session)),
             Err(e) => {
                 let _ = backend.close().await;
@@ -262,14 +263,14 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     let mut session = *session;
     eprintln!(
         "cunicu-signal: session as {} with {theirs}: {}",
-        ours.public_key(),
+        session.public_key(),
         match session.role() {
             Role::Controlling => "controlling (dials)",
             Role::Controlled => "controlled (accepts)",
         }
     );
     let (fatal_tx, mut fatal) = mpsc::channel(1);
-    let printer = print_events(session.events(), fatal_tx, limits, ours.public_key());
+    let printer = print_events(session.events(), fatal_tx, limits, session.public_key());
     let mut printer = AbortOnDropHandle::new(tokio::spawn(printer));
     let result = tokio::select! {
         result = pump(&session, &mut input) => result,

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use cunicu_signal::{
-    Backend, ChannelHandler, Key, KeyPair, StreamEvent,
+    Backend, ChannelHandler, Key, KeyPair, PrivateKey, Sender, StreamEvent,
     json::{message_from_json, message_to_json},
     proto::signaling::Envelope,
 };
@@ -579,7 +579,7 @@ fn run(cli: Cli) -> Result<()> {
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("reading the private key from stdin")?;
-            let key: Key = text.parse().context("private key on stdin")?;
+            let key: PrivateKey = text.parse().context("private key on stdin")?;
             write_stdout(format!("{}\n", key.public_key()).as_bytes())
         }
         Command::Envelope(EnvelopeCommand::Seal {
@@ -627,7 +627,7 @@ fn runtime_with(threads: Option<std::num::NonZeroUsize>) -> Result<tokio::runtim
 }
 
 /// Reads a private key file: base64, a trailing newline is fine.
-fn read_key_file(path: &Path) -> Result<Key> {
+fn read_key_file(path: &Path) -> Result<PrivateKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading key file {}", path.display()))?;
     text.parse()
@@ -645,7 +645,7 @@ fn public_key_arg(flag: &str, text: &str) -> Result<Key> {
 /// Writes a new private key to `out` (created with mode 0600, or made so) or
 /// to stdout; says so when stdout is a file that others may read.
 fn keygen(out: Option<&Path>) -> Result<()> {
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     match out {
         Some(path) => {
             use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -659,11 +659,12 @@ fn keygen(out: Option<&Path>) -> Result<()> {
             // An existing file keeps its mode on open: make it private first.
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("making {} private (mode 0600)", path.display()))?;
-            writeln!(file, "{key}").with_context(|| format!("writing {}", path.display()))?;
+            writeln!(file, "{}", key.secret_base64().as_str())
+                .with_context(|| format!("writing {}", path.display()))?;
             Ok(())
         }
         None => {
-            write_stdout(format!("{key}\n").as_bytes())?;
+            write_stdout(format!("{}\n", key.secret_base64().as_str()).as_bytes())?;
             let stdout = std::io::stdout();
             if let Ok(stat) = rustix::fs::fstat(&stdout) {
                 let mode = stat.st_mode & 0o7777;
@@ -852,7 +853,9 @@ impl Signals {
     }
 }
 
-async fn connect(peer: &PeerArgs) -> Result<(cunicu_signal::backend::SignalingBackend, Key)> {
+async fn connect(
+    peer: &PeerArgs,
+) -> Result<(cunicu_signal::backend::SignalingBackend, PrivateKey)> {
     let ours = read_key_file(&peer.key_file)?;
     let backend = cunicu_signal::backend::connect(&peer.backends).await?;
     Ok((backend, ours))
@@ -917,15 +920,16 @@ async fn publish(args: PublishArgs) -> Result<()> {
 }
 
 async fn subscribe(args: SubscribeArgs) -> Result<()> {
-    let theirs = match &args.from {
-        Some(from) => public_key_arg("from", from)?,
-        None => Key::ZERO,
+    let from = match &args.from {
+        Some(from) => Sender::Key(public_key_arg("from", from)?),
+        None => Sender::Any,
     };
     let (backend, ours) = connect(&args.peer).await?;
     let (handler, mut deliveries) = ChannelHandler::new(1024);
-    let pair = KeyPair::new(ours, theirs);
     let mut streams = backend.registry().stream_events();
-    backend.subscribe(&pair, handler.clone() as Arc<_>).await?;
+    backend
+        .subscribe(&ours, from, handler.clone() as Arc<_>)
+        .await?;
     tracing::info!(key = %ours.public_key(), "subscribed");
     eprintln!("cunicu-signal: subscribed as {}", ours.public_key());
     let result = async {

@@ -25,8 +25,9 @@ use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use common::{Killed, lines_of, wait_for_line};
 use cunicu_signal::{
-    Key,
+    Key, PrivateKey,
     auth::{PROOF_METADATA, prove},
+    proto::method::{PUBLISH, SUBSCRIBE},
     proto::signaling::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
     },
@@ -290,7 +291,7 @@ fn unix_now() -> u64 {
 
 /// A well-behaved client's key and the server's, for a server that needs proofs.
 struct Proving {
-    ours: Key,
+    ours: PrivateKey,
     server: Key,
 }
 
@@ -325,7 +326,7 @@ async fn well_behaved_on(
         client.subscribe(proof_request(
             SubscribeParams { key: key.to_vec() },
             proving.as_ref(),
-            "/cunicu.signaling.Signaling/Subscribe",
+            SUBSCRIBE,
         )),
     )
     .await
@@ -377,11 +378,7 @@ async fn well_behaved_on(
                 nonce: vec![0; 24],
             }),
         };
-        let request = proof_request(
-            envelope,
-            proving.as_ref(),
-            "/cunicu.signaling.Signaling/Publish",
-        );
+        let request = proof_request(envelope, proving.as_ref(), PUBLISH);
         match timeout(STEP, client.publish(request)).await {
             Ok(Ok(_)) => sent += 1,
             _ => refused += 1,
@@ -507,9 +504,7 @@ impl Attacker {
     /// Opens a Subscribe stream to `key`; returns once the server answered
     /// with its headers (the subscription exists).
     async fn subscribe(&mut self, key: [u8; 32]) -> Result<h2::RecvStream, String> {
-        let (response, mut body) = self
-            .send_request("/cunicu.signaling.Signaling/Subscribe")
-            .await?;
+        let (response, mut body) = self.send_request(SUBSCRIBE).await?;
         body.send_data(message(&SubscribeParams { key: key.to_vec() }), true)
             .map_err(|e| e.to_string())?;
         let response = timeout(STEP, response)
@@ -544,11 +539,11 @@ impl Attacker {
     /// key `server`); returns the grpc-status of a refusal.
     async fn publish_proven(
         &mut self,
-        sender: &Key,
+        sender: &PrivateKey,
         server: &Key,
         time: u64,
     ) -> Result<(), String> {
-        let path = "/cunicu.signaling.Signaling/Publish";
+        let path = PUBLISH;
         let proof = prove(sender, server, path, time).map_err(|e| e.to_string())?;
         let mut request = self.request(path);
         request.headers_mut().insert(
@@ -584,9 +579,7 @@ impl Attacker {
 
     /// Publishes and waits for the answer (dropping it would cancel the call).
     async fn publish(&mut self, recipient: [u8; 32], body: usize) -> Result<(), String> {
-        let (response, mut stream) = self
-            .send_request("/cunicu.signaling.Signaling/Publish")
-            .await?;
+        let (response, mut stream) = self.send_request(PUBLISH).await?;
         stream
             .send_data(message(&envelope(recipient, body)), true)
             .map_err(|e| e.to_string())?;
@@ -747,10 +740,7 @@ async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
     let mut refused = 0;
     let mut held = Vec::new();
     for _ in 0..32 {
-        let (response, mut body) = attacker
-            .send_request("/cunicu.signaling.Signaling/Publish")
-            .await
-            .expect("stream");
+        let (response, mut body) = attacker.send_request(PUBLISH).await.expect("stream");
         let mut prefix = BytesMut::new();
         prefix.put_u8(0);
         prefix.put_u32(4 << 20);
@@ -773,10 +763,7 @@ async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
     // request timeout, and all of one client at most its budget.
     let mut pending = Vec::new();
     for _ in 0..60 {
-        let (response, mut body) = attacker
-            .send_request("/cunicu.signaling.Signaling/Publish")
-            .await
-            .expect("stream");
+        let (response, mut body) = attacker.send_request(PUBLISH).await.expect("stream");
         let mut prefix = BytesMut::new();
         prefix.put_u8(0);
         prefix.put_u32(65_000);
@@ -1275,10 +1262,7 @@ async fn calls_in_progress_are_limited_per_client() {
     // Publishes that never finish: 64 calls at once, the 16 above included.
     let mut pending = 0;
     for _ in 0..100 {
-        let (response, mut body) = attacker
-            .send_request("/cunicu.signaling.Signaling/Publish")
-            .await
-            .expect("stream");
+        let (response, mut body) = attacker.send_request(PUBLISH).await.expect("stream");
         let mut prefix = BytesMut::new();
         prefix.put_u8(0);
         prefix.put_u32(1000);
@@ -1343,7 +1327,7 @@ async fn a_busy_publisher_keeps_its_connection() {
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
         let mut send = attacker.send.clone();
-        let request = attacker.request("/cunicu.signaling.Signaling/Publish");
+        let request = attacker.request(PUBLISH);
         tasks.spawn(async move {
             for _ in 0..EACH {
                 send = timeout(STEP, send.ready())
@@ -1407,10 +1391,7 @@ async fn subscribe_many(
 ) -> (Vec<h2::RecvStream>, u32) {
     let mut pending = Vec::new();
     for i in 0..n {
-        let (response, mut body) = attacker
-            .send_request("/cunicu.signaling.Signaling/Subscribe")
-            .await
-            .expect("stream");
+        let (response, mut body) = attacker.send_request(SUBSCRIBE).await.expect("stream");
         body.send_data(
             message(&SubscribeParams {
                 key: keys(i).to_vec(),
@@ -1713,7 +1694,7 @@ async fn unread_answers_of_other_services_count_against_their_client() {
 
 /// A server that needs proofs, with its key in `dir`.
 fn proving_server(dir: &std::path::Path, flags: &[(&str, &str)]) -> (TestServer, Key) {
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let path = common::key_file(dir, "server.key", &key);
     let path = path.to_str().expect("a UTF-8 path").to_string();
     let mut all = vec![
@@ -1738,7 +1719,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, server_key) = proving_server(dir.path(), &[]);
-    let forger = Key::generate();
+    let forger = PrivateKey::generate();
     let mut attackers = Vec::new();
     for address in 0..8 {
         attackers.push(Attacker::connect(&server, loopback(10 + address), Windows::ZERO).await);
@@ -1778,7 +1759,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
     }
     assert_eq!(accepted, 1024, "one key's proofs remembered");
     // Many keys from one address: its quota.
-    let keys: Vec<Key> = (0..18).map(|_| Key::generate()).collect();
+    let keys: Vec<PrivateKey> = (0..18).map(|_| PrivateKey::generate()).collect();
     let mut accepted = 0;
     for key in &keys {
         for _ in 0..1000 {
@@ -1801,7 +1782,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
     );
     // Everyone else proves and is served.
     let proving = Proving {
-        ours: Key::generate(),
+        ours: PrivateKey::generate(),
         server: server_key,
     };
     let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;
@@ -1823,7 +1804,7 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     let mut attacker = Attacker::connect(&server, loopback(10), Windows::ZERO).await;
     const N: u32 = 2000;
     // Known keys: a few keys, proven again and again.
-    let known: Vec<Key> = (0..10).map(|_| Key::generate()).collect();
+    let known: Vec<PrivateKey> = (0..10).map(|_| PrivateKey::generate()).collect();
     let before = server.cpu();
     for n in 0..N {
         attacker
@@ -1833,12 +1814,12 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     }
     let known_cpu = (server.cpu() - before) / N;
     // Made-up keys, a new one each time, with proofs that do not open.
-    let made_up: Vec<Key> = (0..N).map(|_| Key::generate()).collect();
+    let made_up: Vec<PrivateKey> = (0..N).map(|_| PrivateKey::generate()).collect();
     let before = server.cpu();
     let mut refused_for_rate = 0;
     for key in &made_up {
         // A proof to another server: the box does not open here.
-        let other = Key::generate().public_key();
+        let other = PrivateKey::generate().public_key();
         if let Err(e) = attacker.publish_proven(key, &other, unix_now()).await
             && e.contains("\"8\"")
         {
@@ -1863,7 +1844,7 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     );
     // Meanwhile others prove their keys and are served.
     let proving = Proving {
-        ours: Key::generate(),
+        ours: PrivateKey::generate(),
         server: server_key,
     };
     let report = well_behaved_proving(&server, Duration::from_secs(2), 100, Some(proving)).await;
@@ -2097,17 +2078,14 @@ async fn every_limit_reached_at_once_stays_within_the_memory_sum() {
     let mut calls = Vec::new();
     for mine in connections.iter_mut().take(4) {
         for attacker in mine.iter_mut() {
-            let (response, mut body) = attacker
-                .send_request("/cunicu.signaling.Signaling/Publish")
-                .await
-                .expect("stream");
+            let (response, mut body) = attacker.send_request(PUBLISH).await.expect("stream");
             let _ = body.send_data(Bytes::from_static(&[0, 0, 0]), false);
             calls.push((response, body));
         }
     }
     // One more is refused: the server holds all the calls it may.
     let (response, mut body) = connections[4][0]
-        .send_request("/cunicu.signaling.Signaling/Publish")
+        .send_request(PUBLISH)
         .await
         .expect("stream");
     let _ = body.send_data(Bytes::from_static(&[0, 0, 0]), false);

@@ -13,7 +13,7 @@ use common::{
     BIN, assert_fails, assert_succeeds, json_lines, key_file, publish, publish_marker_next, run,
     spawn_server, spawn_server_logged, spawn_subscriber, terminate,
 };
-use cunicu_signal::Key;
+use cunicu_signal::{Key, PrivateKey};
 
 #[test]
 fn keygen_and_pubkey_work_like_wg() {
@@ -21,7 +21,7 @@ fn keygen_and_pubkey_work_like_wg() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.len(), 45, "44 characters and a newline: {text:?}");
-    let private: Key = text.parse().unwrap();
+    let private: PrivateKey = text.parse().unwrap();
     let out = run(&["pubkey"], text.as_bytes());
     assert!(out.status.success());
     assert_eq!(
@@ -36,7 +36,7 @@ fn keygen_and_pubkey_work_like_wg() {
 #[test]
 fn envelope_seal_and_open() {
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
     let json = r#"{"candidate":{"type":"HOST","networkType":"UDP4","foundation":"1","component":1,"priority":2130706431,"address":"10.0.0.1","port":51820}}"#;
@@ -109,7 +109,11 @@ fn envelope_seal_and_open() {
     );
     assert_fails(&seal(alice_file.to_str().unwrap(), "abc", "{}"), "--to");
     assert_fails(
-        &seal(alice_file.to_str().unwrap(), &Key::ZERO.to_string(), "{}"),
+        &seal(
+            alice_file.to_str().unwrap(),
+            &Key::from([0; 32]).to_string(),
+            "{}",
+        ),
         "low-order",
     );
     assert_fails(
@@ -132,7 +136,7 @@ fn envelope_open_reads_libsodium_vectors() {
         .iter()
         .filter(|c| c["valid"] == true)
     {
-        let key: Key = case["recipient_private"].as_str().unwrap().parse().unwrap();
+        let key: PrivateKey = case["recipient_private"].as_str().unwrap().parse().unwrap();
         let file = key_file(dir.path(), "r", &key);
         let envelope = STANDARD.decode(case["envelope"].as_str().unwrap()).unwrap();
         let out = run(
@@ -150,14 +154,14 @@ fn envelope_open_reads_libsodium_vectors() {
 #[test]
 fn publish_and_subscribe_through_a_server_that_requires_proofs() {
     let dir = tempfile::tempdir().unwrap();
-    let server_key = key_file(dir.path(), "server", &Key::generate());
+    let server_key = key_file(dir.path(), "server", &PrivateKey::generate());
     let (_server, _lines, addr) = spawn_server(&[
         ("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0"),
         ("CUNICU_SIGNAL_KEY_FILE", server_key.to_str().unwrap()),
         ("CUNICU_SIGNAL_AUTH", "required"),
     ]);
     let url = format!("grpc://{addr}?insecure=true");
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
     let (_subscriber, received) = spawn_subscriber(&url, &bob_file, None);
@@ -172,7 +176,7 @@ fn publish_and_subscribe_through_a_server_that_requires_proofs() {
     assert_eq!(got[0]["message"]["credentials"]["ufrag"], "proven");
     // --print-recipients: one count a message; bob's subscriber got them,
     // nobody listens to carol.
-    let carol = Key::generate().public_key().to_string();
+    let carol = PrivateKey::generate().public_key().to_string();
     for (to, count) in [(bob.public_key().to_string(), 1), (carol, 0)] {
         let out = run(
             &[
@@ -225,7 +229,7 @@ fn serve_publish_subscribe_and_sigterm() {
     );
     let url = format!("grpc://{addr}?insecure=true");
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
 
@@ -263,7 +267,7 @@ fn serve_publish_subscribe_and_sigterm() {
     // A message from someone else is not printed with --from. Alice's next
     // message, published after it, is the next line: neither Carol's nor a
     // third line from before came first (the server delivers in order).
-    let carol_file = key_file(dir.path(), "carol", &Key::generate());
+    let carol_file = key_file(dir.path(), "carol", &PrivateKey::generate());
     let out = publish(
         &url,
         &carol_file,
@@ -301,8 +305,8 @@ fn serve_publish_subscribe_and_sigterm() {
 #[test]
 fn bad_backend_urls_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let file = key_file(dir.path(), "k", &Key::generate());
-    let to = Key::generate().public_key().to_string();
+    let file = key_file(dir.path(), "k", &PrivateKey::generate());
+    let to = PrivateKey::generate().public_key().to_string();
     for (url, needle) in [
         ("nats://x:1", "unknown backend scheme"),
         ("grpc://host", "no port"),
@@ -594,7 +598,7 @@ fn keygen_writes_private_files_and_warns_of_readable_ones() {
 #[test]
 fn envelope_open_names_the_sender_and_seal_keeps_binary_off_terminals() {
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
     let json = r#"{"credentials":{"ufrag":"abc"}}"#;
@@ -650,8 +654,8 @@ fn publish_stops_reading_a_line_longer_than_its_limit() {
     let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "localhost:0")]);
     let url = format!("grpc://{addr}?insecure=true");
     let dir = tempfile::tempdir().unwrap();
-    let alice_file = key_file(dir.path(), "alice", &Key::generate());
-    let to = Key::generate().public_key().to_string();
+    let alice_file = key_file(dir.path(), "alice", &PrivateKey::generate());
+    let to = PrivateKey::generate().public_key().to_string();
     let mut input = b"{\"credentials\":{\"ufrag\":\"fits\"}}\n".to_vec();
     input.extend(std::iter::repeat_n(b'x', 4 << 20));
     input.push(b'\n');
@@ -710,7 +714,7 @@ fn serve_start_up_says_where_metrics_are_and_who_is_admitted() {
 
     // An empty allow-list admits nobody: a warning says so.
     let dir = tempfile::tempdir().unwrap();
-    let server_key = key_file(dir.path(), "server", &Key::generate());
+    let server_key = key_file(dir.path(), "server", &PrivateKey::generate());
     let allow = dir.path().join("allow.txt");
     std::fs::write(&allow, "# nobody yet\n").unwrap();
     let (_server, _lines, _addr, startup) = spawn_server_logged(&[
@@ -844,7 +848,7 @@ fn subscribe_ends_normally_when_its_reader_goes_away() {
     let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
     let url = format!("grpc://{addr}?insecure=true");
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
     let (mut child, stderr) = subscriber(&url, &bob_file);
@@ -872,8 +876,8 @@ fn subscribe_ends_normally_when_its_reader_goes_away() {
 #[test]
 fn subscribe_says_when_it_is_back_and_stops_on_a_refusal() {
     let dir = tempfile::tempdir().unwrap();
-    let server_key = key_file(dir.path(), "server", &Key::generate());
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let server_key = key_file(dir.path(), "server", &PrivateKey::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let bob_file = key_file(dir.path(), "bob", &bob);
     let allow = dir.path().join("allow.txt");
     std::fs::write(

@@ -17,7 +17,7 @@ use std::{
 };
 
 use common::{BIN, key_file};
-use cunicu_signal::Key;
+use cunicu_signal::{Key, PrivateKey};
 use cunicu_signal_server::{Config, Server};
 use cunicu_signal_test_support::netns::{Netns, Veth};
 use parking_lot::Mutex;
@@ -282,7 +282,7 @@ async fn connect_on_loopback_through_the_grpc_server_and_after_a_kill() {
     let server = Server::spawn(config).await.expect("server starts");
     let url = format!("grpc://{}?insecure=true", server.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let (ka, kb) = (Key::generate(), Key::generate());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (fa, fb) = (
         key_file(dir.path(), "a", &ka),
         key_file(dir.path(), "b", &kb),
@@ -382,12 +382,12 @@ async fn connect_through_a_server_that_requires_proofs() {
     let mut config = Config::default();
     config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     config.relays = vec!["stun:127.0.0.1:9".parse().unwrap()];
-    config.key = Some(Key::generate());
+    config.key = Some(PrivateKey::generate());
     config.auth = cunicu_signal_server::AuthMode::Required;
     let server = Server::spawn(config).await.expect("server starts");
     let url = format!("grpc://{}?insecure=true", server.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let (ka, kb) = (Key::generate(), Key::generate());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (fa, fb) = (
         key_file(dir.path(), "a", &ka),
         key_file(dir.path(), "b", &kb),
@@ -426,7 +426,7 @@ async fn connect_in_two_namespaces_with_host_candidates_over_multicast() {
     );
     let veth = Veth::link(&na, &nb).unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap();
-    let (ka, kb) = (Key::generate(), Key::generate());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (fa, fb) = (
         key_file(dir.path(), "a", &ka),
         key_file(dir.path(), "b", &kb),
@@ -486,9 +486,14 @@ async fn lonely_connect(name: &str) -> (Server, Child, tempfile::TempDir) {
     let server = Server::spawn(config).await.expect("server starts");
     let url = format!("grpc://{}?insecure=true", server.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), name, &Key::generate());
+    let key = key_file(dir.path(), name, &PrivateKey::generate());
     let mut command = Command::new(BIN);
-    connect_args(&mut command, &url, &key, &Key::generate().public_key());
+    connect_args(
+        &mut command,
+        &url,
+        &key,
+        &PrivateKey::generate().public_key(),
+    );
     let child = command
         .args(["--address", "127.0.0.1"])
         .env("RUST_LOG", "warn")
@@ -531,7 +536,7 @@ async fn connect_exits_on_sigterm_and_sigint_with_stdin_open() {
     let server = Server::spawn(config).await.expect("server starts");
     let url = format!("grpc://{}?insecure=true", server.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let (ka, kb) = (Key::generate(), Key::generate());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (fa, fb) = (
         key_file(dir.path(), "a", &ka),
         key_file(dir.path(), "b", &kb),
@@ -568,8 +573,8 @@ async fn connect_exits_on_sigterm_and_sigint_with_stdin_open() {
 #[test]
 fn connect_refuses_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
-    let file = key_file(dir.path(), "k", &Key::generate());
-    let peer = Key::generate().public_key().to_string();
+    let file = key_file(dir.path(), "k", &PrivateKey::generate());
+    let peer = PrivateKey::generate().public_key().to_string();
     let run = |extra: &[&str]| {
         let output = std::process::Command::new(BIN)
             .args(["connect", "--backend", "inprocess:", "--key-file"])
@@ -583,7 +588,7 @@ fn connect_refuses_bad_arguments() {
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     assert!(run(&["--peer", "abc"]).contains("--peer"));
-    assert!(run(&["--peer", &Key::ZERO.to_string()]).contains("low-order"));
+    assert!(run(&["--peer", &Key::from([0; 32]).to_string()]).contains("low-order"));
     let err = run(&["--peer", &peer, "--stun", "http://x"]);
     assert!(err.contains("http://x"), "{err}");
     let err = run(&["--peer", &peer, "--relays-from-server"]);
@@ -612,7 +617,7 @@ async fn connected_pair() -> (Server, Peer, Peer, tempfile::TempDir) {
     let server = Server::spawn(config).await.expect("server starts");
     let url = format!("grpc://{}?insecure=true", server.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let (ka, kb) = (Key::generate(), Key::generate());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (fa, fb) = (
         key_file(dir.path(), "a", &ka),
         key_file(dir.path(), "b", &kb),
@@ -664,7 +669,7 @@ async fn connect_says_what_it_waits_for_and_gives_up_when_told() {
     let server = Server::spawn(config).await.expect("server starts");
     let url = format!("grpc://{}?insecure=true", server.local_addr());
     let dir = tempfile::tempdir().unwrap();
-    let (ka, kb) = (Key::generate(), Key::generate());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (fa, fb) = (
         key_file(dir.path(), "a", &ka),
         key_file(dir.path(), "b", &kb),

@@ -11,7 +11,7 @@ use common::{
     BIN, WAIT, assert_fails, assert_succeeds, json_lines, key_file, publish, publish_in,
     publish_marker_next, spawn_subscriber, spawn_subscriber_in, terminate,
 };
-use cunicu_signal::Key;
+use cunicu_signal::PrivateKey;
 use cunicu_signal_test_support::kube_env;
 
 #[test]
@@ -29,7 +29,7 @@ fn publish_and_subscribe_through_the_api_server() {
     });
     let url = env.url(&ns, "1m");
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
 
@@ -74,8 +74,8 @@ fn publish_and_subscribe_through_the_api_server() {
 #[test]
 fn k8s_errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path(), "k", &Key::generate());
-    let to = Key::generate().public_key().to_string();
+    let key = key_file(dir.path(), "k", &PrivateKey::generate());
+    let to = PrivateKey::generate().public_key().to_string();
     for (url, needle) in [
         (
             "k8s:///no/such/kubeconfig".to_string(),
@@ -146,7 +146,7 @@ fn peers_in_a_pod_use_its_service_account() {
     std::fs::copy(env.ca(), pod.join("ca.crt")).unwrap();
     std::fs::write(pod.join("namespace"), &ns).unwrap();
     let server = env.server();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let alice_file = key_file(dir.path(), "alice", &alice);
     let bob_file = key_file(dir.path(), "bob", &bob);
 

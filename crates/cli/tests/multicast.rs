@@ -8,7 +8,7 @@ mod common;
 use std::{path::Path, process::Stdio, time::Duration};
 
 use common::{BIN, assert_succeeds, key_file};
-use cunicu_signal::Key;
+use cunicu_signal::{Key, PrivateKey};
 use cunicu_signal_test_support::netns::{Netns, Veth};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
@@ -133,7 +133,7 @@ async fn two_hosts_on_a_veth_lan_exchange_messages_both_ways() {
     let (a, b) = (Netns::new("mca").unwrap(), Netns::new("mcb").unwrap());
     let veth = Veth::link(&a, &b).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let (alice_file, bob_file) = (
         key_file(dir.path(), "alice", &alice),
         key_file(dir.path(), "bob", &bob),
@@ -203,13 +203,20 @@ async fn an_envelope_over_4096_bytes_is_refused_by_the_cli() {
     let ns = Netns::new("mcbig").unwrap();
     ns.multicast_on_lo().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let alice_file = key_file(dir.path(), "alice", &Key::generate());
+    let alice_file = key_file(dir.path(), "alice", &PrivateKey::generate());
     let big = format!("{{\"peer\":{{\"name\":\"{}\"}}}}\n", "x".repeat(5000));
     let url = vec![format!(
         "multicast://239.77.1.1:{}?interface=lo&loopback=true",
         port(2)
     )];
-    let out = publish(&ns, &url, &alice_file, &Key::generate().public_key(), &big).await;
+    let out = publish(
+        &ns,
+        &url,
+        &alice_file,
+        &PrivateKey::generate().public_key(),
+        &big,
+    )
+    .await;
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -222,7 +229,7 @@ async fn grpc_and_multicast_at_once_deliver_through_whichever_reaches_the_peer()
     let ns = Netns::new("multi").unwrap();
     ns.multicast_on_lo().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let (alice_file, bob_file) = (
         key_file(dir.path(), "alice", &alice),
         key_file(dir.path(), "bob", &bob),

@@ -222,8 +222,10 @@ fn a_socket_passed_by_systemd_is_served_instead_of_listen() {
 #[test]
 fn connection_errors_say_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let key = common::key_file(dir.path(), "k", &cunicu_signal::Key::generate());
-    let to = cunicu_signal::Key::generate().public_key().to_string();
+    let key = common::key_file(dir.path(), "k", &cunicu_signal::PrivateKey::generate());
+    let to = cunicu_signal::PrivateKey::generate()
+        .public_key()
+        .to_string();
     let (_server, _lines, addr) = spawn_server(&[("CUNICU_SIGNAL_LISTEN", "127.0.0.1:0")]);
     // A TLS client (the default) against a plaintext server.
     let out = common::publish(&format!("grpc://{addr}"), &key, &to, b"{}\n");

@@ -29,8 +29,9 @@ use base64::{
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
 use cunicu_signal::{
-    EnvelopeError, Key, NONCE_LEN, SharedKey, SharedKeyCache,
+    EnvelopeError, Key, PrivateKey,
     auth::{PROOF_METADATA, Proof, ProofError},
+    envelope::{NONCE_LEN, SharedKey, SharedKeyCache},
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
@@ -100,7 +101,7 @@ pub(crate) const UNKNOWN_KEY_BYTES: usize = UNPROVEN_KEYS * 256 + UNKNOWN_KEY_CL
 /// The server's key pair.
 #[derive(Clone)]
 pub(crate) struct ServerKey {
-    pub(crate) private: Key,
+    pub(crate) private: PrivateKey,
     pub(crate) public: Key,
 }
 
@@ -410,7 +411,7 @@ impl Auth {
     /// with it before; a new one (an X25519) within `client`'s rate.
     fn shared_key(
         &self,
-        server: &Key,
+        server: &PrivateKey,
         key: &Key,
         client: Client,
     ) -> Result<(Arc<SharedKey>, bool), Outcome> {
@@ -675,7 +676,7 @@ mod tests {
 
     use super::*;
 
-    const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+    use cunicu_signal::proto::method::{PUBLISH, SUBSCRIBE};
     const CLIENT: Client = Client::of_const([192, 0, 2, 99]);
 
     /// The `i`th made-up key.
@@ -684,12 +685,12 @@ mod tests {
     }
 
     fn auth(mode: AuthMode) -> (Auth, Key) {
-        let server = Key::generate();
+        let server = PrivateKey::generate();
         let auth = Auth::new(
             mode,
             Some(ServerKey {
-                private: server,
                 public: server.public_key(),
+                private: server.clone(),
             }),
             (Duration::from_secs(60), Duration::from_secs(5)),
             None,
@@ -716,25 +717,20 @@ mod tests {
     #[test]
     fn each_way_a_proof_can_be_wrong() {
         let (auth, server) = auth(AuthMode::Required);
-        let client = Key::generate();
+        let client = PrivateKey::generate();
         let key = client.public_key();
         let fresh =
             |method: &str, time: u64| headers(&prove(&client, &server, method, time).unwrap());
         let good = fresh(SUBSCRIBE, now());
         assert_eq!(outcome(&auth, &good, SUBSCRIBE, &key), Outcome::Ok);
         assert_eq!(outcome(&auth, &good, SUBSCRIBE, &key), Outcome::Replayed);
-        let other = Key::generate().public_key();
+        let other = PrivateKey::generate().public_key();
         assert_eq!(
             outcome(&auth, &fresh(SUBSCRIBE, now()), SUBSCRIBE, &other),
             Outcome::WrongKey
         );
         assert_eq!(
-            outcome(
-                &auth,
-                &fresh("/cunicu.signaling.Signaling/Publish", now()),
-                SUBSCRIBE,
-                &key
-            ),
+            outcome(&auth, &fresh(PUBLISH, now()), SUBSCRIBE, &key),
             Outcome::BadBox
         );
         // 60 s behind and 5 s ahead, inclusive.
@@ -758,8 +754,15 @@ mod tests {
             outcome(&auth, &fresh(SUBSCRIBE, now() + 62), SUBSCRIBE, &key),
             Outcome::Expired
         );
-        let to_another_server =
-            headers(&prove(&client, &Key::generate().public_key(), SUBSCRIBE, now()).unwrap());
+        let to_another_server = headers(
+            &prove(
+                &client,
+                &PrivateKey::generate().public_key(),
+                SUBSCRIBE,
+                now(),
+            )
+            .unwrap(),
+        );
         assert_eq!(
             outcome(&auth, &to_another_server, SUBSCRIBE, &key),
             Outcome::BadBox
@@ -770,7 +773,7 @@ mod tests {
         let mut low = prove(&client, &server, SUBSCRIBE, now()).unwrap();
         low[..32].fill(0);
         assert_eq!(
-            outcome(&auth, &headers(&low), SUBSCRIBE, &Key::ZERO),
+            outcome(&auth, &headers(&low), SUBSCRIBE, &Key::from([0; 32])),
             Outcome::LowOrder
         );
     }
@@ -778,7 +781,7 @@ mod tests {
     #[test]
     fn modes_and_the_allow_list() {
         let (off, server) = auth(AuthMode::Off);
-        let client = Key::generate();
+        let client = PrivateKey::generate();
         assert!(
             off.check(&HeaderMap::new(), SUBSCRIBE, &client.public_key(), CLIENT)
                 .is_ok()
@@ -800,7 +803,7 @@ mod tests {
             "{}",
             status.message()
         );
-        let removed = required.set_allowed(HashSet::from([Key::generate().public_key()]));
+        let removed = required.set_allowed(HashSet::from([PrivateKey::generate().public_key()]));
         assert!(removed.is_empty());
         let proof = headers(&prove(&client, &server, SUBSCRIBE, now()).unwrap());
         let status = required
@@ -839,7 +842,7 @@ mod tests {
                 "{n}"
             );
         }
-        let key = Key::generate().public_key();
+        let key = PrivateKey::generate().public_key();
         assert_eq!(
             auth.remember(key, nonce(0), now + 60, now, client(1000)),
             Outcome::CacheFull
@@ -855,7 +858,10 @@ mod tests {
     fn a_key_or_a_client_holds_only_its_share_of_the_nonces() {
         let (auth, _) = auth(AuthMode::Required);
         let now = now();
-        let (one, other) = (Key::generate().public_key(), Key::generate().public_key());
+        let (one, other) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
         let attacker = Client::of([192, 0, 2, 1].into());
         assert_ne!(attacker, CLIENT);
         for n in 0..NONCES_PER_KEY as u64 {
@@ -900,7 +906,10 @@ mod tests {
     fn allow_key_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("allowed");
-        let (a, b) = (Key::generate().public_key(), Key::generate().public_key());
+        let (a, b) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
         std::fs::write(&path, format!("# peers\n{a}  # alice\n\n  {b}\n")).unwrap();
         assert_eq!(read_allowed(&path).unwrap(), HashSet::from([a, b]));
         std::fs::write(&path, format!("{a}\nnot a key\n")).unwrap();

@@ -39,7 +39,7 @@ use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
     client::{Budget, Reserved},
-    hub::{Hub, Topic},
+    hub::{Replicas, Topic, WeakHub},
     metrics::Metrics,
     wire::PREFIX_LEN,
 };
@@ -179,9 +179,9 @@ pub(crate) struct Cluster {
     origin: String,
     prefix: String,
     keys: Mutex<HashMap<Topic, Interest>>,
-    /// The hub that received envelopes go to; `None` once closed, which
-    /// breaks the cycle hub → cluster → hub.
-    hub: Mutex<Option<Hub>>,
+    /// The hub that received envelopes go to. Weak: the hub holds the
+    /// cluster (as its [`Replicas`]), not the other way round.
+    hub: WeakHub,
     outbound: mpsc::Sender<Outbound>,
     /// Recipient counts being collected, by request number.
     counting: Mutex<HashMap<u64, Arc<Count>>>,
@@ -201,16 +201,24 @@ fn host_name() -> String {
         .unwrap_or_else(|| "cunicu-signal".into())
 }
 
+/// A NATS connection made for a cluster whose hub does not exist yet:
+/// [`Link::start`] makes the [`Cluster`] once the hub is being made.
+pub(crate) struct Link {
+    client: async_nats::Client,
+    origin: String,
+    prefix: String,
+    connected: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    shown: Vec<String>,
+}
+
 impl Cluster {
     /// Connects to NATS (in the background: an unreachable NATS at start
-    /// leaves the replica degraded, trying again, not failed) and starts the
-    /// publisher task, which `tasks` owns.
+    /// leaves the replica degraded, trying again, not failed).
     pub(crate) async fn connect(
         config: &ClusterConfig,
-        budget: Arc<Budget>,
         metrics: Arc<Metrics>,
-        tasks: &tokio_util::task::TaskTracker,
-    ) -> Result<Arc<Self>, ClusterError> {
+    ) -> Result<Link, ClusterError> {
         if config.urls.is_empty() {
             return Err(ClusterError::Urls {
                 urls: Vec::new(),
@@ -323,14 +331,42 @@ impl Cluster {
             .connect(addrs)
             .await
             .map_err(|e| invalid(redact(&e.to_string()).into_owned()))?;
+        Ok(Link {
+            client,
+            origin,
+            prefix: config.subject_prefix.clone(),
+            connected,
+            metrics,
+            shown,
+        })
+    }
+}
+
+impl Link {
+    /// The replica's side of the cluster, delivering what comes through NATS
+    /// to `hub`; starts the publisher task, which `tasks` owns.
+    pub(crate) fn start(
+        self,
+        hub: WeakHub,
+        budget: Arc<Budget>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Arc<Cluster> {
+        let Link {
+            client,
+            origin,
+            prefix,
+            connected,
+            metrics,
+            shown,
+        } = self;
         let (outbound, queue) = mpsc::channel(OUTBOUND);
         let stop = CancellationToken::new();
         let cluster = Arc::new(Cluster {
             client: client.clone(),
             origin: origin.clone(),
-            prefix: config.subject_prefix.clone(),
+            prefix: prefix.clone(),
             keys: Mutex::new(HashMap::new()),
-            hub: Mutex::new(None),
+            hub,
             outbound,
             counting: Mutex::new(HashMap::new()),
             next_count: AtomicU64::new(0),
@@ -342,21 +378,28 @@ impl Cluster {
         tasks.spawn(publish_all(
             client,
             origin,
-            config.subject_prefix.clone(),
+            prefix,
             queue,
             metrics,
             stop.clone(),
         ));
         tasks.spawn(collect_counts(cluster.clone(), stop));
         tracing::info!(urls = ?shown, origin = %cluster.origin, "cluster: replica of a NATS cluster");
-        Ok(cluster)
+        cluster
+    }
+}
+
+impl Replicas for Cluster {
+    fn watch(self: Arc<Self>, key: Topic) {
+        Cluster::watch(&self, key);
     }
 
-    /// Envelopes that come through NATS go to `hub`.
-    pub(crate) fn attach(&self, hub: Hub) {
-        *self.hub.lock() = Some(hub);
+    fn unwatch(&self, key: &Topic) {
+        Cluster::unwatch(self, key);
     }
+}
 
+impl Cluster {
     /// Whether NATS is connected, as it changes.
     pub(crate) fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
@@ -475,13 +518,12 @@ impl Cluster {
         }
     }
 
-    /// Stops: every key's subscription and the publisher go; the hub is let go.
+    /// Stops: every key's subscription and the publisher go.
     pub(crate) fn close(&self) {
         self.stop.cancel();
         let keys = std::mem::take(&mut *self.keys.lock());
         self.metrics.cluster_subjects.set(0);
         drop(keys);
-        self.hub.lock().take();
     }
 }
 
@@ -731,8 +773,9 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         frame.put_u8(0);
         frame.put_u32(message.payload.len() as u32);
         frame.put_slice(&message.payload);
-        let hub = cluster.hub.lock().clone();
-        let Some(hub) = hub else { continue };
+        let Some(hub) = cluster.hub.upgrade() else {
+            continue;
+        };
         let fanout = hub.publish(&key, &frame.freeze());
         if fanout.subscriptions == 0 {
             cluster.metrics.no_subscriber.inc();

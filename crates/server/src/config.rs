@@ -3,7 +3,7 @@
 
 use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
-use cunicu_signal::Key;
+use cunicu_signal::PrivateKey;
 
 use crate::{
     auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
@@ -94,7 +94,7 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// The server's private key (docs/PROTOCOL.md §11): its public key goes out as
     /// `cunicu-server-key` with every call, and proofs are boxes to it.
-    pub key: Option<Key>,
+    pub key: Option<PrivateKey>,
     /// Whether Subscribe, Publish and GetRelays need a proof of key possession.
     pub auth: AuthMode,
     /// How far a proof's time may be behind the server's clock (inclusive).

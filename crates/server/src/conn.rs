@@ -94,6 +94,8 @@ pub(crate) struct Timeouts {
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub(crate) hub: Hub,
+    /// The other replicas, if this server is one of several.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     pub(crate) clients: Arc<Clients>,
     pub(crate) metrics: Arc<Metrics>,
     /// The services served through tonic.
@@ -913,7 +915,7 @@ async fn subscribe(
                 Status::resource_exhausted(full.to_string())
             })?;
         // The sync envelope goes once the other replicas can reach us.
-        if let Some(cluster) = shared.hub.cluster() {
+        if let Some(cluster) = &shared.cluster {
             cluster.ready(&key).await;
         }
         Ok::<_, Status>(subscription)
@@ -988,7 +990,7 @@ async fn publish(
         let local = shared
             .hub
             .publish_from(&recipient, &frame, Publisher::Client(client.client));
-        let recipients = match shared.hub.cluster() {
+        let recipients = match &shared.cluster {
             Some(cluster) if ask => {
                 let others = cluster.publish_counted(
                     recipient,

@@ -41,9 +41,32 @@ use tokio::time::Instant;
 
 use crate::{
     client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
-    cluster::Cluster,
     metrics::Metrics,
 };
+
+/// What the hub needs from the other replicas of a cluster: to hear of a
+/// key's first and last subscriber here, so that envelopes for the key
+/// published elsewhere come here exactly while someone here wants them.
+pub(crate) trait Replicas: Send + Sync {
+    /// `key` has its first subscriber here. Called under the key's shard
+    /// lock: it must not block.
+    fn watch(self: Arc<Self>, key: Topic);
+    /// `key`'s last subscriber here is gone. Called under the key's shard
+    /// lock: it must not block.
+    fn unwatch(&self, key: &Topic);
+}
+
+/// A handle to a hub that does not keep it alive: what the other replicas
+/// hold, since the hub holds them.
+#[derive(Clone)]
+pub(crate) struct WeakHub(std::sync::Weak<Inner>);
+
+impl WeakHub {
+    /// The hub, unless it is gone.
+    pub(crate) fn upgrade(&self) -> Option<Hub> {
+        self.0.upgrade().map(|inner| Hub { inner })
+    }
+}
 
 /// A key: what subscriptions are for and envelopes addressed to.
 pub(crate) type Topic = [u8; 32];
@@ -499,7 +522,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The other replicas: a key's first and last subscriber here start
     /// and end its NATS subscription.
-    cluster: Option<Arc<Cluster>>,
+    replicas: Option<Arc<dyn Replicas>>,
 }
 
 impl Inner {
@@ -532,10 +555,10 @@ impl Hub {
         max_per_key: usize,
         server: Arc<Budget>,
         metrics: Arc<Metrics>,
-        cluster: Option<Arc<Cluster>>,
+        replicas: impl FnOnce(WeakHub) -> Option<Arc<dyn Replicas>>,
     ) -> Self {
         Hub {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 hasher: std::hash::RandomState::new(),
                 limits,
@@ -543,14 +566,9 @@ impl Hub {
                 next_seq: AtomicU64::new(0),
                 server,
                 metrics,
-                cluster,
+                replicas: replicas(WeakHub(weak.clone())),
             }),
         }
-    }
-
-    /// The other replicas, if this server is one of several.
-    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.inner.cluster.as_ref()
     }
 
     /// The server's byte budget.
@@ -604,8 +622,8 @@ impl Hub {
             list.push(sub.clone());
             // Under the lock: a last subscriber going at the same time cannot
             // unsubscribe after this subscribes.
-            if first && let Some(cluster) = &inner.cluster {
-                cluster.watch(key);
+            if first && let Some(replicas) = &inner.replicas {
+                replicas.clone().watch(key);
             }
             (first, evicted)
         };
@@ -694,8 +712,8 @@ impl Hub {
             return false;
         }
         shard.remove(&sub.key);
-        if let Some(cluster) = &inner.cluster {
-            cluster.unwatch(&sub.key);
+        if let Some(replicas) = &inner.replicas {
+            replicas.unwatch(&sub.key);
         }
         true
     }
@@ -832,7 +850,7 @@ mod tests {
             4,
             Arc::new(Budget::new(server_bytes)),
             metrics.clone(),
-            None,
+            |_| None,
         );
         Fixture {
             clients,

@@ -209,26 +209,27 @@ impl Server {
         ));
         let connections = TaskTracker::new();
         let cluster_tasks = TaskTracker::new();
-        let cluster = match &config.cluster {
-            Some(cluster) => Some(
-                cluster::Cluster::connect(cluster, budget.clone(), metrics.clone(), &cluster_tasks)
-                    .await?,
-            ),
+        let link = match &config.cluster {
+            Some(cluster) => Some(cluster::Cluster::connect(cluster, metrics.clone()).await?),
             None => None,
         };
+        // The hub holds the cluster; the cluster reaches the hub through a
+        // weak handle made with it.
+        let mut cluster = None;
         let hub = hub::Hub::new(
             hub::QueueLimits {
                 depth: config.queue_depth,
                 bytes: config.queue_bytes,
             },
             config.max_subscriptions_per_key,
-            budget,
+            budget.clone(),
             metrics.clone(),
-            cluster.clone(),
+            |hub| {
+                let started = link.map(|link| link.start(hub, budget, &cluster_tasks));
+                cluster.clone_from(&started);
+                started.map(|c| c as Arc<dyn hub::Replicas>)
+            },
         );
-        if let Some(cluster) = &cluster {
-            cluster.attach(hub.clone());
-        }
         let clients = Arc::new(client::Clients::new(
             config.client_limits(),
             config.max_subscriptions,
@@ -253,7 +254,7 @@ impl Server {
             }
             _ => "none (every key is admitted)".to_string(),
         };
-        let server_key = config.key.map(|private| auth::ServerKey {
+        let server_key = config.key.clone().map(|private| auth::ServerKey {
             public: private.public_key(),
             private,
         });
@@ -349,6 +350,7 @@ impl Server {
 
         let shared = Arc::new(conn::Shared {
             hub: hub.clone(),
+            cluster: cluster.clone(),
             clients,
             metrics: metrics.clone(),
             routes,

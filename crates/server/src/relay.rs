@@ -177,7 +177,7 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(r.url, "turn:turn.example.com:3478?transport=udp");
-        let info = r.info_for(&Key::ZERO, 0);
+        let info = r.info_for(&Key::from([0; 32]), 0);
         assert_eq!(
             (info.username.as_str(), info.password.as_str()),
             ("alice", "s3cret")

@@ -93,7 +93,7 @@ impl RelayRegistry for RelayService {
             .ok_or_else(|| Status::internal("the call came without its client"))?;
         self.auth.check(
             request.metadata().as_ref(),
-            "/cunicu.signaling.RelayRegistry/GetRelays",
+            cunicu_signal::proto::method::GET_RELAYS,
             &key,
             client,
         )?;

@@ -9,10 +9,7 @@ use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, header::CONTENT_TYPE};
 use tonic::Status;
 
-/// The path of `Signaling.Subscribe`.
-pub(crate) const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
-/// The path of `Signaling.Publish`.
-pub(crate) const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
+pub(crate) use cunicu_signal::proto::method::{PUBLISH, SUBSCRIBE};
 
 /// Length of a message's prefix: a compression flag and a 32-bit length.
 pub(crate) const PREFIX_LEN: usize = 5;

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use common::WAIT;
 use cunicu_signal::{
-    Backend, ChannelHandler, Key, KeyPair, Registry,
+    Backend, ChannelHandler, KeyPair, PrivateKey, Registry, Sender,
     backend::{
         SignalingBackend,
         grpc::{
@@ -163,7 +163,7 @@ async fn the_library_waits_out_a_refusal_once_and_says_rate_limited_only_after_t
     config.publish_rate = rate(2, 2);
     let server = start(config).await;
     let (backend, grpc) = grpc_backend(&server, GrpcOptions::default());
-    let pair = KeyPair::new(Key::generate(), Key::generate().public_key());
+    let pair = KeyPair::new(PrivateKey::generate(), PrivateKey::generate().public_key());
     let message = cunicu_signal::proto::signaling::Message::default();
     for n in 0..3 {
         backend
@@ -272,16 +272,16 @@ async fn recipient_counts_are_exact_on_one_server() -> Result<()> {
         server.local_addr().port()
     )])
     .await?;
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let message = cunicu_signal::proto::signaling::Message::default();
-    let to_bob = KeyPair::new(alice, bob.public_key());
+    let to_bob = KeyPair::new(alice.clone(), bob.public_key());
     assert_eq!(
         backend.publish(&to_bob, &message).await?.recipients,
         Some(0)
     );
     let (handler, mut rx) = ChannelHandler::new(4);
     backend
-        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .subscribe(&bob, Sender::Key(alice.public_key()), handler)
         .await?;
     assert_eq!(
         backend.publish(&to_bob, &message).await?.recipients,
@@ -303,7 +303,7 @@ async fn recipients_off_answers_nothing_and_proven_senders_get_counts() -> Resul
 
     // With proofs required, the library's proven publishes get counts.
     let mut config = self::config();
-    config.key = Some(Key::generate());
+    config.key = Some(PrivateKey::generate());
     config.auth = AuthMode::Required;
     let server = start(config).await;
     let url = format!(
@@ -311,14 +311,14 @@ async fn recipients_off_answers_nothing_and_proven_senders_get_counts() -> Resul
         server.local_addr().port()
     );
     let backend = cunicu_signal::backend::connect(&[url]).await?;
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let (handler, _rx) = ChannelHandler::new(4);
     backend
-        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .subscribe(&bob, Sender::Key(alice.public_key()), handler)
         .await?;
     let message = cunicu_signal::proto::signaling::Message::default();
     let published = backend
-        .publish(&KeyPair::new(alice, bob.public_key()), &message)
+        .publish(&KeyPair::new(alice.clone(), bob.public_key()), &message)
         .await?;
     assert_eq!(published.recipients, Some(1));
     // Unproven, it is refused before anything is counted.

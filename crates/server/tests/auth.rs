@@ -13,7 +13,7 @@ use std::{
 use anyhow::Result;
 use common::{WAIT, exchange};
 use cunicu_signal::{
-    Backend, ChannelHandler, Key, KeyPair,
+    Backend, ChannelHandler, Key, PrivateKey, Sender,
     auth::{PROOF_METADATA, SERVER_KEY_METADATA, prove},
     backend::{connect, grpc::GrpcError},
     proto::{
@@ -28,20 +28,18 @@ use cunicu_signal_server::{AuthMode, Config, Server};
 use tokio::time::timeout;
 use tonic::{Code, Request, metadata::MetadataValue, transport::Channel};
 
-const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
-const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
-const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
+use cunicu_signal::proto::method::{GET_RELAYS, PUBLISH, SUBSCRIBE};
 
 struct Fixture {
     server: Server,
-    key: Key,
+    key: PrivateKey,
 }
 
 async fn start(auth: AuthMode, allow_keys: Option<&Path>) -> Fixture {
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let mut config = Config::default();
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.key = Some(key);
+    config.key = Some(key.clone());
     config.auth = auth;
     config.allow_keys = allow_keys.map(Path::to_path_buf);
     config.relays = vec!["stun:stun.example.net:3478".parse().expect("relay")];
@@ -139,7 +137,7 @@ async fn subscribe_status(channel: &Channel, key: &Key, proof: Option<&[u8]>) ->
 async fn every_call_needs_a_proof_of_its_key_and_every_bad_proof_is_refused() -> Result<()> {
     let f = start(AuthMode::Required, None).await;
     let channel = f.channel().await;
-    let client = Key::generate();
+    let client = PrivateKey::generate();
     let public = client.public_key();
 
     // The server names its key with every call, GetBuildInfo included.
@@ -191,7 +189,7 @@ async fn every_call_needs_a_proof_of_its_key_and_every_bad_proof_is_refused() ->
     );
 
     // Each way to be wrong.
-    let other = Key::generate();
+    let other = PrivateKey::generate();
     let cases: [(&str, Vec<u8>, Key); 6] = [
         (
             "another key",
@@ -215,7 +213,12 @@ async fn every_call_needs_a_proof_of_its_key_and_every_bad_proof_is_refused() ->
         ),
         (
             "another server",
-            prove(&client, &Key::generate().public_key(), SUBSCRIBE, now())?,
+            prove(
+                &client,
+                &PrivateKey::generate().public_key(),
+                SUBSCRIBE,
+                now(),
+            )?,
             public,
         ),
         ("garbage", vec![0xab; 10], public),
@@ -230,7 +233,7 @@ async fn every_call_needs_a_proof_of_its_key_and_every_bad_proof_is_refused() ->
     // A low-order key, in the call and in the proof: nobody can hold it.
     let mut low = prove(&client, &f.public(), SUBSCRIBE, now())?;
     low[..32].fill(0);
-    let code = subscribe_status(&channel, &Key::ZERO, Some(&low)).await;
+    let code = subscribe_status(&channel, &Key::from([0; 32]), Some(&low)).await;
     assert!(
         matches!(code, Code::Unauthenticated | Code::InvalidArgument),
         "{code:?}"
@@ -299,7 +302,7 @@ async fn our_backend_proves_its_keys_learned_or_pinned() -> Result<()> {
     ))
     .await?;
     // Pinned to another key: refused, naming both.
-    let wrong = Key::generate().public_key().to_string();
+    let wrong = PrivateKey::generate().public_key().to_string();
     let backend = connect(&[format!(
         "{}&server_key={}",
         f.url(),
@@ -312,7 +315,7 @@ async fn our_backend_proves_its_keys_learned_or_pinned() -> Result<()> {
     let (handler, _rx) = ChannelHandler::new(1);
     let err = timeout(
         WAIT,
-        backend.subscribe(&KeyPair::new(Key::generate(), Key::ZERO), handler),
+        backend.subscribe(&PrivateKey::generate(), Sender::Any, handler),
     )
     .await?
     .unwrap_err();
@@ -329,7 +332,7 @@ async fn our_backend_proves_its_keys_learned_or_pinned() -> Result<()> {
     let err = err.to_string();
     assert!(err.contains(&key) && err.contains(&wrong), "{err}");
     // Relays for our key, proven.
-    let ours = Key::generate();
+    let ours = PrivateKey::generate();
     let relays = cunicu_signal_session::relays_from_server(&f.url(), &ours, WAIT).await?;
     assert_eq!(relays.len(), 1);
     Ok(())
@@ -339,12 +342,12 @@ async fn our_backend_proves_its_keys_learned_or_pinned() -> Result<()> {
 async fn with_auth_off_no_proof_is_needed_and_a_bad_one_is_only_counted() -> Result<()> {
     let f = start(AuthMode::Off, None).await;
     let channel = f.channel().await;
-    let client = Key::generate();
+    let client = PrivateKey::generate();
     assert_eq!(
         subscribe_status(&channel, &client.public_key(), None).await,
         Code::Ok
     );
-    let proof = prove(&Key::generate(), &f.public(), SUBSCRIBE, now())?;
+    let proof = prove(&PrivateKey::generate(), &f.public(), SUBSCRIBE, now())?;
     assert_eq!(
         subscribe_status(&channel, &client.public_key(), Some(&proof)).await,
         Code::Ok
@@ -384,11 +387,11 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 async fn the_allowed_keys_follow_their_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("allowed");
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     std::fs::write(&path, format!("# peers\n{}  # alice\n", alice.public_key()))?;
     let f = start(AuthMode::Required, Some(&path)).await;
     let channel = f.channel().await;
-    let proof = |key: &Key| prove(key, &f.public(), SUBSCRIBE, now()).expect("proof");
+    let proof = |key: &PrivateKey| prove(key, &f.public(), SUBSCRIBE, now()).expect("proof");
 
     // Alice is listed: her stream opens. Bob is proven but not listed.
     let mut client = SignalingClient::new(channel.clone());
@@ -460,7 +463,7 @@ async fn the_allowed_keys_follow_their_file() -> Result<()> {
 async fn an_allow_list_read_while_it_is_written_cuts_nobody() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("allowed");
-    let alice = Key::generate();
+    let alice = PrivateKey::generate();
     let list = format!("{}\n", alice.public_key());
     std::fs::write(&path, &list)?;
     let f = start(AuthMode::Required, Some(&path)).await;
@@ -527,7 +530,7 @@ async fn settings_that_cannot_work_are_refused() {
         err.as_deref(),
         Some("--auth required needs the server's key (--key-file)")
     );
-    config.key = Some(Key::generate());
+    config.key = Some(PrivateKey::generate());
     config.allow_keys = Some("/nonexistent/allowed".into());
     let err = Server::spawn(config.clone())
         .await
@@ -550,15 +553,12 @@ async fn settings_that_cannot_work_are_refused() {
 async fn many_keys_subscribed_at_once_learn_the_server_key_once() -> Result<()> {
     let f = start(AuthMode::Required, None).await;
     let backend = connect(&[f.url()]).await?;
-    let peer = Key::generate().public_key();
+    let peer = PrivateKey::generate().public_key();
     let (handler, _rx) = ChannelHandler::new(1);
-    let pairs: Vec<KeyPair> = (0..100)
-        .map(|_| KeyPair::new(Key::generate(), peer))
-        .collect();
+    let keys: Vec<PrivateKey> = (0..100).map(|_| PrivateKey::generate()).collect();
     let subscribed = futures::future::join_all(
-        pairs
-            .iter()
-            .map(|pair| backend.subscribe(pair, handler.clone())),
+        keys.iter()
+            .map(|key| backend.subscribe(key, Sender::Key(peer), handler.clone())),
     );
     let results = timeout(WAIT, subscribed).await?;
     let failed: Vec<String> = results
@@ -574,4 +574,18 @@ async fn many_keys_subscribed_at_once_learn_the_server_key_once() -> Result<()> 
     assert_eq!(f.metric("ok").await, "100");
     backend.close().await?;
     Ok(())
+}
+
+/// The server's configuration, printed for a log or an error report, shows
+/// the public key of the server's key, never the private key.
+#[test]
+fn the_config_in_debug_form_does_not_show_the_private_key() {
+    let key = PrivateKey::generate();
+    let mut config = Config::default();
+    config.key = Some(key.clone());
+    let shown = format!("{config:?} {config:#?}");
+    assert!(!shown.contains(key.secret_base64().as_str()), "{shown}");
+    let bytes = format!("{:?}", key.secret_bytes());
+    assert!(!shown.contains(&bytes), "{shown}");
+    assert!(shown.contains(&key.public_key().to_string()), "{shown}");
 }

@@ -23,7 +23,7 @@ mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use cunicu_signal::{
-    Backend, ChannelHandler, Delivery, Key, KeyPair,
+    Backend, ChannelHandler, Delivery, Key, KeyPair, PrivateKey, Sender,
     backend::connect,
     json::message_from_json,
     proto::{
@@ -242,9 +242,10 @@ impl Keys {
         Keys(tempfile::tempdir().expect("temp dir"))
     }
 
-    fn file(&self, name: &str, private: &Key) -> String {
+    fn file(&self, name: &str, private: &PrivateKey) -> String {
         let path = self.0.path().join(format!("{name}.key"));
-        std::fs::write(&path, format!("{private}\n")).expect("write key file");
+        std::fs::write(&path, format!("{}\n", private.secret_base64().as_str()))
+            .expect("write key file");
         path.to_str().expect("UTF-8 temp path").to_owned()
     }
 }
@@ -435,12 +436,16 @@ async fn go_publishes_to_a_rust_subscriber_through_our_server() {
 async fn go_publishes_to_rust(publish_to: &str, subscribe_at: &str) {
     let addr = publish_to;
     let keys = Keys::new();
-    let (go_peer, rust_peer, stranger) = (Key::generate(), Key::generate(), Key::generate());
+    let (go_peer, rust_peer, stranger) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
 
     let backend = connect(&[grpc_url(subscribe_at)]).await.expect("connect");
     let (handler, mut rx) = ChannelHandler::new(16);
     backend
-        .subscribe(&KeyPair::new(rust_peer, go_peer.public_key()), handler)
+        .subscribe(&rust_peer, Sender::Key(go_peer.public_key()), handler)
         .await
         .expect("subscribe");
 
@@ -491,7 +496,10 @@ async fn go_publishes_to_rust(publish_to: &str, subscribe_at: &str) {
     let marker = numbered(0, &go_peer.public_key());
     let publisher = connect(&[grpc_url(publish_to)]).await.expect("connect");
     publisher
-        .publish(&KeyPair::new(go_peer, rust_peer.public_key()), &marker)
+        .publish(
+            &KeyPair::new(go_peer.clone(), rust_peer.public_key()),
+            &marker,
+        )
         .await
         .expect("publish the marker");
     expect_marker(&mut rx, &marker, "after Go's message").await;
@@ -516,7 +524,7 @@ async fn rust_publishes_to_a_go_subscriber_through_our_server() {
 async fn rust_publishes_to_go(publish_to: &str, subscribe_at: &str) {
     let addr = subscribe_at;
     let keys = Keys::new();
-    let (go_peer, rust_peer) = (Key::generate(), Key::generate());
+    let (go_peer, rust_peer) = (PrivateKey::generate(), PrivateKey::generate());
 
     let go_key = keys.file("go", &go_peer);
     let mut subscriber = GoProcess::spawn(
@@ -535,7 +543,7 @@ async fn rust_publishes_to_go(publish_to: &str, subscribe_at: &str) {
     assert_eq!(subscriber.line().await, "READY");
 
     let backend = connect(&[grpc_url(publish_to)]).await.expect("connect");
-    let pair = KeyPair::new(rust_peer, go_peer.public_key());
+    let pair = KeyPair::new(rust_peer.clone(), go_peer.public_key());
     let (rich, _) = rich_message("rust-to-go");
     let simple = numbered(7, &rust_peer.public_key());
     backend.publish(&pair, &rich).await.expect("publish");
@@ -578,7 +586,11 @@ async fn rust_peers_through_a_grpc_go_server() {
     let (go_server, addr) = go_server().await;
     let url = grpc_url(&addr);
     let keys = Keys::new();
-    let (alice, bob, carol) = (Key::generate(), Key::generate(), Key::generate());
+    let (alice, bob, carol) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
 
     let alice_backend = connect(&[&url]).await.expect("alice connects");
     let bob_backend = connect(&[&url]).await.expect("bob connects");
@@ -587,17 +599,17 @@ async fn rust_peers_through_a_grpc_go_server() {
     // `subscribe` returns once the grpc-go server's sync envelope arrived; the server only
     // delivers to streams that exist, so publishing right away checks that.
     alice_backend
-        .subscribe(&KeyPair::new(alice, bob.public_key()), alice_handler)
+        .subscribe(&alice, Sender::Key(bob.public_key()), alice_handler)
         .await
         .expect("alice subscribes");
     bob_backend
-        .subscribe(&KeyPair::new(bob, alice.public_key()), bob_handler)
+        .subscribe(&bob, Sender::Key(alice.public_key()), bob_handler)
         .await
         .expect("bob subscribes");
 
     const N: usize = 50;
-    let to_bob = KeyPair::new(alice, bob.public_key());
-    let to_alice = KeyPair::new(bob, alice.public_key());
+    let to_bob = KeyPair::new(alice.clone(), bob.public_key());
+    let to_alice = KeyPair::new(bob.clone(), alice.public_key());
     let (a, b) = tokio::join!(
         async {
             for i in 0..N {
@@ -638,7 +650,7 @@ async fn rust_peers_through_a_grpc_go_server() {
     // A Go client publishes to alice, who now also listens to anyone.
     let (wildcard, mut wildcard_rx) = ChannelHandler::new(16);
     alice_backend
-        .subscribe(&KeyPair::new(alice, Key::ZERO), wildcard)
+        .subscribe(&alice, Sender::Any, wildcard)
         .await
         .expect("alice subscribes to anyone");
     let (expected, json) = rich_message("go-client-via-go-server");
@@ -802,11 +814,11 @@ async fn a_grpc_go_client_without_proofs_is_told_why_it_is_refused() {
     go_tool();
     let mut config = Config::default();
     config.listen = ([127, 0, 0, 1], 0).into();
-    config.key = Some(Key::generate());
+    config.key = Some(PrivateKey::generate());
     config.auth = cunicu_signal_server::AuthMode::Required;
     let server = Server::spawn(config).await.expect("server starts");
     let addr = server.local_addr().to_string();
-    let key = STANDARD.encode(Key::generate().public_key().as_bytes());
+    let key = STANDARD.encode(PrivateKey::generate().public_key().as_bytes());
     let (status, lines) = GoProcess::spawn("subscribe-raw", &["--server", &addr, "--key", &key])
         .finish()
         .await;

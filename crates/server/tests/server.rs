@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use common::{WAIT, backend, exchange, url};
 use cunicu_signal::{
-    Backend, ChannelHandler, Key, KeyPair, Registry,
+    Backend, ChannelHandler, KeyPair, PrivateKey, Registry, Sender,
     backend::{SignalingBackend, connect, connect_transport},
     conformance::{self, Options, message_for},
     proto::signaling::{
@@ -127,14 +127,14 @@ async fn subscribers_come_back_after_a_server_restart() -> Result<()> {
     let server = start(config()).await;
     let addr = server.local_addr();
     let url = url(&server);
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let receiver = connect(&[&url]).await?;
     let (handler, mut rx) = ChannelHandler::new(16);
     receiver
-        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .subscribe(&bob, Sender::Key(alice.public_key()), handler)
         .await?;
     let sender = connect(&[&url]).await?;
-    let pair = KeyPair::new(alice, bob.public_key());
+    let pair = KeyPair::new(alice.clone(), bob.public_key());
     sender
         .publish(
             &pair,
@@ -528,7 +528,7 @@ async fn tls_with_a_trusted_ca_file_and_with_skip_verify() -> Result<()> {
         let backend = connect(&[format!("grpc://localhost:{port}")]).await?;
         let (handler, _rx) = ChannelHandler::new(1);
         backend
-            .subscribe(&KeyPair::new(Key::generate(), Key::ZERO), handler)
+            .subscribe(&PrivateKey::generate(), Sender::Any, handler)
             .await
     })
     .await
@@ -543,7 +543,7 @@ async fn tls_with_a_trusted_ca_file_and_with_skip_verify() -> Result<()> {
     let (handler, _rx) = ChannelHandler::new(1);
     assert!(
         plain
-            .subscribe(&KeyPair::new(Key::generate(), Key::ZERO), handler)
+            .subscribe(&PrivateKey::generate(), Sender::Any, handler)
             .await
             .is_err()
     );
@@ -632,7 +632,7 @@ async fn build_info_relays_health_reflection_and_metrics() -> Result<()> {
     assert_eq!(info.arch, std::env::consts::ARCH);
     assert!(info.date.is_some_and(|d| d.seconds > 1_600_000_000));
 
-    let peer = Key::generate().public_key();
+    let peer = PrivateKey::generate().public_key();
     let relays = RelayRegistryClient::new(channel.clone())
         .get_relays(GetRelaysParams {
             public_key: peer.as_bytes().to_vec(),
@@ -750,22 +750,18 @@ async fn a_server_that_is_down_at_subscribe_time_is_used_once_it_is_up() -> Resu
     // servers, which take theirs from the ephemeral range).
     let port = common::unused_port();
     let url = format!("grpc://127.0.0.1:{port}?insecure=true");
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let (handler, mut rx) = ChannelHandler::new(4);
     // Alone, the gRPC backend refuses the subscription with the reason.
     let alone = connect(&[&url]).await?;
     let err = alone
-        .subscribe(&KeyPair::new(bob, Key::ZERO), handler.clone())
+        .subscribe(&bob, Sender::Any, handler.clone())
         .await
         .expect_err("nothing listens");
     assert!(err.to_string().contains(&url), "{err}");
     // Together with another backend, the subscription stands and gRPC joins later.
     let receiver = connect(&[url.as_str(), "inprocess:"]).await?;
-    assert!(
-        receiver
-            .subscribe(&KeyPair::new(bob, Key::ZERO), handler)
-            .await?
-    );
+    assert!(receiver.subscribe(&bob, Sender::Any, handler).await?);
 
     let mut config = config();
     config.listen = SocketAddr::from(([127, 0, 0, 1], port));
@@ -786,7 +782,7 @@ async fn a_server_that_is_down_at_subscribe_time_is_used_once_it_is_up() -> Resu
     let sender = connect(&[&url]).await?;
     let message = message_for(1, &alice.public_key(), &bob.public_key());
     sender
-        .publish(&KeyPair::new(alice, bob.public_key()), &message)
+        .publish(&KeyPair::new(alice.clone(), bob.public_key()), &message)
         .await?;
     let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
     assert_eq!(got.message, message);
@@ -807,7 +803,7 @@ async fn a_server_that_is_down_at_subscribe_time_is_used_once_it_is_up() -> Resu
 async fn one_stream_per_key_ended_by_the_last_unsubscribe() -> Result<()> {
     let server = start(config()).await;
     let backend = connect(&[url(&server)]).await?;
-    let (bob, carol) = (Key::generate(), Key::generate());
+    let (bob, carol) = (PrivateKey::generate(), PrivateKey::generate());
     let metrics = server.metrics().clone();
     let gauge = || metrics.subscriptions.get();
     let wait_for = |n: i64| {
@@ -830,44 +826,28 @@ async fn one_stream_per_key_ended_by_the_last_unsubscribe() -> Result<()> {
         Arc<dyn cunicu_signal::Handler>,
     ) = (h1, h2, h3);
     // Three handlers of Bob's key share one stream; Carol's key has its own.
-    assert!(
-        backend
-            .subscribe(&KeyPair::new(bob, Key::ZERO), h1.clone())
-            .await?
-    );
+    assert!(backend.subscribe(&bob, Sender::Any, h1.clone()).await?);
     assert!(
         !backend
-            .subscribe(&KeyPair::new(bob, carol.public_key()), h2.clone())
+            .subscribe(&bob, Sender::Key(carol.public_key()), h2.clone())
             .await?
     );
-    assert!(
-        backend
-            .subscribe(&KeyPair::new(carol, Key::ZERO), h3.clone())
-            .await?
-    );
+    assert!(backend.subscribe(&carol, Sender::Any, h3.clone()).await?);
     assert_eq!(gauge(), 2);
-    assert!(
-        backend
-            .unsubscribe(&KeyPair::new(bob, Key::ZERO), &h1)
-            .await?
-    );
+    assert!(backend.unsubscribe(&bob, Sender::Any, &h1).await?);
     // A stream ended by mistake would reach the server's gauge as a real
     // HTTP/2 reset, with no event of ours to wait for: give it that time.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gauge(), 2, "Bob's stream ended while a handler was left");
     assert!(
         backend
-            .unsubscribe(&KeyPair::new(bob, carol.public_key()), &h2)
+            .unsubscribe(&bob, Sender::Key(carol.public_key()), &h2)
             .await?
     );
     wait_for(1)
         .await
         .context("Bob's stream did not end with his last handler")?;
-    assert!(
-        backend
-            .unsubscribe(&KeyPair::new(carol, Key::ZERO), &h3)
-            .await?
-    );
+    assert!(backend.unsubscribe(&carol, Sender::Any, &h3).await?);
     wait_for(0).await.context("Carol's stream did not end")?;
     backend.close().await?;
     Ok(())

@@ -23,10 +23,11 @@
 //!
 //! ```no_run
 //! # async fn run(backend: std::sync::Arc<dyn cunicu_signal::Backend>,
-//! #              ours: cunicu_signal::Key, theirs: cunicu_signal::Key) -> anyhow::Result<()> {
+//! #              ours: cunicu_signal::PrivateKey, theirs: cunicu_signal::Key) -> anyhow::Result<()> {
+//! use cunicu_signal::KeyPair;
 //! use cunicu_signal_session::{IceOptions, Session, SessionOptions, WebrtcIce};
 //! let ice = WebrtcIce::new(IceOptions::default().only_addresses(["127.0.0.1".parse()?]))?;
-//! let session = Session::start(backend, ours, theirs, std::sync::Arc::new(ice),
+//! let session = Session::start(backend, KeyPair { ours, theirs }, std::sync::Arc::new(ice),
 //!     SessionOptions::default()).await?;
 //! let connection = session.connected().await.expect("session runs");
 //! connection.send(b"hello").await?;
@@ -34,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 mod agent;
 mod backoff;

@@ -7,8 +7,9 @@ use std::{
 
 use async_trait::async_trait;
 use cunicu_signal::{
-    BackendError, Key,
-    backend::grpc::{GET_RELAYS, GrpcOptions, ServerAuth, channel_for},
+    BackendError, PrivateKey,
+    backend::grpc::{GrpcOptions, ServerAuth, channel_for},
+    proto::method::GET_RELAYS,
     proto::signaling::{
         GetRelaysParams, RelayInfo, relay_registry_client::RelayRegistryClient,
         signaling_client::SignalingClient,
@@ -66,14 +67,18 @@ pub struct Relays {
 /// (private: a server may ask for proof that we hold it, docs/PROTOCOL.md §11).
 pub async fn relays_from_server(
     url: &str,
-    ours: &Key,
+    ours: &PrivateKey,
     limit: Duration,
 ) -> Result<Vec<IceServer>, RelayError> {
     Ok(fetch_relays(url, ours, limit).await?.servers)
 }
 
 /// Like [`relays_from_server`], with the expiry of the credentials.
-pub async fn fetch_relays(url: &str, ours: &Key, limit: Duration) -> Result<Relays, RelayError> {
+pub async fn fetch_relays(
+    url: &str,
+    ours: &PrivateKey,
+    limit: Duration,
+) -> Result<Relays, RelayError> {
     let parsed = url::Url::parse(url).map_err(|e| BackendError::url(url, e))?;
     let options = GrpcOptions::default();
     let channel = channel_for(&parsed, &options)?;
@@ -155,7 +160,7 @@ fn needs_refresh(expires: Option<SystemTime>, now: SystemTime) -> bool {
 pub struct ServerRelayIce {
     options: IceOptions,
     /// Our private key, to prove it to servers that ask.
-    ours: Key,
+    ours: PrivateKey,
     cache: tokio::sync::Mutex<Cache>,
 }
 
@@ -184,7 +189,7 @@ impl ServerRelayIce {
     pub async fn fetch(
         options: IceOptions,
         urls: impl IntoIterator<Item = impl Into<String>>,
-        ours: Key,
+        ours: PrivateKey,
         limit: Duration,
     ) -> Result<Self, RelayError> {
         let mut sources = Vec::new();
@@ -228,7 +233,7 @@ impl ServerRelayIce {
         {
             return cache.ice.clone();
         }
-        let ours = self.ours;
+        let ours = &self.ours;
         let cache = &mut *cache;
         let sources = &mut cache.sources;
         let fetches = &mut cache.fetches;
@@ -237,7 +242,7 @@ impl ServerRelayIce {
                 if !needs_refresh(relays.expires, now) {
                     continue;
                 }
-                match fetch_relays(url, &ours, RELAY_REFRESH_TIMEOUT).await {
+                match fetch_relays(url, ours, RELAY_REFRESH_TIMEOUT).await {
                     Ok(fresh) => {
                         tracing::debug!(%url, relays = fresh.servers.len(), "relays fetched again");
                         *relays = fresh;

@@ -16,7 +16,7 @@ use std::{
 
 use cunicu_signal::{
     Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Role, SameKeyError,
-    ice_role,
+    Sender,
     proto::{epdisc::Candidate, signaling::Message},
 };
 use tokio::{
@@ -213,7 +213,7 @@ impl fmt::Debug for Connection {
 /// itself as docs/PROTOCOL.md §8 says, until closed or dropped.
 pub struct Session {
     role: Role,
-    ours: Key,
+    our_public: Key,
     theirs: Key,
     commands: mpsc::Sender<()>,
     events: broadcast::Sender<Event>,
@@ -228,7 +228,7 @@ pub struct Session {
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
-            .field("ours", &self.ours)
+            .field("our_public", &self.our_public)
             .field("theirs", &self.theirs)
             .field("role", &self.role)
             .field("state", &*self.state.borrow())
@@ -237,25 +237,27 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    /// Subscribes to the messages of `theirs` (ours = our private key `ours`)
-    /// on `backend`, then runs docs/PROTOCOL.md §8 with agents from `agents`. Returns once
+    /// Subscribes to the messages of `pair.theirs` to `pair.ours` (our private
+    /// key) on `backend`, then runs docs/PROTOCOL.md §8 with agents from `agents`. Returns once
     /// the subscription exists.
     pub async fn start(
         backend: Arc<dyn Backend>,
-        ours: Key,
-        theirs: Key,
+        pair: KeyPair,
         agents: Arc<dyn IceAgentFactory>,
         options: SessionOptions,
     ) -> Result<Session, SessionError> {
+        let (our_public, theirs) = (pair.ours.public_key(), pair.theirs);
         if theirs.is_low_order() {
             return Err(SessionError::InvalidPeer(theirs));
         }
-        let our_public = ours.public_key();
-        let role = ice_role(&our_public, &theirs)?;
-        let pair = KeyPair::new(ours, theirs);
+        let role = pair.role()?;
         let (handler, deliveries) = ChannelHandler::new(options.inbound_capacity);
         backend
-            .subscribe(&pair, handler.clone() as Arc<dyn Handler>)
+            .subscribe(
+                &pair.ours,
+                Sender::Key(theirs),
+                handler.clone() as Arc<dyn Handler>,
+            )
             .await
             .map_err(|source| SessionError::Subscribe {
                 peer: theirs,
@@ -277,7 +279,7 @@ impl Session {
         let (reached_tx, reached_rx) = mpsc::channel(options.outbound_capacity.max(1));
         let publisher = tokio::spawn(publisher(
             backend.clone(),
-            pair,
+            pair.clone(),
             publish_rx,
             reached_tx,
             options.publish_timeout,
@@ -313,7 +315,7 @@ impl Session {
         tracing::debug!(ours = %our_public, %theirs, ?role, "session started");
         Ok(Session {
             role,
-            ours: our_public,
+            our_public,
             theirs,
             commands: commands_tx,
             events,
@@ -333,7 +335,7 @@ impl Session {
 
     /// Our public key.
     pub fn public_key(&self) -> Key {
-        self.ours
+        self.our_public
     }
 
     /// The peer's public key.
@@ -764,7 +766,11 @@ impl Driver {
         }
         match tokio::time::timeout(
             self.options.unsubscribe_timeout,
-            self.backend.unsubscribe(&self.pair, &self.handler),
+            self.backend.unsubscribe(
+                &self.pair.ours,
+                Sender::Key(self.pair.theirs),
+                &self.handler,
+            ),
         )
         .await
         {
@@ -817,7 +823,7 @@ async fn publisher(
 #[cfg(test)]
 mod tests {
     use async_trait::async_trait;
-    use cunicu_signal::proto::signaling::BackendType;
+    use cunicu_signal::{PrivateKey, proto::signaling::BackendType};
 
     use super::*;
     use crate::agent::IceCredentials;
@@ -871,14 +877,16 @@ mod tests {
         }
         async fn subscribe(
             &self,
-            pair: &KeyPair,
+            ours: &PrivateKey,
+            from: Sender,
             handler: Arc<dyn Handler>,
         ) -> Result<bool, BackendError> {
-            self.0.subscribe(pair, handler).await
+            self.0.subscribe(ours, from, handler).await
         }
         async fn unsubscribe(
             &self,
-            _: &KeyPair,
+            _: &PrivateKey,
+            _: Sender,
             _: &Arc<dyn Handler>,
         ) -> Result<bool, BackendError> {
             std::future::pending().await
@@ -913,8 +921,8 @@ mod tests {
         let agents = Arc::new(Stuck {
             create_delay: Duration::from_millis(270),
         });
-        let (ours, theirs) = (Key::generate(), Key::generate().public_key());
-        let session = Session::start(backend, ours, theirs, agents, options)
+        let pair = KeyPair::new(PrivateKey::generate(), PrivateKey::generate().public_key());
+        let session = Session::start(backend, pair, agents, options)
             .await
             .unwrap();
         let start = Instant::now();
@@ -937,8 +945,8 @@ mod tests {
         let agents = Arc::new(Stuck {
             create_delay: Duration::ZERO,
         });
-        let (ours, theirs) = (Key::generate(), Key::generate().public_key());
-        let mut session = Session::start(inprocess().await, ours, theirs, agents, options)
+        let pair = KeyPair::new(PrivateKey::generate(), PrivateKey::generate().public_key());
+        let mut session = Session::start(inprocess().await, pair, agents, options)
             .await
             .unwrap();
         let mut states = session.states();

@@ -370,7 +370,7 @@ fn ice_state(state: ConnectionState) -> Option<IceState> {
 }
 
 /// A webrtc-ice candidate in protobuf form.
-pub fn to_proto(c: &(dyn Candidate + Send + Sync)) -> ProtoCandidate {
+pub(crate) fn to_proto(c: &(dyn Candidate + Send + Sync)) -> ProtoCandidate {
     let kind = match c.candidate_type() {
         CandidateType::Host => ProtoType::Host,
         CandidateType::ServerReflexive => ProtoType::ServerReflexive,
@@ -420,7 +420,7 @@ pub fn to_proto(c: &(dyn Candidate + Send + Sync)) -> ProtoCandidate {
 
 /// A webrtc-ice candidate for a checked protobuf candidate. The relay
 /// protocol has no place in webrtc-ice's candidates and is not carried over.
-pub fn from_parsed(
+pub(crate) fn from_parsed(
     p: &ParsedCandidate,
 ) -> Result<Arc<dyn Candidate + Send + Sync>, webrtc_ice::Error> {
     use cunicu_signal::proto::epdisc::NetworkType as N;

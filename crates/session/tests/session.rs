@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use async_trait::async_trait;
 use cunicu_signal::{
-    Backend, Key, Role,
+    Backend, Key, KeyPair, PrivateKey, Role,
     backend::connect,
     proto::epdisc::{Candidate, CandidateType},
 };
@@ -107,13 +107,13 @@ fn loopback_ice() -> WebrtcIce {
 
 /// One peer: its key, backend and session, with the events since its start.
 struct Peer {
-    key: Key,
+    key: PrivateKey,
     backend: Arc<dyn Backend>,
     session: Session,
     events: broadcast::Receiver<Event>,
 }
 
-async fn peer(url: &str, key: Key, theirs: Key, log: &ConnectLog) -> Result<Peer> {
+async fn peer(url: &str, key: &PrivateKey, theirs: Key, log: &ConnectLog) -> Result<Peer> {
     let backend: Arc<dyn Backend> = Arc::new(timeout(STEP, connect(&[url])).await??);
     let agents = Arc::new(Recording {
         ice: loopback_ice(),
@@ -122,12 +122,17 @@ async fn peer(url: &str, key: Key, theirs: Key, log: &ConnectLog) -> Result<Peer
     });
     let mut session = timeout(
         STEP,
-        Session::start(backend.clone(), key, theirs, agents, options()),
+        Session::start(
+            backend.clone(),
+            KeyPair::new(key.clone(), theirs),
+            agents,
+            options(),
+        ),
     )
     .await??;
     let events = session.events();
     Ok(Peer {
-        key,
+        key: key.clone(),
         backend,
         session,
         events,
@@ -224,9 +229,9 @@ async fn next_state(events: &mut broadcast::Receiver<Event>, want: State) -> (u6
 async fn two_peers_connect(url: &str) -> Result<()> {
     init_logs();
     let log = ConnectLog::default();
-    let (ka, kb) = (Key::generate(), Key::generate());
-    let mut a = peer(url, ka, kb.public_key(), &log).await?;
-    let mut b = peer(url, kb, ka.public_key(), &log).await?;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let mut a = peer(url, &ka, kb.public_key(), &log).await?;
+    let mut b = peer(url, &kb, ka.public_key(), &log).await?;
     let (ca, cb) = (
         connection_after(&a.session, 0).await?,
         connection_after(&b.session, 0).await?,
@@ -388,9 +393,9 @@ async fn a_peer_killed_and_started_again_comes_back_with_new_credentials() -> Re
     let server = server().await;
     let url = grpc_url(&server);
     let log = ConnectLog::default();
-    let (ka, kb) = (Key::generate(), Key::generate());
-    let mut a = peer(&url, ka, kb.public_key(), &log).await?;
-    let b = peer(&url, kb, ka.public_key(), &log).await?;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let mut a = peer(&url, &ka, kb.public_key(), &log).await?;
+    let b = peer(&url, &kb, ka.public_key(), &log).await?;
     let a1 = connection_after(&a.session, 0).await?;
     let b1 = connection_after(&b.session, 0).await?;
     exchange(&a1, &b1, "before").await?;
@@ -400,7 +405,7 @@ async fn a_peer_killed_and_started_again_comes_back_with_new_credentials() -> Re
     drop(b);
 
     // b again, with the same key and fresh everything.
-    let b = peer(&url, kb, ka.public_key(), &log).await?;
+    let b = peer(&url, &kb, ka.public_key(), &log).await?;
     let a2 = connection_after(&a.session, a1.agent()).await?;
     let b2 = connection_after(&b.session, 0).await?;
     assert_ne!(
@@ -440,9 +445,9 @@ async fn a_peer_killed_and_started_again_comes_back_with_new_credentials() -> Re
 async fn a_lost_peer_means_a_restart_after_the_grace_period() -> Result<()> {
     init_logs();
     let log = ConnectLog::default();
-    let (ka, kb) = (Key::generate(), Key::generate());
-    let mut a = peer("inprocess:", ka, kb.public_key(), &log).await?;
-    let b = peer("inprocess:", kb, ka.public_key(), &log).await?;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let mut a = peer("inprocess:", &ka, kb.public_key(), &log).await?;
+    let b = peer("inprocess:", &kb, ka.public_key(), &log).await?;
     connection_after(&a.session, 0).await?;
     connection_after(&b.session, 0).await?;
     seen(&mut a.events);
@@ -483,7 +488,7 @@ async fn a_lost_peer_means_a_restart_after_the_grace_period() -> Result<()> {
 #[tokio::test]
 async fn relays_come_from_the_server() -> Result<()> {
     let server = server().await;
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let relays = relays_from_server(&grpc_url(&server), &key, STEP).await?;
     assert_eq!(relays.len(), 2, "{relays:?}");
     assert_eq!(relays[0].url, "stun:127.0.0.1:3478");
@@ -527,9 +532,9 @@ async fn expiring_relay_credentials_are_fetched_again_for_a_new_agent() -> Resul
     ];
     let server = Server::spawn(config).await?;
     let url = grpc_url(&server);
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let options = IceOptions::default().only_addresses([LOOPBACK]);
-    let ice = ServerRelayIce::fetch(options, [url.clone()], key, STEP).await?;
+    let ice = ServerRelayIce::fetch(options, [url.clone()], key.clone(), STEP).await?;
     assert_eq!(ice.fetches().await, 1);
     let relays = ice.relays().await;
     assert_eq!(relays.len(), 1);
@@ -572,7 +577,7 @@ async fn expiring_relay_credentials_are_fetched_again_for_a_new_agent() -> Resul
 #[tokio::test]
 async fn relays_without_expiry_are_fetched_once() -> Result<()> {
     let server = server().await;
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let options = IceOptions::default().only_addresses([LOOPBACK]);
     let ice = ServerRelayIce::fetch(options, [grpc_url(&server)], key, STEP).await?;
     let (events, _rx) = tokio::sync::mpsc::channel(16);
@@ -592,22 +597,27 @@ async fn relays_without_expiry_are_fetched_once() -> Result<()> {
 #[tokio::test]
 async fn bad_peer_keys_are_refused() -> Result<()> {
     let backend: Arc<dyn Backend> = Arc::new(connect(&["inprocess:"]).await?);
-    let key = Key::generate();
+    let key = PrivateKey::generate();
     let agents = Arc::new(loopback_ice());
     let same = Session::start(
         backend.clone(),
-        key,
-        key.public_key(),
+        KeyPair::new(key.clone(), key.public_key()),
         agents.clone(),
         options(),
     )
     .await;
     assert!(matches!(same, Err(SessionError::SameKey(_))), "{same:?}");
-    let zero = Session::start(backend.clone(), key, Key::ZERO, agents, options()).await;
+    let zero = Session::start(
+        backend.clone(),
+        KeyPair::new(key, Key::from([0; 32])),
+        agents,
+        options(),
+    )
+    .await;
     let Err(SessionError::InvalidPeer(k)) = zero else {
         bail!("the zero key was taken: {zero:?}");
     };
-    assert_eq!(k, Key::ZERO);
+    assert_eq!(k, Key::from([0; 32]));
     Ok(())
 }
 
@@ -618,8 +628,8 @@ async fn a_peer_that_is_away_is_asked_less_often_and_connects_at_once_when_it_co
     let server = server().await;
     let url = grpc_url(&server);
     let log = ConnectLog::default();
-    let (ka, kb) = (Key::generate(), Key::generate());
-    let a = peer(&url, ka, kb.public_key(), &log).await?;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a = peer(&url, &ka, kb.public_key(), &log).await?;
     // B is away: the server counts no subscriber of its key, so A's
     // credentials reach nobody.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -631,7 +641,7 @@ async fn a_peer_that_is_away_is_asked_less_often_and_connects_at_once_when_it_co
     assert_eq!(a.session.state(), State::Idle);
 
     let came = Instant::now();
-    let b = peer(&url, kb, ka.public_key(), &log).await?;
+    let b = peer(&url, &kb, ka.public_key(), &log).await?;
     let (ca, cb) = (
         connection_after(&a.session, 0).await?,
         connection_after(&b.session, 0).await?,

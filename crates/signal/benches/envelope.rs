@@ -6,7 +6,8 @@ use std::{hint::black_box, time::Duration};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cunicu_signal::{
-    Key, KeyPair, SharedKey,
+    KeyPair, PrivateKey,
+    envelope::SharedKey,
     proto::{
         epdisc::{Candidate, CandidateType, NetworkType, RelatedAddress},
         signaling::{Envelope, Message},
@@ -35,8 +36,8 @@ fn candidate() -> Message {
 }
 
 fn envelopes(c: &mut Criterion) {
-    let (alice, bob) = (Key::generate(), Key::generate());
-    let pair = KeyPair::new(alice, bob.public_key());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
+    let pair = KeyPair::new(alice.clone(), bob.public_key());
     let message = candidate();
     let envelope = message.seal(&pair).expect("seal");
 
@@ -59,7 +60,7 @@ fn envelopes(c: &mut Criterion) {
     // Poly1305 check. The envelope is built once; its sender is fresh to the
     // cache every time because forgeries are never cached.
     let mut forged = candidate()
-        .seal(&KeyPair::new(Key::generate(), bob.public_key()))
+        .seal(&KeyPair::new(PrivateKey::generate(), bob.public_key()))
         .expect("seal");
     forged.contents.as_mut().expect("contents").body[20] ^= 1;
     group.bench_function("open_forged_new_sender", |b| {
@@ -71,7 +72,7 @@ fn envelopes(c: &mut Criterion) {
     });
     // One X25519 (variable base), the unit the figures above are counted in.
     let their_public = x25519_dalek::PublicKey::from(*alice.public_key().as_bytes());
-    let our_secret = x25519_dalek::StaticSecret::from(*bob.as_bytes());
+    let our_secret = x25519_dalek::StaticSecret::from(*bob.secret_bytes());
     group.bench_function("x25519", |b| {
         b.iter(|| black_box(&our_secret).diffie_hellman(black_box(&their_public)))
     });
@@ -88,7 +89,10 @@ fn envelopes(c: &mut Criterion) {
 fn protobuf(c: &mut Criterion) {
     let message = candidate();
     let envelope = message
-        .seal(&KeyPair::new(Key::generate(), Key::generate().public_key()))
+        .seal(&KeyPair::new(
+            PrivateKey::generate(),
+            PrivateKey::generate().public_key(),
+        ))
         .expect("seal");
     let message_bytes = message.encode_to_vec();
     let envelope_bytes = envelope.encode_to_vec();
@@ -117,11 +121,11 @@ fn protobuf(c: &mut Criterion) {
 /// hundred nanoseconds, in the server benchmark.)
 fn proofs(c: &mut Criterion) {
     use cunicu_signal::{
-        SharedKeyCache,
         auth::{Proof, prove},
+        envelope::SharedKeyCache,
     };
-    let (client, server) = (Key::generate(), Key::generate());
-    let method = "/cunicu.signaling.Signaling/Publish";
+    let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
+    let method = cunicu_signal::proto::method::PUBLISH;
     let cache = SharedKeyCache::new(std::num::NonZeroUsize::new(1024).expect("1024"));
     let proof = prove(&client, &server.public_key(), method, 1_800_000_000).expect("prove");
     Proof::parse(&proof)

@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use crypto_secretbox::aead::{AeadCore, OsRng};
 
-use crate::{EnvelopeError, KEY_LEN, Key, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
+use crate::{
+    EnvelopeError, KEY_LEN, Key, PrivateKey,
+    envelope::{NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN},
+};
 
 /// The request metadata that carries a proof (binary: `-bin`).
 pub const PROOF_METADATA: &str = "cunicu-auth-bin";
@@ -70,7 +73,12 @@ fn plaintext(method: &str, time: u64) -> Vec<u8> {
 /// (e.g. `/cunicu.signaling.Signaling/Subscribe`) to the server whose public
 /// key is `server`, at `time` (UNIX seconds). Shared keys come from the
 /// process-wide cache.
-pub fn prove(ours: &Key, server: &Key, method: &str, time: u64) -> Result<Vec<u8>, EnvelopeError> {
+pub fn prove(
+    ours: &PrivateKey,
+    server: &Key,
+    method: &str,
+    time: u64,
+) -> Result<Vec<u8>, EnvelopeError> {
     let shared = SharedKeyCache::global().get(ours, server)?;
     let nonce: [u8; NONCE_LEN] =
         crypto_secretbox::XSalsa20Poly1305::generate_nonce(&mut OsRng).into();
@@ -102,7 +110,7 @@ impl<'a> Proof<'a> {
     /// of (server, claimed key) comes from `cache`, and is put there once a
     /// proof opened with it: a proof then costs one XSalsa20-Poly1305, and
     /// forgeries with made-up keys push no real key out.
-    pub fn open(&self, server: &Key, cache: &SharedKeyCache) -> Result<Proven, ProofError> {
+    pub fn open(&self, server: &PrivateKey, cache: &SharedKeyCache) -> Result<Proven, ProofError> {
         let (shared, cached) = match cache.lookup(server, &self.key) {
             Some(shared) => (shared, true),
             None => match SharedKey::new(server, &self.key) {
@@ -143,11 +151,15 @@ mod tests {
 
     use super::*;
 
-    const METHOD: &str = "/cunicu.signaling.Signaling/Subscribe";
+    const METHOD: &str = crate::proto::method::SUBSCRIBE;
 
     #[test]
     fn a_proof_opens_with_the_server_key_only() {
-        let (client, server, other) = (Key::generate(), Key::generate(), Key::generate());
+        let (client, server, other) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
         let bytes = prove(&client, &server.public_key(), METHOD, 1_700_000_000).unwrap();
         assert_eq!(
             bytes.len(),
@@ -170,7 +182,7 @@ mod tests {
 
     #[test]
     fn tampering_and_low_order_keys_are_refused() {
-        let (client, server) = (Key::generate(), Key::generate());
+        let (client, server) = (PrivateKey::generate(), PrivateKey::generate());
         let cache = SharedKeyCache::new(NonZeroUsize::new(8).unwrap());
         let mut bytes = prove(&client, &server.public_key(), METHOD, 5).unwrap();
         *bytes.last_mut().unwrap() ^= 1;
@@ -184,7 +196,7 @@ mod tests {
         );
         // Another key claimed for the same box.
         let mut claimed = prove(&client, &server.public_key(), METHOD, 5).unwrap();
-        claimed[..32].copy_from_slice(Key::generate().public_key().as_bytes());
+        claimed[..32].copy_from_slice(PrivateKey::generate().public_key().as_bytes());
         assert_eq!(
             Proof::parse(&claimed).unwrap().open(&server, &cache),
             Err(ProofError::BadBox)

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use tokio::task::JoinSet;
 
 use crate::{
-    EnvelopeError, Handler, Key, KeyPair, Registry, SharedKeyCache,
+    EnvelopeError, Handler, Key, KeyPair, PrivateKey, Registry, Sender,
     proto::signaling::{BackendType, Envelope, Message},
 };
 
@@ -210,23 +210,25 @@ pub trait Backend: Send + Sync {
     /// many subscription streams it reached where the medium can tell.
     async fn publish(&self, pair: &KeyPair, message: &Message) -> Result<Published, BackendError>;
 
-    /// Delivers every message addressed to `public(pair.ours)` and sent by
-    /// `pair.theirs` (by anyone if that is [`Key::ZERO`]) to `handler`. Returns
-    /// true if this is the first subscription of `public(pair.ours)` on this
-    /// backend. Returns once the medium delivers (for gRPC: once the server has
-    /// confirmed the subscription).
+    /// Delivers every message addressed to the public key of `ours` and sent by
+    /// `from` to `handler`. Returns true if this is the first subscription of
+    /// our public key on this backend. Returns once the medium delivers (for
+    /// gRPC: once the server has confirmed the subscription).
     async fn subscribe(
         &self,
-        pair: &KeyPair,
+        ours: &PrivateKey,
+        from: Sender,
         handler: Arc<dyn Handler>,
     ) -> Result<bool, BackendError>;
 
-    /// Stops delivering to `handler` for `pair`. Returns true if no handler is
-    /// left for that sender. The medium's resources for our key (a stream, a
-    /// watch) are released when no handler at all is left for it.
+    /// Stops delivering to `handler` what `ours` gets from `from`. Returns true
+    /// if no handler is left for that sender. The medium's resources for our
+    /// key (a stream, a watch) are released when no handler at all is left for
+    /// it.
     async fn unsubscribe(
         &self,
-        pair: &KeyPair,
+        ours: &PrivateKey,
+        from: Sender,
         handler: &Arc<dyn Handler>,
     ) -> Result<bool, BackendError>;
 
@@ -251,7 +253,11 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends a sealed envelope that `ours` (the sender's private key) sealed: a
     /// medium that proves possession of the sender's key (`grpc://` to a
     /// server that asks for it, docs/PROTOCOL.md §11) uses the key; the others send.
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
+    async fn send_as(
+        &self,
+        envelope: &Envelope,
+        ours: &PrivateKey,
+    ) -> Result<Published, BackendError> {
         let _ = ours;
         self.send(envelope).await
     }
@@ -279,7 +285,7 @@ macro_rules! forward_transport {
             async fn send(&self, envelope: &Envelope) -> Result<Published, BackendError> {
                 (**self).send(envelope).await
             }
-            async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
+            async fn send_as(&self, envelope: &Envelope, ours: &PrivateKey) -> Result<Published, BackendError> {
                 (**self).send_as(envelope, ours).await
             }
             async fn listen(&self, key: Key) -> Result<(), BackendError> {
@@ -435,7 +441,8 @@ impl Drop for KeyLock {
 /// until then.
 struct Undo<'a> {
     backend: &'a SignalingBackend,
-    pair: KeyPair,
+    ours: PrivateKey,
+    from: Sender,
     handler: Arc<dyn Handler>,
     public: Key,
     lock: Option<KeyLock>,
@@ -452,7 +459,7 @@ impl Undo<'_> {
     /// finishes the job.
     async fn run(mut self) {
         let registry = &self.backend.registry;
-        registry.remove(&self.pair, &self.handler);
+        registry.remove(&self.ours, self.from, &self.handler);
         if !registry.has_key(&self.public)
             && let Err(e) = self.backend.transport.unlisten(self.public).await
         {
@@ -468,7 +475,7 @@ impl Drop for Undo<'_> {
             return;
         };
         let registry = &self.backend.registry;
-        registry.remove(&self.pair, &self.handler);
+        registry.remove(&self.ours, self.from, &self.handler);
         if !registry.has_key(&self.public) {
             self.backend.unlisten_later(self.public, lock);
         }
@@ -485,15 +492,16 @@ impl Backend for SignalingBackend {
 
     async fn subscribe(
         &self,
-        pair: &KeyPair,
+        ours: &PrivateKey,
+        from: Sender,
         handler: Arc<dyn Handler>,
     ) -> Result<bool, BackendError> {
-        let public = SharedKeyCache::global().public_key(&pair.ours);
+        let public = ours.public_key();
         let lock = self.lock_key(public).await;
         self.check_open()?;
         // The handler first, then the medium: what the medium receives from
         // the moment it listens finds the handler.
-        let first = self.registry.add(pair, handler.clone());
+        let first = self.registry.add(ours, from, handler.clone());
         if !first {
             // The medium listens already: the subscribe that added the key's
             // first handler kept the key's lock until its listen was done.
@@ -508,7 +516,8 @@ impl Backend for SignalingBackend {
         }
         let undo = Undo {
             backend: self,
-            pair: *pair,
+            ours: ours.clone(),
+            from,
             handler,
             public,
             lock: Some(lock),
@@ -530,13 +539,14 @@ impl Backend for SignalingBackend {
 
     async fn unsubscribe(
         &self,
-        pair: &KeyPair,
+        ours: &PrivateKey,
+        from: Sender,
         handler: &Arc<dyn Handler>,
     ) -> Result<bool, BackendError> {
-        let public = SharedKeyCache::global().public_key(&pair.ours);
+        let public = ours.public_key();
         let _lock = self.lock_key(public).await;
         self.check_open()?;
-        let removal = self.registry.remove(pair, handler);
+        let removal = self.registry.remove(ours, from, handler);
         if removal.last_for_key {
             self.transport.unlisten(public).await?;
         }
@@ -691,19 +701,14 @@ mod tests {
     async fn close_lets_the_handlers_go() {
         let backend = connect(&["inprocess:"]).await.unwrap();
         let (handler, mut rx) = crate::ChannelHandler::new(4);
-        let key = Key::generate();
-        backend
-            .subscribe(&KeyPair::new(key, Key::ZERO), handler)
-            .await
-            .unwrap();
+        let key = PrivateKey::generate();
+        backend.subscribe(&key, Sender::Any, handler).await.unwrap();
         backend.close().await.unwrap();
         // The handler was the channel's last sender: the receiver sees the end.
         let end = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
         assert!(matches!(end, Ok(None)), "{end:?}");
         let (handler, _rx) = crate::ChannelHandler::new(4);
-        let again = backend
-            .subscribe(&KeyPair::new(key, Key::ZERO), handler)
-            .await;
+        let again = backend.subscribe(&key, Sender::Any, handler).await;
         assert!(matches!(again, Err(BackendError::Closed)), "{again:?}");
     }
 
@@ -739,10 +744,10 @@ mod tests {
         let url = url::Url::parse("inprocess:").unwrap();
         let medium = FailingListen(InProcess::new(&url, registry.clone()).unwrap());
         let backend = SignalingBackend::new(Box::new(medium), registry.clone());
-        let (key, sender) = (Key::generate(), Key::generate());
+        let (key, sender) = (PrivateKey::generate(), PrivateKey::generate());
         let (handler, mut rx) = crate::ChannelHandler::new(4);
         let err = backend
-            .subscribe(&KeyPair::new(key, Key::ZERO), handler)
+            .subscribe(&key, Sender::Any, handler)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("listen refused"), "{err}");
@@ -756,10 +761,13 @@ mod tests {
         // (in-process delivery happens before publish returns).
         let publisher = connect(&["inprocess:"]).await.unwrap();
         let published = publisher
-            .publish(&KeyPair::new(sender, key.public_key()), &Message::default())
+            .publish(
+                &KeyPair::new(sender.clone(), key.public_key()),
+                &Message::default(),
+            )
             .await
             .unwrap();
         assert_eq!(published.recipients, Some(0));
-        assert_eq!(registry.stats(), crate::RegistryStats::default());
+        assert_eq!(registry.stats(), crate::registry::RegistryStats::default());
     }
 }

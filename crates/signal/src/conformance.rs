@@ -24,7 +24,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::{
-    Backend, BackendError, Delivery, Handler, Key, KeyPair, Published, Transport,
+    Backend, BackendError, Delivery, Handler, Key, KeyPair, PrivateKey, Published, Sender,
+    Transport,
     backend::SignalingBackend,
     proto::{
         epdisc::Credentials,
@@ -96,7 +97,7 @@ pub fn message_for(round: u32, from: &Key, to: &Key) -> Message {
 }
 
 struct Peer {
-    private: Key,
+    private: PrivateKey,
     public: Key,
     backend: Arc<dyn Backend>,
     /// By sender: two handlers each.
@@ -123,10 +124,10 @@ where
             Ok(backend) => backend,
             Err(e) => panic!("peer {i}: backend could not be made: {e}"),
         };
-        let private = Key::generate();
+        let private = PrivateKey::generate();
         peers.push(Peer {
-            private,
             public: private.public_key(),
+            private,
             backend,
             specific: BTreeMap::new(),
             wildcard: Default::default(),
@@ -145,7 +146,7 @@ where
             for h in &handlers {
                 let first = peer
                     .backend
-                    .subscribe(&KeyPair::new(peer.private, *their), as_handler(h))
+                    .subscribe(&peer.private, Sender::Key(*their), as_handler(h))
                     .await
                     .unwrap_or_else(|e| panic!("peer {i}: subscribe to peer {j}: {e}"));
                 assert_eq!(
@@ -159,7 +160,7 @@ where
         for h in &peer.wildcard {
             let first = peer
                 .backend
-                .subscribe(&KeyPair::new(peer.private, Key::ZERO), as_handler(h))
+                .subscribe(&peer.private, Sender::Any, as_handler(h))
                 .await
                 .unwrap_or_else(|e| panic!("peer {i}: wildcard subscribe: {e}"));
             assert!(!first, "peer {i}: wildcard subscription reported `first`");
@@ -167,10 +168,7 @@ where
         // The same handler again changes nothing.
         let again = peer
             .backend
-            .subscribe(
-                &KeyPair::new(peer.private, Key::ZERO),
-                as_handler(&peer.wildcard[0]),
-            )
+            .subscribe(&peer.private, Sender::Any, as_handler(&peer.wildcard[0]))
             .await
             .unwrap_or_else(|e| panic!("peer {i}: repeated subscribe: {e}"));
         assert!(!again);
@@ -182,7 +180,7 @@ where
             if i != j {
                 peer.backend
                     .publish(
-                        &KeyPair::new(peer.private, *their),
+                        &KeyPair::new(peer.private.clone(), *their),
                         &message_for(1, &peer.public, their),
                     )
                     .await
@@ -234,10 +232,9 @@ where
     for (i, peer) in peers.iter().enumerate() {
         let next = publics[(i + 1) % n];
         let handlers = &peer.specific[&next];
-        let pair = KeyPair::new(peer.private, next);
         let last = peer
             .backend
-            .unsubscribe(&pair, &as_handler(&handlers[0]))
+            .unsubscribe(&peer.private, Sender::Key(next), &as_handler(&handlers[0]))
             .await;
         assert!(
             !last.unwrap_or_else(|e| panic!("peer {i}: unsubscribe: {e}")),
@@ -245,7 +242,7 @@ where
         );
         let last = peer
             .backend
-            .unsubscribe(&pair, &as_handler(&handlers[1]))
+            .unsubscribe(&peer.private, Sender::Key(next), &as_handler(&handlers[1]))
             .await;
         assert!(
             last.unwrap_or_else(|e| panic!("peer {i}: unsubscribe: {e}")),
@@ -258,7 +255,7 @@ where
         let to = publics[(i + n - 1) % n];
         peer.backend
             .publish(
-                &KeyPair::new(peer.private, to),
+                &KeyPair::new(peer.private.clone(), to),
                 &message_for(2, &peer.public, &to),
             )
             .await
@@ -286,11 +283,10 @@ where
     // Unsubscribe everything: `last` with the second handler of each sender.
     for (i, peer) in peers.iter().enumerate() {
         for (their, handlers) in &peer.specific {
-            let pair = KeyPair::new(peer.private, *their);
             for (k, h) in handlers.iter().enumerate() {
                 let last = peer
                     .backend
-                    .unsubscribe(&pair, &as_handler(h))
+                    .unsubscribe(&peer.private, Sender::Key(*their), &as_handler(h))
                     .await
                     .unwrap_or_else(|e| panic!("peer {i}: unsubscribe: {e}"));
                 // The handlers for the next peer are gone already: removing
@@ -299,11 +295,10 @@ where
                 assert_eq!(last, expected, "peer {i}: `last` of specific handler {k}");
             }
         }
-        let pair = KeyPair::new(peer.private, Key::ZERO);
         for (k, h) in peer.wildcard.iter().enumerate() {
             let last = peer
                 .backend
-                .unsubscribe(&pair, &as_handler(h))
+                .unsubscribe(&peer.private, Sender::Any, &as_handler(h))
                 .await
                 .unwrap_or_else(|e| panic!("peer {i}: unsubscribe: {e}"));
             assert_eq!(last, k == 1, "peer {i}: `last` of wildcard handler {k}");
@@ -315,7 +310,7 @@ where
         let to = publics[(i + 1) % n];
         peer.backend
             .publish(
-                &KeyPair::new(peer.private, to),
+                &KeyPair::new(peer.private.clone(), to),
                 &message_for(3, &peer.public, &to),
             )
             .await
@@ -471,7 +466,11 @@ impl<T: Transport> Transport for Gated<T> {
         self.inner.send(envelope).await
     }
 
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
+    async fn send_as(
+        &self,
+        envelope: &Envelope,
+        ours: &PrivateKey,
+    ) -> Result<Published, BackendError> {
         self.inner.send_as(envelope, ours).await
     }
 
@@ -536,7 +535,7 @@ async fn exactly(what: &str, recorder: &Recorder, n: usize, options: &Options) {
 async fn subscribe_held_at_gate(
     backend: &Arc<SignalingBackend>,
     gate: &Gate,
-    key: Key,
+    key: PrivateKey,
     recorder: &Arc<Recorder>,
     options: &Options,
 ) -> tokio::task::JoinHandle<Result<bool, BackendError>> {
@@ -545,11 +544,7 @@ async fn subscribe_held_at_gate(
     let subscribe = tokio::spawn({
         let backend = backend.clone();
         let handler = as_handler(recorder);
-        async move {
-            backend
-                .subscribe(&KeyPair::new(key, Key::ZERO), handler)
-                .await
-        }
+        async move { backend.subscribe(&key, Sender::Any, handler).await }
     });
     within(
         "the medium listens",
@@ -581,13 +576,13 @@ pub async fn subscribe_race(
     publisher: Arc<dyn Backend>,
     options: &Options,
 ) {
-    let sender = Key::generate();
-    let (b, c) = (Key::generate(), Key::generate());
-    let send = |round: u32, to: Key| {
+    let sender = PrivateKey::generate();
+    let (b, c) = (PrivateKey::generate(), PrivateKey::generate());
+    let send = |round: u32, to: &PrivateKey| {
         let publisher = publisher.clone();
+        let pair = KeyPair::new(sender.clone(), to.public_key());
         async move {
-            let pair = KeyPair::new(sender, to.public_key());
-            let message = message_for(round, &sender.public_key(), &to.public_key());
+            let message = message_for(round, &pair.ours.public_key(), &pair.theirs);
             within(
                 "publish",
                 options.timeout,
@@ -600,8 +595,8 @@ pub async fn subscribe_race(
 
     // 1. An envelope while the medium listens and subscribe has not returned.
     let to_b = Arc::new(Recorder::default());
-    let subscribe = subscribe_held_at_gate(&backend, &gate, b, &to_b, options).await;
-    send(1, b).await;
+    let subscribe = subscribe_held_at_gate(&backend, &gate, b.clone(), &to_b, options).await;
+    send(1, &b).await;
     within(
         "the envelope sent while subscribe waits for the medium",
         options.timeout,
@@ -624,7 +619,7 @@ pub async fn subscribe_race(
         .unwrap_or_else(|e| panic!("subscribe race: subscribe task: {e}"))
         .unwrap_or_else(|e| panic!("subscribe race: subscribe: {e}"));
     assert!(first, "subscribe race: the first subscription of a key");
-    send(2, b).await;
+    send(2, &b).await;
     exactly("two envelopes to b", &to_b, 2, options).await;
     let mut got = to_b.deliveries();
     got.sort_by_key(|d| ufrag(d).to_string());
@@ -639,7 +634,7 @@ pub async fn subscribe_race(
 
     // 3. A subscribe dropped while the medium listens.
     let dropped = Arc::new(Recorder::default());
-    let subscribe = subscribe_held_at_gate(&backend, &gate, c, &dropped, options).await;
+    let subscribe = subscribe_held_at_gate(&backend, &gate, c.clone(), &dropped, options).await;
     subscribe.abort();
     let aborted = within("the dropped subscribe", options.timeout, subscribe).await;
     assert!(
@@ -661,12 +656,12 @@ pub async fn subscribe_race(
     let first = within(
         "subscribe again",
         options.timeout,
-        backend.subscribe(&KeyPair::new(c, Key::ZERO), as_handler(&again)),
+        backend.subscribe(&c, Sender::Any, as_handler(&again)),
     )
     .await
     .unwrap_or_else(|e| panic!("subscribe race: subscribe after a dropped one: {e}"));
     assert!(first, "subscribe race: `first` after a dropped subscribe");
-    send(3, c).await;
+    send(3, &c).await;
     exactly("the envelope to c", &again, 1, options).await;
     check(
         &again.deliveries()[0],

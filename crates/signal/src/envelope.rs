@@ -28,7 +28,7 @@ use prost::Message as _;
 use zeroize::Zeroizing;
 
 use crate::{
-    Key, KeyPair,
+    Key, KeyPair, PrivateKey,
     proto::signaling::{EncryptedMessage, Envelope, Message},
 };
 
@@ -95,14 +95,9 @@ pub struct SharedKey {
 impl SharedKey {
     /// Precomputes the shared key. Fails if their key is a low-order point (the
     /// X25519 result would be all zeros), as libsodium does.
-    pub fn new(ours: &Key, theirs: &Key) -> Result<Self, EnvelopeError> {
-        Self::with_public(ours, ours.public_key(), theirs)
-    }
-
-    /// As [`SharedKey::new`], with public(ours) known already.
-    fn with_public(ours: &Key, our_public: Key, theirs: &Key) -> Result<Self, EnvelopeError> {
+    pub fn new(ours: &PrivateKey, theirs: &Key) -> Result<Self, EnvelopeError> {
         // The one X25519 of this key pair.
-        let secret = x25519_dalek::StaticSecret::from(*ours.as_bytes());
+        let secret = x25519_dalek::StaticSecret::from(*ours.secret_bytes());
         let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*theirs.as_bytes()));
         if !shared.was_contributory() {
             return Err(EnvelopeError::LowOrderKey(*theirs));
@@ -115,7 +110,7 @@ impl SharedKey {
         ));
         Ok(SharedKey {
             cipher: XSalsa20Poly1305::new(&key),
-            our_public,
+            our_public: ours.public_key(),
         })
     }
 
@@ -192,11 +187,12 @@ impl SharedKey {
     }
 }
 
-/// A bounded cache of [`SharedKey`]s by (our private key, their public key).
+/// A bounded cache of [`SharedKey`]s by (our public key, their public key).
+///
+/// Our public key stands for our private key: two private keys with one public
+/// key are the same scalar to X25519, so they share every shared key.
 pub struct SharedKeyCache {
     keys: Mutex<LruCache<(Key, Key), Arc<SharedKey>>>,
-    /// public(private), so that opening checks the recipient without an X25519.
-    publics: Mutex<LruCache<Key, Key>>,
 }
 
 impl SharedKeyCache {
@@ -204,7 +200,6 @@ impl SharedKeyCache {
     pub fn new(capacity: NonZeroUsize) -> Self {
         SharedKeyCache {
             keys: Mutex::new(LruCache::new(capacity)),
-            publics: Mutex::new(LruCache::new(capacity)),
         }
     }
 
@@ -219,30 +214,25 @@ impl SharedKeyCache {
     }
 
     /// The shared key of (ours, theirs), computed on a miss.
-    pub fn get(&self, ours: &Key, theirs: &Key) -> Result<Arc<SharedKey>, EnvelopeError> {
-        if let Some(key) = self.keys.lock().get(&(*ours, *theirs)) {
+    pub fn get(&self, ours: &PrivateKey, theirs: &Key) -> Result<Arc<SharedKey>, EnvelopeError> {
+        let id = (ours.public_key(), *theirs);
+        if let Some(key) = self.keys.lock().get(&id) {
             return Ok(key.clone());
         }
         // Compute outside the lock: X25519 is the slow part.
-        let key = Arc::new(SharedKey::with_public(ours, self.public_key(ours), theirs)?);
-        self.keys.lock().put((*ours, *theirs), key.clone());
+        let key = Arc::new(SharedKey::new(ours, theirs)?);
+        self.keys.lock().put(id, key.clone());
         Ok(key)
     }
 
     /// The cached shared key of (ours, theirs), if any.
-    pub fn lookup(&self, ours: &Key, theirs: &Key) -> Option<Arc<SharedKey>> {
-        self.keys.lock().get(&(*ours, *theirs)).cloned()
+    pub fn lookup(&self, ours: &PrivateKey, theirs: &Key) -> Option<Arc<SharedKey>> {
+        self.keys.lock().get(&(ours.public_key(), *theirs)).cloned()
     }
 
     /// Caches a shared key of (ours, theirs).
-    pub fn insert(&self, ours: &Key, theirs: &Key, key: Arc<SharedKey>) {
-        self.keys.lock().put((*ours, *theirs), key);
-    }
-
-    /// The public key of `private`, computed on a miss.
-    pub fn public_key(&self, private: &Key) -> Key {
-        let mut publics = self.publics.lock();
-        *publics.get_or_insert(*private, || private.public_key())
+    pub fn insert(&self, ours: &PrivateKey, theirs: &Key, key: Arc<SharedKey>) {
+        self.keys.lock().put((ours.public_key(), *theirs), key);
     }
 
     /// How many shared keys are cached.
@@ -289,21 +279,24 @@ impl Envelope {
 
     /// Opens this envelope with our private key (docs/PROTOCOL.md §4), with the shared key
     /// from the process-wide cache. Any failure yields no message at all.
-    pub fn open(&self, ours: &Key) -> Result<Message, EnvelopeError> {
+    pub fn open(&self, ours: &PrivateKey) -> Result<Message, EnvelopeError> {
         self.open_with(ours, SharedKeyCache::global())
     }
 
     /// Opens this envelope with shared keys from `cache`.
-    pub fn open_with(&self, ours: &Key, cache: &SharedKeyCache) -> Result<Message, EnvelopeError> {
-        let our_public = cache.public_key(ours);
-        let sender = self.check_keys(our_public)?;
+    pub fn open_with(
+        &self,
+        ours: &PrivateKey,
+        cache: &SharedKeyCache,
+    ) -> Result<Message, EnvelopeError> {
+        let sender = self.check_keys(ours.public_key())?;
         self.check_contents()?;
         if let Some(shared) = cache.lookup(ours, &sender) {
             return shared.open_contents(sender, self);
         }
         // A new sender: cache its key only once a box of its opened, so that
         // forgeries with made-up senders cannot push real peers out.
-        let shared = Arc::new(SharedKey::with_public(ours, our_public, &sender)?);
+        let shared = Arc::new(SharedKey::new(ours, &sender)?);
         let message = shared.open_contents(sender, self)?;
         cache.insert(ours, &sender, shared);
         Ok(message)
@@ -319,11 +312,10 @@ impl Envelope {
     }
 
     /// Opens this envelope computing the shared key afresh (no cache).
-    pub fn open_uncached(&self, ours: &Key) -> Result<Message, EnvelopeError> {
-        let our_public = ours.public_key();
-        let sender = self.check_keys(our_public)?;
+    pub fn open_uncached(&self, ours: &PrivateKey) -> Result<Message, EnvelopeError> {
+        let sender = self.check_keys(ours.public_key())?;
         self.check_contents()?;
-        SharedKey::with_public(ours, our_public, &sender)?.open_contents(sender, self)
+        SharedKey::new(ours, &sender)?.open_contents(sender, self)
     }
 
     /// Checks both keys' lengths and that we are the recipient (before any
@@ -359,9 +351,9 @@ mod tests {
 
     #[test]
     fn seal_then_open() {
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let env = credentials()
-            .seal(&KeyPair::new(a, b.public_key()))
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
             .unwrap();
         assert_eq!(env.sender_key().unwrap(), a.public_key());
         assert_eq!(env.recipient_key().unwrap(), b.public_key());
@@ -373,7 +365,7 @@ mod tests {
 
     #[test]
     fn fresh_nonce_every_time() {
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let pair = KeyPair::new(a, b.public_key());
         let one = credentials().seal(&pair).unwrap();
         let two = credentials().seal(&pair).unwrap();
@@ -382,7 +374,7 @@ mod tests {
 
     #[test]
     fn cached_and_uncached_are_identical() {
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let nonce = [9u8; NONCE_LEN];
         let cached = SharedKeyCache::global().get(&a, &b.public_key()).unwrap();
         let fresh = SharedKey::new(&a, &b.public_key()).unwrap();
@@ -393,19 +385,22 @@ mod tests {
 
     #[test]
     fn sealing_to_a_low_order_key_fails() {
-        let pair = KeyPair::new(Key::generate(), Key::ZERO);
+        let zero = Key::from([0; 32]);
+        let pair = KeyPair::new(PrivateKey::generate(), zero);
         assert_eq!(
             credentials().seal(&pair).unwrap_err(),
-            EnvelopeError::LowOrderKey(Key::ZERO)
+            EnvelopeError::LowOrderKey(zero)
         );
     }
 
     #[test]
     fn cache_is_bounded() {
         let cache = SharedKeyCache::new(NonZeroUsize::new(2).unwrap());
-        let ours = Key::generate();
+        let ours = PrivateKey::generate();
         for _ in 0..5 {
-            cache.get(&ours, &Key::generate().public_key()).unwrap();
+            cache
+                .get(&ours, &PrivateKey::generate().public_key())
+                .unwrap();
         }
         assert_eq!(cache.len(), 2);
     }

@@ -19,6 +19,7 @@
 //! - [`ice_url`]: the one parser of STUN/TURN URLs (`stun:`, `turn:USER:PASS@HOST?transport=udp`).
 //! - [`log_limit`]: at most one log line per interval for what outside input can cause.
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod auth;
 pub mod backend;
@@ -27,12 +28,12 @@ pub mod backend;
 pub mod codec;
 #[cfg(feature = "test-util")]
 pub mod conformance;
-mod envelope;
+pub mod envelope;
 pub mod ice_url;
 pub mod json;
 mod key;
 pub mod log_limit;
-mod registry;
+pub mod registry;
 mod task;
 
 /// The README's Rust example, compiled by `cargo test --doc` (not run: it
@@ -42,12 +43,9 @@ mod task;
 pub struct ReadmeExample;
 
 pub use backend::{Backend, BackendError, Published, Transport};
-pub use envelope::{EnvelopeError, NONCE_LEN, SharedKey, SharedKeyCache, TAG_LEN};
-pub use key::{KEY_LEN, Key, KeyError, KeyPair, Role, SameKeyError, ice_role};
-pub use registry::{
-    ChannelHandler, Delivery, Handler, Registry, RegistryOptions, RegistryStats, Removal,
-    StreamEvent,
-};
+pub use envelope::EnvelopeError;
+pub use key::{KEY_LEN, Key, KeyError, KeyPair, PrivateKey, Role, SameKeyError, Sender, ice_role};
+pub use registry::{ChannelHandler, Delivery, Handler, Registry, StreamEvent};
 
 /// The protobuf types of docs/PROTOCOL.md §5, generated from `proto/` at build time.
 ///
@@ -74,6 +72,20 @@ pub mod proto {
     /// `cunicu.signaling`: envelopes, messages and the gRPC services.
     pub mod signaling {
         include!(concat!(env!("OUT_DIR"), "/cunicu.signaling.rs"));
+    }
+
+    /// The paths of the gRPC methods, as a call's HTTP/2 `:path` and a proof of
+    /// key possession name them. Defined here once for the client, the server
+    /// and the tests.
+    pub mod method {
+        /// `Signaling.GetBuildInfo`.
+        pub const GET_BUILD_INFO: &str = "/cunicu.signaling.Signaling/GetBuildInfo";
+        /// `Signaling.Subscribe`.
+        pub const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
+        /// `Signaling.Publish`.
+        pub const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
+        /// `RelayRegistry.GetRelays`.
+        pub const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
     }
 
     /// The encoded `FileDescriptorSet` of all the protobuf files, for gRPC

@@ -45,7 +45,8 @@ use tokio::{
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
-    Key, KeyPair, NONCE_LEN, SharedKeyCache,
+    Key, PrivateKey, Sender,
+    envelope::NONCE_LEN,
     log_limit::LogLimiter,
     proto::signaling::{Envelope, Message},
     task,
@@ -179,9 +180,8 @@ impl Default for RegistryOptions {
 type HandlerRef = Arc<dyn Handler>;
 
 struct OwnKey {
-    private: Key,
-    /// By sender; [`Key::ZERO`] holds the handlers for any sender.
-    handlers: HashMap<Key, Vec<HandlerRef>>,
+    private: PrivateKey,
+    handlers: HashMap<Sender, Vec<HandlerRef>>,
 }
 
 type Nonce = [u8; NONCE_LEN];
@@ -418,33 +418,33 @@ impl Registry {
         })
     }
 
-    /// Adds `handler` for messages to `public(pair.ours)` from `pair.theirs` (any
-    /// sender if that is the zero key). Returns true if this is the first handler
-    /// of our key. Adding a handler that is there already changes nothing.
-    pub fn add(&self, pair: &KeyPair, handler: HandlerRef) -> bool {
-        let public = SharedKeyCache::global().public_key(&pair.ours);
+    /// Adds `handler` for messages to the public key of `ours` from `from`.
+    /// Returns true if this is the first handler of our key. Adding a handler
+    /// that is there already changes nothing.
+    pub fn add(&self, ours: &PrivateKey, from: Sender, handler: HandlerRef) -> bool {
+        let public = ours.public_key();
         let mut keys = self.shared.keys.lock();
         let (own, first) = match keys.entry(public) {
             Entry::Occupied(e) => (e.into_mut(), false),
             Entry::Vacant(e) => (
                 e.insert(OwnKey {
-                    private: pair.ours,
+                    private: ours.clone(),
                     handlers: HashMap::new(),
                 }),
                 true,
             ),
         };
-        let list = own.handlers.entry(pair.theirs).or_default();
+        let list = own.handlers.entry(from).or_default();
         if !list.iter().any(|h| same_handler(h, &handler)) {
             list.push(handler);
         }
         first
     }
 
-    /// Removes `handler` for `pair`. Envelopes still in the queue are not
-    /// delivered to it.
-    pub fn remove(&self, pair: &KeyPair, handler: &HandlerRef) -> Removal {
-        let public = SharedKeyCache::global().public_key(&pair.ours);
+    /// Removes `handler` for messages to `ours` from `from`. Envelopes still in
+    /// the queue are not delivered to it.
+    pub fn remove(&self, ours: &PrivateKey, from: Sender, handler: &HandlerRef) -> Removal {
+        let public = ours.public_key();
         let mut keys = self.shared.keys.lock();
         let Some(own) = keys.get_mut(&public) else {
             return Removal {
@@ -453,11 +453,11 @@ impl Registry {
             };
         };
         let mut last_for_sender = true;
-        if let Some(list) = own.handlers.get_mut(&pair.theirs) {
+        if let Some(list) = own.handlers.get_mut(&from) {
             list.retain(|h| !same_handler(h, handler));
             last_for_sender = list.is_empty();
             if last_for_sender {
-                own.handlers.remove(&pair.theirs);
+                own.handlers.remove(&from);
             }
         }
         let last_for_key = own.handlers.is_empty();
@@ -490,8 +490,12 @@ impl Registry {
     }
 
     /// The private key of our key `public`, if it has a handler.
-    pub fn private_key(&self, public: &Key) -> Option<Key> {
-        self.shared.keys.lock().get(public).map(|own| own.private)
+    pub(crate) fn private_key(&self, public: &Key) -> Option<PrivateKey> {
+        self.shared
+            .keys
+            .lock()
+            .get(public)
+            .map(|own| own.private.clone())
     }
 
     /// True if our key `public` has a handler.
@@ -619,7 +623,12 @@ impl Shared {
             return;
         };
         // Looked up again: the handlers may have gone while it waited.
-        let Some(private) = self.keys.lock().get(&recipient).map(|own| own.private) else {
+        let Some(private) = self
+            .keys
+            .lock()
+            .get(&recipient)
+            .map(|own| own.private.clone())
+        else {
             self.dropped_no_subscriber.fetch_add(1, Relaxed);
             tracing::debug!(%recipient, "envelope for a key without handlers dropped");
             return;
@@ -692,10 +701,11 @@ impl Shared {
             return Vec::new();
         };
         let mut out: Vec<HandlerRef> = Vec::new();
-        for list in [own.handlers.get(sender), own.handlers.get(&Key::ZERO)]
-            .into_iter()
-            .flatten()
-        {
+        let lists = [
+            own.handlers.get(&Sender::Key(*sender)),
+            own.handlers.get(&Sender::Any),
+        ];
+        for list in lists.into_iter().flatten() {
             for handler in list {
                 if !out.iter().any(|h| same_handler(h, handler)) {
                     out.push(handler.clone());
@@ -740,7 +750,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::proto::epdisc::Credentials;
+    use crate::{KeyPair, proto::epdisc::Credentials};
 
     /// How long a test waits for the worker.
     const STEP: Duration = Duration::from_secs(10);
@@ -785,15 +795,17 @@ mod tests {
     #[tokio::test]
     async fn first_last_and_dedup_of_handlers() {
         let registry = Registry::new();
-        let (a, b) = (Key::generate(), Key::generate());
-        let pair = KeyPair::new(b, a.public_key());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+        let from_a = Sender::Key(a.public_key());
         let (count, handler) = counter();
-        assert!(registry.add(&pair, handler.clone()));
-        assert!(!registry.add(&pair, handler.clone()));
+        assert!(registry.add(&b, from_a, handler.clone()));
+        assert!(!registry.add(&b, from_a, handler.clone()));
         // Also subscribed for any sender: still one call per message.
-        assert!(!registry.add(&KeyPair::new(b, Key::ZERO), handler.clone()));
+        assert!(!registry.add(&b, Sender::Any, handler.clone()));
 
-        let env = message("x").seal(&KeyPair::new(a, b.public_key())).unwrap();
+        let env = message("x")
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
+            .unwrap();
         assert_eq!(deliver(&registry, &env).await, 1);
         assert_eq!(count.load(Relaxed), 1);
         // The same envelope again is a duplicate.
@@ -801,14 +813,14 @@ mod tests {
         assert_eq!(registry.stats().dropped_duplicate, 1);
 
         assert_eq!(
-            registry.remove(&pair, &handler),
+            registry.remove(&b, from_a, &handler),
             Removal {
                 last_for_sender: true,
                 last_for_key: false
             }
         );
         assert_eq!(
-            registry.remove(&KeyPair::new(b, Key::ZERO), &handler),
+            registry.remove(&b, Sender::Any, &handler),
             Removal {
                 last_for_sender: true,
                 last_for_key: true
@@ -820,12 +832,20 @@ mod tests {
     #[tokio::test]
     async fn wrong_sender_and_forgeries_are_not_delivered() {
         let registry = Registry::new();
-        let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
+        let (a, b, c) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
         let (count, handler) = counter();
-        registry.add(&KeyPair::new(b, a.public_key()), handler);
-        let from_c = message("c").seal(&KeyPair::new(c, b.public_key())).unwrap();
+        registry.add(&b, Sender::Key(a.public_key()), handler);
+        let from_c = message("c")
+            .seal(&KeyPair::new(c.clone(), b.public_key()))
+            .unwrap();
         assert_eq!(deliver(&registry, &from_c).await, 0);
-        let mut forged = message("a").seal(&KeyPair::new(a, b.public_key())).unwrap();
+        let mut forged = message("a")
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
+            .unwrap();
         forged.contents.as_mut().unwrap().body[20] ^= 1;
         assert_eq!(deliver(&registry, &forged).await, 0);
         // Not remembered: the genuine envelope with the forgery's nonce still arrives.
@@ -841,10 +861,12 @@ mod tests {
     #[tokio::test]
     async fn deliver_does_not_open_and_handlers_run_on_the_worker() {
         let registry = Registry::new();
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let (handler, mut rx) = ChannelHandler::new(4);
-        registry.add(&KeyPair::new(b, Key::ZERO), handler);
-        let env = message("m").seal(&KeyPair::new(a, b.public_key())).unwrap();
+        registry.add(&b, Sender::Any, handler);
+        let env = message("m")
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
+            .unwrap();
         // On a current-thread runtime the worker cannot run before this task
         // awaits: deliver returns having queued, not opened.
         assert!(registry.deliver(&env));
@@ -862,16 +884,20 @@ mod tests {
     async fn one_sender_cannot_push_out_another_senders_nonces() {
         let registry = Registry::new();
         let per_sender = RegistryOptions::default().nonces_per_sender;
-        let (a, b, ours) = (Key::generate(), Key::generate(), Key::generate());
+        let (a, b, ours) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
         let (count, handler) = counter();
-        registry.add(&KeyPair::new(ours, Key::ZERO), handler);
+        registry.add(&ours, Sender::Any, handler);
         let from_b = message("b")
-            .seal(&KeyPair::new(b, ours.public_key()))
+            .seal(&KeyPair::new(b.clone(), ours.public_key()))
             .unwrap();
         assert_eq!(deliver(&registry, &from_b).await, 1);
 
         // A, with a valid key, sends many more envelopes than a window holds.
-        let to_ours = KeyPair::new(a, ours.public_key());
+        let to_ours = KeyPair::new(a.clone(), ours.public_key());
         let first_of_a = message("a0").seal(&to_ours).unwrap();
         registry.deliver(&first_of_a);
         // More than its own window, and more than the 4 096 nonces that all
@@ -902,10 +928,12 @@ mod tests {
     async fn nonces_are_remembered_for_the_window_only() {
         let registry = Registry::new();
         let window = RegistryOptions::default().duplicate_window;
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let (count, handler) = counter();
-        registry.add(&KeyPair::new(b, Key::ZERO), handler);
-        let env = message("x").seal(&KeyPair::new(a, b.public_key())).unwrap();
+        registry.add(&b, Sender::Any, handler);
+        let env = message("x")
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
+            .unwrap();
         assert_eq!(deliver(&registry, &env).await, 1);
         tokio::time::advance(window - Duration::from_secs(1)).await;
         assert_eq!(deliver(&registry, &env).await, 0);
@@ -928,23 +956,27 @@ mod tests {
         };
         let window = options.duplicate_window;
         let registry = Registry::with_options(options);
-        let ours = Key::generate();
+        let ours = PrivateKey::generate();
         let (_, handler) = counter();
-        registry.add(&KeyPair::new(ours, Key::ZERO), handler);
-        let [a, b, c] = [Key::generate(), Key::generate(), Key::generate()];
-        let from = |k: Key, text: &str| {
+        registry.add(&ours, Sender::Any, handler);
+        let [a, b, c] = [
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        ];
+        let from = |k: &PrivateKey, text: &str| {
             message(text)
-                .seal(&KeyPair::new(k, ours.public_key()))
+                .seal(&KeyPair::new(k.clone(), ours.public_key()))
                 .unwrap()
         };
-        let (a1, b1) = (from(a, "a1"), from(b, "b1"));
+        let (a1, b1) = (from(&a, "a1"), from(&b, "b1"));
         assert_eq!(deliver(&registry, &a1).await, 1);
         assert_eq!(deliver(&registry, &b1).await, 1);
         // A is heard again: B is now the least recently heard.
-        assert_eq!(deliver(&registry, &from(a, "a2")).await, 1);
+        assert_eq!(deliver(&registry, &from(&a, "a2")).await, 1);
         // A replay is only claimed to come from B: it does not make B recent.
         assert_eq!(deliver(&registry, &b1).await, 0);
-        assert_eq!(deliver(&registry, &from(c, "c1")).await, 1);
+        assert_eq!(deliver(&registry, &from(&c, "c1")).await, 1);
         assert_eq!(registry.stats().senders_forgotten, 1);
         assert_eq!(deliver(&registry, &a1).await, 0, "A was kept");
         assert_eq!(deliver(&registry, &b1).await, 1, "B was forgotten");
@@ -953,7 +985,7 @@ mod tests {
 
         // A sender whose window ran out goes without counting as forgotten.
         tokio::time::advance(window).await;
-        assert_eq!(deliver(&registry, &from(a, "a3")).await, 1);
+        assert_eq!(deliver(&registry, &from(&a, "a3")).await, 1);
         assert_eq!(registry.stats().senders_forgotten, 2);
     }
 
@@ -963,10 +995,10 @@ mod tests {
             queue_envelopes: 2,
             ..Default::default()
         });
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let (count, handler) = counter();
-        registry.add(&KeyPair::new(b, Key::ZERO), handler);
-        let to_b = KeyPair::new(a, b.public_key());
+        registry.add(&b, Sender::Any, handler);
+        let to_b = KeyPair::new(a.clone(), b.public_key());
         // The worker cannot run before this task awaits (current-thread runtime).
         let queued: Vec<bool> = (0..5)
             .map(|i| registry.deliver(&message(&i.to_string()).seal(&to_b).unwrap()))
@@ -987,7 +1019,7 @@ mod tests {
             queue_bytes: envelope.encoded_len() * 2,
             ..Default::default()
         });
-        registry.add(&KeyPair::new(b, Key::ZERO), Arc::new(|_: &Delivery| {}));
+        registry.add(&b, Sender::Any, Arc::new(|_: &Delivery| {}));
         let queued: Vec<bool> = (0..3)
             .map(|_| registry.deliver(&message("x").seal(&to_b).unwrap()))
             .collect();
@@ -1001,10 +1033,12 @@ mod tests {
     #[tokio::test]
     async fn close_and_drop_stop_the_worker() {
         let registry = Registry::new();
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let (handler, mut rx) = ChannelHandler::new(4);
-        registry.add(&KeyPair::new(b, Key::ZERO), handler.clone());
-        let env = message("m").seal(&KeyPair::new(a, b.public_key())).unwrap();
+        registry.add(&b, Sender::Any, handler.clone());
+        let env = message("m")
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
+            .unwrap();
         registry.deliver(&env);
         tokio::time::timeout(STEP, registry.close())
             .await
@@ -1012,7 +1046,7 @@ mod tests {
         assert!(registry.worker.lock().is_none());
         // Queued before the close, dropped with the queue: never opened.
         assert_eq!(registry.stats().opened, 0);
-        registry.add(&KeyPair::new(b, Key::ZERO), handler);
+        registry.add(&b, Sender::Any, handler);
         assert!(!registry.deliver(&env));
         // Returns although nothing will ever be finished.
         flush(&registry).await;
@@ -1021,7 +1055,7 @@ mod tests {
         // Dropped: the worker goes, and with it the last handle on the handler.
         let registry = Registry::new();
         let (handler, mut rx) = ChannelHandler::new(4);
-        registry.add(&KeyPair::new(b, Key::ZERO), handler);
+        registry.add(&b, Sender::Any, handler);
         drop(registry);
         let end = tokio::time::timeout(STEP, rx.recv()).await;
         assert!(matches!(end, Ok(None)), "{end:?}");
@@ -1031,8 +1065,8 @@ mod tests {
     fn channel_handler_counts_what_it_drops() {
         let (handler, mut rx) = ChannelHandler::new(1);
         let delivery = Delivery {
-            sender: Key::ZERO,
-            recipient: Key::ZERO,
+            sender: Key::from([0; 32]),
+            recipient: Key::from([0; 32]),
             message: message("m"),
         };
         handler.on_message(&delivery);

@@ -11,8 +11,8 @@ use std::{
 };
 
 use cunicu_signal::{
-    Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Registry,
-    Transport as _,
+    Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, PrivateKey, Registry,
+    Sender, Transport as _,
     backend::{
         Multi, SignalingBackend, connect, connect_transport,
         k8s::{self, K8s, K8sError, K8sOptions, LABEL_RECIPIENT, LABEL_SENDER, SignalingEnvelope},
@@ -174,9 +174,9 @@ async fn the_api_server_refuses_fields_beyond_their_bounds() {
     within("install the CRD", STEP, install_crd(&admin)).await;
     let ns = within("namespace", STEP, namespace(&admin, "bounds")).await;
     let api: Api<SignalingEnvelope> = Api::namespaced(admin.clone(), &ns);
-    let (a, b) = (Key::generate(), Key::generate());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
     let envelope = credentials("x".into())
-        .seal(&KeyPair::new(a, b.public_key()))
+        .seal(&KeyPair::new(a.clone(), b.public_key()))
         .unwrap();
     let object = SignalingEnvelope::from_envelope(&envelope).unwrap();
     let create = |object: SignalingEnvelope| {
@@ -228,7 +228,7 @@ async fn the_api_server_refuses_fields_beyond_their_bounds() {
         "publish",
         STEP,
         publisher.publish(
-            &KeyPair::new(a, b.public_key()),
+            &KeyPair::new(a.clone(), b.public_key()),
             &credentials("u".repeat(k8s::MAX_BODY_LEN)),
         ),
     )
@@ -290,8 +290,8 @@ async fn the_resource_quota_example_limits_the_envelope_count() {
     .unwrap();
 
     let (publisher, publisher_t) = backend(&env.url(&ns, "1m"), fast()).await;
-    let (a, b) = (Key::generate(), Key::generate());
-    let to_b = KeyPair::new(a, b.public_key());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let to_b = KeyPair::new(a.clone(), b.public_key());
     // The admission may see the new status a moment later.
     within("the first publish", STEP, async {
         while let Err(e) = publisher.publish(&to_b, &credentials("1".into())).await {
@@ -451,20 +451,20 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
     }
     let (alice, alice_t) = backend(&urls[0], fast()).await;
     let (bob, bob_t) = backend(&urls[1], fast()).await;
-    let (a, b) = (Key::generate(), Key::generate());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
     let (to_alice, mut alice_rx) = ChannelHandler::new(16);
     let (to_bob, mut bob_rx) = ChannelHandler::new(16);
     within(
         "alice subscribes",
         STEP,
-        alice.subscribe(&KeyPair::new(a, b.public_key()), to_alice),
+        alice.subscribe(&a, Sender::Key(b.public_key()), to_alice),
     )
     .await
     .unwrap();
     within(
         "bob subscribes",
         STEP,
-        bob.subscribe(&KeyPair::new(b, a.public_key()), to_bob),
+        bob.subscribe(&b, Sender::Key(a.public_key()), to_bob),
     )
     .await
     .unwrap();
@@ -472,7 +472,7 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
         "alice publishes",
         STEP,
         alice.publish(
-            &KeyPair::new(a, b.public_key()),
+            &KeyPair::new(a.clone(), b.public_key()),
             &message_for(1, &a.public_key(), &b.public_key()),
         ),
     )
@@ -482,7 +482,7 @@ async fn deploy_manifests_apply_and_a_service_account_peer_works() {
         "bob publishes",
         STEP,
         bob.publish(
-            &KeyPair::new(b, a.public_key()),
+            &KeyPair::new(b.clone(), a.public_key()),
             &message_for(1, &b.public_key(), &a.public_key()),
         ),
     )
@@ -540,14 +540,14 @@ async fn a_namespace_without_rights_fails_at_once_with_a_clear_error() {
     // The ServiceAccount's token, used in a namespace where it has no Role.
     let url = kube_env::url_for(&kubeconfig, &elsewhere, "1m");
     let (peer, _) = backend(&url, fast()).await;
-    let (a, b) = (Key::generate(), Key::generate());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
     let (handler, _rx) = ChannelHandler::new(4);
 
     let started = Instant::now();
     let err = within(
         "subscribe",
         STEP,
-        peer.subscribe(&KeyPair::new(a, b.public_key()), handler.clone()),
+        peer.subscribe(&a, Sender::Key(b.public_key()), handler.clone()),
     )
     .await
     .unwrap_err();
@@ -575,7 +575,10 @@ async fn a_namespace_without_rights_fails_at_once_with_a_clear_error() {
     let err = within(
         "publish",
         STEP,
-        peer.publish(&KeyPair::new(a, b.public_key()), &credentials("x".into())),
+        peer.publish(
+            &KeyPair::new(a.clone(), b.public_key()),
+            &credentials("x".into()),
+        ),
     )
     .await
     .unwrap_err();
@@ -590,7 +593,7 @@ async fn a_namespace_without_rights_fails_at_once_with_a_clear_error() {
     within(
         "subscribe at home",
         STEP,
-        ok.subscribe(&KeyPair::new(a, b.public_key()), handler),
+        ok.subscribe(&a, Sender::Key(b.public_key()), handler),
     )
     .await
     .unwrap();
@@ -604,13 +607,13 @@ async fn a_missing_crd_fails_at_once_with_a_clear_error() {
     let env = KubeEnv::private("nocrd");
     let url = env.url("default", "1m");
     let (peer, transport) = backend(&url, fast()).await;
-    let (a, b) = (Key::generate(), Key::generate());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
     let (handler, _rx) = ChannelHandler::new(4);
     let started = Instant::now();
     let err = within(
         "subscribe",
         STEP,
-        peer.subscribe(&KeyPair::new(a, b.public_key()), handler),
+        peer.subscribe(&a, Sender::Key(b.public_key()), handler),
     )
     .await
     .unwrap_err();
@@ -632,7 +635,10 @@ async fn a_missing_crd_fails_at_once_with_a_clear_error() {
     let err = within(
         "publish",
         STEP,
-        peer.publish(&KeyPair::new(a, b.public_key()), &credentials("x".into())),
+        peer.publish(
+            &KeyPair::new(a.clone(), b.public_key()),
+            &credentials("x".into()),
+        ),
     )
     .await
     .unwrap_err();
@@ -658,14 +664,17 @@ async fn a_missing_crd_fails_at_once_with_a_clear_error() {
     within(
         "subscribe again",
         STEP,
-        peer.subscribe(&KeyPair::new(a, b.public_key()), handler),
+        peer.subscribe(&a, Sender::Key(b.public_key()), handler),
     )
     .await
     .unwrap();
     within(
         "publish",
         STEP,
-        peer.publish(&KeyPair::new(b, a.public_key()), &credentials("x".into())),
+        peer.publish(
+            &KeyPair::new(b.clone(), a.public_key()),
+            &credentials("x".into()),
+        ),
     )
     .await
     .unwrap();
@@ -679,7 +688,10 @@ async fn a_missing_crd_fails_at_once_with_a_clear_error() {
     let err = within(
         "publish",
         STEP,
-        lost.publish(&KeyPair::new(a, b.public_key()), &credentials("x".into())),
+        lost.publish(
+            &KeyPair::new(a.clone(), b.public_key()),
+            &credentials("x".into()),
+        ),
     )
     .await
     .unwrap_err();
@@ -699,8 +711,12 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     within("install the CRD", STEP, install_crd(&admin)).await;
     let ns = within("namespace", STEP, namespace(&admin, "expiry")).await;
     let url = env.url(&ns, "6s");
-    let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
-    let to_b = KeyPair::new(a, b.public_key());
+    let (a, b, c) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    let to_b = KeyPair::new(a.clone(), b.public_key());
 
     // Sent before anyone listens: an object that waits.
     let (sender, sender_t) = backend(&url, fast()).await;
@@ -723,7 +739,7 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
     within(
         "subscribe",
         STEP,
-        receiver.subscribe(&KeyPair::new(b, Key::ZERO), handler),
+        receiver.subscribe(&b, Sender::Any, handler),
     )
     .await
     .unwrap();
@@ -766,7 +782,7 @@ async fn existing_objects_are_not_replayed_and_expired_ones_disappear() {
         "publish",
         STEP,
         sender.publish(
-            &KeyPair::new(a, c.public_key()),
+            &KeyPair::new(a.clone(), c.public_key()),
             &credentials("lost".into()),
         ),
     )
@@ -795,9 +811,9 @@ async fn any_instance_deletes_objects_older_than_twice_the_ttl() {
     let create = |unlabelled: bool| {
         let api = api.clone();
         async move {
-            let (a, b) = (Key::generate(), Key::generate());
+            let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
             let envelope = credentials("gone".into())
-                .seal(&KeyPair::new(a, b.public_key()))
+                .seal(&KeyPair::new(a.clone(), b.public_key()))
                 .unwrap();
             let mut object = SignalingEnvelope::from_envelope(&envelope).unwrap();
             if unlabelled {
@@ -886,13 +902,13 @@ async fn new_keys_restart_the_watch_without_losing_or_repeating() {
     let url = env.url(&ns, "1m");
     let (publisher, _) = backend(&url, fast()).await;
     let (receiver, receiver_t) = backend(&url, fast()).await;
-    let sender = Key::generate();
-    let first = Key::generate();
+    let sender = PrivateKey::generate();
+    let first = PrivateKey::generate();
     let (handler, mut rx) = ChannelHandler::new(1024);
     within(
         "subscribe",
         STEP,
-        receiver.subscribe(&KeyPair::new(first, Key::ZERO), handler.clone()),
+        receiver.subscribe(&first, Sender::Any, handler.clone()),
     )
     .await
     .unwrap();
@@ -902,7 +918,7 @@ async fn new_keys_restart_the_watch_without_losing_or_repeating() {
     const MESSAGES: usize = 40;
     let flow = {
         let publisher = publisher.clone();
-        let to = KeyPair::new(sender, first.public_key());
+        let to = KeyPair::new(sender.clone(), first.public_key());
         tokio::spawn(async move {
             for i in 0..MESSAGES {
                 publisher
@@ -915,11 +931,11 @@ async fn new_keys_restart_the_watch_without_losing_or_repeating() {
     };
     let mut others = Vec::new();
     for _ in 0..4 {
-        let key = Key::generate();
+        let key = PrivateKey::generate();
         within(
             "subscribe another key",
             STEP,
-            receiver.subscribe(&KeyPair::new(key, Key::ZERO), handler.clone()),
+            receiver.subscribe(&key, Sender::Any, handler.clone()),
         )
         .await
         .unwrap();
@@ -943,7 +959,7 @@ async fn new_keys_restart_the_watch_without_losing_or_repeating() {
             "publish",
             STEP,
             publisher.publish(
-                &KeyPair::new(sender, key.public_key()),
+                &KeyPair::new(sender.clone(), key.public_key()),
                 &credentials("k".into()),
             ),
         )
@@ -955,7 +971,7 @@ async fn new_keys_restart_the_watch_without_losing_or_repeating() {
     within(
         "unsubscribe",
         STEP,
-        receiver.unsubscribe(&KeyPair::new(others[0], Key::ZERO), &handler),
+        receiver.unsubscribe(&others[0], Sender::Any, &handler),
     )
     .await
     .unwrap();
@@ -963,7 +979,7 @@ async fn new_keys_restart_the_watch_without_losing_or_repeating() {
         "publish",
         STEP,
         publisher.publish(
-            &KeyPair::new(sender, first.public_key()),
+            &KeyPair::new(sender.clone(), first.public_key()),
             &credentials("after".into()),
         ),
     )
@@ -999,16 +1015,16 @@ async fn delivery_resumes_after_an_api_server_restart_without_loss_or_duplicates
     let url = env.url("default", "1m");
     let (publisher, _) = backend(&url, fast()).await;
     let (receiver, receiver_t) = backend(&url, fast()).await;
-    let (a, b) = (Key::generate(), Key::generate());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
     let (handler, mut rx) = ChannelHandler::new(1024);
     within(
         "subscribe",
         STEP,
-        receiver.subscribe(&KeyPair::new(b, a.public_key()), handler),
+        receiver.subscribe(&b, Sender::Key(a.public_key()), handler),
     )
     .await
     .unwrap();
-    let to_b = KeyPair::new(a, b.public_key());
+    let to_b = KeyPair::new(a.clone(), b.public_key());
     let envelope = |i: usize| credentials(format!("m{i}")).seal(&to_b).unwrap();
 
     for i in 0..10 {
@@ -1071,11 +1087,14 @@ async fn delivery_resumes_after_an_api_server_restart_without_loss_or_duplicates
 // ------------------------------------- subscriptions that are starting --
 
 /// Publishes `tag` from `from` to `to`.
-async fn send_to(publisher: &SignalingBackend, from: Key, to: Key, tag: String) {
+async fn send_to(publisher: &SignalingBackend, from: &PrivateKey, to: &PrivateKey, tag: String) {
     within(
         "publish",
         STEP,
-        publisher.publish(&KeyPair::new(from, to.public_key()), &credentials(tag)),
+        publisher.publish(
+            &KeyPair::new(from.clone(), to.public_key()),
+            &credentials(tag),
+        ),
     )
     .await
     .unwrap();
@@ -1099,28 +1118,26 @@ async fn envelopes_sent_while_a_subscription_starts_arrive_exactly_once() {
     let ns = within("namespace", STEP, namespace(&admin, "starting")).await;
     let url = env.url(&ns, "1m");
     let (publisher, _) = backend(&url, fast()).await;
-    let sender = Key::generate();
+    let sender = PrivateKey::generate();
 
     // The handler first, then listen. Five envelopes are created after listen
     // was called and before its first list (the first poll of a fresh
     // transport's listen waits for the access review): they are delivered,
     // not taken for objects that existed before.
     let (receiver, receiver_t) = backend(&url, fast()).await;
-    let b = Key::generate();
+    let b = PrivateKey::generate();
     let (handler, mut rx) = ChannelHandler::new(64);
-    receiver
-        .registry()
-        .add(&KeyPair::new(b, Key::ZERO), handler.clone());
+    receiver.registry().add(&b, Sender::Any, handler.clone());
     {
         let mut listen = pin!(receiver_t.listen(b.public_key()));
         assert!(poll!(listen.as_mut()).is_pending());
         for i in 0..5 {
-            send_to(&publisher, sender, b, format!("early{i}")).await;
+            send_to(&publisher, &sender, &b, format!("early{i}")).await;
         }
         within("listen", STEP, listen).await.unwrap();
     }
     for i in 0..5 {
-        send_to(&publisher, sender, b, format!("late{i}")).await;
+        send_to(&publisher, &sender, &b, format!("late{i}")).await;
     }
     let got = receive(&mut rx, 10, Duration::from_millis(500)).await;
     assert_eq!(distinct(&got).len(), 10);
@@ -1128,18 +1145,19 @@ async fn envelopes_sent_while_a_subscription_starts_arrive_exactly_once() {
     assert_eq!((stats.caught_up, stats.stale), (5, 0), "{stats:?}");
 
     // Through subscribe, with publishers racing the subscription.
-    let d = Key::generate();
+    let d = PrivateKey::generate();
     let (to_d, mut d_rx) = ChannelHandler::new(256);
     let subscribe = tokio::spawn({
-        let receiver = receiver.clone();
-        async move { receiver.subscribe(&KeyPair::new(d, Key::ZERO), to_d).await }
+        let (receiver, d) = (receiver.clone(), d.clone());
+        async move { receiver.subscribe(&d, Sender::Any, to_d).await }
     });
     let publishers: Vec<_> = (0..4)
         .map(|p| {
             let publisher = publisher.clone();
+            let (sender, d) = (sender.clone(), d.clone());
             tokio::spawn(async move {
                 for i in 0..5 {
-                    send_to(&publisher, sender, d, format!("p{p}m{i}")).await;
+                    send_to(&publisher, &sender, &d, format!("p{p}m{i}")).await;
                 }
             })
         })
@@ -1217,7 +1235,7 @@ async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
         registry.clone(),
     );
     let (publisher, _) = backend(&url, fast()).await;
-    let [a, b, c, d, e, f] = [(); 6].map(|_| Key::generate());
+    let [a, b, c, d, e, f] = [(); 6].map(|_| PrivateKey::generate());
     let (handler, mut rx) = ChannelHandler::new(64);
 
     // The API server is away while b subscribes: the multi backend's
@@ -1226,12 +1244,12 @@ async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
     within(
         "subscribe",
         STEP,
-        receiver.subscribe(&KeyPair::new(b, Key::ZERO), handler.clone()),
+        receiver.subscribe(&b, Sender::Any, handler.clone()),
     )
     .await
     .unwrap();
-    for key in [c, d, e, f] {
-        registry.add(&KeyPair::new(key, Key::ZERO), handler.clone());
+    for key in [&c, &d, &e, &f] {
+        registry.add(key, Sender::Any, handler.clone());
     }
     // A transient error is returned, and the key stays wanted.
     let err = within("listen", STEP, k8s_t.listen(c.public_key()))
@@ -1256,17 +1274,17 @@ async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
         .await;
     }
     let wanted = k8s_t.listening();
-    for key in [b, c, d] {
-        assert!(wanted.contains(&key.public_key()), "{key} not wanted");
+    for key in [&b, &c, &d] {
+        assert!(wanted.contains(&key.public_key()), "{:?} not wanted", key);
     }
 
     // Back: the watch lists without another listen, and what is sent now arrives once.
     tokio::task::block_in_place(|| env.start_apiserver());
-    for key in [b, c, d] {
+    for key in [&b, &c, &d] {
         send_until_accepted(
             &publisher,
-            &credentials(format!("to {key}"))
-                .seal(&KeyPair::new(a, key.public_key()))
+            &credentials(format!("to {}", key.public_key()))
+                .seal(&KeyPair::new(a.clone(), key.public_key()))
                 .unwrap(),
         )
         .await;
@@ -1283,7 +1301,7 @@ async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
         .await
         .unwrap();
     assert!(!k8s_t.listening().contains(&d.public_key()));
-    send_to(&publisher, a, d, "unlistened".into()).await;
+    send_to(&publisher, &a, &d, "unlistened".into()).await;
 
     // A listen dropped before it changed anything (on its access review):
     // the key is not wanted, and listening again works.
@@ -1303,8 +1321,8 @@ async fn a_listen_that_failed_or_was_dropped_is_retried_until_unlisten() {
     within("listen", STEP, k8s_t.listen(f.public_key()))
         .await
         .unwrap();
-    for key in [e, f] {
-        send_to(&publisher, a, key, format!("to {key}")).await;
+    for key in [&e, &f] {
+        send_to(&publisher, &a, key, format!("to {}", key.public_key())).await;
     }
     let got = receive(&mut rx, 2, Duration::from_millis(500)).await;
     assert_eq!(distinct(&got).len(), 2);

@@ -21,7 +21,8 @@ use std::{
 };
 
 use cunicu_signal::{
-    Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, Registry, Transport,
+    Backend, BackendError, ChannelHandler, Delivery, Handler, Key, KeyPair, PrivateKey, Registry,
+    Sender, Transport,
     backend::{
         SignalingBackend, connect,
         multicast::{MAX_DATAGRAM, Multicast, MulticastError, SOURCE_BURST, SOURCE_RATE},
@@ -228,16 +229,18 @@ async fn multicast(url: &str, registry: Arc<Registry>) -> Multicast {
         .unwrap_or_else(|e| panic!("{url}: {e}"))
 }
 
-/// A transport listening for `pair`, with a channel of what it delivers.
+/// A transport listening for what `ours` gets from `from`, with a channel of
+/// what it delivers.
 async fn listener(
     url: &str,
-    pair: &KeyPair,
+    ours: &PrivateKey,
+    from: Sender,
 ) -> (Multicast, Arc<Registry>, mpsc::Receiver<Delivery>) {
     let registry = Registry::new();
     let transport = multicast(url, registry.clone()).await;
     let (handler, rx) = ChannelHandler::new(64);
-    registry.add(pair, handler as Arc<dyn Handler>);
-    within("listen", STEP, transport.listen(pair.ours.public_key()))
+    registry.add(ours, from, handler as Arc<dyn Handler>);
+    within("listen", STEP, transport.listen(ours.public_key()))
         .await
         .unwrap();
     (transport, registry, rx)
@@ -414,7 +417,7 @@ const REPEATS: u64 = 5;
 /// One side of [`veth_exchange`]: listen, say READY, wait for "go", send
 /// [`REPEATS`] copies of one envelope, then check what arrived from the other side.
 async fn veth_peer() {
-    let ours: Key = env("CUNICU_TEST_OURS").parse().unwrap();
+    let ours: PrivateKey = env("CUNICU_TEST_OURS").parse().unwrap();
     let theirs: Key = env("CUNICU_TEST_THEIRS").parse().unwrap();
     let url = env("CUNICU_TEST_URL");
     let our_public = ours.public_key();
@@ -426,7 +429,7 @@ async fn veth_peer() {
     let first = within(
         "subscribe",
         STEP,
-        backend.subscribe(&KeyPair::new(ours, theirs), handler),
+        backend.subscribe(&ours, Sender::Key(theirs), handler),
     )
     .await
     .unwrap();
@@ -445,7 +448,7 @@ async fn veth_peer() {
 
     // The same envelope each time, so that the registry recognises the copies.
     let envelope = message_for(1, &our_public, &theirs)
-        .seal(&KeyPair::new(ours, theirs))
+        .seal(&KeyPair::new(ours.clone(), theirs))
         .unwrap();
     for _ in 0..REPEATS {
         within("send", STEP, backend.transport().send(&envelope))
@@ -491,13 +494,13 @@ async fn veth_exchange(test: &str, tag: &str, group: &str) {
     let a = Netns::new(&format!("{tag}a")).unwrap_or_else(|e| panic!("{e:#}"));
     let b = Netns::new(&format!("{tag}b")).unwrap_or_else(|e| panic!("{e:#}"));
     let veth = Veth::link(&a, &b).unwrap_or_else(|e| panic!("{e:#}"));
-    let (key_a, key_b) = (Key::generate(), Key::generate());
-    let side = |ns: &Netns, ours: Key, theirs: Key, dev: &str| {
+    let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
+    let side = |ns: &Netns, ours: &PrivateKey, theirs: &PrivateKey, dev: &str| {
         Child::spawn(
             ns,
             test,
             &[
-                ("CUNICU_TEST_OURS", ours.to_string()),
+                ("CUNICU_TEST_OURS", ours.secret_base64().to_string()),
                 ("CUNICU_TEST_THEIRS", theirs.public_key().to_string()),
                 (
                     "CUNICU_TEST_URL",
@@ -506,8 +509,8 @@ async fn veth_exchange(test: &str, tag: &str, group: &str) {
             ],
         )
     };
-    let mut child_a = side(&a, key_a, key_b, &veth.a);
-    let mut child_b = side(&b, key_b, key_a, &veth.b);
+    let mut child_a = side(&a, &key_a, &key_b, &veth.a);
+    let mut child_b = side(&b, &key_b, &key_a, &veth.b);
     child_a.ready().await;
     child_b.ready().await;
     child_a.go().await;
@@ -548,9 +551,9 @@ async fn envelopes_over_4096_bytes_are_refused_before_sending() {
         return run_in(&ns, TEST).await;
     }
     const URL: &str = "multicast://239.255.77.4:7704?interface=lo&loopback=true";
-    let (a, b) = (Key::generate(), Key::generate());
-    let to_b = KeyPair::new(a, b.public_key());
-    let (receiver, registry, mut rx) = listener(URL, &KeyPair::new(b, a.public_key())).await;
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let to_b = KeyPair::new(a.clone(), b.public_key());
+    let (receiver, registry, mut rx) = listener(URL, &b, Sender::Key(a.public_key())).await;
     let sender = multicast(URL, Registry::new()).await;
 
     let big = Message {
@@ -616,10 +619,14 @@ async fn datagrams_that_are_not_envelopes_are_counted_not_delivered() {
     // No interface: the kernel picks `lo` from the route for 224.0.0.0/4.
     const URL: &str = "multicast://239.255.77.5:7705";
     let group: SocketAddr = "239.255.77.5:7705".parse().unwrap();
-    let (a, b, c) = (Key::generate(), Key::generate(), Key::generate());
-    let (receiver, registry, mut rx) = listener(URL, &KeyPair::new(b, Key::ZERO)).await;
+    let (a, b, c) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    let (receiver, registry, mut rx) = listener(URL, &b, Sender::Any).await;
 
-    let to_b = KeyPair::new(a, b.public_key());
+    let to_b = KeyPair::new(a.clone(), b.public_key());
     let mut short_recipient = credentials("x".into()).seal(&to_b).unwrap();
     short_recipient.recipient.truncate(5);
     let (_, oversized) = envelope_of_size(&to_b, MAX_DATAGRAM + 1);
@@ -630,7 +637,7 @@ async fn datagrams_that_are_not_envelopes_are_counted_not_delivered() {
     with_tail.extend_from_slice(&[0x78, 0x01]); // field 15, varint 1
     assert!(Envelope::from_bytes(&with_tail).is_ok());
     let for_c = credentials("for c".into())
-        .seal(&KeyPair::new(a, c.public_key()))
+        .seal(&KeyPair::new(a.clone(), c.public_key()))
         .unwrap();
     let good = credentials("for b".into()).seal(&to_b).unwrap();
 
@@ -687,22 +694,22 @@ async fn a_flooding_source_is_limited_before_opening_and_others_get_through() {
     }
     const URL: &str = "multicast://239.255.77.8:7708?interface=lo&loopback=true";
     let group: SocketAddr = "239.255.77.8:7708".parse().unwrap();
-    let (a, b) = (Key::generate(), Key::generate());
-    let (receiver, registry, mut rx) = listener(URL, &KeyPair::new(b, Key::ZERO)).await;
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let (receiver, registry, mut rx) = listener(URL, &b, Sender::Any).await;
 
     // Forged envelopes to b, each from a made-up sender: every one that got
     // through would cost b an X25519.
     const FLOOD: u64 = 2_000;
     let forged = |i: u64| {
         let mut envelope = credentials(format!("forged {i}"))
-            .seal(&KeyPair::new(Key::generate(), b.public_key()))
+            .seal(&KeyPair::new(PrivateKey::generate(), b.public_key()))
             .unwrap();
         envelope.contents.as_mut().unwrap().body[20] ^= 1;
         envelope.encode_to_vec()
     };
     let datagrams: Vec<Vec<u8>> = (0..FLOOD).map(forged).collect();
     let genuine = credentials("genuine".into())
-        .seal(&KeyPair::new(a, b.public_key()))
+        .seal(&KeyPair::new(a.clone(), b.public_key()))
         .unwrap()
         .encode_to_vec();
     let flooder = sender_from("127.0.0.2");
@@ -766,11 +773,11 @@ async fn a_flooding_source_is_limited_before_opening_and_others_get_through() {
 /// envelope reaches a socket of this host.
 async fn loopback_flag(group: &str, interface: &str) {
     let url = |loopback| format!("multicast://{group}?interface={interface}&loopback={loopback}");
-    let (a, b) = (Key::generate(), Key::generate());
-    let (receiver, _registry, mut rx) = listener(&url(false), &KeyPair::new(b, Key::ZERO)).await;
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let (receiver, _registry, mut rx) = listener(&url(false), &b, Sender::Any).await;
     let quiet = multicast(&url(false), Registry::new()).await;
     let looping = multicast(&url(true), Registry::new()).await;
-    let to_b = KeyPair::new(a, b.public_key());
+    let to_b = KeyPair::new(a.clone(), b.public_key());
 
     for _ in 0..3 {
         let envelope = credentials("quiet".into()).seal(&to_b).unwrap();
@@ -828,8 +835,8 @@ async fn close_releases_the_socket() {
     }
     const GROUP: &str = "239.255.77.7:7707";
     const URL: &str = "multicast://239.255.77.7:7707?interface=lo&loopback=true";
-    let (a, b) = (Key::generate(), Key::generate());
-    let to_b = KeyPair::new(a, b.public_key());
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let to_b = KeyPair::new(a.clone(), b.public_key());
 
     // Through the backend API.
     let backend = within("connect", STEP, connect(&[URL])).await.unwrap();
@@ -869,7 +876,7 @@ async fn close_releases_the_socket() {
     until("port released by drop", || plain_bind(GROUP).is_ok()).await;
 
     // The same group and port again: it works.
-    let (receiver, _registry, mut rx) = listener(URL, &KeyPair::new(b, a.public_key())).await;
+    let (receiver, _registry, mut rx) = listener(URL, &b, Sender::Key(a.public_key())).await;
     let sender = multicast(URL, Registry::new()).await;
     within("send", STEP, sender.send(&envelope)).await.unwrap();
     let delivery = within("delivery after rebinding", STEP, rx.recv())

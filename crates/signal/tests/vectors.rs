@@ -4,7 +4,8 @@
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use cunicu_signal::{
-    EnvelopeError, Key, KeyPair, SharedKey,
+    EnvelopeError, Key, KeyPair, PrivateKey,
+    envelope::SharedKey,
     json::message_from_json,
     proto::signaling::{Envelope, Message},
 };
@@ -40,18 +41,22 @@ fn key(s: &str) -> Key {
     s.parse().expect("vector key")
 }
 
+fn private(s: &str) -> PrivateKey {
+    s.parse().expect("vector private key")
+}
+
 #[test]
 fn valid_envelopes_open_to_exactly_their_message() {
     let mut valid = 0;
     for case in cases().into_iter().filter(|c| c.valid) {
         let name = &case.name;
-        let recipient = key(&case.recipient_private);
+        let recipient = private(&case.recipient_private);
         assert_eq!(
             recipient.public_key(),
             key(&case.recipient_public),
             "{name}"
         );
-        let sender = key(case.sender_private.as_deref().expect("sender_private"));
+        let sender = private(case.sender_private.as_deref().expect("sender_private"));
         assert_eq!(
             sender.public_key(),
             key(case.sender_public.as_deref().expect("sender_public")),
@@ -105,7 +110,7 @@ fn valid_envelopes_open_to_exactly_their_message() {
 
         // And what we seal, the recipient opens.
         let ours = expected
-            .seal(&KeyPair::new(sender, recipient.public_key()))
+            .seal(&KeyPair::new(sender.clone(), recipient.public_key()))
             .unwrap();
         assert_eq!(ours.open(&recipient).unwrap(), expected, "{name}");
         valid += 1;
@@ -118,7 +123,7 @@ fn invalid_envelopes_fail_with_the_specific_error() {
     let mut checked = 0;
     for case in cases().into_iter().filter(|c| !c.valid) {
         let name = case.name.as_str();
-        let recipient = key(&case.recipient_private);
+        let recipient = private(&case.recipient_private);
         let bytes = STANDARD.decode(&case.envelope).expect("envelope base64");
         let result = Envelope::from_bytes(&bytes).and_then(|env| env.open(&recipient));
         let err = match result {
@@ -165,10 +170,10 @@ fn same_bytes_as_crypto_box() {
         aead::{Aead, AeadCore, OsRng},
     };
     for i in 0..64 {
-        let (sender, recipient) = (Key::generate(), Key::generate());
+        let (sender, recipient) = (PrivateKey::generate(), PrivateKey::generate());
         let salsa = SalsaBox::new(
             &crypto_box::PublicKey::from(*recipient.public_key().as_bytes()),
-            &crypto_box::SecretKey::from(*sender.as_bytes()),
+            &crypto_box::SecretKey::from(*sender.secret_bytes()),
         );
         let nonce = SalsaBox::generate_nonce(&mut OsRng);
         let message = Message {

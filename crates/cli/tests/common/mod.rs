@@ -12,16 +12,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cunicu_signal::Key;
+use cunicu_signal::{Key, PrivateKey};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cunicu-signal");
 /// Limit of one step of the synchronous helpers (a run, a line).
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Writes `key` (base64 and a newline) to `dir/name`.
-pub fn key_file(dir: &Path, name: &str, key: &Key) -> PathBuf {
+/// Writes the private `key` (base64 and a newline) to `dir/name`.
+pub fn key_file(dir: &Path, name: &str, key: &PrivateKey) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, format!("{key}\n")).unwrap();
+    std::fs::write(&path, format!("{}\n", key.secret_base64().as_str())).unwrap();
     path
 }
 

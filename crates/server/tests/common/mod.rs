@@ -9,7 +9,8 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use cunicu_signal::{
-    Backend, BackendError, ChannelHandler, Key, KeyPair, backend::connect, conformance::message_for,
+    Backend, BackendError, ChannelHandler, KeyPair, PrivateKey, Sender, backend::connect,
+    conformance::message_for,
 };
 use cunicu_signal_server::Server;
 use tokio::time::timeout;
@@ -47,15 +48,15 @@ pub async fn backend(urls: Vec<String>) -> Result<Arc<dyn Backend>, BackendError
 /// One message from a new key to another through the backend of `url`,
 /// subscribed and published with it: it arrives, unchanged, within [`WAIT`].
 pub async fn exchange(url: &str) -> anyhow::Result<()> {
-    let (alice, bob) = (Key::generate(), Key::generate());
+    let (alice, bob) = (PrivateKey::generate(), PrivateKey::generate());
     let backend = connect(&[url]).await?;
     let (handler, mut rx) = ChannelHandler::new(4);
     backend
-        .subscribe(&KeyPair::new(bob, alice.public_key()), handler)
+        .subscribe(&bob, Sender::Key(alice.public_key()), handler)
         .await?;
     let message = message_for(1, &alice.public_key(), &bob.public_key());
     backend
-        .publish(&KeyPair::new(alice, bob.public_key()), &message)
+        .publish(&KeyPair::new(alice.clone(), bob.public_key()), &message)
         .await?;
     let got = timeout(WAIT, rx.recv()).await?.context("no message")?;
     assert_eq!(got.message, message);

@@ -84,7 +84,11 @@ impl Transport for Multi {
         self.combine_published(results)
     }
 
-    async fn send_as(&self, envelope: &Envelope, ours: &Key) -> Result<Published, BackendError> {
+    async fn send_as(
+        &self,
+        envelope: &Envelope,
+        ours: &crate::PrivateKey,
+    ) -> Result<Published, BackendError> {
         let results = join_all(self.transports.iter().map(|t| t.send_as(envelope, ours))).await;
         self.combine_published(results)
     }

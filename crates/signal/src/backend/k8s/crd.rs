@@ -156,12 +156,13 @@ pub(super) fn selector<'a>(label: &str, keys: impl IntoIterator<Item = &'a Key>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PrivateKey;
 
     #[test]
     fn objects_carry_the_envelope_and_both_labels() {
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let envelope = crate::proto::signaling::Message::default()
-            .seal(&crate::KeyPair::new(a, b.public_key()))
+            .seal(&crate::KeyPair::new(a.clone(), b.public_key()))
             .unwrap();
         let object = SignalingEnvelope::from_envelope(&envelope).unwrap();
         assert_eq!(object.to_envelope().unwrap(), envelope);
@@ -209,12 +210,12 @@ mod tests {
             assert!(schema["pattern"].is_string(), "{field}: {schema}");
         }
         // What we send fits: the largest body, and the shortest.
-        let (a, b) = (Key::generate(), Key::generate());
-        for len in [0, MAX_BODY_LEN - crate::TAG_LEN] {
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+        for len in [0, MAX_BODY_LEN - crate::envelope::TAG_LEN] {
             let mut envelope = crate::proto::signaling::Message::default()
-                .seal(&crate::KeyPair::new(a, b.public_key()))
+                .seal(&crate::KeyPair::new(a.clone(), b.public_key()))
                 .unwrap();
-            envelope.contents.as_mut().unwrap().body = vec![0xfb; len + crate::TAG_LEN];
+            envelope.contents.as_mut().unwrap().body = vec![0xfb; len + crate::envelope::TAG_LEN];
             let object = SignalingEnvelope::from_envelope(&envelope).unwrap();
             let body = &object.spec.contents.body;
             assert!(

@@ -185,12 +185,15 @@ async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PrivateKey;
 
     #[test]
     fn senders_are_bounded_and_forgotten_in_time() {
         let mut senders = Senders::default();
         let t0 = Instant::now();
-        let keys: Vec<Key> = (0..MAX_SENDERS + 1).map(|_| Key::generate()).collect();
+        let keys: Vec<Key> = (0..MAX_SENDERS + 1)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
         for (i, key) in keys.iter().enumerate() {
             senders.sent(*key, t0 + Duration::from_millis(i as u64));
         }

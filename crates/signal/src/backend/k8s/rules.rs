@@ -257,6 +257,7 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PrivateKey;
 
     const TTL: Duration = Duration::from_secs(60);
 
@@ -279,7 +280,7 @@ mod tests {
     #[test]
     fn a_new_object_of_a_listed_key_is_delivered_once() {
         let mut rules = Rules::new(TTL);
-        let b = Key::generate();
+        let b = PrivateKey::generate().public_key();
         let now = t0();
         let o = object("1", Some(now - secs(5)), b);
         assert_eq!(rules.decide(&o, now), Verdict::Deliver);
@@ -300,7 +301,7 @@ mod tests {
     #[test]
     fn the_first_list_does_not_replay_what_existed_before_listen() {
         let mut rules = Rules::new(TTL);
-        let b = Key::generate();
+        let b = PrivateKey::generate().public_key();
         let called = t0();
         rules.listening(b, called);
         // A second listen before the first list keeps the first time.
@@ -336,7 +337,10 @@ mod tests {
     #[test]
     fn pending_keys_are_each_their_own() {
         let mut rules = Rules::new(TTL);
-        let (b, c) = (Key::generate(), Key::generate());
+        let (b, c) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
         let now = t0();
         rules.listening(b, now);
         rules.listening(c, now);
@@ -354,14 +358,14 @@ mod tests {
     #[test]
     fn objects_older_than_the_ttl_are_too_old() {
         let mut rules = Rules::new(TTL);
-        let b = Key::generate();
+        let b = PrivateKey::generate().public_key();
         let now = t0();
         let at_ttl = object("at", Some(now - TTL), b);
         assert_eq!(rules.decide(&at_ttl, now), Verdict::Deliver);
         let beyond = object("beyond", Some(now - TTL - secs(1)), b);
         assert_eq!(rules.decide(&beyond, now), Verdict::TooOld);
         // Stale comes first: a pending key's old object is stale, not too old.
-        let c = Key::generate();
+        let c = PrivateKey::generate().public_key();
         rules.listening(c, now);
         let old = object("old", Some(now - TTL - secs(1)), c);
         assert_eq!(rules.decide(&old, now), Verdict::Stale);
@@ -385,7 +389,7 @@ mod tests {
     #[test]
     fn uids_are_remembered_for_two_ttls() {
         let mut rules = Rules::new(TTL);
-        let b = Key::generate();
+        let b = PrivateKey::generate().public_key();
         let now = t0();
         // No creation time: its age never makes it too old, so the memory
         // alone decides.
@@ -399,7 +403,7 @@ mod tests {
     #[test]
     fn the_memory_of_uids_is_bounded() {
         let mut rules = Rules::new(TTL);
-        let b = Key::generate();
+        let b = PrivateKey::generate().public_key();
         let now = t0();
         for i in 0..MAX_KNOWN + 10 {
             let uid = i.to_string();

@@ -254,6 +254,7 @@ pub(super) async fn run_watches(
 
 #[cfg(test)]
 mod tests {
+    use crate::{PrivateKey, Sender};
     use std::sync::atomic::AtomicU64;
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -262,9 +263,9 @@ mod tests {
     use crate::{KeyPair, Registry, backend::k8s::CLOCK_SKEW};
 
     /// An object from `a` to `b`, created `ago` ago.
-    fn object(a: &Key, b: &Key, ago: Duration, uid: &str) -> SignalingEnvelope {
+    fn object(a: &PrivateKey, b: &PrivateKey, ago: Duration, uid: &str) -> SignalingEnvelope {
         let envelope = crate::proto::signaling::Message::default()
-            .seal(&KeyPair::new(*a, b.public_key()))
+            .seal(&KeyPair::new(a.clone(), b.public_key()))
             .unwrap();
         let mut object = SignalingEnvelope::from_envelope(&envelope).unwrap();
         object.metadata.uid = Some(uid.into());
@@ -283,11 +284,12 @@ mod tests {
     #[tokio::test]
     async fn a_first_list_delivers_what_was_created_after_listen_was_called() {
         let registry = Registry::new();
-        let (a, b) = (Key::generate(), Key::generate());
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
         let count = Arc::new(AtomicU64::new(0));
         let c = count.clone();
         registry.add(
-            &KeyPair::new(b, Key::ZERO),
+            &b,
+            Sender::Any,
             Arc::new(move |_: &crate::Delivery| {
                 c.fetch_add(1, Relaxed);
             }),
