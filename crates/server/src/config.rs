@@ -60,6 +60,13 @@ pub struct Config {
     pub tls_handshake_rate: Rate,
     /// Deadline of a request's message once its stream opened.
     pub request_timeout: Duration,
+    /// Deadline of a request's first message bytes once its stream opened:
+    /// a call opened with headers alone ends then (DEADLINE_EXCEEDED), so
+    /// that it holds its slots for about a second, not the request timeout.
+    pub first_bytes_timeout: Duration,
+    /// A `grpc.health.v1.Health/Watch` stream ends (OK) after this long;
+    /// the watcher opens another.
+    pub health_watch_lifetime: Duration,
     /// A connection without a stream for this long is closed with GOAWAY.
     pub idle_timeout: Duration,
     /// Most subscription streams open at once.
@@ -155,6 +162,8 @@ impl Default for Config {
             max_tls_handshakes: 256,
             tls_handshake_rate: rate(500, 500),
             request_timeout: Duration::from_secs(10),
+            first_bytes_timeout: Duration::from_secs(1),
+            health_watch_lifetime: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(300),
             max_subscriptions: 100_000,
             max_subscriptions_per_client: 1_000,
@@ -262,6 +271,8 @@ impl Config {
             ("stall-timeout", self.stall_timeout),
             ("handshake-timeout", self.handshake_timeout),
             ("request-timeout", self.request_timeout),
+            ("first-bytes-timeout", self.first_bytes_timeout),
+            ("health-watch-lifetime", self.health_watch_lifetime),
             ("idle-timeout", self.idle_timeout),
             ("keepalive-interval", self.keepalive_interval),
             ("keepalive-timeout", self.keepalive_timeout),

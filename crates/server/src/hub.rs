@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use crate::{
     client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
     cluster::Cluster,
+    deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
 };
 
@@ -135,8 +136,8 @@ struct State {
     by_publisher: Vec<(Publisher, usize)>,
     /// Bytes handed to HTTP/2 and not yet written.
     in_flight: usize,
-    /// Since when envelopes have been waiting without any being taken.
-    waiting_since: Option<Instant>,
+    /// How fast the subscriber takes what waits for it.
+    drain: DrainMeter,
     /// The slot is posted to the mailbox or being drained.
     posted: bool,
     /// The subscription has ended: nothing more is queued.
@@ -326,10 +327,10 @@ impl Sub {
             self.server.release(cost(&old));
             out.add(why);
         }
+        let backlog = state.queued + state.in_flight;
         state.push(frame.clone(), from);
         out.queued = 1;
-        if state.waiting_since.is_none() {
-            state.waiting_since = Some(Instant::now());
+        if state.drain.offered(Instant::now(), size, backlog) {
             self.mailbox.waiting.fetch_add(1, Relaxed);
         }
         if !state.posted && state.can_send() {
@@ -387,9 +388,8 @@ impl Sub {
         if state.closed {
             return;
         }
-        if state.pending() {
-            state.waiting_since = Some(Instant::now());
-        } else if state.waiting_since.take().is_some() {
+        state.drain.took(size);
+        if !state.pending() && state.drain.caught_up() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
         if !state.posted && state.can_send() {
@@ -415,9 +415,12 @@ impl Sub {
         self.mailbox.post(self.slot);
     }
 
-    /// Since when envelopes have waited with none taken, if they wait.
-    pub(crate) fn waiting_since(&self) -> Option<Instant> {
-        self.state.lock().waiting_since
+    /// Judges how fast the subscriber took what waited for it over the
+    /// last `cutoff` (see [`DrainMeter`]).
+    pub(crate) fn judge(&self, now: Instant, cutoff: std::time::Duration) -> Verdict {
+        let mut state = self.state.lock();
+        let backlog = state.queued + state.in_flight;
+        state.drain.judge(now, cutoff, backlog)
     }
 
     /// Bytes handed to HTTP/2 and not yet written.
@@ -436,7 +439,7 @@ impl Sub {
         let queued = std::mem::take(&mut state.queued);
         state.queue = VecDeque::new();
         state.by_publisher = Vec::new();
-        if state.waiting_since.take().is_some() {
+        if state.drain.caught_up() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
         drop(state);
