@@ -7,7 +7,7 @@ use cunicu_signal::Key;
 
 use crate::{
     auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
-    client::{BRIDGED_CALLS, ClientLimits, Rate},
+    client::{BRIDGED_CALLS, ClientLimits, HEALTH_CHECKS, HEALTH_WATCHES, Rate},
     relay::Relay,
 };
 
@@ -352,7 +352,8 @@ impl Config {
             calls: self
                 .max_calls
                 .saturating_mul(CALL_BYTES)
-                .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
+                .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES)
+                .saturating_add((HEALTH_CHECKS + HEALTH_WATCHES) * HEALTH_CALL_BYTES),
             queued: self.max_queued_bytes,
             cluster: if self.cluster.is_some() {
                 // A NATS subscription and its task per key: at worst one
@@ -387,6 +388,11 @@ const CALL_BYTES: usize = 4 << 10;
 /// `bridge::MAX_REQUEST_BYTES`), tonic's encoded response waiting for the
 /// window, and what h2 buffers of it.
 const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
+
+/// What a health check or watch adds to its call: its request (at most
+/// `bridge::MAX_HEALTH_REQUEST_BYTES`), its answers (a few bytes each) and
+/// tonic's state of the call.
+const HEALTH_CALL_BYTES: usize = 1024 + 15 * 1024;
 
 /// The NATS client's own buffers (reading and writing), beyond what it was
 /// handed to publish.
