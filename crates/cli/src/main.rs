@@ -232,8 +232,8 @@ struct ServeArgs {
     /// Bytes held for all clients together: the above and the requests being read.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = DEFAULTS.max_queued_bytes)]
     max_queued_bytes: usize,
-    /// A subscriber that takes nothing for this long while envelopes wait for it is cut off
-    /// (UNAVAILABLE "subscriber too slow").
+    /// A subscriber whose connection took less than a quarter of the bytes it owed over a span
+    /// this long, while envelopes waited for it, is cut off (UNAVAILABLE "subscriber too slow").
     #[arg(long, env = "CUNICU_SIGNAL_STALL_TIMEOUT", default_value_t = default_duration(DEFAULTS.stall_timeout))]
     stall_timeout: humantime::Duration,
     /// Most client connections open at once; beyond it new ones wait to be accepted.

@@ -38,8 +38,9 @@ pub struct Config {
     /// Bytes held for all clients together: the above, and every request
     /// being read.
     pub max_queued_bytes: usize,
-    /// A subscriber that takes nothing for this long while envelopes wait
-    /// for it is cut off (UNAVAILABLE "subscriber too slow").
+    /// A subscriber whose connection took less than a quarter of the bytes
+    /// it owed over a span this long, during which envelopes waited for it,
+    /// is cut off (UNAVAILABLE "subscriber too slow").
     pub stall_timeout: Duration,
     /// Most client connections open at once; beyond it accepting waits.
     pub max_connections: usize,

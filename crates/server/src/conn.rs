@@ -10,11 +10,12 @@
 //! only fills its own queue.
 //!
 //! Limits (docs/PROTOCOL.md §10): the TLS handshake, the HTTP/2 preface and the first
-//! request must come within the handshake timeout; a request body within
-//! the request timeout; a connection without streams is closed (GOAWAY)
+//! request must come within the handshake timeout; a request's first bytes
+//! within the first-bytes timeout and its whole body within the request
+//! timeout ([`crate::deadlines`]); a connection without streams is closed (GOAWAY)
 //! after the idle timeout; one whose keepalive ping goes unanswered is
-//! dropped; a subscriber that takes nothing while envelopes wait for it is
-//! cut off after the stall timeout. Whatever way the connection ends, its
+//! dropped; a subscriber that drains too little of what waits for it over
+//! the stall timeout is cut off. Whatever way the connection ends, its
 //! subscriptions, their queues and their bytes go with it at once.
 
 use std::{
@@ -90,7 +91,7 @@ pub(crate) struct Timeouts {
     pub(crate) request: Duration,
     /// A connection without streams.
     pub(crate) idle: Duration,
-    /// A subscriber that takes nothing while envelopes wait.
+    /// The span over which a subscriber's drain rate is judged.
     pub(crate) stall: Duration,
     /// Interval of keepalive pings.
     pub(crate) keepalive_interval: Duration,
