@@ -17,7 +17,7 @@ use cunicu_signal::proto::signaling::{
 };
 use cunicu_signal_server::{Config, Server};
 use fixture::{H2, STEP, ipv6_in, loopback, message, p99, route_on_lo, start, unlimited};
-use futures::{StreamExt as _, stream::FuturesUnordered};
+use futures::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
 use tokio::{task::JoinSet, time::timeout};
 use tonic_health::pb::HealthCheckRequest;
 
@@ -102,7 +102,7 @@ async fn well_behaved(server: &Server, from: IpAddr, rounds: usize) -> Report {
         }
         // The empty envelope that confirms the subscription, then ours.
         let mut have = 0;
-        let got = timeout(Duration::from_secs(5), async {
+        let got = timeout(Duration::from_secs(2), async {
             while have < want {
                 match stream.data().await {
                     Some(Ok(data)) => {
@@ -307,5 +307,70 @@ async fn a_health_watch_ends_after_its_lifetime() {
             .encode()
             .contains("signaling_calls_ended_total{reason=\"health_watch_lifetime\"} 1"),
     );
+    server.shutdown(STEP).await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_open_a_trickle_of_window_cannot_hold_the_queue_budget() {
+    // 64 MiB in all, 4 MiB per client and a 30 s cut-off, scaled: 512 KiB,
+    // 80 000 bytes and 2 s. 18 addresses × 8 subscriptions, each with a
+    // window of one small envelope, opened again every half second, hold
+    // more than the server's budget (each client under its own).
+    let mut config = config();
+    config.client_queued_bytes = 80_000;
+    config.max_queued_bytes = 512 << 10;
+    config.stall_timeout = Duration::from_secs(2);
+    let server = start(config, loopback(1)).await;
+    let mut attackers = JoinSet::new();
+    for n in 60..78u8 {
+        let addr = server.local_addr();
+        attackers.spawn(async move {
+            let from = loopback(n);
+            let mut subscriber = H2::connect(addr, from, 300).await;
+            let mut publisher = H2::connect(addr, from, 65_535).await;
+            let keys: Vec<[u8; 32]> = (0..8).map(|i| key(u32::from(n) * 100 + i)).collect();
+            let mut streams = Vec::new();
+            for key in &keys {
+                let params = message(&SubscribeParams { key: key.to_vec() });
+                streams.push(
+                    subscriber
+                        .call(SUBSCRIBE, params)
+                        .await
+                        .expect("subscribed"),
+                );
+            }
+            for _ in 0..40 {
+                for key in &keys {
+                    let _ = publisher.unary(PUBLISH, message(&envelope(*key))).await;
+                }
+            }
+            loop {
+                for key in &keys {
+                    for _ in 0..4 {
+                        let _ = publisher.unary(PUBLISH, message(&envelope(*key))).await;
+                    }
+                }
+                // The trickle: what came is taken, and its window opened again.
+                for stream in &mut streams {
+                    while let Some(Some(Ok(data))) = stream.data().now_or_never() {
+                        let _ = stream.flow_control().release_capacity(data.len());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    // Past the cut-off, and a check of it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = well_behaved(&server, loopback(2), 20).await;
+    let metrics = server.metrics().encode();
+    attackers.shutdown().await;
+    report.assert_served(20);
+    let cut: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("signaling_subscribers_cut_total{reason=\"stalled\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(cut >= 18.0 * 8.0, "{cut} of 144 cut off");
     server.shutdown(STEP).await.expect("stops");
 }
