@@ -46,11 +46,15 @@ fn key(n: u32) -> [u8; 32] {
 }
 
 fn envelope(recipient: [u8; 32]) -> Envelope {
+    envelope_of(recipient, 64)
+}
+
+fn envelope_of(recipient: [u8; 32], body: usize) -> Envelope {
     Envelope {
         sender: vec![9; 32],
         recipient: recipient.to_vec(),
         contents: Some(EncryptedMessage {
-            body: vec![0xab; 64],
+            body: vec![0xab; body],
             nonce: vec![0; 24],
         }),
     }
@@ -77,6 +81,11 @@ impl Report {
 /// `rounds` times: subscribes to a new key, publishes one envelope to it
 /// from a second connection, and times its delivery.
 async fn well_behaved(server: &Server, from: IpAddr, rounds: usize) -> Report {
+    well_behaved_with(server, from, rounds, 64).await
+}
+
+/// [`well_behaved`] with envelope bodies of `body` bytes.
+async fn well_behaved_with(server: &Server, from: IpAddr, rounds: usize, body: usize) -> Report {
     let addr = server.local_addr();
     let mut subscriber = H2::connect(addr, from, 1 << 20).await;
     let mut publisher = H2::connect(addr, from, 1 << 20).await;
@@ -93,7 +102,7 @@ async fn well_behaved(server: &Server, from: IpAddr, rounds: usize) -> Report {
                 continue;
             }
         };
-        let published = message(&envelope(key));
+        let published = message(&envelope_of(key, body));
         let want = 5 + published.len();
         let sent = Instant::now();
         if let Err(e) = publisher.unary(PUBLISH, published).await {
@@ -360,9 +369,10 @@ async fn subscribers_that_open_a_trickle_of_window_cannot_hold_the_queue_budget(
             }
         });
     }
-    // Past the cut-off, and a check of it.
+    // Past the cut-off, and a check of it. The well-behaved client's
+    // envelopes (20 KB) would not fit in what the attackers leave free.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let report = well_behaved(&server, loopback(2), 20).await;
+    let report = well_behaved_with(&server, loopback(2), 20, 20_000).await;
     let metrics = server.metrics().encode();
     attackers.shutdown().await;
     report.assert_served(20);
