@@ -627,6 +627,13 @@ impl Connection {
                     "not_allowed",
                     Status::permission_denied("this key is no longer allowed here"),
                 ),
+                Cut::QueueFairShare => (
+                    "queue_fair_share",
+                    Status::resource_exhausted(
+                        "the server holds all the bytes it may, and this client held the most: \
+                         its newest subscription was ended for a client below its fair share",
+                    ),
+                ),
                 Cut::KeyFairShare => (
                     "key_fair_share",
                     Status::resource_exhausted(

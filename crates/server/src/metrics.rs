@@ -69,7 +69,7 @@ pub struct Metrics {
     /// `not_allowed`, `cache_full`).
     pub auth: Family<AuthResult, Counter>,
     /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
-    /// `key_fair_share`).
+    /// `key_fair_share`, `queue_fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Calls the server ended before they were done, by reason
     /// (`first_bytes_timeout`: no request bytes within the first-bytes
@@ -270,7 +270,8 @@ impl Metrics {
         registry.register(
             "signaling_subscribers_cut",
             "Subscription streams the server ended: stalled (took too little of what waited \
-             for it over the stall timeout), not_allowed (its key left the allowed keys)",
+             for it over the stall timeout), not_allowed (its key left the allowed keys), \
+             key_fair_share, queue_fair_share (its client held the most of a full cap)",
             subscribers_cut.clone(),
         );
         registry.register(
