@@ -232,8 +232,8 @@ struct ServeArgs {
     /// Bytes held for all clients together: the above and the requests being read.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_QUEUED_BYTES", default_value_t = DEFAULTS.max_queued_bytes)]
     max_queued_bytes: usize,
-    /// A subscriber that takes nothing for this long while envelopes wait for it is cut off
-    /// (UNAVAILABLE "subscriber too slow").
+    /// A subscriber whose connection took less than a quarter of the bytes it owed over a span
+    /// this long, while envelopes waited for it, is cut off (UNAVAILABLE "subscriber too slow").
     #[arg(long, env = "CUNICU_SIGNAL_STALL_TIMEOUT", default_value_t = default_duration(DEFAULTS.stall_timeout))]
     stall_timeout: humantime::Duration,
     /// Most client connections open at once; beyond it new ones wait to be accepted.
@@ -263,6 +263,14 @@ struct ServeArgs {
     /// Deadline of a request's message once its stream opened.
     #[arg(long, env = "CUNICU_SIGNAL_REQUEST_TIMEOUT", default_value_t = default_duration(DEFAULTS.request_timeout))]
     request_timeout: humantime::Duration,
+    /// Deadline of a request's first message bytes once its stream opened: a
+    /// call that sends headers alone ends then (DEADLINE_EXCEEDED).
+    #[arg(long, env = "CUNICU_SIGNAL_FIRST_BYTES_TIMEOUT", default_value_t = default_duration(DEFAULTS.first_bytes_timeout))]
+    first_bytes_timeout: humantime::Duration,
+    /// A grpc.health.v1.Health/Watch stream ends (OK) after this long; the
+    /// watcher opens another.
+    #[arg(long, env = "CUNICU_SIGNAL_HEALTH_WATCH_LIFETIME", default_value_t = default_duration(DEFAULTS.health_watch_lifetime))]
+    health_watch_lifetime: humantime::Duration,
     /// A connection without a stream for this long is closed (GOAWAY).
     #[arg(long, env = "CUNICU_SIGNAL_IDLE_TIMEOUT", default_value_t = default_duration(DEFAULTS.idle_timeout))]
     idle_timeout: humantime::Duration,
@@ -423,6 +431,8 @@ impl ServeArgs {
             burst: self.tls_handshake_rate,
         };
         config.request_timeout = self.request_timeout.into();
+        config.first_bytes_timeout = self.first_bytes_timeout.into();
+        config.health_watch_lifetime = self.health_watch_lifetime.into();
         config.idle_timeout = self.idle_timeout.into();
         config.max_subscriptions = self.max_subscriptions;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;

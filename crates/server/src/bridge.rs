@@ -11,7 +11,7 @@
 //! the request timeout, after which the stream is reset.
 
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
     pin::Pin,
     sync::{
         Arc,
@@ -25,32 +25,90 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream, server::SendResponse};
 use http::{HeaderMap, Request};
 use http_body::{Body, Frame};
-use tokio::sync::Notify;
+use tokio::{
+    sync::Notify,
+    time::{Instant, Sleep},
+};
 use tonic::{Status, service::Routes};
 use tower::ServiceExt as _;
 
 use crate::{
     client::{Budget, ClientState, Exhausted, reserve},
+    deadlines::{Late, RequestDeadline},
     metrics::Metrics,
     wire,
 };
 
 /// Request bytes a bridged call may send: these services take small requests.
 pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Request bytes a health check or watch may send: the name of a service.
+pub(crate) const MAX_HEALTH_REQUEST_BYTES: usize = 1024;
 
-/// A request body read from HTTP/2, at most [`MAX_REQUEST_BYTES`].
+/// A request body read from HTTP/2, at most `limit` bytes, its first bytes
+/// and its end within the call's deadlines.
 struct RecvBody {
     recv: RecvStream,
     data_done: bool,
     received: usize,
+    limit: usize,
+    deadline: RequestDeadline,
+    timer: Pin<Box<Sleep>>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum BodyError {
-    #[error("request body over {MAX_REQUEST_BYTES} bytes")]
-    TooLarge,
+    #[error("request body over {0} bytes")]
+    TooLarge(usize),
+    #[error("no request message bytes in time")]
+    FirstBytes,
+    #[error("the request message did not arrive in time")]
+    Whole,
     #[error(transparent)]
     H2(#[from] h2::Error),
+}
+
+impl RecvBody {
+    /// The body of a call opened now.
+    fn new(recv: RecvStream, limit: usize, answering: &Answering) -> Self {
+        let deadline =
+            RequestDeadline::new(Instant::now(), answering.first_bytes, answering.timeout);
+        RecvBody {
+            recv,
+            data_done: false,
+            received: 0,
+            limit,
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline.due(false))),
+            metrics: answering.metrics.clone(),
+        }
+    }
+
+    /// Ends the call if a deadline of its request passed.
+    fn poll_late(&mut self, cx: &mut Context<'_>) -> Poll<BodyError> {
+        let got = self.received > 0;
+        let due = self.deadline.due(got);
+        if self.timer.deadline() != due {
+            self.timer.as_mut().reset(due);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        match self.deadline.late(Instant::now(), got) {
+            Some(Late::FirstBytes) => {
+                self.metrics.end_call_for("first_bytes_timeout");
+                Poll::Ready(BodyError::FirstBytes)
+            }
+            Some(Late::Whole) => {
+                self.metrics.reject_for("request_timeout");
+                Poll::Ready(BodyError::Whole)
+            }
+            None => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Body for RecvBody {
@@ -67,21 +125,29 @@ impl Body for RecvBody {
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
                     this.received += data.len();
-                    if this.received > MAX_REQUEST_BYTES {
-                        return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                    if this.received > this.limit {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.limit))));
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => this.data_done = true,
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    return match this.poll_late(cx) {
+                        Poll::Ready(late) => Poll::Ready(Some(Err(late))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
             }
         }
         match this.recv.poll_trailers(cx) {
             Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Poll::Ready(Ok(None)) => Poll::Ready(None),
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.poll_late(cx) {
+                Poll::Ready(late) => Poll::Ready(Some(Err(late))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -95,8 +161,11 @@ pub(crate) struct Answering {
     pub(crate) client: Arc<ClientState>,
     pub(crate) server: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
-    /// How long the answer may stay unwritten after the call ended.
+    /// How long the request may take to come, and the answer may stay
+    /// unwritten after the call ended.
     pub(crate) timeout: Duration,
+    /// How long the request's first bytes may take to come.
+    pub(crate) first_bytes: Duration,
 }
 
 /// The bytes of one answer handed to h2 and not yet written.
@@ -142,26 +211,34 @@ enum PipeError {
 
 /// Serves one call through `routes`, adding `extra` to the response headers;
 /// returns once the answer is written (or thrown away), so that whoever
-/// holds the call's slots holds them until then.
+/// holds the call's slots holds them until then. The request may send at
+/// most `limit` bytes. When `ended` completes (a slot of the call was taken
+/// back for a client below its fair share), the call ends at once with
+/// RESOURCE_EXHAUSTED.
 pub(crate) async fn serve(
     routes: Routes,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     extra: &HeaderMap,
     answering: &Answering,
+    limit: usize,
+    ended: impl Future<Output = ()>,
 ) {
-    let mut request = request.map(|recv| {
-        tonic::body::Body::new(RecvBody {
-            recv,
-            data_done: false,
-            received: 0,
-        })
-    });
+    let mut ended = std::pin::pin!(ended);
+    let mut request =
+        request.map(|recv| tonic::body::Body::new(RecvBody::new(recv, limit, answering)));
     // Who calls, for the services that charge it (GetRelays' proofs).
     request.extensions_mut().insert(answering.client.client);
-    let response = match routes.oneshot(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
+    let response = tokio::select! {
+        response = routes.oneshot(request) => match response {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        () = &mut ended => {
+            let status = crate::conn::fair_share_ended(&answering.metrics);
+            let _ = respond.send_response(wire::error_response(&status, extra), true);
+            return;
+        }
     };
     let (mut parts, body) = response.into_parts();
     for (name, value) in extra {
@@ -180,7 +257,15 @@ pub(crate) async fn serve(
         bytes: AtomicUsize::new(0),
         written: Notify::new(),
     });
-    match pipe(body, &mut send, &unwritten).await {
+    let piped = tokio::select! {
+        piped = pipe(body, &mut send, &unwritten) => piped,
+        () = &mut ended => {
+            let status = crate::conn::fair_share_ended(&answering.metrics);
+            let _ = send.send_trailers(wire::status_trailers(&status));
+            return;
+        }
+    };
+    match piped {
         Ok(()) => {}
         Err(PipeError::Budget(exhausted)) => {
             let (reason, status) = match exhausted {

@@ -28,6 +28,7 @@ use governor::{
 };
 use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 /// Who a connection, subscription or call belongs to: the remote IP address;
@@ -166,10 +167,9 @@ pub(crate) fn reserve(client: &Budget, server: &Budget, n: usize) -> Result<(), 
     Ok(())
 }
 
-/// Bytes of a request being read, reserved in the server's budget and given
-/// back on drop. (Per client they are bounded by its calls in progress times
-/// the largest envelope; they do not take from the client's budget, which its
-/// own slow subscriptions may fill, so that those cannot stop its publishes.)
+/// Bytes reserved in the server's budget alone (what the server holds on
+/// behalf of all, such as envelopes on their way to the other replicas),
+/// given back on drop.
 pub(crate) struct Reserved {
     server: Arc<Budget>,
     bytes: usize,
@@ -191,6 +191,46 @@ impl Reserved {
 impl Drop for Reserved {
     fn drop(&mut self) {
         self.server.release(self.bytes);
+    }
+}
+
+/// Bytes of a request being read: charged to its client and to the server
+/// as they arrive (not as the message's prefix declares them, which costs a
+/// client nothing to claim), and given back on drop.
+pub(crate) struct Charged {
+    client: Arc<ClientState>,
+    server: Arc<Budget>,
+    bytes: AtomicUsize,
+}
+
+impl Charged {
+    /// Nothing charged yet, to `client` and `server`.
+    pub(crate) fn new(client: &Arc<ClientState>, server: &Arc<Budget>) -> Self {
+        Charged {
+            client: client.clone(),
+            server: server.clone(),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Charges `n` more bytes, if both budgets have room.
+    pub(crate) fn add(&self, n: usize) -> Result<(), Exhausted> {
+        reserve(&self.client.budget, &self.server, n)?;
+        self.bytes.fetch_add(n, Relaxed);
+        Ok(())
+    }
+
+    /// Bytes charged so far.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Relaxed)
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        let n = *self.bytes.get_mut();
+        self.client.budget.release(n);
+        self.server.release(n);
     }
 }
 
@@ -238,6 +278,19 @@ struct Entry {
     subscriptions: usize,
     calls: usize,
     bridged: usize,
+    health_checks: usize,
+    health_watches: usize,
+    /// The slots of the kinds that a fair share frees (all but
+    /// subscriptions), oldest first: how to end each.
+    held: Vec<Held>,
+}
+
+/// A slot that the server can take back for a client below its fair share.
+#[derive(Debug)]
+struct Held {
+    id: u64,
+    kind: Slot,
+    ended: CancellationToken,
 }
 
 impl Entry {
@@ -247,7 +300,18 @@ impl Entry {
             Slot::Subscription => &mut self.subscriptions,
             Slot::Call => &mut self.calls,
             Slot::Bridged => &mut self.bridged,
+            Slot::HealthCheck => &mut self.health_checks,
+            Slot::HealthWatch => &mut self.health_watches,
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.connections == 0
+            && self.subscriptions == 0
+            && self.calls == 0
+            && self.bridged == 0
+            && self.health_checks == 0
+            && self.health_watches == 0
     }
 }
 
@@ -258,6 +322,18 @@ impl Entry {
 pub(crate) const BRIDGED_CALLS: usize = 256;
 /// The same per client.
 pub(crate) const BRIDGED_CALLS_PER_CLIENT: usize = 16;
+/// `grpc.health.v1.Health/Check` calls in progress at once, in all: apart
+/// from the other services' calls, so that a health check never waits
+/// behind them (its request and answer are a few bytes).
+pub(crate) const HEALTH_CHECKS: usize = 256;
+/// The same per client.
+pub(crate) const HEALTH_CHECKS_PER_CLIENT: usize = 16;
+/// `grpc.health.v1.Health/Watch` streams open at once, in all: a watch
+/// lasts (until `--health-watch-lifetime`), so they have a small pool of
+/// their own.
+pub(crate) const HEALTH_WATCHES: usize = 64;
+/// The same per client.
+pub(crate) const HEALTH_WATCHES_PER_CLIENT: usize = 4;
 
 /// Rate-limiter entries (clients seen lately) above which the entries of
 /// clients back to a full bucket are forgotten at once, not at the next
@@ -287,6 +363,14 @@ pub(crate) enum Refused {
         "the server has reached its limit of {0} calls of GetBuildInfo, GetRelays, health or reflection at once"
     )]
     Bridged(usize),
+    #[error("{0} has reached the limit of {1} health checks at once")]
+    ClientHealthChecks(Client, usize),
+    #[error("the server has reached its limit of {0} health checks at once")]
+    HealthChecks(usize),
+    #[error("{0} has reached the limit of {1} health watch streams")]
+    ClientHealthWatches(Client, usize),
+    #[error("the server has reached its limit of {0} health watch streams")]
+    HealthWatches(usize),
     #[error("{0} sends requests faster than {1} per second")]
     RequestRate(Client, u32, Duration),
     #[error("{0} publishes faster than {1} envelopes per second")]
@@ -332,6 +416,10 @@ impl Refused {
             Refused::Calls(..) => "too_many_calls",
             Refused::ClientBridged(..) => "too_many_client_service_calls",
             Refused::Bridged(..) => "too_many_service_calls",
+            Refused::ClientHealthChecks(..) => "too_many_client_health_checks",
+            Refused::HealthChecks(..) => "too_many_health_checks",
+            Refused::ClientHealthWatches(..) => "too_many_client_health_watches",
+            Refused::HealthWatches(..) => "too_many_health_watches",
             Refused::RequestRate(..) => "request_rate",
             Refused::PublishRate(..) => "publish_rate",
             Refused::PublishBytesRate(..) => "publish_bytes_rate",
@@ -348,6 +436,10 @@ pub(crate) struct Clients {
     calls: AtomicUsize,
     max_calls: usize,
     bridged: AtomicUsize,
+    health_checks: AtomicUsize,
+    health_watches: AtomicUsize,
+    /// Numbers the slots that a fair share can take back.
+    next_held: std::sync::atomic::AtomicU64,
     /// When rate-limiter entries were last forgotten, in ms since `created`.
     forgotten_at: std::sync::atomic::AtomicU64,
     created: std::time::Instant,
@@ -375,6 +467,9 @@ impl Clients {
             calls: AtomicUsize::new(0),
             max_calls,
             bridged: AtomicUsize::new(0),
+            health_checks: AtomicUsize::new(0),
+            health_watches: AtomicUsize::new(0),
+            next_held: std::sync::atomic::AtomicU64::new(0),
             forgotten_at: std::sync::atomic::AtomicU64::new(0),
             created: std::time::Instant::now(),
             connection_rate: RateLimiter::keyed(limits.connection_rate.quota()),
@@ -409,6 +504,9 @@ impl Clients {
                 subscriptions: 0,
                 calls: 0,
                 bridged: 0,
+                health_checks: 0,
+                health_watches: 0,
+                held: Vec::new(),
             }
         });
         if entry.connections >= self.limits.connections {
@@ -438,35 +536,74 @@ impl Clients {
         self.take(client, Slot::Bridged)
     }
 
+    /// Takes a slot for a health check, besides its call slot (and instead
+    /// of a slot of the other services served through tonic).
+    pub(crate) fn health_check(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
+        self.take(client, Slot::HealthCheck)
+    }
+
+    /// Takes a slot for a health watch stream, besides its call slot.
+    pub(crate) fn health_watch(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
+        self.take(client, Slot::HealthWatch)
+    }
+
     /// Takes a `slot` of `client` (within its limit per client) and of the
-    /// server (within the server's).
+    /// server (within the server's). When the server's are all taken, a
+    /// client that holds less than its fair share (the limit divided by the
+    /// clients holding any, itself included) still gets one: the client
+    /// holding the most gives up its newest, whose call ends (the owner of
+    /// its guard sees [`SlotGuard::ended`]). Subscriptions are not taken
+    /// back here.
     fn take(self: &Arc<Self>, client: Client, slot: Slot) -> Result<SlotGuard, Refused> {
         let (total, max) = self.total(slot);
         let per_client = match slot {
             Slot::Subscription => self.limits.subscriptions,
             Slot::Call => self.limits.calls,
             Slot::Bridged => BRIDGED_CALLS_PER_CLIENT,
+            Slot::HealthCheck => HEALTH_CHECKS_PER_CLIENT,
+            Slot::HealthWatch => HEALTH_WATCHES_PER_CLIENT,
         };
         let mut table = self.table.lock();
-        let count = table
+        let entry = table
             .get_mut(&client)
             // A client with a slot has a connection, so an entry.
-            .ok_or(slot.refused_client(client, 0))?
-            .count(slot);
-        if *count >= per_client {
+            .ok_or(slot.refused_client(client, 0))?;
+        let mine = *entry.count(slot);
+        if mine >= per_client {
             return Err(slot.refused_client(client, per_client));
         }
         if total
             .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
             .is_err()
         {
-            return Err(slot.refused_server(max));
+            // The server's slots are all taken: the heaviest holder's newest
+            // becomes this client's, if this client is below its share.
+            if slot == Slot::Subscription || !self.take_back(&mut table, client, slot, mine, max) {
+                return Err(slot.refused_server(max));
+            }
         }
-        *count += 1;
+        let Some(entry) = table.get_mut(&client) else {
+            // Not reached: the entry is there, and taking back a slot of
+            // another client leaves it.
+            total.fetch_sub(1, Relaxed);
+            return Err(slot.refused_client(client, 0));
+        };
+        *entry.count(slot) += 1;
+        let id = self.next_held.fetch_add(1, Relaxed);
+        let ended = CancellationToken::new();
+        if slot != Slot::Subscription {
+            entry.held.push(Held {
+                id,
+                kind: slot,
+                ended: ended.clone(),
+            });
+        }
         Ok(SlotGuard {
             clients: self.clone(),
             client,
             kind: slot,
+            id,
+            ended,
         })
     }
 
@@ -476,6 +613,8 @@ impl Clients {
             Slot::Subscription => (&self.subscriptions, self.max_subscriptions),
             Slot::Call => (&self.calls, self.max_calls),
             Slot::Bridged => (&self.bridged, BRIDGED_CALLS),
+            Slot::HealthCheck => (&self.health_checks, HEALTH_CHECKS),
+            Slot::HealthWatch => (&self.health_watches, HEALTH_WATCHES),
         }
     }
 
@@ -565,26 +704,78 @@ impl Clients {
             .map(|e| (e.connections, e.subscriptions, e.calls))
     }
 
-    fn release(&self, client: Client, kind: Option<Slot>) {
+    fn release(&self, client: Client, kind: Option<(Slot, u64)>) {
         let mut table = self.table.lock();
         let Some(entry) = table.get_mut(&client) else {
             return;
         };
         match kind {
             None => entry.connections -= 1,
-            Some(slot) => {
+            Some((Slot::Subscription, _)) => {
+                entry.subscriptions -= 1;
+                self.subscriptions.fetch_sub(1, Relaxed);
+            }
+            Some((slot, id)) => {
+                // A slot taken back for another client was given up then.
+                let Some(at) = entry.held.iter().position(|h| h.id == id) else {
+                    return;
+                };
+                entry.held.remove(at);
                 *entry.count(slot) -= 1;
                 self.total(slot).0.fetch_sub(1, Relaxed);
             }
         }
-        if entry.connections == 0
-            && entry.subscriptions == 0
-            && entry.calls == 0
-            && entry.bridged == 0
-        {
+        if entry.is_empty() {
             table.remove(&client);
             self.gauge.dec();
         }
+    }
+
+    /// The server's `slot`s are all taken and `client` holds `mine` of them:
+    /// if that is below its fair share of `max`, the client holding the most
+    /// gives up its newest (ended, and no longer counted: it is `client`'s
+    /// now). O(clients): only at a full cap.
+    fn take_back(
+        &self,
+        table: &mut HashMap<Client, Entry>,
+        client: Client,
+        slot: Slot,
+        mine: usize,
+        max: usize,
+    ) -> bool {
+        let mut holders = usize::from(mine == 0);
+        let mut heaviest: Option<(Client, usize)> = None;
+        for (&other, entry) in table.iter_mut() {
+            let n = *entry.count(slot);
+            if n == 0 {
+                continue;
+            }
+            holders += 1;
+            if heaviest.is_none_or(|(_, most)| n > most) {
+                heaviest = Some((other, n));
+            }
+        }
+        // mine < max / holders, without fractions.
+        let Some((heaviest, most)) = heaviest else {
+            return false;
+        };
+        if mine * holders >= max || heaviest == client || most <= mine + 1 {
+            return false;
+        }
+        let Some(entry) = table.get_mut(&heaviest) else {
+            return false;
+        };
+        let Some(at) = entry.held.iter().rposition(|h| h.kind == slot) else {
+            return false;
+        };
+        let held = entry.held.remove(at);
+        *entry.count(slot) -= 1;
+        held.ended.cancel();
+        if entry.is_empty() {
+            table.remove(&heaviest);
+            self.gauge.dec();
+        }
+        true
     }
 }
 
@@ -622,6 +813,8 @@ enum Slot {
     Subscription,
     Call,
     Bridged,
+    HealthCheck,
+    HealthWatch,
 }
 
 impl Slot {
@@ -631,6 +824,8 @@ impl Slot {
             Slot::Subscription => Refused::ClientSubscriptions(client, limit),
             Slot::Call => Refused::ClientCalls(client, limit),
             Slot::Bridged => Refused::ClientBridged(client, limit),
+            Slot::HealthCheck => Refused::ClientHealthChecks(client, limit),
+            Slot::HealthWatch => Refused::ClientHealthWatches(client, limit),
         }
     }
 
@@ -640,6 +835,8 @@ impl Slot {
             Slot::Subscription => Refused::Subscriptions(max),
             Slot::Call => Refused::Calls(max),
             Slot::Bridged => Refused::Bridged(max),
+            Slot::HealthCheck => Refused::HealthChecks(max),
+            Slot::HealthWatch => Refused::HealthWatches(max),
         }
     }
 }
@@ -649,11 +846,22 @@ pub(crate) struct SlotGuard {
     clients: Arc<Clients>,
     client: Client,
     kind: Slot,
+    id: u64,
+    ended: CancellationToken,
+}
+
+impl SlotGuard {
+    /// Cancelled when the server took the slot back for a client below its
+    /// fair share: the call ends (RESOURCE_EXHAUSTED).
+    pub(crate) fn ended(&self) -> &CancellationToken {
+        &self.ended
+    }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.clients.release(self.client, Some(self.kind));
+        self.clients
+            .release(self.client, Some((self.kind, self.id)));
     }
 }
 
@@ -732,6 +940,59 @@ mod tests {
         assert_eq!(clients.counts(a), Some((1, 2, 0)));
         drop((_a2, _s2, _s5));
         assert_eq!(clients.counts(a), None, "an idle client leaves no entry");
+    }
+
+    #[test]
+    fn a_full_call_cap_serves_a_client_below_its_share_at_the_heaviest_cost() {
+        // 4 calls in all; up to 4 per client.
+        let clients = clients(2, 2, 4);
+        let (a, b) = (client("192.0.2.1"), client("192.0.2.2"));
+        let _conns = (clients.connect(a).unwrap(), clients.connect(b).unwrap());
+        let calls_of_a: Vec<SlotGuard> = (0..4).map(|_| clients.call(a).unwrap()).collect();
+        assert_eq!(clients.call(a).err(), Some(Refused::ClientCalls(a, 4)));
+        // B holds none: it is served, and A's newest call is ended.
+        let b1 = clients.call(b).unwrap();
+        let ended: Vec<bool> = calls_of_a
+            .iter()
+            .map(|c| c.ended().is_cancelled())
+            .collect();
+        assert_eq!(ended, vec![false, false, false, true]);
+        assert_eq!(clients.counts(a), Some((1, 0, 3)));
+        // B (1 of 4, two holders: below its share of 2) gets one more.
+        let b2 = clients.call(b).unwrap();
+        assert!(calls_of_a[2].ended().is_cancelled());
+        // Both hold their share: neither gets more.
+        assert_eq!(clients.call(b).err(), Some(Refused::Calls(4)));
+        assert_eq!(clients.call(a).err(), Some(Refused::Calls(4)));
+        assert!(!calls_of_a[1].ended().is_cancelled());
+        // Ended calls give nothing back twice when their guards go.
+        drop(calls_of_a);
+        assert_eq!(clients.counts(a), Some((1, 0, 0)));
+        assert_eq!(clients.counts(b), Some((1, 0, 2)));
+        let _a1 = clients.call(a).unwrap();
+        let _a2 = clients.call(a).unwrap();
+        assert_eq!(clients.call(a).err(), Some(Refused::Calls(4)));
+        drop((b1, b2));
+        assert_eq!(clients.counts(b), Some((1, 0, 0)));
+    }
+
+    #[test]
+    fn health_watches_have_their_own_pool() {
+        let clients = clients(2, 2, 64);
+        let a = client("192.0.2.1");
+        let _conn = clients.connect(a).unwrap();
+        let watches: Vec<SlotGuard> = (0..HEALTH_WATCHES_PER_CLIENT)
+            .map(|_| clients.health_watch(a).unwrap())
+            .collect();
+        assert_eq!(
+            clients.health_watch(a).err(),
+            Some(Refused::ClientHealthWatches(a, HEALTH_WATCHES_PER_CLIENT))
+        );
+        // Checks and the other services' calls are apart.
+        let _check = clients.health_check(a).unwrap();
+        let _bridged = clients.bridged(a).unwrap();
+        drop(watches);
+        let _watch = clients.health_watch(a).unwrap();
     }
 
     #[test]

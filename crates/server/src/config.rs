@@ -7,7 +7,7 @@ use cunicu_signal::PrivateKey;
 
 use crate::{
     auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
-    client::{BRIDGED_CALLS, ClientLimits, Rate},
+    client::{BRIDGED_CALLS, ClientLimits, HEALTH_CHECKS, HEALTH_WATCHES, Rate},
     relay::Relay,
 };
 
@@ -38,8 +38,9 @@ pub struct Config {
     /// Bytes held for all clients together: the above, and every request
     /// being read.
     pub max_queued_bytes: usize,
-    /// A subscriber that takes nothing for this long while envelopes wait
-    /// for it is cut off (UNAVAILABLE "subscriber too slow").
+    /// A subscriber whose connection took less than a quarter of the bytes
+    /// it owed over a span this long, during which envelopes waited for it,
+    /// is cut off (UNAVAILABLE "subscriber too slow").
     pub stall_timeout: Duration,
     /// Most client connections open at once; beyond it accepting waits.
     pub max_connections: usize,
@@ -60,6 +61,13 @@ pub struct Config {
     pub tls_handshake_rate: Rate,
     /// Deadline of a request's message once its stream opened.
     pub request_timeout: Duration,
+    /// Deadline of a request's first message bytes once its stream opened:
+    /// a call opened with headers alone ends then (DEADLINE_EXCEEDED), so
+    /// that it holds its slots for about a second, not the request timeout.
+    pub first_bytes_timeout: Duration,
+    /// A `grpc.health.v1.Health/Watch` stream ends (OK) after this long;
+    /// the watcher opens another.
+    pub health_watch_lifetime: Duration,
     /// A connection without a stream for this long is closed with GOAWAY.
     pub idle_timeout: Duration,
     /// Most subscription streams open at once.
@@ -155,6 +163,8 @@ impl Default for Config {
             max_tls_handshakes: 256,
             tls_handshake_rate: rate(500, 500),
             request_timeout: Duration::from_secs(10),
+            first_bytes_timeout: Duration::from_secs(1),
+            health_watch_lifetime: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(300),
             max_subscriptions: 100_000,
             max_subscriptions_per_client: 1_000,
@@ -262,6 +272,8 @@ impl Config {
             ("stall-timeout", self.stall_timeout),
             ("handshake-timeout", self.handshake_timeout),
             ("request-timeout", self.request_timeout),
+            ("first-bytes-timeout", self.first_bytes_timeout),
+            ("health-watch-lifetime", self.health_watch_lifetime),
             ("idle-timeout", self.idle_timeout),
             ("keepalive-interval", self.keepalive_interval),
             ("keepalive-timeout", self.keepalive_timeout),
@@ -341,7 +353,8 @@ impl Config {
             calls: self
                 .max_calls
                 .saturating_mul(CALL_BYTES)
-                .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES),
+                .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES)
+                .saturating_add((HEALTH_CHECKS + HEALTH_WATCHES) * HEALTH_CALL_BYTES),
             queued: self.max_queued_bytes,
             cluster: if self.cluster.is_some() {
                 // A NATS subscription and its task per key: at worst one
@@ -376,6 +389,11 @@ const CALL_BYTES: usize = 4 << 10;
 /// `bridge::MAX_REQUEST_BYTES`), tonic's encoded response waiting for the
 /// window, and what h2 buffers of it.
 const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
+
+/// What a health check or watch adds to its call: its request (at most
+/// `bridge::MAX_HEALTH_REQUEST_BYTES`), its answers (a few bytes each) and
+/// tonic's state of the call.
+const HEALTH_CALL_BYTES: usize = 1024 + 15 * 1024;
 
 /// The NATS client's own buffers (reading and writing), beyond what it was
 /// handed to publish.

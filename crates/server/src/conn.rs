@@ -10,11 +10,12 @@
 //! only fills its own queue.
 //!
 //! Limits (docs/PROTOCOL.md §10): the TLS handshake, the HTTP/2 preface and the first
-//! request must come within the handshake timeout; a request body within
-//! the request timeout; a connection without streams is closed (GOAWAY)
+//! request must come within the handshake timeout; a request's first bytes
+//! within the first-bytes timeout and its whole body within the request
+//! timeout ([`crate::deadlines`]); a connection without streams is closed (GOAWAY)
 //! after the idle timeout; one whose keepalive ping goes unanswered is
-//! dropped; a subscriber that takes nothing while envelopes wait for it is
-//! cut off after the stall timeout. Whatever way the connection ends, its
+//! dropped; a subscriber that drains too little of what waits for it over
+//! the stall timeout is cut off. Whatever way the connection ends, its
 //! subscriptions, their queues and their bytes go with it at once.
 
 use std::{
@@ -51,8 +52,9 @@ use tonic::{Status, service::Routes};
 
 use crate::{
     auth::Auth,
-    bridge,
-    client::{ClientState, Clients, ConnectionGuard, Refused, Reserved, SlotGuard},
+    bridge::{self, MAX_HEALTH_REQUEST_BYTES},
+    client::{Charged, ClientState, Clients, ConnectionGuard, Exhausted, Refused, SlotGuard},
+    deadlines::{Late, RequestDeadline, Verdict},
     hub::{Cut, Hub, Mailbox, Publisher, Subscription, Take},
     listener::Io,
     metrics::Metrics,
@@ -61,6 +63,10 @@ use crate::{
 
 /// The status message of streams ended and calls refused at shutdown.
 const SHUTTING_DOWN: &str = "server shutting down";
+/// The path of `grpc.health.v1.Health/Check`.
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+/// The path of `grpc.health.v1.Health/Watch`.
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 /// The request message of a Subscribe is a key: a few dozen bytes.
 const MAX_SUBSCRIBE_MESSAGE: usize = 1024;
 /// Loop turns before the task lets others run.
@@ -79,11 +85,13 @@ const REFUSED_BEFORE_CLOSE: u32 = 1024;
 pub(crate) struct Timeouts {
     /// TLS handshake, HTTP/2 preface and the first request.
     pub(crate) handshake: Duration,
-    /// A request's message, once its stream is open.
+    /// A request's first message bytes, once its stream is open.
+    pub(crate) first_bytes: Duration,
+    /// A request's whole message, once its stream is open.
     pub(crate) request: Duration,
     /// A connection without streams.
     pub(crate) idle: Duration,
-    /// A subscriber that takes nothing while envelopes wait.
+    /// The span over which a subscriber's drain rate is judged.
     pub(crate) stall: Duration,
     /// Interval of keepalive pings.
     pub(crate) keepalive_interval: Duration,
@@ -499,8 +507,17 @@ impl Connection {
                 ))
             }
             wire::PUBLISH => Box::pin(publish(shared, client, call, request, respond)),
-            _ => {
-                let bridged = match self.client.clients().bridged(self.client().client) {
+            path => {
+                let clients = self.client.clients();
+                let me = self.client().client;
+                // Health checks never wait behind the other services' calls,
+                // and watches, which last, have a small pool of their own.
+                let (taken, limit) = match path {
+                    HEALTH_CHECK => (clients.health_check(me), MAX_HEALTH_REQUEST_BYTES),
+                    HEALTH_WATCH => (clients.health_watch(me), MAX_HEALTH_REQUEST_BYTES),
+                    _ => (clients.bridged(me), bridge::MAX_REQUEST_BYTES),
+                };
+                let bridged = match taken {
                     Ok(bridged) => bridged,
                     Err(refused) => {
                         self.refuse(&refused, respond);
@@ -509,13 +526,19 @@ impl Connection {
                     }
                 };
                 Box::pin(async move {
-                    // Held until the answer is written, or thrown away.
-                    let _call = (call, bridged);
                     let answering = bridge::Answering {
                         client,
                         server: shared.hub.budget().clone(),
                         metrics: shared.metrics.clone(),
                         timeout: shared.timeouts.request,
+                        first_bytes: shared.timeouts.first_bytes,
+                    };
+                    // Either slot taken back ends the call.
+                    let ended = async {
+                        tokio::select! {
+                            () = call.ended().cancelled() => {}
+                            () = bridged.ended().cancelled() => {}
+                        }
                     };
                     bridge::serve(
                         shared.routes.clone(),
@@ -523,8 +546,12 @@ impl Connection {
                         respond,
                         &shared.response_headers,
                         &answering,
+                        limit,
+                        ended,
                     )
                     .await;
+                    // Held until the answer is written, or thrown away.
+                    drop((call, bridged));
                     Done::Finished
                 })
             }
@@ -601,6 +628,13 @@ impl Connection {
                 Cut::NotAllowed => (
                     "not_allowed",
                     Status::permission_denied("this key is no longer allowed here"),
+                ),
+                Cut::QueueFairShare => (
+                    "queue_fair_share",
+                    Status::resource_exhausted(
+                        "the server holds all the bytes it may, and this client held the most: \
+                         its newest subscription was ended for a client below its fair share",
+                    ),
                 ),
                 Cut::KeyFairShare => (
                     "key_fair_share",
@@ -693,22 +727,22 @@ impl Connection {
         ended
     }
 
-    /// Cuts off the subscribers that took nothing for the stall timeout.
+    /// Cuts off the subscribers that took too little of what waited for
+    /// them over the stall timeout (their drain rate, [`crate::deadlines`]).
     fn cut_stalled(&mut self, now: Instant) {
         let stall = self.shared.timeouts.stall;
-        let stalled: Vec<usize> = self
+        let stalled: Vec<(usize, usize, usize)> = self
             .subs
             .iter()
             .filter_map(|(slot, s)| match s {
-                Slot::Open { subscription, .. } => subscription
-                    .sub()
-                    .waiting_since()
-                    .is_some_and(|since| now.duration_since(since) >= stall)
-                    .then_some(slot),
+                Slot::Open { subscription, .. } => match subscription.sub().judge(now, stall) {
+                    Verdict::TooSlow { taken, owed } => Some((slot, taken, owed)),
+                    Verdict::Waiting | Verdict::KeptUp => None,
+                },
                 Slot::Pending => None,
             })
             .collect();
-        for slot in stalled {
+        for (slot, taken, owed) in stalled {
             let Some(Slot::Open {
                 mut send,
                 subscription,
@@ -722,7 +756,7 @@ impl Connection {
                 tracing::info!(
                     remote = %self.remote,
                     key = %Key::from(*subscription.sub().key()),
-                    "subscriber cut off: took nothing for {stall:?} while envelopes waited"
+                    "subscriber cut off: took {taken} of the {owed} bytes that waited for it over {stall:?}"
                 );
             }
             if subscription.sub().in_flight() == 0 {
@@ -834,21 +868,62 @@ fn over_budget(metrics: &Metrics) -> Status {
     Status::resource_exhausted("the server holds all the bytes it may")
 }
 
-/// Reads the one request message of a call, within the request timeout;
-/// counts what it refuses.
-async fn read_request<A>(
+/// The status for a request a byte budget has no room for, counted.
+fn budget_status(metrics: &Metrics, exhausted: Exhausted) -> Status {
+    match exhausted {
+        Exhausted::Server => over_budget(metrics),
+        Exhausted::Client => {
+            metrics.reject_for("client_budget");
+            Status::resource_exhausted("this client holds all the bytes it may")
+        }
+    }
+}
+
+/// The status of a call ended to give its slot to a client below its fair
+/// share, counted.
+pub(crate) fn fair_share_ended(metrics: &Metrics) -> Status {
+    metrics.end_call_for("fair_share");
+    Status::resource_exhausted(
+        "the server is at its limit of calls in progress, and this client held the most: \
+         its newest call was ended for a client below its fair share",
+    )
+}
+
+/// Reads the one request message of a call: its first bytes within the
+/// first-bytes timeout, the whole within the request timeout; each piece
+/// charged to the client and the server as it arrives (in `charged`).
+/// Ends early when `ended` is cancelled (the call's slot was taken back).
+/// Counts what it refuses.
+async fn read_request(
     shared: &Shared,
     recv: &mut RecvStream,
     what: &str,
     limit: usize,
-    admit: impl FnMut(usize) -> Result<A, Status>,
-) -> Result<(Bytes, A), Status> {
+    charged: &Charged,
+    ended: &CancellationToken,
+    admit: impl FnMut(usize) -> Result<(), Status>,
+) -> Result<Bytes, Status> {
     let metrics = &shared.metrics;
+    let timeouts = shared.timeouts;
+    let deadline = RequestDeadline::new(Instant::now(), timeouts.first_bytes, timeouts.request);
+    let charge = |n| charged.add(n).map_err(|e| budget_status(metrics, e));
+    let mut read = std::pin::pin!(wire::read_message(recv, limit, admit, charge));
     // Usually the message came with its headers: no timer for those.
-    let mut read = std::pin::pin!(wire::read_message(recv, limit, admit));
     let read = match futures::poll!(read.as_mut()) {
         Poll::Ready(read) => Ok(read),
-        Poll::Pending => tokio::time::timeout(shared.timeouts.request, read).await,
+        Poll::Pending => loop {
+            let due = deadline.due(charged.bytes() > 0);
+            tokio::select! {
+                biased;
+                read = read.as_mut() => break Ok(read),
+                _ = ended.cancelled() => return Err(fair_share_ended(metrics)),
+                _ = tokio::time::sleep_until(due) => {
+                    if let Some(late) = deadline.late(Instant::now(), charged.bytes() > 0) {
+                        break Err(late);
+                    }
+                }
+            }
+        },
     };
     match read {
         Ok(Ok(read)) => Ok(read),
@@ -863,11 +938,18 @@ async fn read_request<A>(
             metrics.reject_for("malformed");
             Err(e.into_status())
         }
-        Err(_) => {
+        Err(Late::FirstBytes) => {
+            metrics.end_call_for("first_bytes_timeout");
+            Err(Status::deadline_exceeded(format!(
+                "no request message bytes within {:?} of the headers",
+                timeouts.first_bytes
+            )))
+        }
+        Err(Late::Whole) => {
             metrics.reject_for("request_timeout");
             Err(Status::deadline_exceeded(format!(
                 "the request message did not arrive within {:?}",
-                shared.timeouts.request
+                timeouts.request
             )))
         }
     }
@@ -886,11 +968,17 @@ async fn subscribe(
     let result = async {
         wire::check_request(&request)?;
         let (parts, mut recv) = request.into_parts();
-        let (frame, _reserved) =
-            read_request(&shared, &mut recv, "request", MAX_SUBSCRIBE_MESSAGE, |n| {
-                Reserved::new(shared.hub.budget(), n).map_err(|_| over_budget(&shared.metrics))
-            })
-            .await?;
+        let charged = Charged::new(&client, shared.hub.budget());
+        let frame = read_request(
+            &shared,
+            &mut recv,
+            "request",
+            MAX_SUBSCRIBE_MESSAGE,
+            &charged,
+            call.ended(),
+            |_| Ok(()),
+        )
+        .await?;
         let params = SubscribeParams::decode(&frame[PREFIX_LEN..]).map_err(|e| {
             shared.metrics.reject_for("malformed");
             Status::internal(format!("SubscribeParams does not decode: {e}"))
@@ -952,11 +1040,14 @@ async fn publish(
     let result = async {
         wire::check_request(&request)?;
         let (parts, mut recv) = request.into_parts();
-        let (frame, reserved) = read_request(
+        let charged = Charged::new(&client, shared.hub.budget());
+        let frame = read_request(
             &shared,
             &mut recv,
             "envelope",
             shared.max_envelope_size,
+            &charged,
+            _call.ended(),
             |n| {
                 shared
                     .clients
@@ -967,8 +1058,7 @@ async fn publish(
                             tracing::info!("publish refused: {refused}");
                         }
                         refused.status()
-                    })?;
-                Reserved::new(shared.hub.budget(), n).map_err(|_| over_budget(metrics))
+                    })
             },
         )
         .await?;
@@ -999,7 +1089,7 @@ async fn publish(
                 );
                 // The envelope is in the queues now: the request's bytes are
                 // not held while the other replicas count.
-                drop((frame, reserved));
+                drop((frame, charged));
                 Some(local.queued + others.await)
             }
             Some(cluster) => {

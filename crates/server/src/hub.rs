@@ -41,6 +41,7 @@ use tokio::time::Instant;
 
 use crate::{
     client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
+    deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
 };
 
@@ -158,8 +159,8 @@ struct State {
     by_publisher: Vec<(Publisher, usize)>,
     /// Bytes handed to HTTP/2 and not yet written.
     in_flight: usize,
-    /// Since when envelopes have been waiting without any being taken.
-    waiting_since: Option<Instant>,
+    /// How fast the subscriber takes what waits for it.
+    drain: DrainMeter,
     /// The slot is posted to the mailbox or being drained.
     posted: bool,
     /// The subscription has ended: nothing more is queued.
@@ -175,6 +176,9 @@ pub(crate) enum Cut {
     NotAllowed,
     /// Its key was full and a client with less than its share of it came.
     KeyFairShare,
+    /// The server's byte budget was full, its client held the most of it,
+    /// and a subscriber of a client with less than its share needed room.
+    QueueFairShare,
 }
 
 impl State {
@@ -349,10 +353,10 @@ impl Sub {
             self.server.release(cost(&old));
             out.add(why);
         }
+        let backlog = state.queued + state.in_flight;
         state.push(frame.clone(), from);
         out.queued = 1;
-        if state.waiting_since.is_none() {
-            state.waiting_since = Some(Instant::now());
+        if state.drain.offered(Instant::now(), size, backlog) {
             self.mailbox.waiting.fetch_add(1, Relaxed);
         }
         if !state.posted && state.can_send() {
@@ -410,9 +414,8 @@ impl Sub {
         if state.closed {
             return;
         }
-        if state.pending() {
-            state.waiting_since = Some(Instant::now());
-        } else if state.waiting_since.take().is_some() {
+        state.drain.took(size);
+        if !state.pending() && state.drain.caught_up() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
         if !state.posted && state.can_send() {
@@ -438,9 +441,12 @@ impl Sub {
         self.mailbox.post(self.slot);
     }
 
-    /// Since when envelopes have waited with none taken, if they wait.
-    pub(crate) fn waiting_since(&self) -> Option<Instant> {
-        self.state.lock().waiting_since
+    /// Judges how fast the subscriber took what waited for it over the
+    /// last `cutoff` (see [`DrainMeter`]).
+    pub(crate) fn judge(&self, now: Instant, cutoff: std::time::Duration) -> Verdict {
+        let mut state = self.state.lock();
+        let backlog = state.queued + state.in_flight;
+        state.drain.judge(now, cutoff, backlog)
     }
 
     /// Bytes handed to HTTP/2 and not yet written.
@@ -459,7 +465,7 @@ impl Sub {
         let queued = std::mem::take(&mut state.queued);
         state.queue = VecDeque::new();
         state.by_publisher = Vec::new();
-        if state.waiting_since.take().is_some() {
+        if state.drain.caught_up() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
         drop(state);
@@ -510,6 +516,9 @@ type Shard = Mutex<HashMap<Topic, Vec<Arc<Sub>>>>;
 
 struct Inner {
     shards: Box<[Shard]>,
+    /// Each client's subscriptions, for taking the newest of the client
+    /// that holds the most of the server's budget.
+    by_client: Mutex<HashMap<Client, Vec<Arc<Sub>>>>,
     /// Picks a key's shard; seeded at random, so that nobody can choose keys
     /// that all land in one.
     hasher: std::hash::RandomState,
@@ -560,6 +569,7 @@ impl Hub {
         Hub {
             inner: Arc::new_cyclic(|weak| Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                by_client: Mutex::new(HashMap::new()),
                 hasher: std::hash::RandomState::new(),
                 limits,
                 max_per_key: max_per_key.max(1),
@@ -632,6 +642,12 @@ impl Hub {
             // there, finds it out of the list already.
             evicted.cut_for(Cut::KeyFairShare);
         }
+        inner
+            .by_client
+            .lock()
+            .entry(sub.client.client)
+            .or_default()
+            .push(sub.clone());
         let metrics = &inner.metrics;
         metrics.subscriptions.inc();
         if first {
@@ -662,7 +678,11 @@ impl Hub {
         };
         let mut offered = Offered::default();
         for sub in &subs {
-            offered.merge(sub.offer(frame, from));
+            let mut got = sub.offer(frame, from);
+            if got.queued == 0 && got.server_budget > 0 && self.make_room_for(sub, cost(frame)) {
+                got = sub.offer(frame, from);
+            }
+            offered.merge(got);
         }
         let metrics = &self.inner.metrics;
         if offered.queue_full + offered.client_budget + offered.server_budget > 0 {
@@ -674,6 +694,65 @@ impl Hub {
             subscriptions: subs.len(),
             queued: usize::try_from(offered.queued).unwrap_or(usize::MAX),
         }
+    }
+
+    /// The server's budget has no room for `size` more bytes for `sub`: if
+    /// its client holds less than its fair share of the budget (the limit
+    /// divided by the clients holding any, itself included), the client
+    /// holding the most loses its newest subscriptions that hold bytes
+    /// (ended with RESOURCE_EXHAUSTED, their queues freed at once) until
+    /// there is room, a few at most. Returns whether any went. O(clients
+    /// with subscriptions): only at a full budget.
+    fn make_room_for(&self, sub: &Sub, size: usize) -> bool {
+        const MOST: usize = 4;
+        let inner = &*self.inner;
+        let server = &inner.server;
+        let me = sub.client.client;
+        let mine = sub.client.budget.used();
+        let mut victims = Vec::new();
+        {
+            let by_client = inner.by_client.lock();
+            let mut holders = usize::from(mine == 0);
+            let mut heaviest: Option<(&Vec<Arc<Sub>>, usize)> = None;
+            for (client, subs) in by_client.iter() {
+                let Some(first) = subs.first() else { continue };
+                let used = first.client.budget.used();
+                if used == 0 {
+                    continue;
+                }
+                holders += 1;
+                if *client != me && heaviest.is_none_or(|(_, most)| used > most) {
+                    heaviest = Some((subs, used));
+                }
+            }
+            // mine + size <= limit / holders, without fractions.
+            let Some((subs, most)) = heaviest else {
+                return false;
+            };
+            if (mine + size).saturating_mul(holders) > server.limit() || most <= mine + size {
+                return false;
+            }
+            let mut newest: Vec<&Arc<Sub>> = subs.iter().collect();
+            newest.sort_unstable_by_key(|s| std::cmp::Reverse(s.seq));
+            let mut freed = 0;
+            for victim in newest {
+                if victims.len() >= MOST
+                    || server.used().saturating_sub(freed) + size <= server.limit()
+                {
+                    break;
+                }
+                let held = victim.state.lock().queued;
+                if held > 0 {
+                    freed += held;
+                    victims.push(victim.clone());
+                }
+            }
+        }
+        for victim in &victims {
+            victim.cut_for(Cut::QueueFairShare);
+            victim.close();
+        }
+        !victims.is_empty()
     }
 
     /// Ends every subscription of `keys` (their connection tasks send the
@@ -699,6 +778,15 @@ impl Hub {
     /// Takes `sub` out of its key's list; returns whether it was the last.
     fn remove(&self, sub: &Arc<Sub>) -> bool {
         let inner = &*self.inner;
+        {
+            let mut by_client = inner.by_client.lock();
+            if let Some(subs) = by_client.get_mut(&sub.client.client) {
+                subs.retain(|s| !Arc::ptr_eq(s, sub));
+                if subs.is_empty() {
+                    by_client.remove(&sub.client.client);
+                }
+            }
+        }
         let mut shard = inner.shard(&sub.key).lock();
         let index = sub.index.swap(NOT_LISTED, Relaxed);
         if index == NOT_LISTED {
@@ -1002,6 +1090,39 @@ mod tests {
         assert_eq!(b.sub().state.lock().queue[0].0[5], 11);
         assert_eq!(f.metrics.server_budget.get(), 2);
         drop((a, b));
+        assert_eq!(f.hub.budget().used(), 0);
+    }
+
+    #[test]
+    fn a_full_server_budget_makes_room_for_a_client_below_its_share() {
+        let size = cost(&frame(0, 1000));
+        let mut f = fixture(100, 1 << 20, 100 * size, 10 * size);
+        let mailbox = Arc::new(Mailbox::default());
+        // A fills the server's budget through two subscriptions.
+        let a1 = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        let a2 = f.subscribe(2, "192.0.2.1", &mailbox, 1);
+        for n in 0..5 {
+            f.hub.publish(&[1; 32], &frame(n, 1000));
+            f.hub.publish(&[2; 32], &frame(n, 1000));
+        }
+        assert_eq!(f.hub.budget().used(), 10 * size);
+        // B holds nothing: its envelope gets room, at the cost of A's newest.
+        let b = f.subscribe(3, "192.0.2.2", &mailbox, 2);
+        let fanout = f.hub.publish(&[3; 32], &frame(9, 1000));
+        assert_eq!((fanout.subscriptions, fanout.queued), (1, 1));
+        assert_eq!(a2.sub().cut(), Some(Cut::QueueFairShare));
+        assert_eq!(a1.sub().cut(), None);
+        assert_eq!(f.hub.budget().used(), 6 * size);
+        // B within its share (5 of 10 with two holders) gets more; at its
+        // share, it loses its own oldest instead.
+        for n in 10..14 {
+            f.hub.publish(&[3; 32], &frame(n, 1000));
+        }
+        assert_eq!(b.sub().state.lock().queue.len(), 5);
+        f.hub.publish(&[3; 32], &frame(20, 1000));
+        assert_eq!(a1.sub().cut(), None, "A is at its share");
+        assert_eq!(b.sub().state.lock().queue.len(), 5);
+        drop((a1, a2, b));
         assert_eq!(f.hub.budget().used(), 0);
     }
 

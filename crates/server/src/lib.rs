@@ -31,6 +31,7 @@ mod client;
 pub mod cluster;
 mod config;
 mod conn;
+mod deadlines;
 mod drain;
 mod health;
 mod hub;
@@ -289,9 +290,13 @@ impl Server {
         .max_decoding_message_size(bridge::MAX_REQUEST_BYTES);
         let health = tonic_health::server::HealthReporter::new();
         let health_stopped = CancellationToken::new();
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            health::StoppingHealth::new(health.clone(), health_stopped.clone()),
-        );
+        let health_service =
+            tonic_health::pb::health_server::HealthServer::new(health::StoppingHealth::new(
+                health.clone(),
+                health_stopped.clone(),
+                config.health_watch_lifetime,
+                metrics.clone(),
+            ));
         set_health(&health, tonic_health::ServingStatus::Serving).await;
         // A replica reports whether NATS is there, and keeps serving either way.
         if let Some(cluster) = &cluster {
@@ -356,6 +361,7 @@ impl Server {
             routes,
             timeouts: conn::Timeouts {
                 handshake: config.handshake_timeout,
+                first_bytes: config.first_bytes_timeout,
                 request: config.request_timeout,
                 idle: config.idle_timeout,
                 stall: config.stall_timeout,

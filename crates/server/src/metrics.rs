@@ -69,8 +69,14 @@ pub struct Metrics {
     /// `not_allowed`, `cache_full`).
     pub auth: Family<AuthResult, Counter>,
     /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
-    /// `key_fair_share`).
+    /// `key_fair_share`, `queue_fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
+    /// Calls the server ended before they were done, by reason
+    /// (`first_bytes_timeout`: no request bytes within the first-bytes
+    /// timeout; `fair_share`: the server was at a cap of calls and the
+    /// client holding the most lost its newest; `health_watch_lifetime`: a
+    /// health watch stream reached its end).
+    pub calls_ended: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
     /// `connection_rate`, `tls_handshake_rate`).
     pub connections_refused: Family<Reason, Counter>,
@@ -134,7 +140,8 @@ const REJECT_REASONS: &[&str] = &[
     "publish_rate",
     "publish_bytes_rate",
 ];
-const CUT_REASONS: &[&str] = &["stalled", "not_allowed"];
+const CUT_REASONS: &[&str] = &["stalled", "not_allowed", "queue_fair_share"];
+const CALL_END_REASONS: &[&str] = &["first_bytes_timeout", "fair_share", "health_watch_lifetime"];
 const CONNECTION_REFUSED_REASONS: &[&str] = &["too_many_client_connections", "connection_rate"];
 const CONNECTION_CLOSED_REASONS: &[&str] = &[
     "handshake_timeout",
@@ -190,6 +197,7 @@ impl Metrics {
         let dropped = Family::<Reason, Counter>::default();
         let rejected = Family::<Reason, Counter>::default();
         let subscribers_cut = Family::<Reason, Counter>::default();
+        let calls_ended = Family::<Reason, Counter>::default();
         let auth = Family::<AuthResult, Counter>::default();
         let connections_refused = Family::<Reason, Counter>::default();
         let connections_closed = Family::<Reason, Counter>::default();
@@ -261,9 +269,16 @@ impl Metrics {
         );
         registry.register(
             "signaling_subscribers_cut",
-            "Subscription streams the server ended: stalled (took nothing while envelopes \
-             waited), not_allowed (its key left the allowed keys)",
+            "Subscription streams the server ended: stalled (took too little of what waited \
+             for it over the stall timeout), not_allowed (its key left the allowed keys), \
+             key_fair_share, queue_fair_share (its client held the most of a full cap)",
             subscribers_cut.clone(),
+        );
+        registry.register(
+            "signaling_calls_ended",
+            "Calls the server ended before they were done: first_bytes_timeout, fair_share, \
+             health_watch_lifetime",
+            calls_ended.clone(),
         );
         registry.register(
             "signaling_auth",
@@ -334,6 +349,7 @@ impl Metrics {
         for (family, reasons) in [
             (&rejected, REJECT_REASONS),
             (&subscribers_cut, CUT_REASONS),
+            (&calls_ended, CALL_END_REASONS),
             (&connections_refused, CONNECTION_REFUSED_REASONS),
             (&connections_closed, CONNECTION_CLOSED_REASONS),
             (&cluster_dropped, CLUSTER_DROP_REASONS),
@@ -357,6 +373,7 @@ impl Metrics {
             rejected,
             auth,
             subscribers_cut,
+            calls_ended,
             connections_refused,
             connections_closed,
             connections,
@@ -394,6 +411,11 @@ impl Metrics {
     /// Counts a subscription stream the server ended.
     pub fn cut_for(&self, reason: &'static str) {
         self.subscribers_cut.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a call the server ended before it was done.
+    pub fn end_call_for(&self, reason: &'static str) {
+        self.calls_ended.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts a connection refused at accept.
@@ -622,6 +644,7 @@ mod tests {
                 REJECT_REASONS,
             ),
             ("signaling_subscribers_cut_total", "reason", CUT_REASONS),
+            ("signaling_calls_ended_total", "reason", CALL_END_REASONS),
             (
                 "signaling_connections_refused_total",
                 "reason",

@@ -129,22 +129,24 @@ impl ReadError {
 /// Reads one length-prefixed message of at most `limit` bytes from `recv`,
 /// releasing HTTP/2 flow control as it goes. `admit` is called with the
 /// frame's length once the prefix is known, before the rest is read: it may
-/// refuse (a rate or a budget). Returns the whole frame (prefix included),
-/// as received, and what `admit` gave.
-pub(crate) async fn read_message<A>(
+/// refuse (a rate). `charge` is called with the length of each piece as it
+/// arrives, before it is kept: it may refuse (a budget). Returns the whole
+/// frame (prefix included), as received.
+pub(crate) async fn read_message(
     recv: &mut RecvStream,
     limit: usize,
-    mut admit: impl FnMut(usize) -> Result<A, Status>,
-) -> Result<(Bytes, A), ReadError> {
+    mut admit: impl FnMut(usize) -> Result<(), Status>,
+    mut charge: impl FnMut(usize) -> Result<(), Status>,
+) -> Result<Bytes, ReadError> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut have = 0usize;
-    let mut admitted: Option<(usize, A)> = None;
+    let mut admitted: Option<usize> = None;
     // Read to the end of the request stream, not just to the end of the
     // message: answering a half-open stream makes h2 reset it, and the
     // client's END_STREAM that crosses the reset then counts as a protocol
     // error against the connection (h2 closes a connection with 1 024 of
     // them: GOAWAY ENHANCE_YOUR_CALM), so a busy publisher would lose its
-    // connection. The caller's request timeout bounds the wait.
+    // connection. The caller's deadlines bound the wait.
     loop {
         let chunk = match poll_fn(|cx| recv.poll_data(cx)).await {
             Some(Ok(chunk)) => chunk,
@@ -157,11 +159,15 @@ pub(crate) async fn read_message<A>(
             continue;
         }
         have += chunk.len();
-        if let Some((want, _)) = &admitted
-            && have > *want
+        if let Some(want) = admitted
+            && have > want
         {
             return Err(ReadError::Extra);
         }
+        if have > PREFIX_LEN + limit {
+            return Err(ReadError::Oversize { len: have, limit });
+        }
+        charge(chunk.len()).map_err(ReadError::Admit)?;
         chunks.push(chunk);
         if admitted.is_none() && have >= PREFIX_LEN {
             let mut prefix = [0u8; PREFIX_LEN];
@@ -174,10 +180,14 @@ pub(crate) async fn read_message<A>(
                 return Err(ReadError::Oversize { len, limit });
             }
             let frame = PREFIX_LEN + len;
-            admitted = Some((frame, admit(frame).map_err(ReadError::Admit)?));
+            admit(frame).map_err(ReadError::Admit)?;
+            if have > frame {
+                return Err(ReadError::Extra);
+            }
+            admitted = Some(frame);
         }
     }
-    let Some((want, admitted)) = admitted else {
+    let Some(want) = admitted else {
         return Err(ReadError::Incomplete);
     };
     if have < want {
@@ -196,7 +206,7 @@ pub(crate) async fn read_message<A>(
             all.freeze()
         }
     };
-    Ok((frame, admitted))
+    Ok(frame)
 }
 
 fn copy_prefix(chunks: &[Bytes], out: &mut [u8; PREFIX_LEN]) {

@@ -1,0 +1,312 @@
+//! When a call has waited too long for its request, and when a subscriber
+//! takes too little of what it is offered: the judgements alone, without
+//! I/O and without reading a clock. The connection task ([`crate::conn`])
+//! and the hub ([`crate::hub`]) feed them the time and the bytes, and act
+//! on what they answer.
+//!
+//! - A call's request: its first message bytes must come within the
+//!   first-bytes timeout of its headers (a second by default), and the whole
+//!   message within the request timeout. A stream opened with headers alone
+//!   holds its slots for a second, not for the request timeout.
+//! - A subscriber is judged by its drain rate: over each stall cut-off
+//!   during which envelopes waited for it, the bytes its connection took
+//!   are set against the bytes it owed (what waited at the start of that
+//!   span and what was queued during it). One that took less than
+//!   1/[`SLOW`] of what it owed is too slow. Opening a window of a few bytes
+//!   now and then does not keep a backlog: what a subscriber can hold is
+//!   bounded by what it drains.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A subscriber that took less than 1/`SLOW` of what it owed over a stall
+/// cut-off is too slow: one that keeps up takes about all, one whose link
+/// is a few times slower than its feed still takes a good part.
+pub(crate) const SLOW: usize = 4;
+
+/// Which deadline of a request passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Late {
+    /// No message bytes came within the first-bytes timeout.
+    FirstBytes,
+    /// The message was not whole within the request timeout.
+    Whole,
+}
+
+/// The deadlines of one call's request message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestDeadline {
+    opened: Instant,
+    first_bytes: Duration,
+    whole: Duration,
+}
+
+impl RequestDeadline {
+    /// A call whose headers came at `opened`.
+    pub(crate) fn new(opened: Instant, first_bytes: Duration, whole: Duration) -> Self {
+        RequestDeadline {
+            opened,
+            first_bytes: first_bytes.min(whole),
+            whole,
+        }
+    }
+
+    /// When the next deadline passes, given whether message bytes came.
+    pub(crate) fn due(&self, got_bytes: bool) -> Instant {
+        if got_bytes {
+            self.opened + self.whole
+        } else {
+            self.opened + self.first_bytes
+        }
+    }
+
+    /// Which deadline has passed at `now`, if one has.
+    pub(crate) fn late(&self, now: Instant, got_bytes: bool) -> Option<Late> {
+        if now >= self.opened + self.whole {
+            Some(Late::Whole)
+        } else if !got_bytes && now >= self.opened + self.first_bytes {
+            Some(Late::FirstBytes)
+        } else {
+            None
+        }
+    }
+}
+
+/// One span of a stall cut-off during which envelopes waited.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    since: Instant,
+    /// Bytes waiting when the span began.
+    backlog: usize,
+    /// Bytes queued during the span.
+    offered: usize,
+    /// Bytes taken (written to the connection) during the span.
+    taken: usize,
+}
+
+/// What [`DrainMeter::judge`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing waits, or the span is not over yet.
+    Waiting,
+    /// The span that ended kept up; a new one begins.
+    KeptUp,
+    /// Too slow: it took `taken` of the `owed` bytes.
+    TooSlow { taken: usize, owed: usize },
+}
+
+/// How fast a subscriber takes what it is offered.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DrainMeter {
+    span: Option<Span>,
+}
+
+impl DrainMeter {
+    /// `bytes` were queued at `now`, with `backlog` bytes waiting before
+    /// them. Returns whether envelopes wait from now on (they did not).
+    pub(crate) fn offered(&mut self, now: Instant, bytes: usize, backlog: usize) -> bool {
+        match &mut self.span {
+            Some(span) => {
+                span.offered = span.offered.saturating_add(bytes);
+                false
+            }
+            None => {
+                self.span = Some(Span {
+                    since: now,
+                    backlog,
+                    offered: bytes,
+                    taken: 0,
+                });
+                true
+            }
+        }
+    }
+
+    /// `bytes` were taken (written to the subscriber's connection).
+    pub(crate) fn took(&mut self, bytes: usize) {
+        if let Some(span) = &mut self.span {
+            span.taken = span.taken.saturating_add(bytes);
+        }
+    }
+
+    /// Nothing waits any more. Returns whether something waited.
+    pub(crate) fn caught_up(&mut self) -> bool {
+        self.span.take().is_some()
+    }
+
+    /// Since when envelopes have waited without the subscriber catching up.
+    #[cfg(test)]
+    pub(crate) fn waiting_since(&self) -> Option<Instant> {
+        self.span.map(|span| span.since)
+    }
+
+    /// Judges the span that began a `cutoff` or more before `now`, with
+    /// `backlog` bytes waiting now; a subscriber that kept up starts a new
+    /// span with that backlog.
+    pub(crate) fn judge(&mut self, now: Instant, cutoff: Duration, backlog: usize) -> Verdict {
+        let Some(span) = &mut self.span else {
+            return Verdict::Waiting;
+        };
+        if now.saturating_duration_since(span.since) < cutoff {
+            return Verdict::Waiting;
+        }
+        let owed = span.backlog.saturating_add(span.offered);
+        if span.taken.saturating_mul(SLOW) < owed {
+            return Verdict::TooSlow {
+                taken: span.taken,
+                owed,
+            };
+        }
+        *span = Span {
+            since: now,
+            backlog,
+            offered: 0,
+            taken: 0,
+        };
+        Verdict::KeptUp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn headers_alone_hold_a_call_for_the_first_bytes_timeout_only() {
+        let t0 = Instant::now();
+        let deadline = RequestDeadline::new(t0, SECOND, 10 * SECOND);
+        assert_eq!(deadline.due(false), t0 + SECOND);
+        assert_eq!(deadline.late(t0 + SECOND / 2, false), None);
+        assert_eq!(deadline.late(t0 + SECOND, false), Some(Late::FirstBytes));
+        // Bytes came: the whole message has the request timeout.
+        assert_eq!(deadline.due(true), t0 + 10 * SECOND);
+        assert_eq!(deadline.late(t0 + 9 * SECOND, true), None);
+        assert_eq!(deadline.late(t0 + 10 * SECOND, true), Some(Late::Whole));
+        assert_eq!(deadline.late(t0 + 10 * SECOND, false), Some(Late::Whole));
+        // A first-bytes timeout longer than the request's is the request's.
+        let short = RequestDeadline::new(t0, 20 * SECOND, 10 * SECOND);
+        assert_eq!(short.due(false), t0 + 10 * SECOND);
+    }
+
+    #[test]
+    fn a_subscriber_that_takes_nothing_is_too_slow_after_the_cutoff() {
+        let t0 = Instant::now();
+        let cutoff = 30 * SECOND;
+        let mut meter = DrainMeter::default();
+        assert_eq!(meter.judge(t0, cutoff, 0), Verdict::Waiting);
+        assert!(meter.offered(t0, 100, 0), "waiting starts");
+        assert!(!meter.offered(t0 + SECOND, 100, 100));
+        assert_eq!(meter.waiting_since(), Some(t0));
+        assert_eq!(meter.judge(t0 + 29 * SECOND, cutoff, 200), Verdict::Waiting);
+        assert_eq!(
+            meter.judge(t0 + cutoff, cutoff, 200),
+            Verdict::TooSlow {
+                taken: 0,
+                owed: 200
+            }
+        );
+    }
+
+    #[test]
+    fn a_trickle_of_window_does_not_keep_a_backlog() {
+        // The feed queues 1 000 bytes a second; the subscriber opens a
+        // window of 121 bytes every 10 s, so that one envelope goes.
+        let t0 = Instant::now();
+        let cutoff = 30 * SECOND;
+        let mut meter = DrainMeter::default();
+        let mut backlog = 0;
+        let mut verdict = Verdict::Waiting;
+        for s in 0..=30u32 {
+            let now = t0 + s * SECOND;
+            meter.offered(now, 1000, backlog);
+            backlog += 1000;
+            if s % 10 == 9 {
+                meter.took(121);
+                backlog -= 121;
+            }
+            verdict = meter.judge(now, cutoff, backlog);
+        }
+        assert_eq!(
+            verdict,
+            Verdict::TooSlow {
+                taken: 363,
+                owed: 31_000
+            }
+        );
+    }
+
+    #[test]
+    fn a_subscriber_that_keeps_up_with_a_steady_feed_stays() {
+        let t0 = Instant::now();
+        let cutoff = 30 * SECOND;
+        let mut meter = DrainMeter::default();
+        // 100 envelopes of 1 000 bytes a second; one always waits (the
+        // window is a little behind), the rest is taken.
+        meter.offered(t0, 1000, 0);
+        let mut verdicts = Vec::new();
+        for s in 1..=95u32 {
+            let now = t0 + s * SECOND;
+            meter.offered(now, 100_000, 1000);
+            meter.took(100_000);
+            let verdict = meter.judge(now, cutoff, 1000);
+            if verdict != Verdict::Waiting {
+                verdicts.push((s, verdict));
+            }
+        }
+        assert_eq!(
+            verdicts,
+            vec![
+                (30, Verdict::KeptUp),
+                (60, Verdict::KeptUp),
+                (90, Verdict::KeptUp)
+            ]
+        );
+        assert_eq!(meter.waiting_since(), Some(t0 + 90 * SECOND));
+    }
+
+    #[test]
+    fn a_link_a_few_times_slower_than_its_feed_stays_and_a_much_slower_one_goes() {
+        let cutoff = 30 * SECOND;
+        let run = |takes_per_second: usize| {
+            let t0 = Instant::now();
+            let mut meter = DrainMeter::default();
+            let mut backlog = 0usize;
+            for s in 0..=30u32 {
+                let now = t0 + s * SECOND;
+                meter.offered(now, 10_000, backlog);
+                backlog += 10_000;
+                let took = takes_per_second.min(backlog);
+                meter.took(took);
+                backlog -= took;
+                let verdict = meter.judge(now, cutoff, backlog);
+                if verdict != Verdict::Waiting {
+                    return verdict;
+                }
+            }
+            Verdict::Waiting
+        };
+        assert_eq!(run(3_000), Verdict::KeptUp, "takes 30 % of its feed");
+        assert!(
+            matches!(run(2_000), Verdict::TooSlow { .. }),
+            "takes 20 % of its feed"
+        );
+    }
+
+    #[test]
+    fn catching_up_ends_the_span() {
+        let t0 = Instant::now();
+        let cutoff = 30 * SECOND;
+        let mut meter = DrainMeter::default();
+        meter.offered(t0, 100, 0);
+        meter.took(100);
+        assert!(meter.caught_up());
+        assert!(!meter.caught_up());
+        assert_eq!(meter.waiting_since(), None);
+        // A backlog that comes later is judged from then.
+        assert!(meter.offered(t0 + 40 * SECOND, 100, 0));
+        assert_eq!(meter.judge(t0 + 41 * SECOND, cutoff, 100), Verdict::Waiting);
+    }
+}
