@@ -25,7 +25,7 @@
 //! RESOURCE_EXHAUSTED); others are refused.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     hash::BuildHasher,
     sync::{
         Arc,
@@ -516,9 +516,10 @@ type Shard = Mutex<HashMap<Topic, Vec<Arc<Sub>>>>;
 
 struct Inner {
     shards: Box<[Shard]>,
-    /// Each client's subscriptions, for taking the newest of the client
-    /// that holds the most of the server's budget.
-    by_client: Mutex<HashMap<Client, Vec<Arc<Sub>>>>,
+    /// Each client's subscriptions by their sequence number, for taking the
+    /// newest of the client that holds the most of the server's budget (a
+    /// client may hold many: taking one out must not cost a walk of all).
+    by_client: Mutex<HashMap<Client, BTreeMap<u64, Arc<Sub>>>>,
     /// Picks a key's shard; seeded at random, so that nobody can choose keys
     /// that all land in one.
     hasher: std::hash::RandomState,
@@ -647,7 +648,7 @@ impl Hub {
             .lock()
             .entry(sub.client.client)
             .or_default()
-            .push(sub.clone());
+            .insert(sub.seq, sub.clone());
         let metrics = &inner.metrics;
         metrics.subscriptions.inc();
         if first {
@@ -713,9 +714,11 @@ impl Hub {
         {
             let by_client = inner.by_client.lock();
             let mut holders = usize::from(mine == 0);
-            let mut heaviest: Option<(&Vec<Arc<Sub>>, usize)> = None;
+            let mut heaviest: Option<(&BTreeMap<u64, Arc<Sub>>, usize)> = None;
             for (client, subs) in by_client.iter() {
-                let Some(first) = subs.first() else { continue };
+                let Some(first) = subs.values().next() else {
+                    continue;
+                };
                 let used = first.client.budget.used();
                 if used == 0 {
                     continue;
@@ -732,10 +735,8 @@ impl Hub {
             if (mine + size).saturating_mul(holders) > server.limit() || most <= mine + size {
                 return false;
             }
-            let mut newest: Vec<&Arc<Sub>> = subs.iter().collect();
-            newest.sort_unstable_by_key(|s| std::cmp::Reverse(s.seq));
             let mut freed = 0;
-            for victim in newest {
+            for victim in subs.values().rev() {
                 if victims.len() >= MOST
                     || server.used().saturating_sub(freed) + size <= server.limit()
                 {
@@ -781,7 +782,7 @@ impl Hub {
         {
             let mut by_client = inner.by_client.lock();
             if let Some(subs) = by_client.get_mut(&sub.client.client) {
-                subs.retain(|s| !Arc::ptr_eq(s, sub));
+                subs.remove(&sub.seq);
                 if subs.is_empty() {
                     by_client.remove(&sub.client.client);
                 }
