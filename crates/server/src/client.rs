@@ -440,6 +440,11 @@ pub(crate) struct Clients {
     health_watches: AtomicUsize,
     /// Numbers the slots that a fair share can take back.
     next_held: std::sync::atomic::AtomicU64,
+    /// The end signal of the slots no fair share takes back here
+    /// (subscriptions): one, never cancelled, shared, since a subscription
+    /// holds its slot as long as it lives and a token each would cost
+    /// memory per subscription for nothing.
+    never_ended: CancellationToken,
     /// When rate-limiter entries were last forgotten, in ms since `created`.
     forgotten_at: std::sync::atomic::AtomicU64,
     created: std::time::Instant,
@@ -470,6 +475,7 @@ impl Clients {
             health_checks: AtomicUsize::new(0),
             health_watches: AtomicUsize::new(0),
             next_held: std::sync::atomic::AtomicU64::new(0),
+            never_ended: CancellationToken::new(),
             forgotten_at: std::sync::atomic::AtomicU64::new(0),
             created: std::time::Instant::now(),
             connection_rate: RateLimiter::keyed(limits.connection_rate.quota()),
@@ -590,14 +596,17 @@ impl Clients {
         };
         *entry.count(slot) += 1;
         let id = self.next_held.fetch_add(1, Relaxed);
-        let ended = CancellationToken::new();
-        if slot != Slot::Subscription {
+        let ended = if slot == Slot::Subscription {
+            self.never_ended.clone()
+        } else {
+            let ended = CancellationToken::new();
             entry.held.push(Held {
                 id,
                 kind: slot,
                 ended: ended.clone(),
             });
-        }
+            ended
+        };
         Ok(SlotGuard {
             clients: self.clone(),
             client,
