@@ -29,7 +29,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use bytes::{Buf, Bytes, BytesMut};
-use cunicu_signal::proto::signaling::{EncryptedMessage, Envelope, SubscribeParams};
+use cunicu_signal::proto::{
+    method::{PUBLISH, SUBSCRIBE},
+    signaling::{EncryptedMessage, Envelope, SubscribeParams},
+};
 use futures::{StreamExt, stream::FuturesUnordered};
 use h2::{RecvStream, client::SendRequest};
 use hdrhistogram::Histogram;
@@ -37,8 +40,6 @@ use parking_lot::Mutex;
 use prost::Message;
 use tokio::{net::TcpSocket, sync::Semaphore};
 
-const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
-const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
 /// Connections per local address: well below one address's ephemeral ports.
 const CONNECTIONS_PER_ADDRESS: usize = 10_000;
 

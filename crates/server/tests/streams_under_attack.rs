@@ -12,8 +12,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use cunicu_signal::proto::signaling::{
-    EncryptedMessage, Envelope, GetRelaysParams, SubscribeParams,
+use cunicu_signal::proto::{
+    method::{GET_RELAYS, PUBLISH, SUBSCRIBE},
+    signaling::{EncryptedMessage, Envelope, GetRelaysParams, SubscribeParams},
 };
 use cunicu_signal_server::{Config, Server};
 use fixture::{H2, STEP, ipv6_in, loopback, message, p99, route_on_lo, start, unlimited};
@@ -21,9 +22,6 @@ use futures::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
 use tokio::{task::JoinSet, time::timeout};
 use tonic_health::pb::HealthCheckRequest;
 
-const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
-const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
-const GET_RELAYS: &str = "/cunicu.signaling.RelayRegistry/GetRelays";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
