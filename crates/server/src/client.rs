@@ -220,6 +220,11 @@ impl Charged {
         Ok(())
     }
 
+    /// The client charged.
+    pub(crate) fn client(&self) -> &ClientState {
+        &self.client
+    }
+
     /// Bytes charged so far.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes.load(Relaxed)

@@ -906,7 +906,19 @@ async fn read_request(
     let metrics = &shared.metrics;
     let timeouts = shared.timeouts;
     let deadline = RequestDeadline::new(Instant::now(), timeouts.first_bytes, timeouts.request);
-    let charge = |n| charged.add(n).map_err(|e| budget_status(metrics, e));
+    let charge = |n| {
+        charged
+            .add(n)
+            .or_else(|full| match full {
+                // The server's budget is full: a client below its fair share
+                // of it gets room, as its subscribers' envelopes do.
+                Exhausted::Server if shared.hub.make_room_for(charged.client(), n) => {
+                    charged.add(n)
+                }
+                full => Err(full),
+            })
+            .map_err(|e| budget_status(metrics, e))
+    };
     let mut read = std::pin::pin!(wire::read_message(recv, limit, admit, charge));
     // Usually the message came with its headers: no timer for those.
     let read = match futures::poll!(read.as_mut()) {

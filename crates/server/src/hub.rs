@@ -680,7 +680,10 @@ impl Hub {
         let mut offered = Offered::default();
         for sub in &subs {
             let mut got = sub.offer(frame, from);
-            if got.queued == 0 && got.server_budget > 0 && self.make_room_for(sub, cost(frame)) {
+            if got.queued == 0
+                && got.server_budget > 0
+                && self.make_room_for(&sub.client, cost(frame))
+            {
                 got = sub.offer(frame, from);
             }
             offered.merge(got);
@@ -697,19 +700,20 @@ impl Hub {
         }
     }
 
-    /// The server's budget has no room for `size` more bytes for `sub`: if
-    /// its client holds less than its fair share of the budget (the limit
+    /// The server's budget has no room for `size` more bytes of `client`
+    /// (an envelope for one of its subscribers, or a request it sends): if
+    /// it holds less than its fair share of the budget (the limit
     /// divided by the clients holding any, itself included), the client
     /// holding the most loses its newest subscriptions that hold bytes
     /// (ended with RESOURCE_EXHAUSTED, their queues freed at once) until
     /// there is room, a few at most. Returns whether any went. O(clients
     /// with subscriptions): only at a full budget.
-    fn make_room_for(&self, sub: &Sub, size: usize) -> bool {
+    pub(crate) fn make_room_for(&self, client: &ClientState, size: usize) -> bool {
         const MOST: usize = 4;
         let inner = &*self.inner;
         let server = &inner.server;
-        let me = sub.client.client;
-        let mine = sub.client.budget.used();
+        let me = client.client;
+        let mine = client.budget.used();
         let mut victims = Vec::new();
         {
             let by_client = inner.by_client.lock();

@@ -382,3 +382,91 @@ async fn subscribers_that_open_a_trickle_of_window_cannot_hold_the_queue_budget(
     assert!(cut >= 18.0 * 8.0, "{cut} of 144 cut off");
     server.shutdown(STEP).await.expect("stops");
 }
+
+/// A value of the server's metrics, 0 if it has none yet.
+fn metric(server: &Server, name: &str) -> f64 {
+    let text = server.metrics().encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_take_nothing_from_many_addresses_leave_room_for_a_newcomer() {
+    // 64 MiB in all and 4 MiB per client, scaled: 512 KiB and 80 000 bytes,
+    // with a cut-off longer than the test, so that only the fair share can
+    // make room. 18 addresses × 8 subscriptions that never open their
+    // window fill the server's budget, each client within its own.
+    let mut config = config();
+    config.client_queued_bytes = 80_000;
+    config.max_queued_bytes = 512 << 10;
+    config.stall_timeout = Duration::from_secs(600);
+    let server = start(config, loopback(1)).await;
+    let (filled, mut done) = tokio::sync::mpsc::channel::<()>(18);
+    let mut attackers = JoinSet::new();
+    for n in 80..98u8 {
+        let addr = server.local_addr();
+        let filled = filled.clone();
+        attackers.spawn(async move {
+            let from = loopback(n);
+            let mut subscriber = H2::connect(addr, from, 300).await;
+            let mut publisher = H2::connect(addr, from, 65_535).await;
+            let keys: Vec<[u8; 32]> = (0..8).map(|i| key(u32::from(n) * 100 + i)).collect();
+            let mut streams = Vec::new();
+            for key in &keys {
+                let params = message(&SubscribeParams { key: key.to_vec() });
+                streams.push(
+                    subscriber
+                        .call(SUBSCRIBE, params)
+                        .await
+                        .expect("subscribed"),
+                );
+            }
+            // More than the client's budget: the rest is refused to it.
+            for _ in 0..12 {
+                for key in &keys {
+                    let _ = publisher
+                        .unary(PUBLISH, message(&envelope_of(*key, 1000)))
+                        .await;
+                }
+            }
+            let _ = filled.send(()).await;
+            // Held, never read, until the test ends.
+            std::future::pending::<()>().await;
+            drop((streams, subscriber, publisher));
+        });
+    }
+    drop(filled);
+    for _ in 0..18 {
+        timeout(STEP, done.recv()).await.expect("attackers publish");
+    }
+    let held = metric(&server, "signaling_queued_bytes");
+    assert!(
+        held > f64::from(512u32 << 10) - 8_000.0,
+        "the attackers hold the server's budget: {held} bytes"
+    );
+    // The newcomer's envelopes (8 KB; its request and its subscriber's
+    // queue hold one each, within its share of 1/19) fit only where the
+    // attackers' were.
+    let report = well_behaved_with(&server, loopback(2), 20, 8_000).await;
+    let cut = metric(
+        &server,
+        "signaling_subscribers_cut_total{reason=\"queue_fair_share\"}",
+    );
+    let stalled = metric(
+        &server,
+        "signaling_subscribers_cut_total{reason=\"stalled\"}",
+    );
+    attackers.shutdown().await;
+    report.assert_served(20);
+    assert!(
+        cut >= 1.0,
+        "{cut} attackers' subscriptions cut for the newcomer"
+    );
+    assert!(
+        cut <= 18.0 * 8.0,
+        "{cut} cut: no more than the attackers held"
+    );
+    assert_eq!(stalled, 0.0, "the fair share made room, not the cut-off");
+    server.shutdown(STEP).await.expect("stops");
+}
