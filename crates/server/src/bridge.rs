@@ -93,6 +93,8 @@ impl Body for RecvBody {
 /// Where a bridged call's answer is counted, and how long it may wait to be written.
 pub(crate) struct Answering {
     pub(crate) client: Arc<ClientState>,
+    /// The address the call comes from (what proofs are rate-limited by).
+    pub(crate) address: crate::client::Client,
     pub(crate) server: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
     /// How long the answer may stay unwritten after the call ended.
@@ -158,7 +160,7 @@ pub(crate) async fn serve(
         })
     });
     // Who calls, for the services that charge it (GetRelays' proofs).
-    request.extensions_mut().insert(answering.client.client);
+    request.extensions_mut().insert(answering.address);
     let response = match routes.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},

@@ -7,7 +7,7 @@ use cunicu_signal::Key;
 
 use crate::{
     auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
-    client::{BRIDGED_CALLS, ClientLimits, Rate},
+    client::{AddressLimits, BRIDGED_CALLS, ClientLimits, EVICTIONS_IN_FLIGHT, Rate},
     relay::Relay,
 };
 
@@ -41,10 +41,15 @@ pub struct Config {
     /// A subscriber that takes nothing for this long while envelopes wait
     /// for it is cut off (UNAVAILABLE "subscriber too slow").
     pub stall_timeout: Duration,
-    /// Most client connections open at once; beyond it accepting waits.
+    /// Most client connections open at once. At the cap, a client holding
+    /// less than its fair share (the cap divided by the clients holding any)
+    /// is still served: the client holding the most loses its newest
+    /// connection.
     pub max_connections: usize,
-    /// Most connections open at once from one client (an IP address, an IPv6
-    /// /64); more are refused.
+    /// Most connections open at once from one client (a proven key, or an
+    /// IP address, an IPv6 /64, without proof). More from one address are
+    /// admitted provisionally, within the address's bound: the first call of
+    /// each must prove a key, or it is closed.
     pub max_connections_per_client: usize,
     /// New connections per second from one client (a token bucket).
     pub connection_rate: Rate,
@@ -62,7 +67,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// A connection without a stream for this long is closed with GOAWAY.
     pub idle_timeout: Duration,
-    /// Most subscription streams open at once.
+    /// Most subscription streams open at once. At the cap, a client holding
+    /// less than its fair share is still served: the client holding the
+    /// most loses its newest subscription.
     pub max_subscriptions: usize,
     /// Most subscription streams open at once from one client.
     pub max_subscriptions_per_client: usize,
@@ -86,6 +93,20 @@ pub struct Config {
     /// Published bytes per second from one client (a token bucket; the
     /// burst is at least one largest envelope).
     pub publish_bytes_rate: Rate,
+    /// Most connections open at once from one address (IPv4, or an IPv6
+    /// /64), proven or not; an IPv6 /48 may hold four times the address
+    /// bounds.
+    pub address_connections: usize,
+    /// Most subscription streams open at once from one address.
+    pub address_subscriptions: usize,
+    /// Most calls in progress at once from one address.
+    pub address_calls: usize,
+    /// New connections per second from one address (a token bucket).
+    pub address_connection_rate: Rate,
+    /// Publishes per second from one address (a token bucket).
+    pub address_publish_rate: Rate,
+    /// Published bytes per second from one address (a token bucket).
+    pub address_publish_bytes_rate: Rate,
     /// Most concurrent HTTP/2 streams on one connection.
     pub max_streams_per_connection: u32,
     /// Interval of the server's HTTP/2 keepalive pings to clients.
@@ -164,6 +185,12 @@ impl Default for Config {
             request_rate: rate(500, 1_000),
             publish_rate: rate(200, 1_000),
             publish_bytes_rate: rate(1 << 20, 4 << 20),
+            address_connections: 1024,
+            address_subscriptions: 8192,
+            address_calls: 1024,
+            address_connection_rate: rate(128, 1024),
+            address_publish_rate: rate(16_384, 65_536),
+            address_publish_bytes_rate: rate(16 << 20, 64 << 20),
             max_streams_per_connection: 1024,
             keepalive_interval: Duration::from_secs(120),
             keepalive_timeout: Duration::from_secs(20),
@@ -229,7 +256,7 @@ const SEND_BUFFER: usize = 64 * 1024;
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let counts: [(&'static str, usize); 13] = [
+        let counts: [(&'static str, usize); 16] = [
             ("max-envelope-size", self.max_envelope_size),
             ("queue-depth", self.queue_depth),
             ("max-connections", self.max_connections),
@@ -252,6 +279,9 @@ impl Config {
             ),
             ("client-queued-bytes", self.client_queued_bytes),
             ("max-queued-bytes", self.max_queued_bytes),
+            ("address-connections", self.address_connections),
+            ("address-subscriptions", self.address_subscriptions),
+            ("address-calls", self.address_calls),
         ];
         for (setting, value) in counts {
             if value == 0 {
@@ -280,13 +310,17 @@ impl Config {
         }
         // One largest envelope (and its 5-byte frame prefix) must fit everywhere.
         let frame = self.max_envelope_size.saturating_add(5);
-        let at_least: [(&'static str, usize); 4] = [
+        let at_least: [(&'static str, usize); 5] = [
             ("queue-bytes", self.queue_bytes),
             ("client-queued-bytes", self.client_queued_bytes),
             ("max-queued-bytes", self.max_queued_bytes),
             (
                 "publish-bytes-burst",
                 self.publish_bytes_rate.burst.get() as usize,
+            ),
+            (
+                "address-publish-bytes-burst",
+                self.address_publish_bytes_rate.burst.get() as usize,
             ),
         ];
         for (setting, value) in at_least {
@@ -296,6 +330,37 @@ impl Config {
                     value,
                     other: "max-envelope-size + 5",
                     minimum: frame,
+                });
+            }
+        }
+        // An address holds at least what one client may.
+        let outer = [
+            (
+                "address-connections",
+                self.address_connections,
+                "max-connections-per-client",
+                self.max_connections_per_client,
+            ),
+            (
+                "address-subscriptions",
+                self.address_subscriptions,
+                "max-subscriptions-per-client",
+                self.max_subscriptions_per_client,
+            ),
+            (
+                "address-calls",
+                self.address_calls,
+                "max-calls-per-client",
+                self.max_calls_per_client,
+            ),
+        ];
+        for (setting, value, other, minimum) in outer {
+            if value < minimum {
+                return Err(ConfigError::Below {
+                    setting,
+                    value,
+                    other,
+                    minimum,
                 });
             }
         }
@@ -312,6 +377,14 @@ impl Config {
             request_rate: self.request_rate,
             publish_rate: self.publish_rate,
             publish_bytes_rate: self.publish_bytes_rate,
+            address: AddressLimits {
+                connections: self.address_connections,
+                subscriptions: self.address_subscriptions,
+                calls: self.address_calls,
+                connection_rate: self.address_connection_rate,
+                publish_rate: self.address_publish_rate,
+                publish_bytes_rate: self.address_publish_bytes_rate,
+            },
         }
     }
 
@@ -336,8 +409,16 @@ impl Config {
         };
         MemoryBound {
             base: BASE_BYTES,
-            connections: self.max_connections.saturating_mul(connection),
-            subscriptions: self.max_subscriptions.saturating_mul(SUBSCRIPTION_BYTES),
+            // At a cap, those being evicted for a client below its fair
+            // share are still open for a moment besides.
+            connections: self
+                .max_connections
+                .saturating_add(EVICTIONS_IN_FLIGHT)
+                .saturating_mul(connection),
+            subscriptions: self
+                .max_subscriptions
+                .saturating_add(EVICTIONS_IN_FLIGHT)
+                .saturating_mul(SUBSCRIPTION_BYTES),
             calls: self
                 .max_calls
                 .saturating_mul(CALL_BYTES)

@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
-    client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
+    client::{Budget, Client, ClientState, Evict, Exhausted, SlotGuard, reserve},
     cluster::Cluster,
     metrics::Metrics,
 };
@@ -152,6 +152,15 @@ pub(crate) enum Cut {
     NotAllowed,
     /// Its key was full and a client with less than its share of it came.
     KeyFairShare,
+    /// The server held all the subscriptions it may, its client the most,
+    /// and a client with less than its share came.
+    FairShare,
+}
+
+impl crate::client::Evict for Sub {
+    fn evict(&self) {
+        self.cut_for(Cut::FairShare);
+    }
 }
 
 impl State {
@@ -614,6 +623,8 @@ impl Hub {
             // there, finds it out of the list already.
             evicted.cut_for(Cut::KeyFairShare);
         }
+        let victim: std::sync::Weak<dyn Evict> = Arc::downgrade(&sub) as _;
+        slot_guard.set_victim(victim);
         let metrics = &inner.metrics;
         metrics.subscriptions.inc();
         if first {
@@ -818,7 +829,9 @@ mod tests {
                 request_rate: rate,
                 publish_rate: rate,
                 publish_bytes_rate: rate,
+                address: crate::client::tests::UNBOUNDED,
             },
+            1000,
             100,
             100,
             Default::default(),
@@ -860,11 +873,12 @@ mod tests {
             mailbox: &Arc<Mailbox>,
             slot: usize,
         ) -> Result<Subscription, KeyFull> {
-            let client = crate::client::Client::of(ip.parse::<IpAddr>().unwrap());
-            let conn = self.clients.connect(client).unwrap();
+            let addr = ip.parse::<IpAddr>().unwrap();
+            let conn = self.clients.connect(addr).unwrap();
             let state = conn.state().clone();
+            let origin = conn.origin();
             self._conns.push(conn);
-            let guard = self.clients.subscribe(client).unwrap();
+            let guard = self.clients.subscribe(state.client, origin).unwrap();
             self.hub
                 .subscribe([key; 32], state, guard, mailbox.clone(), slot)
                 .map(|(s, _)| s)

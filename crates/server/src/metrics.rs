@@ -69,13 +69,16 @@ pub struct Metrics {
     /// `not_allowed`, `cache_full`).
     pub auth: Family<AuthResult, Counter>,
     /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
-    /// `key_fair_share`).
+    /// `key_fair_share`, `fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
-    /// `connection_rate`, `tls_handshake_rate`).
+    /// `too_many_connections`, `too_many_address_connections`,
+    /// `address_connection_rate`, `tls_handshake_rate`).
     pub connections_refused: Family<Reason, Counter>,
     /// Connections the server closed, by reason (`handshake_timeout`, `idle`,
-    /// `keepalive_timeout`).
+    /// `keepalive_timeout`, `request_rate`, `fair_share`: ended for another
+    /// client's fair share, `unproven`: admitted beyond its address's
+    /// per-client limit, its first call proved no key).
     pub connections_closed: Family<Reason, Counter>,
     /// Open client connections.
     pub connections: Gauge,
@@ -133,14 +136,26 @@ const REJECT_REASONS: &[&str] = &[
     "request_rate",
     "publish_rate",
     "publish_bytes_rate",
+    "too_many_address_subscriptions",
+    "too_many_address_calls",
+    "address_publish_rate",
+    "address_publish_bytes_rate",
 ];
-const CUT_REASONS: &[&str] = &["stalled", "not_allowed"];
-const CONNECTION_REFUSED_REASONS: &[&str] = &["too_many_client_connections", "connection_rate"];
+const CUT_REASONS: &[&str] = &["stalled", "not_allowed", "key_fair_share", "fair_share"];
+const CONNECTION_REFUSED_REASONS: &[&str] = &[
+    "too_many_client_connections",
+    "connection_rate",
+    "too_many_connections",
+    "too_many_address_connections",
+    "address_connection_rate",
+];
 const CONNECTION_CLOSED_REASONS: &[&str] = &[
     "handshake_timeout",
     "idle",
     "keepalive_timeout",
     "request_rate",
+    "fair_share",
+    "unproven",
 ];
 const CLUSTER_DROP_REASONS: &[&str] = &[
     "buffer_full",

@@ -14,6 +14,10 @@ pub(crate) const SUBSCRIBE: &str = "/cunicu.signaling.Signaling/Subscribe";
 /// The path of `Signaling.Publish`.
 pub(crate) const PUBLISH: &str = "/cunicu.signaling.Signaling/Publish";
 
+/// The path of `Signaling.GetBuildInfo`, which a client calls before it
+/// knows the server's key, so without a proof.
+pub(crate) const GET_BUILD_INFO: &str = "/cunicu.signaling.Signaling/GetBuildInfo";
+
 /// Length of a message's prefix: a compression flag and a 32-bit length.
 pub(crate) const PREFIX_LEN: usize = 5;
 
