@@ -527,3 +527,69 @@ impl fmt::Display for MemoryBound {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a token bucket lets through in `seconds`, from full.
+    fn within(rate: Rate, seconds: u64) -> u64 {
+        u64::from(rate.burst.get()) + u64::from(rate.per_second.get()) * seconds
+    }
+
+    #[test]
+    fn the_defaults_fit_a_fleet_of_250_proven_peers_behind_one_address() {
+        const PEERS: u64 = 250;
+        // A full mesh's start: about 10 envelopes per pair and direction
+        // within a minute, each a Publish of a few hundred bytes.
+        const PER_PAIR: u64 = 10;
+        const SECONDS: u64 = 60;
+        const PUBLISH_BYTES: u64 = 512;
+        let config = Config::default();
+        config.check().unwrap();
+        let per_peer = PER_PAIR * (PEERS - 1);
+        let all = per_peer * PEERS;
+        // Each peer: a connection, a subscription, a few calls at once, and
+        // its share of the publishes, under its key's limits.
+        assert!(config.max_connections_per_client >= 1);
+        assert!(within(config.publish_rate, SECONDS) >= per_peer);
+        assert!(within(config.publish_bytes_rate, SECONDS) >= per_peer * PUBLISH_BYTES);
+        // Subscribe, publishes and GetRelays: requests.
+        assert!(within(config.request_rate, SECONDS) >= per_peer + 2);
+        // The address holds them all at once.
+        let peers = PEERS as usize;
+        assert!(config.address_connections >= peers);
+        assert!(config.address_connection_rate.burst.get() as usize >= peers);
+        assert!(config.address_subscriptions >= peers);
+        assert!(config.address_calls >= 2 * peers);
+        assert!(within(config.address_publish_rate, SECONDS) >= all);
+        assert!(within(config.address_publish_bytes_rate, SECONDS) >= all * PUBLISH_BYTES);
+        // And all at once at the start, the first envelope of each pair.
+        assert!(u64::from(config.address_publish_rate.burst.get()) >= PEERS * (PEERS - 1));
+        // An unproven client from that address keeps the per-client limits.
+        assert!(config.max_connections_per_client < config.address_connections);
+        assert!(config.publish_rate.burst < config.address_publish_rate.burst);
+    }
+
+    #[test]
+    fn the_worst_case_fits_deploys_memory_limit() {
+        // deploy/: a 1280 MiB limit for the defaults (plaintext, a key
+        // file), and for a replica of a cluster with half the subscriptions.
+        const LIMIT: usize = 1280 << 20;
+        let mut config = Config::default();
+        config.key = Some(cunicu_signal::Key::generate());
+        let bound = config.memory_bound();
+        assert!(bound.total() < LIMIT, "{bound}");
+        // The subscriptions and connections being evicted are in it.
+        assert_eq!(
+            bound.subscriptions,
+            (config.max_subscriptions + EVICTIONS_IN_FLIGHT) * SUBSCRIPTION_BYTES
+        );
+        config.max_subscriptions = 50_000;
+        config.cluster = Some(crate::cluster::ClusterConfig::new(vec![
+            "nats://127.0.0.1:4222".into(),
+        ]));
+        let bound = config.memory_bound();
+        assert!(bound.total() < LIMIT, "{bound}");
+    }
+}
