@@ -576,8 +576,10 @@ mod tests {
         // deploy/: a 1280 MiB limit for the defaults (plaintext, a key
         // file), and for a replica of a cluster with half the subscriptions.
         const LIMIT: usize = 1280 << 20;
-        let mut config = Config::default();
-        config.key = Some(cunicu_signal::Key::generate());
+        let mut config = Config {
+            key: Some(cunicu_signal::Key::generate()),
+            ..Config::default()
+        };
         let bound = config.memory_bound();
         assert!(bound.total() < LIMIT, "{bound}");
         // The subscriptions and connections being evicted are in it.
