@@ -236,13 +236,19 @@ struct ServeArgs {
     /// this long, while envelopes waited for it, is cut off (UNAVAILABLE "subscriber too slow").
     #[arg(long, env = "CUNICU_SIGNAL_STALL_TIMEOUT", default_value_t = default_duration(DEFAULTS.stall_timeout))]
     stall_timeout: humantime::Duration,
-    /// Most client connections open at once; beyond it new ones wait to be accepted.
+    /// Most client connections open at once. At the cap, a client holding less than its
+    /// fair share (the cap divided by the clients holding any) is still served: the client
+    /// holding the most loses its newest connection (RESOURCE_EXHAUSTED); others are refused.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_CONNECTIONS", default_value_t = DEFAULTS.max_connections)]
     max_connections: usize,
-    /// Most connections open at once from one client; more are refused.
+    /// Most connections open at once from one client (a proven key, or an address without
+    /// proof); more from one address are admitted within --address-connections, but the
+    /// first call of each must prove a key, or it is closed.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_CONNECTIONS_PER_CLIENT", default_value_t = DEFAULTS.max_connections_per_client)]
     max_connections_per_client: usize,
-    /// New connections per second from one client (a token bucket); more are refused.
+    /// New connections per second from one address before they need a proof (a token
+    /// bucket); more are admitted within --address-connection-rate, but the first call of
+    /// each must prove a key, or it is closed.
     #[arg(long, env = "CUNICU_SIGNAL_CONNECTION_RATE", default_value_t = DEFAULTS.connection_rate.per_second)]
     connection_rate: NonZeroU32,
     /// New connections one client may open at once before --connection-rate applies.
@@ -312,6 +318,35 @@ struct ServeArgs {
     /// Bytes one client may publish at once before --publish-bytes-rate applies.
     #[arg(long, env = "CUNICU_SIGNAL_PUBLISH_BYTES_BURST", default_value_t = DEFAULTS.publish_bytes_rate.burst)]
     publish_bytes_burst: NonZeroU32,
+    /// Most connections open at once from one address (IPv4, or an IPv6 /64), proven or
+    /// not; an IPv6 /48 may hold four times each --address-… bound.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_CONNECTIONS", default_value_t = DEFAULTS.address_connections)]
+    address_connections: usize,
+    /// Most subscription streams open at once from one address, proven or not.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_SUBSCRIPTIONS", default_value_t = DEFAULTS.address_subscriptions)]
+    address_subscriptions: usize,
+    /// Most calls in progress at once from one address, proven or not.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_CALLS", default_value_t = DEFAULTS.address_calls)]
+    address_calls: usize,
+    /// New connections per second from one address, proven or not (a token bucket); more
+    /// are refused.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_CONNECTION_RATE", default_value_t = DEFAULTS.address_connection_rate.per_second)]
+    address_connection_rate: NonZeroU32,
+    /// New connections one address may open at once before --address-connection-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_CONNECTION_BURST", default_value_t = DEFAULTS.address_connection_rate.burst)]
+    address_connection_burst: NonZeroU32,
+    /// Publishes per second from one address, proven or not (a token bucket).
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_PUBLISH_RATE", default_value_t = DEFAULTS.address_publish_rate.per_second)]
+    address_publish_rate: NonZeroU32,
+    /// Publishes one address may send at once before --address-publish-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_PUBLISH_BURST", default_value_t = DEFAULTS.address_publish_rate.burst)]
+    address_publish_burst: NonZeroU32,
+    /// Published bytes per second from one address, proven or not (a token bucket).
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_PUBLISH_BYTES_RATE", default_value_t = DEFAULTS.address_publish_bytes_rate.per_second)]
+    address_publish_bytes_rate: NonZeroU32,
+    /// Bytes one address may publish at once before --address-publish-bytes-rate applies.
+    #[arg(long, env = "CUNICU_SIGNAL_ADDRESS_PUBLISH_BYTES_BURST", default_value_t = DEFAULTS.address_publish_bytes_rate.burst)]
+    address_publish_bytes_burst: NonZeroU32,
     /// Most concurrent HTTP/2 streams (subscriptions and calls) on one connection.
     #[arg(long, env = "CUNICU_SIGNAL_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULTS.max_streams_per_connection)]
     max_streams_per_connection: u32,
@@ -450,6 +485,21 @@ impl ServeArgs {
         config.publish_bytes_rate = Rate {
             per_second: self.publish_bytes_rate,
             burst: self.publish_bytes_burst,
+        };
+        config.address_connections = self.address_connections;
+        config.address_subscriptions = self.address_subscriptions;
+        config.address_calls = self.address_calls;
+        config.address_connection_rate = Rate {
+            per_second: self.address_connection_rate,
+            burst: self.address_connection_burst,
+        };
+        config.address_publish_rate = Rate {
+            per_second: self.address_publish_rate,
+            burst: self.address_publish_burst,
+        };
+        config.address_publish_bytes_rate = Rate {
+            per_second: self.address_publish_bytes_rate,
+            burst: self.address_publish_bytes_burst,
         };
         config.max_streams_per_connection = self.max_streams_per_connection;
         config.keepalive_interval = self.keepalive_interval.into();

@@ -842,7 +842,11 @@ async fn silent_connections_cannot_take_every_slot() {
         for metric in [
             "signaling_connections_refused_total{reason=\"too_many_client_connections\"}",
             "signaling_connections_refused_total{reason=\"connection_rate\"}",
+            "signaling_connections_refused_total{reason=\"too_many_connections\"}",
+            "signaling_connections_refused_total{reason=\"too_many_address_connections\"}",
+            "signaling_connections_refused_total{reason=\"address_connection_rate\"}",
             "signaling_connections_closed_total{reason=\"handshake_timeout\"}",
+            "signaling_connections_closed_total{reason=\"fair_share\"}",
         ] {
             ended += server.metric(metric).await;
         }
@@ -1190,12 +1194,16 @@ async fn idle_connections_are_closed() {
     report.assert_served();
 }
 
-/// New connections from one address as fast as possible: beyond the rate,
-/// refused at once.
+/// New connections from one address as fast as possible: beyond the
+/// address's rate, refused at once (beyond the client's, admitted only to
+/// prove a key with their first call).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_floods_are_rate_limited_per_client() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&[
+        ("--address-connection-rate", "64"),
+        ("--address-connection-burst", "128"),
+    ]);
     let flood = tokio::spawn({
         let addr = server.addr;
         async move {
@@ -1216,7 +1224,7 @@ async fn connection_floods_are_rate_limited_per_client() {
     let attempts = flood.await.expect("flood");
     report.assert_served();
     let refused = server
-        .metric("signaling_connections_refused_total{reason=\"connection_rate\"}")
+        .metric("signaling_connections_refused_total{reason=\"address_connection_rate\"}")
         .await;
     assert!(
         refused > 0.0 && attempts > 100,
@@ -1431,6 +1439,7 @@ async fn changes_to_a_hot_key_cost_what_changes_to_any_key_cost() {
         ("--request-rate", "100000"),
         ("--request-burst", "100000"),
         ("--max-calls-per-client", "4000"),
+        ("--address-calls", "4000"),
         ("--stall-timeout", "60s"),
     ]);
     const EACH: u32 = 2000;

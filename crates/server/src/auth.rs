@@ -341,6 +341,27 @@ impl Auth {
         }
     }
 
+    /// The key that the proof in `headers` proves for a call of `method`,
+    /// without remembering its nonce (the call's own [`Auth::check`] does)
+    /// or counting it: whom the call is charged to. None without a valid
+    /// proof (or, with `--allow-keys`, of a key not listed).
+    pub(crate) fn identify(
+        &self,
+        headers: &HeaderMap,
+        method: &str,
+        client: Client,
+    ) -> Option<Key> {
+        let server = self.key.as_ref()?;
+        let value = headers.get(PROOF_METADATA)?;
+        let (key, _, _) = self
+            .open(value.as_bytes(), server, method, None, client)
+            .ok()?;
+        if self.mode == AuthMode::Required && !self.is_allowed(&key) {
+            return None;
+        }
+        Some(key)
+    }
+
     fn verify(
         &self,
         value: &[u8],
@@ -349,25 +370,45 @@ impl Auth {
         key: &Key,
         client: Client,
     ) -> Outcome {
+        let (key, nonce, time) = match self.open(value, server, method, Some(key), client) {
+            Ok(opened) => opened,
+            Err(outcome) => return outcome,
+        };
+        // Remembered while the proof would still be accepted.
+        self.remember(
+            key,
+            nonce,
+            time.saturating_add(self.skew.as_secs()),
+            now(),
+            client,
+        )
+    }
+
+    /// Opens a proof of `key` (or of any key) for `method`, within the time
+    /// allowed: its key, nonce and time.
+    fn open(
+        &self,
+        value: &[u8],
+        server: &ServerKey,
+        method: &str,
+        key: Option<&Key>,
+        client: Client,
+    ) -> Result<(Key, [u8; NONCE_LEN], u64), Outcome> {
         let Ok(bytes) = BASE64.decode(value) else {
-            return Outcome::Malformed;
+            return Err(Outcome::Malformed);
         };
         let proof = match Proof::parse(&bytes) {
             Ok(proof) => proof,
-            Err(_) => return Outcome::Malformed,
+            Err(_) => return Err(Outcome::Malformed),
         };
-        // Cheap before costly: the key must be the call's before any X25519.
-        if proof.key != *key {
-            return if proof.key.as_bytes() == &[0; 32] {
-                Outcome::LowOrder
-            } else {
-                Outcome::WrongKey
-            };
+        if proof.key.as_bytes() == &[0; 32] {
+            return Err(Outcome::LowOrder);
         }
-        let (shared, proven_before) = match self.shared_key(&server.private, &proof.key, client) {
-            Ok(found) => found,
-            Err(outcome) => return outcome,
-        };
+        // Cheap before costly: the key must be the call's before any X25519.
+        if key.is_some_and(|key| proof.key != *key) {
+            return Err(Outcome::WrongKey);
+        }
+        let (shared, proven_before) = self.shared_key(&server.private, &proof.key, client)?;
         let opened = proof.open_with(&shared);
         if !proven_before {
             match &opened {
@@ -382,29 +423,21 @@ impl Auth {
         }
         let proven = match opened {
             Ok(proven) => proven,
-            Err(ProofError::LowOrder) => return Outcome::LowOrder,
-            Err(ProofError::BadBox) => return Outcome::BadBox,
-            Err(_) => return Outcome::Malformed,
+            Err(ProofError::LowOrder) => return Err(Outcome::LowOrder),
+            Err(ProofError::BadBox) => return Err(Outcome::BadBox),
+            Err(_) => return Err(Outcome::Malformed),
         };
         // A proof for another method does not prove this call.
         if proven.method != method.as_bytes() {
-            return Outcome::BadBox;
+            return Err(Outcome::BadBox);
         }
         let now = now();
-        let skew = self.skew.as_secs();
         if proven.time > now.saturating_add(self.future_skew.as_secs())
-            || now > proven.time.saturating_add(skew)
+            || now > proven.time.saturating_add(self.skew.as_secs())
         {
-            return Outcome::Expired;
+            return Err(Outcome::Expired);
         }
-        // Remembered while the proof would still be accepted.
-        self.remember(
-            proof.key,
-            proof.nonce,
-            proven.time.saturating_add(skew),
-            now,
-            client,
-        )
+        Ok((proof.key, proof.nonce, proven.time))
     }
 
     /// The shared key of (server, `key`), and whether a proof of `key` opened

@@ -159,6 +159,8 @@ impl Body for RecvBody {
 /// Where a bridged call's answer is counted, and how long it may wait to be written.
 pub(crate) struct Answering {
     pub(crate) client: Arc<ClientState>,
+    /// The address the call comes from (what proofs are rate-limited by).
+    pub(crate) address: crate::client::Client,
     pub(crate) server: Arc<Budget>,
     pub(crate) metrics: Arc<Metrics>,
     /// How long the request may take to come, and the answer may stay
@@ -228,7 +230,7 @@ pub(crate) async fn serve(
     let mut request =
         request.map(|recv| tonic::body::Body::new(RecvBody::new(recv, limit, answering)));
     // Who calls, for the services that charge it (GetRelays' proofs).
-    request.extensions_mut().insert(answering.client.client);
+    request.extensions_mut().insert(answering.address);
     let response = tokio::select! {
         response = routes.oneshot(request) => match response {
             Ok(response) => response,

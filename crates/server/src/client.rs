@@ -1,27 +1,41 @@
-//! Clients and what each may hold (docs/PROTOCOL.md §10).
+//! Clients and what each may hold (docs/PROTOCOL.md §10, §13).
 //!
-//! A client is a remote IP address, an IPv6 address by its /64. Everything a
-//! client makes the server hold is counted against it: its connections,
-//! subscriptions and calls in progress (counts), the bytes queued for its
-//! subscriptions and handed to HTTP/2 and not yet written (its byte
-//! [`Budget`]), and its rates (new
-//! connections, publishes and published bytes per second, token buckets).
+//! A client is a proven key (a call with a valid proof of key possession is
+//! charged to its key; so are the later calls of a connection once one of
+//! its calls proved a key), or else the remote IP address, an IPv6 address
+//! by its /64. Everything a client makes the server hold is counted against
+//! it: its connections, subscriptions and calls in progress (counts), the
+//! bytes queued for its subscriptions and handed to HTTP/2 and not yet
+//! written (its byte [`Budget`]), and its rates (new connections, requests,
+//! publishes and published bytes per second, token buckets).
+//!
+//! Everything from one address, proven or not, is counted besides against
+//! that address's outer bound ([`AddressLimits`], large enough for a fleet
+//! behind one NAT), and an IPv6 address also against its /48, whose bound is
+//! [`SITE_FACTOR`] times an address's. A connection from an address beyond
+//! its per-client limit (count or rate) is admitted provisionally under the
+//! outer bound: its first call must prove a key, or it is closed.
+//!
 //! The server's own limits apply besides, so that many clients together stay
-//! bounded too.
+//! bounded too. At each of the server's caps (connections, subscriptions,
+//! calls, and the pools of the services served through tonic and of health
+//! checks and watches), a client holding less than its fair share (the cap
+//! divided by the clients holding any, itself included) is still served: the
+//! client holding the most loses its most recently opened one.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
 };
 
-use cunicu_signal::backend::grpc::PUSHBACK_METADATA;
+use cunicu_signal::{Key, backend::grpc::PUSHBACK_METADATA};
 use governor::{
     DefaultKeyedRateLimiter, NotUntil, Quota, RateLimiter,
     clock::{Clock as _, QuantaInstant},
@@ -31,40 +45,101 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-/// Who a connection, subscription or call belongs to: the remote IP address;
-/// an IPv6 address by its /64, as a host usually holds a whole /64.
+/// Who a connection, subscription or call belongs to: a proven key, or the
+/// remote IP address (an IPv6 address by its /64, as a host usually holds a
+/// whole /64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Client(IpAddr);
+pub enum Client {
+    /// Calls without a proof, by where they come from.
+    Address(IpAddr),
+    /// Calls with a valid proof of this key.
+    Key(Key),
+}
 
 impl Client {
     /// The client at an IPv4 address, in a constant.
     #[cfg(test)]
     pub(crate) const fn of_const(v4: [u8; 4]) -> Client {
-        Client(IpAddr::V4(std::net::Ipv4Addr::new(
+        Client::Address(IpAddr::V4(std::net::Ipv4Addr::new(
             v4[0], v4[1], v4[2], v4[3],
         )))
     }
 
-    /// The client at `addr`.
-    pub fn of(addr: IpAddr) -> Client {
-        match addr {
-            IpAddr::V4(_) => Client(addr),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Client(IpAddr::V4(v4)),
-                None => Client(IpAddr::V6(Ipv6Addr::from_bits(
-                    v6.to_bits() & !u128::from(u64::MAX),
-                ))),
-            },
-        }
+    /// The (unproven) client at `addr`.
+    #[cfg(test)]
+    pub(crate) fn of(addr: IpAddr) -> Client {
+        Client::Address(address_of(addr))
+    }
+}
+
+/// `addr` as a client address: IPv4 as is (also when mapped into IPv6),
+/// IPv6 by its /64.
+fn address_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
     }
 }
 
 impl fmt::Display for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            IpAddr::V4(v4) => v4.fmt(f),
-            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        match self {
+            Client::Address(IpAddr::V4(v4)) => v4.fmt(f),
+            Client::Address(IpAddr::V6(v6)) => write!(f, "{v6}/64"),
+            Client::Key(key) => write!(f, "key {key}"),
         }
+    }
+}
+
+/// What the outer bounds count: an address (IPv4, or an IPv6 /64), or an
+/// IPv6 /48 (a site: a home or office is given a /48 or a /56).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Prefix {
+    Address(IpAddr),
+    Site(Ipv6Addr),
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Prefix::Address(IpAddr::V4(v4)) => write!(f, "address {v4}"),
+            Prefix::Address(IpAddr::V6(v6)) => write!(f, "address {v6}/64"),
+            Prefix::Site(v6) => write!(f, "network {v6}/48"),
+        }
+    }
+}
+
+/// Where a connection comes from: its address, and for IPv6 its /48.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Origin {
+    address: IpAddr,
+}
+
+impl Origin {
+    /// The origin of a connection from `addr`.
+    pub(crate) fn of(addr: IpAddr) -> Origin {
+        Origin {
+            address: address_of(addr),
+        }
+    }
+
+    /// The unproven client of this origin.
+    pub(crate) fn client(self) -> Client {
+        Client::Address(self.address)
+    }
+
+    /// The prefixes it is counted in.
+    fn prefixes(self) -> impl Iterator<Item = Prefix> {
+        let site = match self.address {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(v6) => Some(Prefix::Site(Ipv6Addr::from_bits(
+                v6.to_bits() & !((1u128 << 80) - 1),
+            ))),
+        };
+        std::iter::once(Prefix::Address(self.address)).chain(site)
     }
 }
 
@@ -248,7 +323,7 @@ pub(crate) struct ClientState {
     pub(crate) budget: Budget,
 }
 
-/// The limits of one client.
+/// The limits of one client (a proven key, or an address without proof).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientLimits {
     pub(crate) connections: usize,
@@ -259,6 +334,48 @@ pub(crate) struct ClientLimits {
     pub(crate) request_rate: Rate,
     pub(crate) publish_rate: Rate,
     pub(crate) publish_bytes_rate: Rate,
+    /// The outer bounds of everything from one address.
+    pub(crate) address: AddressLimits,
+}
+
+/// The outer bounds of everything from one address (IPv4, or an IPv6 /64),
+/// proven or not; an IPv6 /48 has [`SITE_FACTOR`] times these.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddressLimits {
+    pub(crate) connections: usize,
+    pub(crate) subscriptions: usize,
+    pub(crate) calls: usize,
+    pub(crate) connection_rate: Rate,
+    pub(crate) publish_rate: Rate,
+    pub(crate) publish_bytes_rate: Rate,
+}
+
+/// How many times an address's outer bounds an IPv6 /48 has: a few hosts'
+/// worth, not the 65 536 /64s it holds.
+pub(crate) const SITE_FACTOR: u32 = 4;
+
+impl AddressLimits {
+    /// The bounds of a /48.
+    fn site(self) -> AddressLimits {
+        let factor = SITE_FACTOR as usize;
+        AddressLimits {
+            connections: self.connections.saturating_mul(factor),
+            subscriptions: self.subscriptions.saturating_mul(factor),
+            calls: self.calls.saturating_mul(factor),
+            connection_rate: self.connection_rate.times(SITE_FACTOR),
+            publish_rate: self.publish_rate.times(SITE_FACTOR),
+            publish_bytes_rate: self.publish_bytes_rate.times(SITE_FACTOR),
+        }
+    }
+
+    fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Connection => self.connections,
+            Kind::Subscription => self.subscriptions,
+            Kind::Call => self.calls,
+            Kind::Bridged | Kind::HealthCheck | Kind::HealthWatch => usize::MAX,
+        }
+    }
 }
 
 /// A token bucket: so many per second, with a burst.
@@ -274,50 +391,182 @@ impl Rate {
     pub(crate) fn quota(self) -> Quota {
         Quota::per_second(self.per_second).allow_burst(self.burst)
     }
+
+    fn times(self, factor: u32) -> Rate {
+        Rate {
+            per_second: self
+                .per_second
+                .saturating_mul(NonZeroU32::MIN.saturating_add(factor - 1)),
+            burst: self
+                .burst
+                .saturating_mul(NonZeroU32::MIN.saturating_add(factor - 1)),
+        }
+    }
 }
 
-#[derive(Debug)]
-struct Entry {
-    state: Arc<ClientState>,
-    connections: usize,
-    subscriptions: usize,
-    calls: usize,
-    bridged: usize,
-    health_checks: usize,
-    health_watches: usize,
-    /// The slots of the kinds that a fair share frees (all but
-    /// subscriptions), oldest first: how to end each.
-    held: Vec<Held>,
+/// What a client holds: connections, subscriptions, calls in progress, and,
+/// besides their call slots, calls of the services served through tonic and
+/// health checks and watches (pools of their own, so that a health check
+/// never waits behind the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connection,
+    Subscription,
+    Call,
+    Bridged,
+    HealthCheck,
+    HealthWatch,
 }
 
-/// A slot that the server can take back for a client below its fair share.
-#[derive(Debug)]
-struct Held {
-    id: u64,
-    kind: Slot,
-    ended: CancellationToken,
-}
+impl Kind {
+    fn index(self) -> usize {
+        self as usize
+    }
 
-impl Entry {
-    /// How many slots of kind `slot` the client holds.
-    fn count(&mut self, slot: Slot) -> &mut usize {
-        match slot {
-            Slot::Subscription => &mut self.subscriptions,
-            Slot::Call => &mut self.calls,
-            Slot::Bridged => &mut self.bridged,
-            Slot::HealthCheck => &mut self.health_checks,
-            Slot::HealthWatch => &mut self.health_watches,
+    /// Whether an address's and a /48's outer bounds count it (the pools of
+    /// the services served through tonic are counted as calls already).
+    fn bounded_by_prefix(self) -> bool {
+        matches!(self, Kind::Connection | Kind::Subscription | Kind::Call)
+    }
+
+    /// How many of it may be being evicted at once.
+    fn evictions_in_flight(self) -> usize {
+        match self {
+            Kind::Connection | Kind::Subscription => EVICTIONS_IN_FLIGHT,
+            _ => CALL_EVICTIONS_IN_FLIGHT,
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.connections == 0
-            && self.subscriptions == 0
-            && self.calls == 0
-            && self.bridged == 0
-            && self.health_checks == 0
-            && self.health_watches == 0
+    /// Whether its slot ends through a token the guard carries (calls), not
+    /// through an owner that registers itself (connections, subscriptions).
+    fn ends_by_token(self) -> bool {
+        !matches!(self, Kind::Connection | Kind::Subscription)
     }
+
+    /// Refused: `client` holds `limit` of this kind.
+    fn refused_client(self, client: Client, limit: usize) -> Refused {
+        match self {
+            Kind::Connection => Refused::ClientConnections(client, limit),
+            Kind::Subscription => Refused::ClientSubscriptions(client, limit),
+            Kind::Call => Refused::ClientCalls(client, limit),
+            Kind::Bridged => Refused::ClientBridged(client, limit),
+            Kind::HealthCheck => Refused::ClientHealthChecks(client, limit),
+            Kind::HealthWatch => Refused::ClientHealthWatches(client, limit),
+        }
+    }
+
+    /// Refused: the server holds `max` of this kind.
+    fn refused_server(self, max: usize) -> Refused {
+        match self {
+            Kind::Connection => Refused::Connections(max),
+            Kind::Subscription => Refused::Subscriptions(max),
+            Kind::Call => Refused::Calls(max),
+            Kind::Bridged => Refused::Bridged(max),
+            Kind::HealthCheck => Refused::HealthChecks(max),
+            Kind::HealthWatch => Refused::HealthWatches(max),
+        }
+    }
+
+    /// Refused: `prefix` holds `limit` of this kind.
+    fn refused_prefix(self, prefix: Prefix, limit: usize) -> Refused {
+        match self {
+            Kind::Connection => Refused::AddressConnections(prefix, limit),
+            Kind::Subscription => Refused::AddressSubscriptions(prefix, limit),
+            Kind::Call | Kind::Bridged | Kind::HealthCheck | Kind::HealthWatch => {
+                Refused::AddressCalls(prefix, limit)
+            }
+        }
+    }
+}
+
+const KINDS: usize = 6;
+
+/// Something the server can end to make room for a client below its fair
+/// share: a subscription stream, a connection.
+pub(crate) trait Evict: Send + Sync {
+    /// Ends it (its task sends RESOURCE_EXHAUSTED and counts it); its slot
+    /// is given back when its guard drops.
+    fn evict(&self);
+}
+
+/// A connection's or a call's end on demand.
+impl Evict for CancellationToken {
+    fn evict(&self) {
+        self.cancel();
+    }
+}
+
+/// How a slot that may be taken back ends.
+enum Victim {
+    /// Through its owner, which registered itself (a subscription, a
+    /// connection) and may be gone already.
+    Owner(Weak<dyn Evict>),
+    /// Through the token its guard carries (a call).
+    Token(CancellationToken),
+}
+
+impl Victim {
+    /// What to end, unless it is gone already.
+    fn upgrade(&self) -> Option<Arc<dyn Evict>> {
+        match self {
+            Victim::Owner(owner) => owner.upgrade(),
+            Victim::Token(token) => Some(Arc::new(token.clone())),
+        }
+    }
+}
+
+/// Evictions in progress at once, of connections and of subscriptions
+/// each: the server admits that many beyond its cap while the evicted end
+/// (each within a turn of its connection's task).
+pub(crate) const EVICTIONS_IN_FLIGHT: usize = 64;
+/// The same for each pool of calls, whose ended calls go sooner still.
+pub(crate) const CALL_EVICTIONS_IN_FLIGHT: usize = 16;
+
+struct Entry {
+    state: Arc<ClientState>,
+    held: [usize; KINDS],
+    /// Connections admitted beyond the client's limit, waiting for a proof.
+    provisional: usize,
+    /// Of `held`, those being evicted.
+    doomed: [usize; KINDS],
+    /// What may be evicted, by age.
+    victims: [BTreeMap<u64, Victim>; KINDS],
+}
+
+impl Entry {
+    fn new(client: Client, queued_bytes: usize) -> Entry {
+        Entry {
+            state: Arc::new(ClientState {
+                client,
+                budget: Budget::new(queued_bytes),
+            }),
+            held: [0; KINDS],
+            provisional: 0,
+            doomed: [0; KINDS],
+            victims: Default::default(),
+        }
+    }
+
+    /// What it holds of `kind` and will keep.
+    fn keeps(&self, kind: Kind) -> usize {
+        self.held[kind.index()] - self.doomed[kind.index()]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.iter().all(|&n| n == 0)
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    clients: HashMap<Client, Entry>,
+    /// Connections, subscriptions and calls by address and /48.
+    prefixes: HashMap<Prefix, [usize; KINDS]>,
+    totals: [usize; KINDS],
+    /// Guards being evicted, and how many of each kind.
+    doomed: HashSet<u64>,
+    doomed_count: [usize; KINDS],
+    next_id: u64,
 }
 
 /// Calls of the services served through tonic (GetBuildInfo, GetRelays,
@@ -345,21 +594,39 @@ pub(crate) const HEALTH_WATCHES_PER_CLIENT: usize = 4;
 /// periodic sweep: many addresses each connecting once must not grow them.
 const RATE_ENTRIES: usize = 16 * 1024;
 
-/// A limit of a client or of the server was reached.
+/// A limit of a client, of an address or of the server was reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum Refused {
     #[error("{0} has reached the limit of {1} connections per client")]
     ClientConnections(Client, usize),
+    #[error(
+        "the server has reached its limit of {0} connections and this client holds its fair share"
+    )]
+    Connections(usize),
+    #[error("{0} has reached its limit of {1} connections")]
+    AddressConnections(Prefix, usize),
     #[error("{0} opens connections faster than {1} per second")]
-    ConnectionRate(Client, u32, Duration),
+    AddressConnectionRate(Prefix, u32, Duration),
+    #[error(
+        "{0} holds the {1} connections a client may without a proof of key possession: the first call of another must prove a key"
+    )]
+    Unproven(Client, usize),
     #[error("{0} has reached the limit of {1} subscriptions per client")]
     ClientSubscriptions(Client, usize),
-    #[error("the server has reached its limit of {0} subscriptions")]
+    #[error(
+        "the server has reached its limit of {0} subscriptions and this client holds its fair share"
+    )]
     Subscriptions(usize),
+    #[error("{0} has reached its limit of {1} subscriptions")]
+    AddressSubscriptions(Prefix, usize),
     #[error("{0} has reached the limit of {1} calls in progress per client")]
     ClientCalls(Client, usize),
-    #[error("the server has reached its limit of {0} calls in progress")]
+    #[error(
+        "the server has reached its limit of {0} calls in progress and this client holds its fair share"
+    )]
     Calls(usize),
+    #[error("{0} has reached its limit of {1} calls in progress")]
+    AddressCalls(Prefix, usize),
     #[error(
         "{0} has reached the limit of {1} calls of GetBuildInfo, GetRelays, health or reflection at once"
     )]
@@ -380,8 +647,12 @@ pub(crate) enum Refused {
     RequestRate(Client, u32, Duration),
     #[error("{0} publishes faster than {1} envelopes per second")]
     PublishRate(Client, u32, Duration),
+    #[error("{0} publishes faster than {1} envelopes per second")]
+    AddressPublishRate(Prefix, u32, Duration),
     #[error("{0} publishes faster than {1} bytes per second")]
     PublishBytesRate(Client, u32, Duration),
+    #[error("{0} publishes faster than {1} bytes per second")]
+    AddressPublishBytesRate(Prefix, u32, Duration),
 }
 
 impl Refused {
@@ -390,10 +661,12 @@ impl Refused {
     /// others frees.
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
-            Refused::ConnectionRate(.., wait)
+            Refused::AddressConnectionRate(.., wait)
             | Refused::RequestRate(.., wait)
             | Refused::PublishRate(.., wait)
-            | Refused::PublishBytesRate(.., wait) => Some(*wait),
+            | Refused::AddressPublishRate(.., wait)
+            | Refused::PublishBytesRate(.., wait)
+            | Refused::AddressPublishBytesRate(.., wait) => Some(*wait),
             _ => None,
         }
     }
@@ -414,11 +687,16 @@ impl Refused {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refused::ClientConnections(..) => "too_many_client_connections",
-            Refused::ConnectionRate(..) => "connection_rate",
+            Refused::Connections(..) => "too_many_connections",
+            Refused::AddressConnections(..) => "too_many_address_connections",
+            Refused::AddressConnectionRate(..) => "address_connection_rate",
+            Refused::Unproven(..) => "unproven",
             Refused::ClientSubscriptions(..) => "too_many_client_subscriptions",
             Refused::Subscriptions(..) => "too_many_subscriptions",
+            Refused::AddressSubscriptions(..) => "too_many_address_subscriptions",
             Refused::ClientCalls(..) => "too_many_client_calls",
             Refused::Calls(..) => "too_many_calls",
+            Refused::AddressCalls(..) => "too_many_address_calls",
             Refused::ClientBridged(..) => "too_many_client_service_calls",
             Refused::Bridged(..) => "too_many_service_calls",
             Refused::ClientHealthChecks(..) => "too_many_client_health_checks",
@@ -427,29 +705,42 @@ impl Refused {
             Refused::HealthWatches(..) => "too_many_health_watches",
             Refused::RequestRate(..) => "request_rate",
             Refused::PublishRate(..) => "publish_rate",
+            Refused::AddressPublishRate(..) => "address_publish_rate",
             Refused::PublishBytesRate(..) => "publish_bytes_rate",
+            Refused::AddressPublishBytesRate(..) => "address_publish_bytes_rate",
         }
+    }
+}
+
+/// The rates of one tier of prefixes (addresses, or /48s).
+struct PrefixRates {
+    limits: AddressLimits,
+    connection: DefaultKeyedRateLimiter<Prefix>,
+    publish: DefaultKeyedRateLimiter<Prefix>,
+    publish_bytes: DefaultKeyedRateLimiter<Prefix>,
+}
+
+impl PrefixRates {
+    fn new(limits: AddressLimits) -> Self {
+        PrefixRates {
+            limits,
+            connection: RateLimiter::keyed(limits.connection_rate.quota()),
+            publish: RateLimiter::keyed(limits.publish_rate.quota()),
+            publish_bytes: RateLimiter::keyed(limits.publish_bytes_rate.quota()),
+        }
+    }
+
+    fn limiters(&self) -> [&DefaultKeyedRateLimiter<Prefix>; 3] {
+        [&self.connection, &self.publish, &self.publish_bytes]
     }
 }
 
 /// Every client with something open, and the rate limiters of all.
 pub(crate) struct Clients {
-    table: Mutex<HashMap<Client, Entry>>,
+    table: Mutex<Table>,
     limits: ClientLimits,
-    subscriptions: AtomicUsize,
-    max_subscriptions: usize,
-    calls: AtomicUsize,
-    max_calls: usize,
-    bridged: AtomicUsize,
-    health_checks: AtomicUsize,
-    health_watches: AtomicUsize,
-    /// Numbers the slots that a fair share can take back.
-    next_held: std::sync::atomic::AtomicU64,
-    /// The end signal of the slots no fair share takes back here
-    /// (subscriptions): one, never cancelled, shared, since a subscription
-    /// holds its slot as long as it lives and a token each would cost
-    /// memory per subscription for nothing.
-    never_ended: CancellationToken,
+    /// The server's caps, by kind.
+    max: [usize; KINDS],
     /// When rate-limiter entries were last forgotten, in ms since `created`.
     forgotten_at: std::sync::atomic::AtomicU64,
     created: std::time::Instant,
@@ -457,179 +748,225 @@ pub(crate) struct Clients {
     request_rate: DefaultKeyedRateLimiter<Client>,
     publish_rate: DefaultKeyedRateLimiter<Client>,
     publish_bytes_rate: DefaultKeyedRateLimiter<Client>,
+    addresses: PrefixRates,
+    sites: PrefixRates,
     /// Clients in the table.
     gauge: Gauge,
+    /// The end signal of the guards that end through their owner
+    /// (connections, subscriptions): one, never cancelled, shared, since a
+    /// token each would cost memory per subscription for nothing.
+    never_ended: CancellationToken,
 }
 
 impl Clients {
-    /// Clients with these limits, counted in `gauge`.
+    /// Clients with these limits, and the server's caps, counted in `gauge`.
     pub(crate) fn new(
         limits: ClientLimits,
+        max_connections: usize,
         max_subscriptions: usize,
         max_calls: usize,
         gauge: Gauge,
     ) -> Self {
         Clients {
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             limits,
-            subscriptions: AtomicUsize::new(0),
-            max_subscriptions,
-            calls: AtomicUsize::new(0),
-            max_calls,
-            bridged: AtomicUsize::new(0),
-            health_checks: AtomicUsize::new(0),
-            health_watches: AtomicUsize::new(0),
-            next_held: std::sync::atomic::AtomicU64::new(0),
-            never_ended: CancellationToken::new(),
+            max: [
+                max_connections,
+                max_subscriptions,
+                max_calls,
+                BRIDGED_CALLS,
+                HEALTH_CHECKS,
+                HEALTH_WATCHES,
+            ],
             forgotten_at: std::sync::atomic::AtomicU64::new(0),
             created: std::time::Instant::now(),
             connection_rate: RateLimiter::keyed(limits.connection_rate.quota()),
             request_rate: RateLimiter::keyed(limits.request_rate.quota()),
             publish_rate: RateLimiter::keyed(limits.publish_rate.quota()),
             publish_bytes_rate: RateLimiter::keyed(limits.publish_bytes_rate.quota()),
+            addresses: PrefixRates::new(limits.address),
+            sites: PrefixRates::new(limits.address.site()),
             gauge,
+            never_ended: CancellationToken::new(),
         }
     }
 
-    /// Admits a new connection of `client`: within its rate and its limit.
-    pub(crate) fn connect(self: &Arc<Self>, client: Client) -> Result<ConnectionGuard, Refused> {
-        if self.connection_rate.len() > RATE_ENTRIES {
+    fn rates_of(&self, prefix: Prefix) -> &PrefixRates {
+        match prefix {
+            Prefix::Address(_) => &self.addresses,
+            Prefix::Site(_) => &self.sites,
+        }
+    }
+
+    /// Admits a new connection from `addr`: within the rate and the bound of
+    /// its address (and /48), and within its client's rate and limit, or
+    /// else provisionally (its first call must prove a key); at the server's
+    /// cap, if its client holds less than its fair share.
+    pub(crate) fn connect(self: &Arc<Self>, addr: IpAddr) -> Result<ConnectionGuard, Refused> {
+        if self.connection_rate.len() > RATE_ENTRIES
+            || self.addresses.connection.len() > RATE_ENTRIES
+        {
             self.forget_idle_rates_soon();
         }
-        if let Err(not_until) = self.connection_rate.check_key(&client) {
-            return Err(Refused::ConnectionRate(
-                client,
-                self.limits.connection_rate.per_second.get(),
-                self.wait(&self.connection_rate, &not_until),
-            ));
-        }
-        let mut table = self.table.lock();
-        let entry = table.entry(client).or_insert_with(|| {
-            self.gauge.inc();
-            Entry {
-                state: Arc::new(ClientState {
-                    client,
-                    budget: Budget::new(self.limits.queued_bytes),
-                }),
-                connections: 0,
-                subscriptions: 0,
-                calls: 0,
-                bridged: 0,
-                health_checks: 0,
-                health_watches: 0,
-                held: Vec::new(),
+        let origin = Origin::of(addr);
+        for prefix in origin.prefixes() {
+            let rates = self.rates_of(prefix);
+            if let Err(not_until) = rates.connection.check_key(&prefix) {
+                return Err(Refused::AddressConnectionRate(
+                    prefix,
+                    rates.limits.connection_rate.per_second.get(),
+                    not_until.wait_time_from(rates.connection.clock().now()),
+                ));
             }
-        });
-        if entry.connections >= self.limits.connections {
-            return Err(Refused::ClientConnections(client, self.limits.connections));
         }
-        entry.connections += 1;
-        Ok(ConnectionGuard {
-            clients: self.clone(),
-            state: entry.state.clone(),
-        })
+        let client = origin.client();
+        let over_rate = self.connection_rate.check_key(&client).is_err();
+        self.take(client, origin, Kind::Connection, over_rate)
     }
 
-    /// Takes a subscription slot of `client` and of the server.
-    pub(crate) fn subscribe(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        self.take(client, Slot::Subscription)
+    /// Takes a subscription slot of `client`, from `origin`, and of the server.
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        client: Client,
+        origin: Origin,
+    ) -> Result<SlotGuard, Refused> {
+        self.take(client, origin, Kind::Subscription, false)
     }
 
     /// Takes a slot for a call in progress (anything but an established
-    /// subscription) of `client` and of the server.
-    pub(crate) fn call(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        self.take(client, Slot::Call)
+    /// subscription) of `client`, from `origin`, and of the server.
+    pub(crate) fn call(
+        self: &Arc<Self>,
+        client: Client,
+        origin: Origin,
+    ) -> Result<SlotGuard, Refused> {
+        self.take(client, origin, Kind::Call, false)
     }
 
     /// Takes a slot for a call of a service served through tonic, besides its
     /// call slot.
-    pub(crate) fn bridged(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        self.take(client, Slot::Bridged)
+    pub(crate) fn bridged(
+        self: &Arc<Self>,
+        client: Client,
+        origin: Origin,
+    ) -> Result<SlotGuard, Refused> {
+        self.take(client, origin, Kind::Bridged, false)
     }
 
     /// Takes a slot for a health check, besides its call slot (and instead
     /// of a slot of the other services served through tonic).
-    pub(crate) fn health_check(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        self.take(client, Slot::HealthCheck)
+    pub(crate) fn health_check(
+        self: &Arc<Self>,
+        client: Client,
+        origin: Origin,
+    ) -> Result<SlotGuard, Refused> {
+        self.take(client, origin, Kind::HealthCheck, false)
     }
 
     /// Takes a slot for a health watch stream, besides its call slot.
-    pub(crate) fn health_watch(self: &Arc<Self>, client: Client) -> Result<SlotGuard, Refused> {
-        self.take(client, Slot::HealthWatch)
+    pub(crate) fn health_watch(
+        self: &Arc<Self>,
+        client: Client,
+        origin: Origin,
+    ) -> Result<SlotGuard, Refused> {
+        self.take(client, origin, Kind::HealthWatch, false)
     }
 
-    /// Takes a `slot` of `client` (within its limit per client) and of the
-    /// server (within the server's). When the server's are all taken, a
-    /// client that holds less than its fair share (the limit divided by the
-    /// clients holding any, itself included) still gets one: the client
-    /// holding the most gives up its newest, whose call ends (the owner of
-    /// its guard sees [`SlotGuard::ended`]). Subscriptions are not taken
-    /// back here.
-    fn take(self: &Arc<Self>, client: Client, slot: Slot) -> Result<SlotGuard, Refused> {
-        let (total, max) = self.total(slot);
-        let per_client = match slot {
-            Slot::Subscription => self.limits.subscriptions,
-            Slot::Call => self.limits.calls,
-            Slot::Bridged => BRIDGED_CALLS_PER_CLIENT,
-            Slot::HealthCheck => HEALTH_CHECKS_PER_CLIENT,
-            Slot::HealthWatch => HEALTH_WATCHES_PER_CLIENT,
-        };
-        let mut table = self.table.lock();
-        let entry = table
-            .get_mut(&client)
-            // A client with a slot has a connection, so an entry.
-            .ok_or(slot.refused_client(client, 0))?;
-        let mine = *entry.count(slot);
-        if mine >= per_client {
-            return Err(slot.refused_client(client, per_client));
+    fn per_client(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Connection => self.limits.connections,
+            Kind::Subscription => self.limits.subscriptions,
+            Kind::Call => self.limits.calls,
+            Kind::Bridged => BRIDGED_CALLS_PER_CLIENT,
+            Kind::HealthCheck => HEALTH_CHECKS_PER_CLIENT,
+            Kind::HealthWatch => HEALTH_WATCHES_PER_CLIENT,
         }
-        if total
-            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
-            .is_err()
-        {
-            // The server's slots are all taken: the heaviest holder's newest
-            // becomes this client's, if this client is below its share.
-            if slot == Slot::Subscription || !self.take_back(&mut table, client, slot, mine, max) {
-                return Err(slot.refused_server(max));
+    }
+
+    /// Takes one of `kind` for `client` from `origin`: within the outer
+    /// bounds of the origin's prefixes, the client's limit (a connection
+    /// beyond it, or `provisional` from the start, is provisional), and the
+    /// server's cap (at which a client below its fair share makes room).
+    fn take(
+        self: &Arc<Self>,
+        client: Client,
+        origin: Origin,
+        kind: Kind,
+        mut provisional: bool,
+    ) -> Result<SlotGuard, Refused> {
+        let k = kind.index();
+        let (guard, evicted) = {
+            let mut table = self.table.lock();
+            let table = &mut *table;
+            if kind.bounded_by_prefix() {
+                for prefix in origin.prefixes() {
+                    let limit = self.rates_of(prefix).limits.count(kind);
+                    if table.prefixes.get(&prefix).map_or(0, |h| h[k]) >= limit {
+                        return Err(kind.refused_prefix(prefix, limit));
+                    }
+                }
             }
-        }
-        let Some(entry) = table.get_mut(&client) else {
-            // Not reached: the entry is there, and taking back a slot of
-            // another client leaves it.
-            total.fetch_sub(1, Relaxed);
-            return Err(slot.refused_client(client, 0));
-        };
-        *entry.count(slot) += 1;
-        let id = self.next_held.fetch_add(1, Relaxed);
-        let ended = if slot == Slot::Subscription {
-            self.never_ended.clone()
-        } else {
-            let ended = CancellationToken::new();
-            entry.held.push(Held {
-                id,
-                kind: slot,
-                ended: ended.clone(),
+            let per_client = self.per_client(kind);
+            let (held, provisional_held) = table
+                .clients
+                .get(&client)
+                .map_or((0, 0), |e| (e.held[k], e.provisional));
+            let own = if kind == Kind::Connection {
+                held - provisional_held
+            } else {
+                held
+            };
+            if own >= per_client {
+                if kind != Kind::Connection {
+                    return Err(kind.refused_client(client, per_client));
+                }
+                provisional = true;
+            }
+            let max = self.max[k];
+            let evicted = if table.totals[k] < max.saturating_add(table.doomed_count[k]) {
+                None
+            } else {
+                Some(make_room(table, client, kind, max)?)
+            };
+            let id = table.next_id;
+            table.next_id += 1;
+            let entry = table.clients.entry(client).or_insert_with(|| {
+                self.gauge.inc();
+                Entry::new(client, self.limits.queued_bytes)
             });
-            ended
+            entry.held[k] += 1;
+            if provisional {
+                entry.provisional += 1;
+            }
+            let state = entry.state.clone();
+            let ended = if kind.ends_by_token() {
+                let ended = CancellationToken::new();
+                entry.victims[k].insert(id, Victim::Token(ended.clone()));
+                ended
+            } else {
+                self.never_ended.clone()
+            };
+            table.totals[k] += 1;
+            if kind.bounded_by_prefix() {
+                for prefix in origin.prefixes() {
+                    table.prefixes.entry(prefix).or_default()[k] += 1;
+                }
+            }
+            let guard = SlotGuard {
+                clients: self.clone(),
+                state,
+                origin,
+                kind,
+                id,
+                provisional,
+                ended,
+            };
+            (guard, evicted)
         };
-        Ok(SlotGuard {
-            clients: self.clone(),
-            client,
-            kind: slot,
-            id,
-            ended,
-        })
-    }
-
-    /// The server's count of `slot`s taken, and its limit.
-    fn total(&self, slot: Slot) -> (&AtomicUsize, usize) {
-        match slot {
-            Slot::Subscription => (&self.subscriptions, self.max_subscriptions),
-            Slot::Call => (&self.calls, self.max_calls),
-            Slot::Bridged => (&self.bridged, BRIDGED_CALLS),
-            Slot::HealthCheck => (&self.health_checks, HEALTH_CHECKS),
-            Slot::HealthWatch => (&self.health_watches, HEALTH_WATCHES),
+        if let Some(evicted) = evicted {
+            evicted.evict();
         }
+        Ok(guard)
     }
 
     /// One new request (an HTTP/2 stream) of `client`, within its rate.
@@ -644,16 +981,24 @@ impl Clients {
     }
 
     /// How long from now until `limiter` has room, as its refusal says.
-    fn wait(
+    fn wait<K: std::hash::Hash + Eq + Clone>(
         &self,
-        limiter: &DefaultKeyedRateLimiter<Client>,
+        limiter: &DefaultKeyedRateLimiter<K>,
         not_until: &NotUntil<QuantaInstant>,
     ) -> Duration {
         not_until.wait_time_from(limiter.clock().now())
     }
 
-    /// One publish of `bytes` bytes by `client`, within its rates.
-    pub(crate) fn check_publish(&self, client: Client, bytes: usize) -> Result<(), Refused> {
+    /// One publish of `bytes` bytes by `client` from `origin`, within the
+    /// client's rates and its origin's.
+    pub(crate) fn check_publish(
+        &self,
+        client: Client,
+        origin: Origin,
+        bytes: usize,
+    ) -> Result<(), Refused> {
+        let n =
+            NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
         if let Err(not_until) = self.publish_rate.check_key(&client) {
             return Err(Refused::PublishRate(
                 client,
@@ -662,24 +1007,55 @@ impl Clients {
             ));
         }
         let per_second = self.limits.publish_bytes_rate.per_second.get();
-        let n =
-            NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
         match self.publish_bytes_rate.check_key_n(&client, n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Refused::PublishBytesRate(
-                client,
-                per_second,
-                self.wait(&self.publish_bytes_rate, &not_until),
-            )),
+            Ok(Ok(())) => {}
+            Ok(Err(not_until)) => {
+                return Err(Refused::PublishBytesRate(
+                    client,
+                    per_second,
+                    self.wait(&self.publish_bytes_rate, &not_until),
+                ));
+            }
             // More than a whole burst: the configuration keeps the burst at
             // least one largest envelope, so this is not reached; waiting a
             // burst's worth of time is what comes closest.
-            Err(_) => Err(Refused::PublishBytesRate(
-                client,
-                per_second,
-                Duration::from_secs(1),
-            )),
+            Err(_) => {
+                return Err(Refused::PublishBytesRate(
+                    client,
+                    per_second,
+                    Duration::from_secs(1),
+                ));
+            }
         }
+        for prefix in origin.prefixes() {
+            let rates = self.rates_of(prefix);
+            if let Err(not_until) = rates.publish.check_key(&prefix) {
+                return Err(Refused::AddressPublishRate(
+                    prefix,
+                    rates.limits.publish_rate.per_second.get(),
+                    self.wait(&rates.publish, &not_until),
+                ));
+            }
+            let per_second = rates.limits.publish_bytes_rate.per_second.get();
+            match rates.publish_bytes.check_key_n(&prefix, n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    return Err(Refused::AddressPublishBytesRate(
+                        prefix,
+                        per_second,
+                        self.wait(&rates.publish_bytes, &not_until),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Refused::AddressPublishBytesRate(
+                        prefix,
+                        per_second,
+                        Duration::from_secs(1),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`Clients::forget_idle_rates`], at most once a second.
@@ -707,89 +1083,170 @@ impl Clients {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        for limiter in self
+            .addresses
+            .limiters()
+            .into_iter()
+            .chain(self.sites.limiters())
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 
     /// `(connections, subscriptions, calls)` of `client`, for tests.
     #[cfg(test)]
     pub(crate) fn counts(&self, client: Client) -> Option<(usize, usize, usize)> {
-        self.table
-            .lock()
-            .get(&client)
-            .map(|e| (e.connections, e.subscriptions, e.calls))
+        self.table.lock().clients.get(&client).map(|e| {
+            (
+                e.held[Kind::Connection.index()],
+                e.held[Kind::Subscription.index()],
+                e.held[Kind::Call.index()],
+            )
+        })
     }
 
-    fn release(&self, client: Client, kind: Option<(Slot, u64)>) {
+    /// Remembers `victim` as what ends to make room for the guard `id` of
+    /// `client`.
+    fn set_victim(&self, client: Client, kind: Kind, id: u64, victim: Weak<dyn Evict>) {
         let mut table = self.table.lock();
-        let Some(entry) = table.get_mut(&client) else {
+        if table.doomed.contains(&id) {
+            return;
+        }
+        if let Some(entry) = table.clients.get_mut(&client) {
+            entry.victims[kind.index()].insert(id, Victim::Owner(victim));
+        }
+    }
+
+    /// Charges the connection of `guard` to the proven `key` from now on.
+    fn prove(&self, guard: &mut SlotGuard, key: Key) -> Result<(), Refused> {
+        let to = Client::Key(key);
+        let from = guard.state.client;
+        if from == to {
+            return Ok(());
+        }
+        let k = Kind::Connection.index();
+        let mut table = self.table.lock();
+        let table = &mut *table;
+        if table.doomed.contains(&guard.id) {
+            // Being evicted: it goes anyway.
+            return Ok(());
+        }
+        let held = table
+            .clients
+            .get(&to)
+            .map_or(0, |e| e.held[k] - e.provisional);
+        if held >= self.limits.connections {
+            return Err(Refused::ClientConnections(to, self.limits.connections));
+        }
+        let mut victim = None;
+        if let Some(old) = table.clients.get_mut(&from) {
+            old.held[k] -= 1;
+            if guard.provisional {
+                old.provisional -= 1;
+            }
+            victim = old.victims[k].remove(&guard.id);
+            if old.is_empty() {
+                table.clients.remove(&from);
+                self.gauge.dec();
+            }
+        }
+        let entry = table.clients.entry(to).or_insert_with(|| {
+            self.gauge.inc();
+            Entry::new(to, self.limits.queued_bytes)
+        });
+        entry.held[k] += 1;
+        if let Some(victim) = victim {
+            entry.victims[k].insert(guard.id, victim);
+        }
+        guard.state = entry.state.clone();
+        guard.provisional = false;
+        Ok(())
+    }
+
+    fn release(&self, guard: &SlotGuard) {
+        let k = guard.kind.index();
+        let client = guard.state.client;
+        let mut table = self.table.lock();
+        let table = &mut *table;
+        table.totals[k] -= 1;
+        let doomed = table.doomed.remove(&guard.id);
+        if doomed {
+            table.doomed_count[k] -= 1;
+        }
+        if guard.kind.bounded_by_prefix() {
+            for prefix in guard.origin.prefixes() {
+                if let Some(held) = table.prefixes.get_mut(&prefix) {
+                    held[k] -= 1;
+                    if held.iter().all(|&n| n == 0) {
+                        table.prefixes.remove(&prefix);
+                    }
+                }
+            }
+        }
+        let Some(entry) = table.clients.get_mut(&client) else {
             return;
         };
-        match kind {
-            None => entry.connections -= 1,
-            Some((Slot::Subscription, _)) => {
-                entry.subscriptions -= 1;
-                self.subscriptions.fetch_sub(1, Relaxed);
-            }
-            Some((slot, id)) => {
-                // A slot taken back for another client was given up then.
-                let Some(at) = entry.held.iter().position(|h| h.id == id) else {
-                    return;
-                };
-                entry.held.remove(at);
-                *entry.count(slot) -= 1;
-                self.total(slot).0.fetch_sub(1, Relaxed);
-            }
+        entry.held[k] -= 1;
+        if guard.provisional {
+            entry.provisional -= 1;
         }
+        if doomed {
+            entry.doomed[k] -= 1;
+        }
+        entry.victims[k].remove(&guard.id);
         if entry.is_empty() {
-            table.remove(&client);
+            table.clients.remove(&client);
             self.gauge.dec();
         }
     }
+}
 
-    /// The server's `slot`s are all taken and `client` holds `mine` of them:
-    /// if that is below its fair share of `max`, the client holding the most
-    /// gives up its newest (ended, and no longer counted: it is `client`'s
-    /// now). O(clients): only at a full cap.
-    fn take_back(
-        &self,
-        table: &mut HashMap<Client, Entry>,
-        client: Client,
-        slot: Slot,
-        mine: usize,
-        max: usize,
-    ) -> bool {
-        let mut holders = usize::from(mine == 0);
-        let mut heaviest: Option<(Client, usize)> = None;
-        for (&other, entry) in table.iter_mut() {
-            let n = *entry.count(slot);
-            if n == 0 {
-                continue;
-            }
-            holders += 1;
-            if heaviest.is_none_or(|(_, most)| n > most) {
-                heaviest = Some((other, n));
-            }
-        }
-        // mine < max / holders, without fractions.
-        let Some((heaviest, most)) = heaviest else {
-            return false;
+/// At the server's cap of `kind`: if `client` holds less than its fair
+/// share (`max` divided by the clients holding any, itself included), marks
+/// the most recent of the client holding the most to be ended and returns
+/// it; else refuses. O(clients): only at the cap.
+fn make_room(
+    table: &mut Table,
+    client: Client,
+    kind: Kind,
+    max: usize,
+) -> Result<Arc<dyn Evict>, Refused> {
+    let k = kind.index();
+    let refused = kind.refused_server(max);
+    if table.doomed_count[k] >= kind.evictions_in_flight() {
+        return Err(refused);
+    }
+    let mine = table.clients.get(&client).map_or(0, |e| e.keeps(kind));
+    let holders =
+        table.clients.values().filter(|e| e.keeps(kind) > 0).count() + usize::from(mine == 0);
+    // mine < max / holders, without fractions.
+    if mine.saturating_mul(holders) >= max {
+        return Err(refused);
+    }
+    loop {
+        let Some((&heaviest, entry)) = table
+            .clients
+            .iter_mut()
+            .filter(|(_, e)| !e.victims[k].is_empty())
+            .max_by_key(|(_, e)| e.keeps(kind))
+        else {
+            return Err(refused);
         };
-        if mine * holders >= max || heaviest == client || most <= mine + 1 {
-            return false;
+        if heaviest == client || entry.keeps(kind) <= mine + 1 {
+            return Err(refused);
         }
-        let Some(entry) = table.get_mut(&heaviest) else {
-            return false;
+        let Some((id, victim)) = entry.victims[k].pop_last() else {
+            return Err(refused);
         };
-        let Some(at) = entry.held.iter().rposition(|h| h.kind == slot) else {
-            return false;
+        // Gone already (its guard drops soon): try the next.
+        let Some(victim) = victim.upgrade() else {
+            continue;
         };
-        let held = entry.held.remove(at);
-        *entry.count(slot) -= 1;
-        held.ended.cancel();
-        if entry.is_empty() {
-            table.remove(&heaviest);
-            self.gauge.dec();
-        }
-        true
+        entry.doomed[k] += 1;
+        table.doomed.insert(id);
+        table.doomed_count[k] += 1;
+        return Ok(victim);
     }
 }
 
@@ -801,12 +1258,21 @@ pub(crate) fn pushback_ms(wait: Duration) -> u64 {
 }
 
 /// A connection of a client; released on drop.
-pub(crate) struct ConnectionGuard {
+pub(crate) type ConnectionGuard = SlotGuard;
+
+/// A connection, subscription or call of a client; released on drop.
+pub(crate) struct SlotGuard {
     clients: Arc<Clients>,
     state: Arc<ClientState>,
+    origin: Origin,
+    kind: Kind,
+    id: u64,
+    provisional: bool,
+    ended: CancellationToken,
 }
 
-impl ConnectionGuard {
+impl SlotGuard {
+    /// The client it is charged to.
     pub(crate) fn state(&self) -> &Arc<ClientState> {
         &self.state
     }
@@ -814,73 +1280,54 @@ impl ConnectionGuard {
     pub(crate) fn clients(&self) -> &Arc<Clients> {
         &self.clients
     }
-}
 
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.clients.release(self.state.client, None);
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    Subscription,
-    Call,
-    Bridged,
-    HealthCheck,
-    HealthWatch,
-}
-
-impl Slot {
-    /// Refused: `client` holds `limit` slots of this kind.
-    fn refused_client(self, client: Client, limit: usize) -> Refused {
-        match self {
-            Slot::Subscription => Refused::ClientSubscriptions(client, limit),
-            Slot::Call => Refused::ClientCalls(client, limit),
-            Slot::Bridged => Refused::ClientBridged(client, limit),
-            Slot::HealthCheck => Refused::ClientHealthChecks(client, limit),
-            Slot::HealthWatch => Refused::ClientHealthWatches(client, limit),
-        }
+    /// Where it comes from.
+    pub(crate) fn origin(&self) -> Origin {
+        self.origin
     }
 
-    /// Refused: the server holds `max` slots of this kind.
-    fn refused_server(self, max: usize) -> Refused {
-        match self {
-            Slot::Subscription => Refused::Subscriptions(max),
-            Slot::Call => Refused::Calls(max),
-            Slot::Bridged => Refused::Bridged(max),
-            Slot::HealthCheck => Refused::HealthChecks(max),
-            Slot::HealthWatch => Refused::HealthWatches(max),
-        }
-    }
-}
-
-/// A subscription or call slot of a client; released on drop.
-pub(crate) struct SlotGuard {
-    clients: Arc<Clients>,
-    client: Client,
-    kind: Slot,
-    id: u64,
-    ended: CancellationToken,
-}
-
-impl SlotGuard {
-    /// Cancelled when the server took the slot back for a client below its
-    /// fair share: the call ends (RESOURCE_EXHAUSTED).
+    /// Cancelled when the server took a call's slot back for a client below
+    /// its fair share: the call ends (RESOURCE_EXHAUSTED). (Connections and
+    /// subscriptions end through what they registered with
+    /// [`SlotGuard::set_victim`]; theirs is never cancelled.)
     pub(crate) fn ended(&self) -> &CancellationToken {
         &self.ended
+    }
+
+    /// A connection admitted beyond its client's limit: its first call must
+    /// prove a key.
+    pub(crate) fn is_provisional(&self) -> bool {
+        self.provisional
+    }
+
+    /// What ends it when another client needs its fair share.
+    pub(crate) fn set_victim(&self, victim: Weak<dyn Evict>) {
+        self.clients
+            .set_victim(self.state.client, self.kind, self.id, victim);
+    }
+
+    /// A connection whose call proved `key`: charged to that key from now on
+    /// (refused when the key holds all the connections a client may).
+    pub(crate) fn prove(&mut self, key: Key) -> Result<(), Refused> {
+        let clients = self.clients.clone();
+        clients.prove(self, key)
+    }
+
+    /// The refusal that closes a provisional connection whose first call
+    /// proved no key.
+    pub(crate) fn unproven(&self) -> Refused {
+        Refused::Unproven(self.state.client, self.clients.limits.connections)
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.clients
-            .release(self.client, Some((self.kind, self.id)));
+        self.clients.release(self);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn rate(n: u32) -> Rate {
@@ -891,22 +1338,78 @@ mod tests {
         }
     }
 
+    /// Outer bounds that do not bind.
+    pub(crate) const UNBOUNDED: AddressLimits = AddressLimits {
+        connections: usize::MAX / 8,
+        subscriptions: usize::MAX / 8,
+        calls: usize::MAX / 8,
+        connection_rate: Rate {
+            per_second: NonZeroU32::MAX,
+            burst: NonZeroU32::MAX,
+        },
+        publish_rate: Rate {
+            per_second: NonZeroU32::MAX,
+            burst: NonZeroU32::MAX,
+        },
+        publish_bytes_rate: Rate {
+            per_second: NonZeroU32::MAX,
+            burst: NonZeroU32::MAX,
+        },
+    };
+
+    fn limits(connections: usize, subscriptions: usize, calls: usize) -> ClientLimits {
+        ClientLimits {
+            connections,
+            subscriptions,
+            calls,
+            queued_bytes: 1000,
+            connection_rate: rate(100),
+            request_rate: rate(100),
+            publish_rate: rate(3),
+            publish_bytes_rate: rate(1000),
+            address: UNBOUNDED,
+        }
+    }
+
     fn clients(connections: usize, subscriptions: usize, calls: usize) -> Arc<Clients> {
         Arc::new(Clients::new(
-            ClientLimits {
-                connections,
-                subscriptions,
-                calls,
-                queued_bytes: 1000,
-                connection_rate: rate(100),
-                request_rate: rate(100),
-                publish_rate: rate(3),
-                publish_bytes_rate: rate(1000),
-            },
+            limits(connections, subscriptions, calls),
+            100,
             5,
             4,
             Gauge::default(),
         ))
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn origin(text: &str) -> Origin {
+        Origin::of(ip(text))
+    }
+
+    /// Something evicted: it says so.
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl Evict for Flag {
+        fn evict(&self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+
+    impl Flag {
+        fn evicted(&self) -> bool {
+            self.0.load(Relaxed)
+        }
+    }
+
+    fn victim(guard: &SlotGuard) -> Arc<Flag> {
+        let flag = Arc::new(Flag::default());
+        let weak: Weak<dyn Evict> = Arc::downgrade(&flag) as _;
+        guard.set_victim(weak);
+        flag
     }
 
     fn client(text: &str) -> Client {
@@ -925,30 +1428,42 @@ mod tests {
     fn limits_per_client_and_in_all_and_no_leftover_entries() {
         let clients = clients(2, 2, 1);
         let (a, b) = (client("192.0.2.1"), client("192.0.2.2"));
-        let a1 = clients.connect(a).unwrap();
-        let _a2 = clients.connect(a).unwrap();
+        let (oa, ob) = (origin("192.0.2.1"), origin("192.0.2.2"));
+        let a1 = clients.connect(ip("192.0.2.1")).unwrap();
+        let _a2 = clients.connect(ip("192.0.2.1")).unwrap();
+        assert!(!a1.is_provisional());
+        // Beyond the client's limit: provisional, to be closed unless its
+        // first call proves a key.
+        let a3 = clients.connect(ip("192.0.2.1")).unwrap();
+        assert!(a3.is_provisional());
+        assert_eq!(a3.unproven(), Refused::Unproven(a, 2));
+        drop(a3);
+        let _b1 = clients.connect(ip("192.0.2.2")).unwrap();
+        let s1 = clients.subscribe(a, oa).unwrap();
+        let _s2 = clients.subscribe(a, oa).unwrap();
         assert_eq!(
-            clients.connect(a).err(),
-            Some(Refused::ClientConnections(a, 2))
-        );
-        let _b1 = clients.connect(b).unwrap();
-        let s1 = clients.subscribe(a).unwrap();
-        let _s2 = clients.subscribe(a).unwrap();
-        assert_eq!(
-            clients.subscribe(a).err().map(|e| e.to_string()).as_deref(),
+            clients
+                .subscribe(a, oa)
+                .err()
+                .map(|e| e.to_string())
+                .as_deref(),
             Some("192.0.2.1 has reached the limit of 2 subscriptions per client")
         );
-        let _s3 = clients.subscribe(b).unwrap();
-        let _s4 = clients.subscribe(b).unwrap();
+        let _s3 = clients.subscribe(b, ob).unwrap();
+        let _s4 = clients.subscribe(b, ob).unwrap();
         drop(s1);
-        let _s5 = clients.subscribe(a).unwrap();
-        // The server's limit (5) holds for all.
-        let c = client("192.0.2.3");
-        let _c1 = clients.connect(c).unwrap();
-        let _c2 = clients.subscribe(c).unwrap();
-        assert_eq!(clients.subscribe(c).err(), Some(Refused::Subscriptions(5)));
-        let call = clients.call(a).unwrap();
-        assert_eq!(clients.call(a).err(), Some(Refused::ClientCalls(a, 1)));
+        let _s5 = clients.subscribe(a, oa).unwrap();
+        // The server's limit (5) holds for all, and a client holding its
+        // fair share (5 / 3 clients: 1) gets no more.
+        let (c, oc) = (client("192.0.2.3"), origin("192.0.2.3"));
+        let _c1 = clients.connect(ip("192.0.2.3")).unwrap();
+        let _c2 = clients.subscribe(c, oc).unwrap();
+        assert_eq!(
+            clients.subscribe(c, oc).err(),
+            Some(Refused::Subscriptions(5))
+        );
+        let call = clients.call(a, oa).unwrap();
+        assert_eq!(clients.call(a, oa).err(), Some(Refused::ClientCalls(a, 1)));
         drop(call);
         drop(a1);
         assert_eq!(clients.counts(a), Some((1, 2, 0)));
@@ -961,31 +1476,35 @@ mod tests {
         // 4 calls in all; up to 4 per client.
         let clients = clients(2, 2, 4);
         let (a, b) = (client("192.0.2.1"), client("192.0.2.2"));
-        let _conns = (clients.connect(a).unwrap(), clients.connect(b).unwrap());
-        let calls_of_a: Vec<SlotGuard> = (0..4).map(|_| clients.call(a).unwrap()).collect();
-        assert_eq!(clients.call(a).err(), Some(Refused::ClientCalls(a, 4)));
+        let (oa, ob) = (origin("192.0.2.1"), origin("192.0.2.2"));
+        let _conns = (
+            clients.connect(ip("192.0.2.1")).unwrap(),
+            clients.connect(ip("192.0.2.2")).unwrap(),
+        );
+        let calls_of_a: Vec<SlotGuard> = (0..4).map(|_| clients.call(a, oa).unwrap()).collect();
+        assert_eq!(clients.call(a, oa).err(), Some(Refused::ClientCalls(a, 4)));
         // B holds none: it is served, and A's newest call is ended.
-        let b1 = clients.call(b).unwrap();
+        let b1 = clients.call(b, ob).unwrap();
         let ended: Vec<bool> = calls_of_a
             .iter()
             .map(|c| c.ended().is_cancelled())
             .collect();
         assert_eq!(ended, vec![false, false, false, true]);
-        assert_eq!(clients.counts(a), Some((1, 0, 3)));
+        // The ended call holds its slot until its guard drops.
+        assert_eq!(clients.counts(a), Some((1, 0, 4)));
         // B (1 of 4, two holders: below its share of 2) gets one more.
-        let b2 = clients.call(b).unwrap();
+        let b2 = clients.call(b, ob).unwrap();
         assert!(calls_of_a[2].ended().is_cancelled());
         // Both hold their share: neither gets more.
-        assert_eq!(clients.call(b).err(), Some(Refused::Calls(4)));
-        assert_eq!(clients.call(a).err(), Some(Refused::Calls(4)));
+        assert_eq!(clients.call(b, ob).err(), Some(Refused::Calls(4)));
+        assert_eq!(clients.call(a, oa).err(), Some(Refused::ClientCalls(a, 4)));
         assert!(!calls_of_a[1].ended().is_cancelled());
-        // Ended calls give nothing back twice when their guards go.
         drop(calls_of_a);
         assert_eq!(clients.counts(a), Some((1, 0, 0)));
         assert_eq!(clients.counts(b), Some((1, 0, 2)));
-        let _a1 = clients.call(a).unwrap();
-        let _a2 = clients.call(a).unwrap();
-        assert_eq!(clients.call(a).err(), Some(Refused::Calls(4)));
+        let _a1 = clients.call(a, oa).unwrap();
+        let _a2 = clients.call(a, oa).unwrap();
+        assert_eq!(clients.call(a, oa).err(), Some(Refused::Calls(4)));
         drop((b1, b2));
         assert_eq!(clients.counts(b), Some((1, 0, 0)));
     }
@@ -993,31 +1512,32 @@ mod tests {
     #[test]
     fn health_watches_have_their_own_pool() {
         let clients = clients(2, 2, 64);
-        let a = client("192.0.2.1");
-        let _conn = clients.connect(a).unwrap();
+        let (a, oa) = (client("192.0.2.1"), origin("192.0.2.1"));
+        let _conn = clients.connect(ip("192.0.2.1")).unwrap();
         let watches: Vec<SlotGuard> = (0..HEALTH_WATCHES_PER_CLIENT)
-            .map(|_| clients.health_watch(a).unwrap())
+            .map(|_| clients.health_watch(a, oa).unwrap())
             .collect();
         assert_eq!(
-            clients.health_watch(a).err(),
+            clients.health_watch(a, oa).err(),
             Some(Refused::ClientHealthWatches(a, HEALTH_WATCHES_PER_CLIENT))
         );
         // Checks and the other services' calls are apart.
-        let _check = clients.health_check(a).unwrap();
-        let _bridged = clients.bridged(a).unwrap();
+        let _check = clients.health_check(a, oa).unwrap();
+        let _bridged = clients.bridged(a, oa).unwrap();
         drop(watches);
-        let _watch = clients.health_watch(a).unwrap();
+        let _watch = clients.health_watch(a, oa).unwrap();
     }
 
     #[test]
     fn publish_rates() {
         let clients = clients(1, 1, 1);
         let a = client("192.0.2.1");
+        let oa = origin("192.0.2.1");
         for _ in 0..3 {
-            clients.check_publish(a, 10).unwrap();
+            clients.check_publish(a, oa, 10).unwrap();
         }
         // 3 a second: the next token comes within a third of a second.
-        let refused = clients.check_publish(a, 10).unwrap_err();
+        let refused = clients.check_publish(a, oa, 10).unwrap_err();
         assert!(
             matches!(refused, Refused::PublishRate(c, 3, wait)
                 if c == a && wait > Duration::ZERO && wait <= Duration::from_millis(334)),
@@ -1035,9 +1555,106 @@ mod tests {
         // Another client has its own buckets; bytes beyond a burst are refused.
         let b = client("192.0.2.2");
         assert!(matches!(
-            clients.check_publish(b, 1001).err(),
+            clients.check_publish(b, origin("192.0.2.2"), 1001).err(),
             Some(Refused::PublishBytesRate(c, 1000, _)) if c == b
         ));
+    }
+
+    #[test]
+    fn a_client_below_its_fair_share_takes_the_newest_of_the_largest_holder() {
+        // A cap of 6 subscriptions, 4 per client.
+        let clients = Arc::new(Clients::new(limits(8, 4, 8), 100, 6, 8, Gauge::default()));
+        let (a, b, c) = (
+            client("192.0.2.1"),
+            client("192.0.2.2"),
+            client("192.0.2.3"),
+        );
+        let (oa, ob, oc) = (
+            origin("192.0.2.1"),
+            origin("192.0.2.2"),
+            origin("192.0.2.3"),
+        );
+        let mut held_a = Vec::new();
+        for _ in 0..4 {
+            let guard = clients.subscribe(a, oa).unwrap();
+            let flag = victim(&guard);
+            held_a.push((guard, flag));
+        }
+        let b1 = clients.subscribe(b, ob).unwrap();
+        let b1_flag = victim(&b1);
+        let _b2 = clients.subscribe(b, ob).unwrap();
+        // Full. c holds none, less than 6 / 3: a (the most) loses its newest.
+        let c1 = clients.subscribe(c, oc).unwrap();
+        let evicted: Vec<bool> = held_a.iter().map(|(_, f)| f.evicted()).collect();
+        assert_eq!(evicted, [false, false, false, true]);
+        assert!(!b1_flag.evicted());
+        // Until it is gone, a counts 3; c holds 1 < 6 / 3 = 2: a again.
+        let _c2 = clients.subscribe(c, oc).unwrap();
+        let evicted: Vec<bool> = held_a.iter().map(|(_, f)| f.evicted()).collect();
+        assert_eq!(evicted, [false, false, true, true]);
+        // c has its share now; and no more may be evicted than the cap
+        // lets in: refused.
+        assert_eq!(
+            clients.subscribe(c, oc).err(),
+            Some(Refused::Subscriptions(6))
+        );
+        // The evicted end: their slots go, and the total is the cap.
+        held_a.truncate(2);
+        assert_eq!(clients.table.lock().totals[Kind::Subscription.index()], 6);
+        assert_eq!(
+            clients.table.lock().doomed_count[Kind::Subscription.index()],
+            0
+        );
+        drop(c1);
+        assert_eq!(clients.counts(c), Some((0, 1, 0)));
+    }
+
+    #[test]
+    fn connections_are_shared_fairly_at_the_cap_and_move_to_their_key() {
+        let clients = Arc::new(Clients::new(limits(3, 4, 8), 4, 100, 8, Gauge::default()));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let guard = clients.connect(ip("192.0.2.1")).unwrap();
+            let flag = victim(&guard);
+            held.push((guard, flag));
+        }
+        assert!(held[3].0.is_provisional());
+        // The fourth proves a key: the address holds 3 again, the key 1.
+        let key = Key::from([7; 32]);
+        held[3].0.prove(key).unwrap();
+        assert!(!held[3].0.is_provisional());
+        assert_eq!(clients.counts(client("192.0.2.1")), Some((3, 0, 0)));
+        assert_eq!(clients.counts(Client::Key(key)), Some((1, 0, 0)));
+        // Full; a newcomer takes the newest of the address.
+        let _new = clients.connect(ip("192.0.2.9")).unwrap();
+        let evicted: Vec<bool> = held.iter().map(|(_, f)| f.evicted()).collect();
+        assert_eq!(evicted, [false, false, true, false]);
+    }
+
+    #[test]
+    fn an_ipv6_48_is_bounded_as_a_few_addresses() {
+        let mut limits = limits(100, 100, 100);
+        limits.address.connections = 2;
+        let clients = Arc::new(Clients::new(limits, 1000, 100, 100, Gauge::default()));
+        let mut held = Vec::new();
+        // A /64 holds 2; the /48 holds 4 x 2: 4 /64s' worth, not 65 536.
+        assert_eq!(SITE_FACTOR, 4);
+        for n in 0..4 {
+            for _ in 0..2 {
+                held.push(clients.connect(ip(&format!("2001:db8:1:{n}::1"))).unwrap());
+            }
+            assert!(matches!(
+                clients.connect(ip(&format!("2001:db8:1:{n}::2"))).err(),
+                Some(Refused::AddressConnections(Prefix::Address(_), 2))
+            ));
+        }
+        let refused = clients.connect(ip("2001:db8:1:99::1")).err().unwrap();
+        assert_eq!(
+            refused.to_string(),
+            "network 2001:db8:1::/48 has reached its limit of 8 connections"
+        );
+        // Another /48 is another network.
+        held.push(clients.connect(ip("2001:db8:2::1")).unwrap());
     }
 
     #[test]

@@ -7,7 +7,10 @@ use cunicu_signal::PrivateKey;
 
 use crate::{
     auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
-    client::{BRIDGED_CALLS, ClientLimits, HEALTH_CHECKS, HEALTH_WATCHES, Rate},
+    client::{
+        AddressLimits, BRIDGED_CALLS, CALL_EVICTIONS_IN_FLIGHT, ClientLimits, EVICTIONS_IN_FLIGHT,
+        HEALTH_CHECKS, HEALTH_WATCHES, Rate,
+    },
     relay::Relay,
 };
 
@@ -42,10 +45,15 @@ pub struct Config {
     /// it owed over a span this long, during which envelopes waited for it,
     /// is cut off (UNAVAILABLE "subscriber too slow").
     pub stall_timeout: Duration,
-    /// Most client connections open at once; beyond it accepting waits.
+    /// Most client connections open at once. At the cap, a client holding
+    /// less than its fair share (the cap divided by the clients holding any)
+    /// is still served: the client holding the most loses its newest
+    /// connection.
     pub max_connections: usize,
-    /// Most connections open at once from one client (an IP address, an IPv6
-    /// /64); more are refused.
+    /// Most connections open at once from one client (a proven key, or an
+    /// IP address, an IPv6 /64, without proof). More from one address are
+    /// admitted provisionally, within the address's bound: the first call of
+    /// each must prove a key, or it is closed.
     pub max_connections_per_client: usize,
     /// New connections per second from one client (a token bucket).
     pub connection_rate: Rate,
@@ -70,7 +78,9 @@ pub struct Config {
     pub health_watch_lifetime: Duration,
     /// A connection without a stream for this long is closed with GOAWAY.
     pub idle_timeout: Duration,
-    /// Most subscription streams open at once.
+    /// Most subscription streams open at once. At the cap, a client holding
+    /// less than its fair share is still served: the client holding the
+    /// most loses its newest subscription.
     pub max_subscriptions: usize,
     /// Most subscription streams open at once from one client.
     pub max_subscriptions_per_client: usize,
@@ -94,6 +104,20 @@ pub struct Config {
     /// Published bytes per second from one client (a token bucket; the
     /// burst is at least one largest envelope).
     pub publish_bytes_rate: Rate,
+    /// Most connections open at once from one address (IPv4, or an IPv6
+    /// /64), proven or not; an IPv6 /48 may hold four times the address
+    /// bounds.
+    pub address_connections: usize,
+    /// Most subscription streams open at once from one address.
+    pub address_subscriptions: usize,
+    /// Most calls in progress at once from one address.
+    pub address_calls: usize,
+    /// New connections per second from one address (a token bucket).
+    pub address_connection_rate: Rate,
+    /// Publishes per second from one address (a token bucket).
+    pub address_publish_rate: Rate,
+    /// Published bytes per second from one address (a token bucket).
+    pub address_publish_bytes_rate: Rate,
     /// Most concurrent HTTP/2 streams on one connection.
     pub max_streams_per_connection: u32,
     /// Interval of the server's HTTP/2 keepalive pings to clients.
@@ -174,6 +198,12 @@ impl Default for Config {
             request_rate: rate(500, 1_000),
             publish_rate: rate(200, 1_000),
             publish_bytes_rate: rate(1 << 20, 4 << 20),
+            address_connections: 1024,
+            address_subscriptions: 8192,
+            address_calls: 1024,
+            address_connection_rate: rate(128, 1024),
+            address_publish_rate: rate(16_384, 65_536),
+            address_publish_bytes_rate: rate(16 << 20, 64 << 20),
             max_streams_per_connection: 1024,
             keepalive_interval: Duration::from_secs(120),
             keepalive_timeout: Duration::from_secs(20),
@@ -239,7 +269,7 @@ const SEND_BUFFER: usize = 64 * 1024;
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let counts: [(&'static str, usize); 13] = [
+        let counts: [(&'static str, usize); 16] = [
             ("max-envelope-size", self.max_envelope_size),
             ("queue-depth", self.queue_depth),
             ("max-connections", self.max_connections),
@@ -262,6 +292,9 @@ impl Config {
             ),
             ("client-queued-bytes", self.client_queued_bytes),
             ("max-queued-bytes", self.max_queued_bytes),
+            ("address-connections", self.address_connections),
+            ("address-subscriptions", self.address_subscriptions),
+            ("address-calls", self.address_calls),
         ];
         for (setting, value) in counts {
             if value == 0 {
@@ -292,13 +325,17 @@ impl Config {
         }
         // One largest envelope (and its 5-byte frame prefix) must fit everywhere.
         let frame = self.max_envelope_size.saturating_add(5);
-        let at_least: [(&'static str, usize); 4] = [
+        let at_least: [(&'static str, usize); 5] = [
             ("queue-bytes", self.queue_bytes),
             ("client-queued-bytes", self.client_queued_bytes),
             ("max-queued-bytes", self.max_queued_bytes),
             (
                 "publish-bytes-burst",
                 self.publish_bytes_rate.burst.get() as usize,
+            ),
+            (
+                "address-publish-bytes-burst",
+                self.address_publish_bytes_rate.burst.get() as usize,
             ),
         ];
         for (setting, value) in at_least {
@@ -308,6 +345,37 @@ impl Config {
                     value,
                     other: "max-envelope-size + 5",
                     minimum: frame,
+                });
+            }
+        }
+        // An address holds at least what one client may.
+        let outer = [
+            (
+                "address-connections",
+                self.address_connections,
+                "max-connections-per-client",
+                self.max_connections_per_client,
+            ),
+            (
+                "address-subscriptions",
+                self.address_subscriptions,
+                "max-subscriptions-per-client",
+                self.max_subscriptions_per_client,
+            ),
+            (
+                "address-calls",
+                self.address_calls,
+                "max-calls-per-client",
+                self.max_calls_per_client,
+            ),
+        ];
+        for (setting, value, other, minimum) in outer {
+            if value < minimum {
+                return Err(ConfigError::Below {
+                    setting,
+                    value,
+                    other,
+                    minimum,
                 });
             }
         }
@@ -324,6 +392,14 @@ impl Config {
             request_rate: self.request_rate,
             publish_rate: self.publish_rate,
             publish_bytes_rate: self.publish_bytes_rate,
+            address: AddressLimits {
+                connections: self.address_connections,
+                subscriptions: self.address_subscriptions,
+                calls: self.address_calls,
+                connection_rate: self.address_connection_rate,
+                publish_rate: self.address_publish_rate,
+                publish_bytes_rate: self.address_publish_bytes_rate,
+            },
         }
     }
 
@@ -348,13 +424,26 @@ impl Config {
         };
         MemoryBound {
             base: BASE_BYTES,
-            connections: self.max_connections.saturating_mul(connection),
-            subscriptions: self.max_subscriptions.saturating_mul(SUBSCRIPTION_BYTES),
+            // At a cap, those being evicted for a client below its fair
+            // share are still open for a moment besides.
+            connections: self
+                .max_connections
+                .saturating_add(EVICTIONS_IN_FLIGHT)
+                .saturating_mul(connection),
+            subscriptions: self
+                .max_subscriptions
+                .saturating_add(EVICTIONS_IN_FLIGHT)
+                .saturating_mul(SUBSCRIPTION_BYTES),
+            // The same for each pool of calls.
             calls: self
                 .max_calls
+                .saturating_add(CALL_EVICTIONS_IN_FLIGHT)
                 .saturating_mul(CALL_BYTES)
-                .saturating_add(BRIDGED_CALLS * BRIDGED_CALL_BYTES)
-                .saturating_add((HEALTH_CHECKS + HEALTH_WATCHES) * HEALTH_CALL_BYTES),
+                .saturating_add((BRIDGED_CALLS + CALL_EVICTIONS_IN_FLIGHT) * BRIDGED_CALL_BYTES)
+                .saturating_add(
+                    (HEALTH_CHECKS + HEALTH_WATCHES + 2 * CALL_EVICTIONS_IN_FLIGHT)
+                        * HEALTH_CALL_BYTES,
+                ),
             queued: self.max_queued_bytes,
             cluster: if self.cluster.is_some() {
                 // A NATS subscription and its task per key: at worst one
@@ -462,5 +551,73 @@ impl fmt::Display for MemoryBound {
             write!(f, " + {:.0} proofs", mib(self.auth))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a token bucket lets through in `seconds`, from full.
+    fn within(rate: Rate, seconds: u64) -> u64 {
+        u64::from(rate.burst.get()) + u64::from(rate.per_second.get()) * seconds
+    }
+
+    #[test]
+    fn the_defaults_fit_a_fleet_of_250_proven_peers_behind_one_address() {
+        const PEERS: u64 = 250;
+        // A full mesh's start: about 10 envelopes per pair and direction
+        // within a minute, each a Publish of a few hundred bytes.
+        const PER_PAIR: u64 = 10;
+        const SECONDS: u64 = 60;
+        const PUBLISH_BYTES: u64 = 512;
+        let config = Config::default();
+        config.check().unwrap();
+        let per_peer = PER_PAIR * (PEERS - 1);
+        let all = per_peer * PEERS;
+        // Each peer: a connection, a subscription, a few calls at once, and
+        // its share of the publishes, under its key's limits.
+        assert!(config.max_connections_per_client >= 1);
+        assert!(within(config.publish_rate, SECONDS) >= per_peer);
+        assert!(within(config.publish_bytes_rate, SECONDS) >= per_peer * PUBLISH_BYTES);
+        // Subscribe, publishes and GetRelays: requests.
+        assert!(within(config.request_rate, SECONDS) >= per_peer + 2);
+        // The address holds them all at once.
+        let peers = PEERS as usize;
+        assert!(config.address_connections >= peers);
+        assert!(config.address_connection_rate.burst.get() as usize >= peers);
+        assert!(config.address_subscriptions >= peers);
+        assert!(config.address_calls >= 2 * peers);
+        assert!(within(config.address_publish_rate, SECONDS) >= all);
+        assert!(within(config.address_publish_bytes_rate, SECONDS) >= all * PUBLISH_BYTES);
+        // And all at once at the start, the first envelope of each pair.
+        assert!(u64::from(config.address_publish_rate.burst.get()) >= PEERS * (PEERS - 1));
+        // An unproven client from that address keeps the per-client limits.
+        assert!(config.max_connections_per_client < config.address_connections);
+        assert!(config.publish_rate.burst < config.address_publish_rate.burst);
+    }
+
+    #[test]
+    fn the_worst_case_fits_deploys_memory_limit() {
+        // deploy/: a 1280 MiB limit for the defaults (plaintext, a key
+        // file), and for a replica of a cluster with half the subscriptions.
+        const LIMIT: usize = 1280 << 20;
+        let mut config = Config {
+            key: Some(cunicu_signal::PrivateKey::generate()),
+            ..Config::default()
+        };
+        let bound = config.memory_bound();
+        assert!(bound.total() < LIMIT, "{bound}");
+        // The subscriptions and connections being evicted are in it.
+        assert_eq!(
+            bound.subscriptions,
+            (config.max_subscriptions + EVICTIONS_IN_FLIGHT) * SUBSCRIPTION_BYTES
+        );
+        config.max_subscriptions = 50_000;
+        config.cluster = Some(crate::cluster::ClusterConfig::new(vec![
+            "nats://127.0.0.1:4222".into(),
+        ]));
+        let bound = config.memory_bound();
+        assert!(bound.total() < LIMIT, "{bound}");
     }
 }

@@ -53,7 +53,10 @@ use tonic::{Status, service::Routes};
 use crate::{
     auth::Auth,
     bridge::{self, MAX_HEALTH_REQUEST_BYTES},
-    client::{Charged, ClientState, Clients, ConnectionGuard, Exhausted, Refused, SlotGuard},
+    client::{
+        Charged, Client, ClientState, Clients, ConnectionGuard, Evict, Exhausted, Origin, Refused,
+        SlotGuard,
+    },
     deadlines::{Late, RequestDeadline, Verdict},
     hub::{Cut, Hub, Mailbox, Publisher, Subscription, Take},
     listener::Io,
@@ -79,6 +82,9 @@ const MAX_ACCEPTS: usize = 4;
 /// Streams refused on one connection for the client's request rate before
 /// the connection is closed (GOAWAY `ENHANCE_YOUR_CALM`).
 const REFUSED_BEFORE_CLOSE: u32 = 1024;
+/// How long a connection ended to make room for another client's fair
+/// share, or for want of a proof, has to let its last answers out.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Timeouts of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -238,7 +244,21 @@ pub(crate) async fn serve(
             }
         },
     };
-    let mut connection = Connection::new(h2, shared, guard, remote, shutdown, kill, deadline);
+    let evicted = Arc::new(CancellationToken::new());
+    let victim: std::sync::Weak<dyn Evict> = Arc::downgrade(&evicted) as _;
+    guard.set_victim(victim);
+    let mut connection = Connection::new(
+        h2,
+        shared,
+        guard,
+        remote,
+        (
+            shutdown,
+            kill,
+            CancellationToken::clone(&evicted).cancelled_owned(),
+        ),
+        deadline,
+    );
     let end = std::future::poll_fn(|cx| connection.poll_run(cx)).await;
     match end {
         End::Closed | End::Killed => {}
@@ -313,6 +333,12 @@ struct Connection {
     shared: Arc<Shared>,
     client: ConnectionGuard,
     remote: SocketAddr,
+    /// The key a call of this connection proved first: the client of its
+    /// later calls without a proof.
+    key: Option<Key>,
+    /// A call other than GetBuildInfo came (a provisional connection's
+    /// first must prove a key).
+    called: bool,
     mailbox: Arc<Mailbox>,
     subs: Slab<Slot>,
     calls: FuturesUnordered<Call>,
@@ -328,6 +354,10 @@ struct Connection {
     stall_at: Option<Instant>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Fires when the connection is ended to make room for another client.
+    evicted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Ended by the server (evicted, unproven): by then it goes, done or not.
+    close_by: Option<Instant>,
     stopping: bool,
     /// A GOAWAY went out: the connection ends with its last stream.
     closing: bool,
@@ -345,8 +375,11 @@ impl Connection {
         shared: Arc<Shared>,
         client: ConnectionGuard,
         remote: SocketAddr,
-        shutdown: CancellationToken,
-        kill: CancellationToken,
+        (shutdown, kill, evicted): (
+            CancellationToken,
+            CancellationToken,
+            WaitForCancellationFutureOwned,
+        ),
         first_request_at: Instant,
     ) -> Self {
         let now = Instant::now();
@@ -356,6 +389,8 @@ impl Connection {
             h2,
             client,
             remote,
+            key: None,
+            called: false,
             mailbox: Arc::new(Mailbox::default()),
             subs: Slab::new(),
             calls: FuturesUnordered::new(),
@@ -368,6 +403,8 @@ impl Connection {
             stall_at: None,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             kill: Box::pin(kill.cancelled_owned()),
+            evicted: Some(Box::pin(evicted)),
+            close_by: None,
             stopping: false,
             closing: false,
             ending: Vec::new(),
@@ -386,6 +423,13 @@ impl Connection {
             }
             if !self.stopping && self.shutdown.as_mut().poll(cx).is_ready() {
                 self.stop();
+                busy = true;
+            }
+            if let Some(evicted) = self.evicted.as_mut()
+                && evicted.as_mut().poll(cx).is_ready()
+            {
+                self.evicted = None;
+                self.evict();
                 busy = true;
             }
             // Envelopes to send, and streams that changed.
@@ -442,8 +486,79 @@ impl Connection {
         Poll::Pending
     }
 
-    fn client(&self) -> &Arc<ClientState> {
-        self.client.state()
+    /// Where the connection comes from.
+    fn origin(&self) -> Origin {
+        self.client.origin()
+    }
+
+    /// Who a new request is charged to: the key its proof proves, else the
+    /// key the connection proved before, else its address. The first call
+    /// (GetBuildInfo aside) of a connection admitted provisionally must
+    /// prove a key: `Err` with the refusal that closes it.
+    fn caller(&mut self, request: &Request<RecvStream>) -> Result<Client, Refused> {
+        let path = request.uri().path();
+        let origin = self.origin();
+        let proven = self
+            .shared
+            .auth
+            .identify(request.headers(), path, origin.client());
+        if let Some(key) = proven
+            && self.key.is_none()
+        {
+            // The connection is the key's from now on (if the key has room).
+            match self.client.prove(key) {
+                Ok(()) => self.key = Some(key),
+                Err(refused) if self.client.is_provisional() => return Err(refused),
+                Err(_) => {}
+            }
+        }
+        if !self.called && path != wire::GET_BUILD_INFO {
+            self.called = true;
+            if self.client.is_provisional() {
+                return Err(self.client.unproven());
+            }
+        }
+        Ok(proven
+            .or(self.key)
+            .map_or_else(|| origin.client(), Client::Key))
+    }
+
+    /// Ends the connection, whose client held the most connections when the
+    /// server held all it may, for another client's fair share: each
+    /// subscription stream ends with RESOURCE_EXHAUSTED, calls in progress
+    /// get a moment to finish.
+    fn evict(&mut self) {
+        let shared = self.shared.clone();
+        shared.metrics.close_connection_for("fair_share");
+        if shared.logs.closed.allow() {
+            tracing::info!(remote = %self.remote, "connection closed: the server holds all the connections it may, this client the most, and another needed its share");
+        }
+        let status = Status::resource_exhausted(
+            "the server holds all the connections it may: this client held the most, and another needed its share",
+        );
+        let open: Vec<usize> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Open { .. }))
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in open {
+            if let Some(Slot::Open { mut send, .. }) = self.subs.try_remove(slot) {
+                let _ = send.send_trailers(wire::status_trailers(&status));
+                self.stream_done();
+            }
+        }
+        self.close_soon();
+    }
+
+    /// Sends GOAWAY: the connection ends with its last stream, and within
+    /// [`CLOSE_GRACE`] in any case.
+    fn close_soon(&mut self) {
+        self.closing = true;
+        self.idle_at = None;
+        self.first_request_at = None;
+        self.h2.graceful_shutdown();
+        self.close_by = Some(Instant::now() + CLOSE_GRACE);
     }
 
     /// A new stream: a call starts. Fails when the client keeps going over
@@ -455,7 +570,32 @@ impl Connection {
     ) -> Result<(), End> {
         self.first_request_at = None;
         let shared = self.shared.clone();
-        if let Err(refused) = shared.clients.check_request(self.client().client) {
+        if self.closing && self.close_by.is_some() {
+            let status = Status::unavailable("the server is closing this connection");
+            let _ = respond.send_response(
+                wire::error_response(&status, &shared.response_headers),
+                true,
+            );
+            return Ok(());
+        }
+        let caller = match self.caller(&request) {
+            Ok(caller) => caller,
+            Err(refused) => {
+                // A connection beyond its address's per-client limit whose
+                // first call proved no key: refused, and closed.
+                shared.metrics.close_connection_for("unproven");
+                if shared.logs.closed.allow() {
+                    tracing::info!(remote = %self.remote, "connection closed: {refused}");
+                }
+                let _ = respond.send_response(
+                    wire::error_response(&refused.status(), &shared.response_headers),
+                    true,
+                );
+                self.close_soon();
+                return Ok(());
+            }
+        };
+        if let Err(refused) = shared.clients.check_request(caller) {
             // One HEADERS frame that says when to come back (a reset would
             // say nothing); a flood costs that much a stream, no more.
             shared.metrics.reject_for(refused.reason());
@@ -484,7 +624,8 @@ impl Connection {
             self.stream_done();
             return Ok(());
         }
-        let call = match self.client.clients().call(self.client().client) {
+        let origin = self.origin();
+        let call = match self.client.clients().call(caller, origin) {
             Ok(call) => call,
             Err(refused) => {
                 self.refuse(&refused, respond);
@@ -492,13 +633,13 @@ impl Connection {
                 return Ok(());
             }
         };
-        let client = self.client().clone();
+        let client = call.state().clone();
         let future: Call = match request.uri().path() {
             wire::SUBSCRIBE => {
                 let slot = self.subs.insert(Slot::Pending);
                 Box::pin(subscribe(
                     shared,
-                    client,
+                    (client, origin),
                     call,
                     request,
                     respond,
@@ -506,16 +647,21 @@ impl Connection {
                     slot,
                 ))
             }
-            wire::PUBLISH => Box::pin(publish(shared, client, call, request, respond)),
+            wire::PUBLISH => Box::pin(publish(shared, (client, origin), call, request, respond)),
             path => {
                 let clients = self.client.clients();
-                let me = self.client().client;
                 // Health checks never wait behind the other services' calls,
                 // and watches, which last, have a small pool of their own.
                 let (taken, limit) = match path {
-                    HEALTH_CHECK => (clients.health_check(me), MAX_HEALTH_REQUEST_BYTES),
-                    HEALTH_WATCH => (clients.health_watch(me), MAX_HEALTH_REQUEST_BYTES),
-                    _ => (clients.bridged(me), bridge::MAX_REQUEST_BYTES),
+                    HEALTH_CHECK => (
+                        clients.health_check(caller, origin),
+                        MAX_HEALTH_REQUEST_BYTES,
+                    ),
+                    HEALTH_WATCH => (
+                        clients.health_watch(caller, origin),
+                        MAX_HEALTH_REQUEST_BYTES,
+                    ),
+                    _ => (clients.bridged(caller, origin), bridge::MAX_REQUEST_BYTES),
                 };
                 let bridged = match taken {
                     Ok(bridged) => bridged,
@@ -528,6 +674,7 @@ impl Connection {
                 Box::pin(async move {
                     let answering = bridge::Answering {
                         client,
+                        address: origin.client(),
                         server: shared.hub.budget().clone(),
                         metrics: shared.metrics.clone(),
                         timeout: shared.timeouts.request,
@@ -640,6 +787,12 @@ impl Connection {
                     "key_fair_share",
                     Status::resource_exhausted(
                         "this key has all the subscriptions it may, and another client needed its share",
+                    ),
+                ),
+                Cut::FairShare => (
+                    "fair_share",
+                    Status::resource_exhausted(
+                        "the server holds all the subscriptions it may: this client held the most, and another needed its share",
                     ),
                 ),
             };
@@ -810,6 +963,10 @@ impl Connection {
         if self.first_request_at.is_some_and(|at| now >= at) {
             return Err(End::Cut("handshake_timeout"));
         }
+        if self.close_by.is_some_and(|at| now >= at) {
+            // Counted when it was ended.
+            return Err(End::Closed);
+        }
         if self.idle_at.is_some_and(|at| now >= at) {
             self.idle_at = None;
             if !self.closing {
@@ -840,10 +997,16 @@ impl Connection {
             Keepalive::Next(at) | Keepalive::Waiting(at) => at,
         };
         let ending = self.ending.last().map(|&(at, _)| at);
-        let next = [self.first_request_at, self.idle_at, self.stall_at, ending]
-            .into_iter()
-            .flatten()
-            .fold(keepalive, Instant::min);
+        let next = [
+            self.first_request_at,
+            self.idle_at,
+            self.stall_at,
+            ending,
+            self.close_by,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(keepalive, Instant::min);
         if self.timer.deadline() != next {
             self.timer.as_mut().reset(next);
         }
@@ -969,7 +1132,7 @@ async fn read_request(
 
 async fn subscribe(
     shared: Arc<Shared>,
-    client: Arc<ClientState>,
+    (client, origin): (Arc<ClientState>, Origin),
     call: SlotGuard,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -1000,13 +1163,16 @@ async fn subscribe(
             &parts.headers,
             wire::SUBSCRIBE,
             &Key::from(key),
-            client.client,
+            origin.client(),
         )?;
-        let guard = shared.clients.subscribe(client.client).map_err(|refused| {
-            shared.metrics.reject_for(refused.reason());
-            tracing::debug!("subscription refused: {refused}");
-            refused.status()
-        })?;
+        let guard = shared
+            .clients
+            .subscribe(client.client, origin)
+            .map_err(|refused| {
+                shared.metrics.reject_for(refused.reason());
+                tracing::debug!("subscription refused: {refused}");
+                refused.status()
+            })?;
         let (subscription, _first) = shared
             .hub
             .subscribe(key, client.clone(), guard, mailbox, slot)
@@ -1041,7 +1207,7 @@ async fn subscribe(
 
 async fn publish(
     shared: Arc<Shared>,
-    client: Arc<ClientState>,
+    (client, origin): (Arc<ClientState>, Origin),
     call: SlotGuard,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -1063,7 +1229,7 @@ async fn publish(
             |n| {
                 shared
                     .clients
-                    .check_publish(client.client, n)
+                    .check_publish(client.client, origin, n)
                     .map_err(|refused| {
                         metrics.reject_for(refused.reason());
                         if shared.logs.refused.allow() {
@@ -1084,7 +1250,7 @@ async fn publish(
             &parts.headers,
             wire::PUBLISH,
             &Key::from(sender),
-            client.client,
+            origin.client(),
         )?;
         metrics.published.inc();
         let ask = shared.recipients.answers(&parts.headers);

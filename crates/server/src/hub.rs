@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
-    client::{Budget, Client, ClientState, Exhausted, SlotGuard, reserve},
+    client::{Budget, Client, ClientState, Evict, Exhausted, SlotGuard, reserve},
     deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
 };
@@ -179,6 +179,15 @@ pub(crate) enum Cut {
     /// The server's byte budget was full, its client held the most of it,
     /// and a subscriber of a client with less than its share needed room.
     QueueFairShare,
+    /// The server held all the subscriptions it may, its client the most,
+    /// and a client with less than its share came.
+    FairShare,
+}
+
+impl Evict for Sub {
+    fn evict(&self) {
+        self.cut_for(Cut::FairShare);
+    }
 }
 
 impl State {
@@ -649,6 +658,8 @@ impl Hub {
             .entry(sub.client.client)
             .or_default()
             .insert(sub.seq, sub.clone());
+        let victim: std::sync::Weak<dyn Evict> = Arc::downgrade(&sub) as _;
+        slot_guard.set_victim(victim);
         let metrics = &inner.metrics;
         metrics.subscriptions.inc();
         if first {
@@ -929,7 +940,9 @@ mod tests {
                 request_rate: rate,
                 publish_rate: rate,
                 publish_bytes_rate: rate,
+                address: crate::client::tests::UNBOUNDED,
             },
+            1000,
             100,
             100,
             Default::default(),
@@ -971,11 +984,12 @@ mod tests {
             mailbox: &Arc<Mailbox>,
             slot: usize,
         ) -> Result<Subscription, KeyFull> {
-            let client = crate::client::Client::of(ip.parse::<IpAddr>().unwrap());
-            let conn = self.clients.connect(client).unwrap();
+            let addr = ip.parse::<IpAddr>().unwrap();
+            let conn = self.clients.connect(addr).unwrap();
             let state = conn.state().clone();
+            let origin = conn.origin();
             self._conns.push(conn);
-            let guard = self.clients.subscribe(client).unwrap();
+            let guard = self.clients.subscribe(state.client, origin).unwrap();
             self.hub
                 .subscribe([key; 32], state, guard, mailbox.clone(), slot)
                 .map(|(s, _)| s)

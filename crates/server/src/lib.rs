@@ -233,6 +233,7 @@ impl Server {
         );
         let clients = Arc::new(client::Clients::new(
             config.client_limits(),
+            config.max_connections,
             config.max_subscriptions,
             config.max_calls,
             metrics.clients.clone(),
@@ -401,7 +402,6 @@ impl Server {
         let accept = tokio::spawn(listener::accept(
             listener,
             shared.clone(),
-            config.max_connections,
             shutdown.clone(),
             kill.clone(),
             connections.clone(),

@@ -1,5 +1,6 @@
-//! The accept loop: connections capped in all and per client, new ones
-//! rate-limited per client; each accepted connection gets its own task
+//! The accept loop: connections capped in all (shared fairly at the cap),
+//! per client and per address, new ones rate-limited per client and per
+//! address ([`crate::client`]); each accepted connection gets its own task
 //! ([`crate::conn`]), which does the TLS handshake within its deadline.
 
 use std::{
@@ -14,12 +15,11 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 use tokio_rustls::server::TlsStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{ServerError, client::Client, conn, conn::Shared};
+use crate::{ServerError, conn, conn::Shared};
 /// Pause after an accept error (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -91,28 +91,20 @@ impl AsyncWrite for Io {
 const FORGET_RATES_EVERY: Duration = Duration::from_secs(30);
 
 /// Accepts connections on `listener` until `shutdown` and serves each in a
-/// task of `tasks`. A connection holds a permit of `max_connections` until
-/// it closes (at the limit, accepting waits: the kernel's backlog absorbs
-/// the rest); a client over its connection limit or rate is refused at once.
+/// task of `tasks`. A connection is admitted or refused at once, never kept
+/// waiting: at the server's cap of connections, one from a client below its
+/// fair share ends the newest connection of the client holding the most; a
+/// client over its limits is refused (its connection closed).
 pub(crate) async fn accept(
     listener: TcpListener,
     shared: Arc<Shared>,
-    max_connections: usize,
     shutdown: CancellationToken,
     kill: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
     let mut forget = tokio::time::interval(FORGET_RATES_EVERY);
     forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = forget.tick() => {
@@ -128,8 +120,7 @@ pub(crate) async fn accept(
                 }
             },
         };
-        let client = Client::of(remote.ip());
-        let guard = match shared.clients.connect(client) {
+        let guard = match shared.clients.connect(remote.ip()) {
             Ok(guard) => guard,
             Err(refused) => {
                 shared.metrics.refuse_connection_for(refused.reason());
@@ -142,7 +133,6 @@ pub(crate) async fn accept(
         let _ = stream.set_nodelay(true);
         let (shared, shutdown, kill) = (shared.clone(), shutdown.clone(), kill.clone());
         tasks.spawn(async move {
-            let _permit = permit;
             conn::serve(stream, remote, guard, shared, shutdown, kill).await;
         });
     }

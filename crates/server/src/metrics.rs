@@ -69,7 +69,7 @@ pub struct Metrics {
     /// `not_allowed`, `cache_full`).
     pub auth: Family<AuthResult, Counter>,
     /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
-    /// `key_fair_share`, `queue_fair_share`).
+    /// `key_fair_share`, `fair_share`, `queue_fair_share`).
     pub subscribers_cut: Family<Reason, Counter>,
     /// Calls the server ended before they were done, by reason
     /// (`first_bytes_timeout`: no request bytes within the first-bytes
@@ -78,10 +78,13 @@ pub struct Metrics {
     /// health watch stream reached its end).
     pub calls_ended: Family<Reason, Counter>,
     /// Connections refused at accept, by reason (`too_many_client_connections`,
-    /// `connection_rate`, `tls_handshake_rate`).
+    /// `too_many_connections`, `too_many_address_connections`,
+    /// `address_connection_rate`, `tls_handshake_rate`).
     pub connections_refused: Family<Reason, Counter>,
     /// Connections the server closed, by reason (`handshake_timeout`, `idle`,
-    /// `keepalive_timeout`).
+    /// `keepalive_timeout`, `request_rate`, `fair_share`: ended for another
+    /// client's fair share, `unproven`: admitted beyond its address's
+    /// per-client limit, its first call proved no key).
     pub connections_closed: Family<Reason, Counter>,
     /// Open client connections.
     pub connections: Gauge,
@@ -139,15 +142,37 @@ const REJECT_REASONS: &[&str] = &[
     "request_rate",
     "publish_rate",
     "publish_bytes_rate",
+    "too_many_address_subscriptions",
+    "too_many_address_calls",
+    "address_publish_rate",
+    "address_publish_bytes_rate",
+    "too_many_client_health_checks",
+    "too_many_health_checks",
+    "too_many_client_health_watches",
+    "too_many_health_watches",
 ];
-const CUT_REASONS: &[&str] = &["stalled", "not_allowed", "queue_fair_share"];
+const CUT_REASONS: &[&str] = &[
+    "stalled",
+    "not_allowed",
+    "key_fair_share",
+    "fair_share",
+    "queue_fair_share",
+];
+const CONNECTION_REFUSED_REASONS: &[&str] = &[
+    "too_many_client_connections",
+    "connection_rate",
+    "too_many_connections",
+    "too_many_address_connections",
+    "address_connection_rate",
+];
 const CALL_END_REASONS: &[&str] = &["first_bytes_timeout", "fair_share", "health_watch_lifetime"];
-const CONNECTION_REFUSED_REASONS: &[&str] = &["too_many_client_connections", "connection_rate"];
 const CONNECTION_CLOSED_REASONS: &[&str] = &[
     "handshake_timeout",
     "idle",
     "keepalive_timeout",
     "request_rate",
+    "fair_share",
+    "unproven",
 ];
 const CLUSTER_DROP_REASONS: &[&str] = &[
     "buffer_full",

@@ -11,6 +11,10 @@ use tonic::Status;
 
 pub(crate) use cunicu_signal::proto::method::{PUBLISH, SUBSCRIBE};
 
+/// The path of `Signaling.GetBuildInfo`, which a client calls before it
+/// knows the server's key, so without a proof.
+pub(crate) const GET_BUILD_INFO: &str = "/cunicu.signaling.Signaling/GetBuildInfo";
+
 /// Length of a message's prefix: a compression flag and a 32-bit length.
 pub(crate) const PREFIX_LEN: usize = 5;
 

@@ -449,7 +449,7 @@ async fn subscriptions_are_limited_per_client_and_in_all() -> Result<()> {
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(
         status.message(),
-        "the server has reached its limit of 3 subscriptions"
+        "the server has reached its limit of 3 subscriptions and this client holds its fair share"
     );
 
     // A stream that ends frees its client's slot.
@@ -853,8 +853,11 @@ async fn one_stream_per_key_ended_by_the_last_unsubscribe() -> Result<()> {
     Ok(())
 }
 
+/// At the cap of connections, a client that holds its fair share (here the
+/// only client, holding all) is refused at once, not kept waiting; once one
+/// closes, a new one is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_wait_until_one_closes() -> Result<()> {
+async fn connections_beyond_the_cap_are_refused_at_once() -> Result<()> {
     let mut config = config();
     config.max_connections = 2;
     let server = start(config).await;
@@ -863,17 +866,19 @@ async fn connections_beyond_the_limit_wait_until_one_closes() -> Result<()> {
     first.publish(raw_envelope([1; 32], 0)).await?;
     let mut second = second;
     second.publish(raw_envelope([1; 32], 1)).await?;
-    // The third connects at the TCP level (the kernel's backlog) but is not served.
     let third = Channel::from_shared(format!("http://{}", server.local_addr()))?.connect_lazy();
     let mut third = SignalingClient::new(third);
-    let waiting = tokio::spawn(async move { third.publish(raw_envelope([1; 32], 2)).await });
-    // A connection that is not served gives no event: real sockets, so real
-    // time, long enough for a served one to have published many times over.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "a third connection was served");
+    let refused = timeout(WAIT, third.publish(raw_envelope([1; 32], 2))).await?;
+    assert!(refused.is_err(), "a third connection was served");
     assert_eq!(server.metrics().published.get(), 2);
+    let text = server.metrics().encode();
+    assert!(
+        text.contains("signaling_connections_refused_total{reason=\"too_many_connections\"} 1\n"),
+        "{text}"
+    );
     drop(first);
-    timeout(WAIT, waiting).await???;
+    let mut fourth = client(&server).await;
+    timeout(WAIT, fourth.publish(raw_envelope([1; 32], 3))).await??;
     assert_eq!(server.metrics().published.get(), 3);
     drop(second);
     Ok(())
