@@ -237,7 +237,7 @@ pub(crate) async fn serve(
             Err(never) => match never {},
         },
         () = &mut ended => {
-            let status = crate::conn::fair_share_ended(&answering.metrics);
+            let status = crate::signaling::fair_share_ended(&answering.metrics);
             let _ = respond.send_response(wire::error_response(&status, extra), true);
             return;
         }
@@ -262,7 +262,7 @@ pub(crate) async fn serve(
     let piped = tokio::select! {
         piped = pipe(body, &mut send, &unwritten) => piped,
         () = &mut ended => {
-            let status = crate::conn::fair_share_ended(&answering.metrics);
+            let status = crate::signaling::fair_share_ended(&answering.metrics);
             let _ = send.send_trailers(wire::status_trailers(&status));
             return;
         }

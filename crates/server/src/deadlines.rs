@@ -8,6 +8,12 @@
 //!   first-bytes timeout of its headers (a second by default), and the whole
 //!   message within the request timeout. A stream opened with headers alone
 //!   holds its slots for a second, not for the request timeout.
+//! - A connection ([`ConnectionDeadlines`]): its first request must come
+//!   within the handshake timeout; without a stream for the idle timeout
+//!   it is sent away (GOAWAY); a keepalive ping goes every interval and
+//!   must be answered within the keepalive timeout; one the server ended
+//!   has a grace to let its last answers out; while envelopes wait for its
+//!   subscribers, they are judged a few times per stall cut-off.
 //! - A subscriber is judged by its drain rate: over each stall cut-off
 //!   during which envelopes waited for it, the bytes its connection took
 //!   are set against the bytes it owed (what waited at the start of that
@@ -168,6 +174,176 @@ impl DrainMeter {
     }
 }
 
+/// What a connection's deadlines call for, in the order they are looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// Send a keepalive ping (then say [`ConnectionDeadlines::ping_failed`]
+    /// if it could not go).
+    Ping,
+    /// The ping went unanswered within the keepalive timeout: drop it.
+    PongLate,
+    /// No first request within the handshake timeout: close it.
+    FirstRequest,
+    /// The grace of a connection the server ended is over: close it.
+    CloseBy,
+    /// No stream for the idle timeout: send it away.
+    Idle,
+    /// Judge the subscribers that envelopes wait for.
+    StallCheck,
+}
+
+/// The keepalive's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keepalive {
+    /// The next ping goes at this time.
+    Next(Instant),
+    /// A ping is out; without its answer by this time the connection goes.
+    Waiting(Instant),
+}
+
+/// The timeouts a connection's deadlines are made of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionTimeouts {
+    pub(crate) idle: Duration,
+    pub(crate) keepalive_interval: Duration,
+    pub(crate) keepalive_timeout: Duration,
+    /// The span over which a subscriber's drain rate is judged.
+    pub(crate) stall: Duration,
+}
+
+/// The deadlines of one connection. The connection tells it what happened
+/// and asks [`ConnectionDeadlines::take_due`] what is due; each due is
+/// answered once.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionDeadlines {
+    timeouts: ConnectionTimeouts,
+    keepalive: Keepalive,
+    first_request: Option<Instant>,
+    idle: Option<Instant>,
+    close_by: Option<Instant>,
+    stall_check: Option<Instant>,
+}
+
+impl ConnectionDeadlines {
+    /// A connection set up at `now` whose first request must come by
+    /// `first_request`.
+    pub(crate) fn new(now: Instant, first_request: Instant, timeouts: ConnectionTimeouts) -> Self {
+        ConnectionDeadlines {
+            timeouts,
+            keepalive: Keepalive::Next(now + timeouts.keepalive_interval),
+            first_request: Some(first_request),
+            idle: None,
+            close_by: None,
+            stall_check: None,
+        }
+    }
+
+    /// A request came: the connection is no longer new.
+    pub(crate) fn request_came(&mut self) {
+        self.first_request = None;
+    }
+
+    /// A stream was let in: the connection is not idle.
+    pub(crate) fn stream_opened(&mut self) {
+        self.idle = None;
+    }
+
+    /// Its last stream ended at `now`: idle from now on.
+    pub(crate) fn streams_ended(&mut self, now: Instant) {
+        self.idle = Some(now + self.timeouts.idle);
+    }
+
+    /// It is going away (GOAWAY sent): it ends with its last stream, so
+    /// neither a first request nor idleness matters any more.
+    pub(crate) fn going_away(&mut self) {
+        self.first_request = None;
+        self.idle = None;
+    }
+
+    /// The server ended it at `now`: it goes away, and within `grace` in
+    /// any case.
+    pub(crate) fn close_within(&mut self, now: Instant, grace: Duration) {
+        self.going_away();
+        self.close_by = Some(now + grace);
+    }
+
+    /// Whether the server ended it and it is only letting its last answers out.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.close_by.is_some()
+    }
+
+    /// Whether a ping is out and its answer awaited.
+    pub(crate) fn awaits_pong(&self) -> bool {
+        matches!(self.keepalive, Keepalive::Waiting(_))
+    }
+
+    /// The answer to the ping came at `now` (or the ping is lost to an
+    /// error, which the connection's end reports): the next goes after an
+    /// interval.
+    pub(crate) fn pong_came(&mut self, now: Instant) {
+        self.keepalive = Keepalive::Next(now + self.timeouts.keepalive_interval);
+    }
+
+    /// The ping that was due could not go: try again after an interval.
+    pub(crate) fn ping_failed(&mut self, now: Instant) {
+        self.pong_came(now);
+    }
+
+    /// Whether envelopes wait for its subscribers at `now`: while they do,
+    /// they are judged every quarter of the stall cut-off (between 10 ms and
+    /// a second).
+    pub(crate) fn watch_stalls(&mut self, now: Instant, waiting: bool) {
+        if !waiting {
+            self.stall_check = None;
+        } else if self.stall_check.is_none() {
+            let every =
+                (self.timeouts.stall / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            self.stall_check = Some(now + every);
+        }
+    }
+
+    /// What is due at `now`, if anything; each is answered once.
+    pub(crate) fn take_due(&mut self, now: Instant) -> Option<Due> {
+        match self.keepalive {
+            Keepalive::Next(at) if now >= at => {
+                self.keepalive = Keepalive::Waiting(now + self.timeouts.keepalive_timeout);
+                return Some(Due::Ping);
+            }
+            Keepalive::Waiting(at) if now >= at => {
+                self.pong_came(now);
+                return Some(Due::PongLate);
+            }
+            _ => {}
+        }
+        let due = |at: &mut Option<Instant>| at.take_if(|at| now >= *at).is_some();
+        if due(&mut self.first_request) {
+            Some(Due::FirstRequest)
+        } else if due(&mut self.close_by) {
+            Some(Due::CloseBy)
+        } else if due(&mut self.idle) {
+            Some(Due::Idle)
+        } else if due(&mut self.stall_check) {
+            Some(Due::StallCheck)
+        } else {
+            None
+        }
+    }
+
+    /// When the next deadline is.
+    pub(crate) fn next(&self) -> Instant {
+        let (Keepalive::Next(keepalive) | Keepalive::Waiting(keepalive)) = self.keepalive;
+        [
+            self.first_request,
+            self.close_by,
+            self.idle,
+            self.stall_check,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(keepalive, Instant::min)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +484,119 @@ mod tests {
         // A backlog that comes later is judged from then.
         assert!(meter.offered(t0 + 40 * SECOND, 100, 0));
         assert_eq!(meter.judge(t0 + 41 * SECOND, cutoff, 100), Verdict::Waiting);
+    }
+
+    const TIMEOUTS: ConnectionTimeouts = ConnectionTimeouts {
+        idle: Duration::from_secs(300),
+        keepalive_interval: Duration::from_secs(60),
+        keepalive_timeout: Duration::from_secs(20),
+        stall: Duration::from_secs(30),
+    };
+
+    fn all_due(deadlines: &mut ConnectionDeadlines, now: Instant) -> Vec<Due> {
+        std::iter::from_fn(|| deadlines.take_due(now)).collect()
+    }
+
+    #[test]
+    fn a_connection_without_a_first_request_goes_at_the_handshake_deadline() {
+        let t0 = Instant::now();
+        let mut deadlines = ConnectionDeadlines::new(t0, t0 + 10 * SECOND, TIMEOUTS);
+        assert_eq!(deadlines.next(), t0 + 10 * SECOND);
+        assert_eq!(all_due(&mut deadlines, t0 + 9 * SECOND), vec![]);
+        assert_eq!(
+            all_due(&mut deadlines, t0 + 10 * SECOND),
+            vec![Due::FirstRequest]
+        );
+        // A request in time: nothing is due until the keepalive.
+        let mut deadlines = ConnectionDeadlines::new(t0, t0 + 10 * SECOND, TIMEOUTS);
+        deadlines.request_came();
+        assert_eq!(deadlines.next(), t0 + 60 * SECOND);
+        assert_eq!(all_due(&mut deadlines, t0 + 59 * SECOND), vec![]);
+    }
+
+    #[test]
+    fn an_idle_connection_is_sent_away_unless_a_request_comes_or_it_goes_already() {
+        let t0 = Instant::now();
+        let mut deadlines = ConnectionDeadlines::new(t0, t0, TIMEOUTS);
+        deadlines.request_came();
+        deadlines.streams_ended(t0 + SECOND);
+        assert_eq!(all_due(&mut deadlines, t0 + 300 * SECOND), vec![Due::Ping]);
+        deadlines.pong_came(t0 + 300 * SECOND);
+        assert_eq!(all_due(&mut deadlines, t0 + 301 * SECOND), vec![Due::Idle]);
+        assert_eq!(all_due(&mut deadlines, t0 + 302 * SECOND), vec![]);
+        // A stream puts it off; going away ends it.
+        deadlines.streams_ended(t0);
+        deadlines.stream_opened();
+        deadlines.streams_ended(t0 + 10 * SECOND);
+        deadlines.going_away();
+        assert!(!all_due(&mut deadlines, t0 + 1000 * SECOND).contains(&Due::Idle));
+    }
+
+    #[test]
+    fn an_unanswered_ping_drops_the_connection_and_an_answered_one_schedules_the_next() {
+        let t0 = Instant::now();
+        let mut deadlines = ConnectionDeadlines::new(t0, t0 + SECOND, TIMEOUTS);
+        deadlines.request_came();
+        let ping = t0 + 60 * SECOND;
+        assert_eq!(all_due(&mut deadlines, ping), vec![Due::Ping]);
+        assert!(deadlines.awaits_pong());
+        assert_eq!(deadlines.next(), ping + 20 * SECOND);
+        // Answered: the next ping an interval later.
+        deadlines.pong_came(ping + SECOND);
+        assert!(!deadlines.awaits_pong());
+        assert_eq!(deadlines.next(), ping + 61 * SECOND);
+        // Not answered: dropped at the keepalive timeout.
+        let ping = ping + 61 * SECOND;
+        assert_eq!(all_due(&mut deadlines, ping), vec![Due::Ping]);
+        assert_eq!(all_due(&mut deadlines, ping + 19 * SECOND), vec![]);
+        assert_eq!(
+            all_due(&mut deadlines, ping + 20 * SECOND),
+            vec![Due::PongLate]
+        );
+        // A ping that could not go is tried again an interval later.
+        let mut deadlines = ConnectionDeadlines::new(t0, t0 + SECOND, TIMEOUTS);
+        deadlines.request_came();
+        assert_eq!(all_due(&mut deadlines, t0 + 60 * SECOND), vec![Due::Ping]);
+        deadlines.ping_failed(t0 + 60 * SECOND);
+        assert_eq!(deadlines.next(), t0 + 120 * SECOND);
+    }
+
+    #[test]
+    fn a_connection_the_server_ended_goes_after_its_grace() {
+        let t0 = Instant::now();
+        let mut deadlines = ConnectionDeadlines::new(t0, t0 + 10 * SECOND, TIMEOUTS);
+        deadlines.close_within(t0, SECOND);
+        assert!(deadlines.is_closing());
+        assert_eq!(deadlines.next(), t0 + SECOND);
+        // Neither the first request's deadline nor idleness applies now.
+        assert_eq!(all_due(&mut deadlines, t0 + SECOND), vec![Due::CloseBy]);
+        assert_eq!(all_due(&mut deadlines, t0 + 10 * SECOND), vec![]);
+    }
+
+    #[test]
+    fn stalls_are_judged_a_few_times_per_cutoff_while_envelopes_wait() {
+        let t0 = Instant::now();
+        let mut deadlines = ConnectionDeadlines::new(t0, t0, TIMEOUTS);
+        deadlines.request_came();
+        deadlines.watch_stalls(t0, true);
+        // A quarter of 30 s, at most a second.
+        assert_eq!(deadlines.next(), t0 + SECOND);
+        // Still waiting: the check is not put off.
+        deadlines.watch_stalls(t0 + SECOND / 2, true);
+        assert_eq!(all_due(&mut deadlines, t0 + SECOND), vec![Due::StallCheck]);
+        deadlines.watch_stalls(t0 + SECOND, true);
+        assert_eq!(deadlines.next(), t0 + 2 * SECOND);
+        // Nothing waits: no check.
+        deadlines.watch_stalls(t0 + SECOND, false);
+        assert_eq!(all_due(&mut deadlines, t0 + 2 * SECOND), vec![]);
+        // A short cut-off is checked every 10 ms at least.
+        let short = ConnectionTimeouts {
+            stall: Duration::from_millis(20),
+            ..TIMEOUTS
+        };
+        let mut deadlines = ConnectionDeadlines::new(t0, t0, short);
+        deadlines.request_came();
+        deadlines.watch_stalls(t0, true);
+        assert_eq!(deadlines.next(), t0 + Duration::from_millis(10));
     }
 }

@@ -9,9 +9,10 @@
 //! `/healthz`.
 //!
 //! The layout: `listener` accepts connections (capped in all and per
-//! client, rate-limited per client) and gives each a task (`conn`) that
-//! speaks HTTP/2 with the h2 crate, serves Subscribe and Publish itself and
-//! the other services through tonic (`bridge`). The `hub` holds the
+//! client, rate-limited per client) and gives each a task (`conn`) that sets
+//! up TLS and HTTP/2 (`transport`, the h2 crate), serves the Signaling
+//! service itself (`signaling`) and the other services through tonic
+//! (`bridge`); what the tasks share is in `shared`. The `hub` holds the
 //! subscriptions by key and their queues; `client` what each client may hold.
 //! Everything a client makes the server hold is bounded per client and in
 //! all (docs/PROTOCOL.md §10), and docs/SERVER.md adds up the worst case.
@@ -40,15 +41,18 @@ pub mod metrics;
 mod process;
 pub mod relay;
 mod service;
+mod shared;
+mod signaling;
 pub mod systemd;
 mod tls;
+mod transport;
 mod wire;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use cunicu_signal::proto::{
     FILE_DESCRIPTOR_SET,
-    signaling::{relay_registry_server::RelayRegistryServer, signaling_server::SignalingServer},
+    signaling::{relay_registry_server::RelayRegistryServer, signaling_server},
 };
 use tokio::net::TcpListener;
 use tokio_util::{
@@ -63,8 +67,8 @@ pub use cluster::{ClusterConfig, ClusterError};
 pub use config::{Config, ConfigError, TlsFiles};
 pub use metrics::Metrics;
 pub use relay::{Relay, RelayUrlError};
-pub use service::build_info;
-use service::{RelayService, SignalingService};
+use service::RelayService;
+pub use signaling::build_info;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +160,7 @@ pub struct Server {
     /// Readiness says NOT_SERVING from the moment this is cancelled.
     draining: CancellationToken,
     shutdown: CancellationToken,
-    shared: Arc<conn::Shared>,
+    shared: Arc<shared::Shared>,
     tls: Option<Arc<tls::Reloadable>>,
     allow_keys: bool,
     /// The cluster's publisher: it stops after the connections.
@@ -278,11 +282,7 @@ impl Server {
             response_headers.insert(cunicu_signal::auth::SERVER_KEY_METADATA, value);
         }
 
-        // The services tonic serves (Subscribe and Publish are the connection's).
-        let signaling = SignalingServer::new(SignalingService {
-            metrics: metrics.clone(),
-        })
-        .max_decoding_message_size(bridge::MAX_REQUEST_BYTES);
+        // The services tonic serves (Signaling is the connection's own).
         let relays = RelayRegistryServer::new(RelayService {
             relays: config.relays.clone().into(),
             metrics: metrics.clone(),
@@ -326,9 +326,7 @@ impl Server {
                 }
             });
         }
-        let mut routes = tonic::service::Routes::new(signaling)
-            .add_service(relays)
-            .add_service(health_service);
+        let mut routes = tonic::service::Routes::new(relays).add_service(health_service);
         // Off by default: its answers are tens of KiB for a request of a few
         // bytes, a lever for anyone who wants the server to send much.
         if config.reflection {
@@ -354,13 +352,13 @@ impl Server {
         }
         let routes = routes.prepare();
 
-        let shared = Arc::new(conn::Shared {
+        let shared = Arc::new(shared::Shared {
             hub: hub.clone(),
             cluster: cluster.clone(),
             clients,
             metrics: metrics.clone(),
             routes,
-            timeouts: conn::Timeouts {
+            timeouts: shared::Timeouts {
                 handshake: config.handshake_timeout,
                 first_bytes: config.first_bytes_timeout,
                 request: config.request_timeout,
@@ -375,18 +373,18 @@ impl Server {
                 .as_ref()
                 .map(|tls| tls.acceptor())
                 .transpose()?
-                .map(|acceptor| conn::Tls {
+                .map(|acceptor| transport::Tls {
                     acceptor,
                     in_progress: Arc::new(tokio::sync::Semaphore::new(config.max_tls_handshakes)),
                     rate: governor::RateLimiter::direct(config.tls_handshake_rate.quota()),
                 }),
             response_headers,
             auth: auth.clone(),
-            recipients: conn::Recipients {
+            recipients: shared::Recipients {
                 enabled: config.recipients,
                 wait: config.recipients_wait,
             },
-            logs: conn::Logs::default(),
+            logs: shared::Logs::default(),
             drain: drain::DrainPlan::default(),
         });
 
@@ -607,7 +605,7 @@ async fn set_health(
     status: tonic_health::ServingStatus,
 ) {
     for service in [
-        <SignalingServer<SignalingService> as NamedService>::NAME,
+        signaling_server::SERVICE_NAME,
         <RelayRegistryServer<RelayService> as NamedService>::NAME,
         "",
     ] {

@@ -1,70 +1,16 @@
-//! The services tonic serves: `cunicu.signaling.Signaling` (GetBuildInfo;
-//! Subscribe and Publish are the connection task's, see [`crate::conn`]) and
-//! `cunicu.signaling.RelayRegistry`.
+//! `cunicu.signaling.RelayRegistry`, served through tonic ([`crate::bridge`]).
+//! (`cunicu.signaling.Signaling` is the connection task's own:
+//! [`crate::signaling`].)
 
-use std::{pin::Pin, sync::Arc, time::SystemTime};
+use std::{sync::Arc, time::SystemTime};
 
 use cunicu_signal::{
     Key,
-    proto::{
-        BuildInfo, Empty, Timestamp,
-        signaling::{
-            Envelope, GetRelaysParams, GetRelaysResp, SubscribeParams,
-            relay_registry_server::RelayRegistry, signaling_server::Signaling,
-        },
-    },
+    proto::signaling::{GetRelaysParams, GetRelaysResp, relay_registry_server::RelayRegistry},
 };
-use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::{auth::Auth, client::Client, conn::key_field, metrics::Metrics, relay::Relay};
-
-/// The version, commit and build date of this server.
-pub fn build_info() -> BuildInfo {
-    BuildInfo {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        date: Some(Timestamp {
-            seconds: env!("CUNICU_SIGNAL_BUILD_DATE").parse().unwrap_or(0),
-            nanos: 0,
-        }),
-        commit: env!("CUNICU_SIGNAL_GIT_COMMIT").to_string(),
-        tag: env!("CUNICU_SIGNAL_GIT_TAG").to_string(),
-        branch: env!("CUNICU_SIGNAL_GIT_BRANCH").to_string(),
-        built_by: "cargo".to_string(),
-        os: std::env::consts::OS.to_string(),
-        arch: std::env::consts::ARCH.to_string(),
-        dirty: env!("CUNICU_SIGNAL_GIT_DIRTY") == "true",
-    }
-}
-
-/// `cunicu.signaling.Signaling`.
-pub struct SignalingService {
-    pub(crate) metrics: Arc<Metrics>,
-}
-
-type EnvelopeStream = Pin<Box<dyn Stream<Item = Result<Envelope, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Signaling for SignalingService {
-    async fn get_build_info(&self, _: Request<Empty>) -> Result<Response<BuildInfo>, Status> {
-        let _timer = self.metrics.time("GetBuildInfo");
-        Ok(Response::new(build_info()))
-    }
-
-    type SubscribeStream = EnvelopeStream;
-
-    // Never called: the connection task serves these paths itself.
-    async fn subscribe(
-        &self,
-        _: Request<SubscribeParams>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::internal("Subscribe is served by the connection"))
-    }
-
-    async fn publish(&self, _: Request<Envelope>) -> Result<Response<Empty>, Status> {
-        Err(Status::internal("Publish is served by the connection"))
-    }
-}
+use crate::{auth::Auth, client::Client, metrics::Metrics, relay::Relay, signaling::key_field};
 
 /// `cunicu.signaling.RelayRegistry`.
 pub struct RelayService {

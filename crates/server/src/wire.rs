@@ -1,19 +1,13 @@
-//! gRPC over HTTP/2 as the connection task speaks it for Subscribe and
-//! Publish: request checks, reading one length-prefixed message, response
+//! gRPC over HTTP/2 as the connection task speaks it for the Signaling
+//! service: request checks, reading one length-prefixed message, response
 //! headers and trailers. The other services go through tonic ([`crate::bridge`]).
 
 use std::future::poll_fn;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut as _, Bytes, BytesMut};
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, header::CONTENT_TYPE};
 use tonic::Status;
-
-pub(crate) use cunicu_signal::proto::method::{PUBLISH, SUBSCRIBE};
-
-/// The path of `Signaling.GetBuildInfo`, which a client calls before it
-/// knows the server's key, so without a proof.
-pub(crate) const GET_BUILD_INFO: &str = "/cunicu.signaling.Signaling/GetBuildInfo";
 
 /// Length of a message's prefix: a compression flag and a 32-bit length.
 pub(crate) const PREFIX_LEN: usize = 5;
@@ -21,6 +15,16 @@ pub(crate) const PREFIX_LEN: usize = 5;
 /// The message frame of an empty message: `cunicu.Empty`, and the empty
 /// `Envelope` that confirms a subscription.
 pub(crate) static EMPTY_MESSAGE: Bytes = Bytes::from_static(&[0; PREFIX_LEN]);
+
+/// `message` as a message frame: its prefix, then its bytes.
+pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
+    frame.put_u8(0);
+    frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message.encode_raw(&mut frame);
+    frame.freeze()
+}
 
 const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
 

@@ -877,6 +877,13 @@ async fn connections_beyond_the_cap_are_refused_at_once() -> Result<()> {
         "{text}"
     );
     drop(first);
+    // Its slot is free once the server saw it go.
+    timeout(WAIT, async {
+        while server.metrics().connections.get() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
     let mut fourth = client(&server).await;
     timeout(WAIT, fourth.publish(raw_envelope([1; 32], 3))).await??;
     assert_eq!(server.metrics().published.get(), 3);

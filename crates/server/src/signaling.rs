@@ -1,0 +1,428 @@
+//! `cunicu.signaling.Signaling`, served by the connection task itself:
+//! Subscribe, Publish and GetBuildInfo. Each call is a future the
+//! connection polls ([`Call`]); it reads its one request message within the
+//! request deadlines ([`crate::deadlines`]), charging its bytes to its
+//! client as they arrive, and ends with what the connection does next
+//! ([`Done`]).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, LazyLock},
+    task::Poll,
+};
+
+use bytes::Bytes;
+use cunicu_signal::{
+    Key,
+    backend::grpc::RECIPIENTS_METADATA,
+    proto::{
+        BuildInfo, Empty, Timestamp, method,
+        signaling::{Envelope, SubscribeParams},
+    },
+};
+use h2::{RecvStream, server::SendResponse};
+use http::Request;
+use prost::Message as _;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::{
+    client::{Charged, ClientState, Exhausted, Origin, SlotGuard},
+    deadlines::{Late, RequestDeadline},
+    hub::{Mailbox, Publisher, Subscription},
+    metrics::Metrics,
+    shared::Shared,
+    wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
+};
+
+/// The request message of a Subscribe is a key, of GetBuildInfo nothing: a
+/// few dozen bytes.
+const MAX_SMALL_REQUEST: usize = 1024;
+
+/// What a call in progress ends with.
+pub(crate) enum Done {
+    /// Answered.
+    Finished,
+    /// A subscription is in the hub: its stream opens.
+    Subscribed {
+        slot: usize,
+        respond: SendResponse<Bytes>,
+        subscription: Subscription,
+    },
+    /// A subscription was refused (answered); its slot goes.
+    NotSubscribed { slot: usize },
+}
+
+pub(crate) type Call = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// The version, commit and build date of this server.
+pub fn build_info() -> BuildInfo {
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        date: Some(Timestamp {
+            seconds: env!("CUNICU_SIGNAL_BUILD_DATE").parse().unwrap_or(0),
+            nanos: 0,
+        }),
+        commit: env!("CUNICU_SIGNAL_GIT_COMMIT").to_string(),
+        tag: env!("CUNICU_SIGNAL_GIT_TAG").to_string(),
+        branch: env!("CUNICU_SIGNAL_GIT_BRANCH").to_string(),
+        built_by: "cargo".to_string(),
+        os: std::env::consts::OS.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        dirty: env!("CUNICU_SIGNAL_GIT_DIRTY") == "true",
+    }
+}
+
+/// [`build_info`] as a message frame, encoded once.
+static BUILD_INFO: LazyLock<Bytes> = LazyLock::new(|| wire::frame(&build_info()));
+
+/// `GetBuildInfo`: the request (`Empty`) is read like any other, then the
+/// server's build information answers it. A client calls it before it
+/// knows the server's key, so without a proof.
+pub(crate) async fn get_build_info(
+    shared: Arc<Shared>,
+    client: Arc<ClientState>,
+    call: SlotGuard,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Done {
+    let _timer = shared.metrics.time("GetBuildInfo");
+    let result = async {
+        wire::check_request(&request)?;
+        let (_, mut recv) = request.into_parts();
+        let charged = Charged::new(&client, shared.hub.budget());
+        let frame = read_request(
+            &shared,
+            &mut recv,
+            "request",
+            MAX_SMALL_REQUEST,
+            &charged,
+            call.ended(),
+            |_| Ok(()),
+        )
+        .await?;
+        Empty::decode(&frame[PREFIX_LEN..]).map_err(|e| malformed(&shared.metrics, "Empty", e))?;
+        Ok(Answer {
+            message: BUILD_INFO.clone(),
+            recipients: None,
+        })
+    }
+    .await;
+    drop(call);
+    answer(&shared, respond, result);
+    Done::Finished
+}
+
+/// What a unary call answers: its message frame, and for a Publish that
+/// asked, its recipient count.
+struct Answer {
+    message: Bytes,
+    recipients: Option<usize>,
+}
+
+/// Sends a unary call's answer, or its error.
+fn answer(shared: &Shared, mut respond: SendResponse<Bytes>, result: Result<Answer, Status>) {
+    let headers = &shared.response_headers;
+    match result {
+        Ok(Answer {
+            message,
+            recipients,
+        }) => {
+            let mut response = wire::ok_headers(headers);
+            if let Some(n) = recipients {
+                response
+                    .headers_mut()
+                    .insert(RECIPIENTS_METADATA, http::HeaderValue::from(n));
+            }
+            if let Ok(mut send) = respond.send_response(response, false) {
+                let _ = send.send_data(message, false);
+                let _ = send.send_trailers(wire::ok_trailers());
+            }
+        }
+        Err(status) => {
+            let _ = respond.send_response(wire::error_response(&status, headers), true);
+        }
+    }
+}
+
+/// The status for a request message that does not decode, counted.
+fn malformed(metrics: &Metrics, what: &str, e: prost::DecodeError) -> Status {
+    metrics.reject_for("malformed");
+    Status::internal(format!("{what} does not decode: {e}"))
+}
+
+/// A key field checked to be 32 bytes; counts and explains a refusal.
+pub(crate) fn key_field(metrics: &Metrics, field: &str, bytes: &[u8]) -> Result<[u8; 32], Status> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| {
+        metrics.reject_for("invalid_key");
+        Status::invalid_argument(format!("{field} key is {} bytes, expected 32", bytes.len()))
+    })
+}
+
+/// The status for a request the server's budget has no room for, counted.
+fn over_budget(metrics: &Metrics) -> Status {
+    metrics.reject_for("server_budget");
+    Status::resource_exhausted("the server holds all the bytes it may")
+}
+
+/// The status for a request a byte budget has no room for, counted.
+fn budget_status(metrics: &Metrics, exhausted: Exhausted) -> Status {
+    match exhausted {
+        Exhausted::Server => over_budget(metrics),
+        Exhausted::Client => {
+            metrics.reject_for("client_budget");
+            Status::resource_exhausted("this client holds all the bytes it may")
+        }
+    }
+}
+
+/// The status of a call ended to give its slot to a client below its fair
+/// share, counted.
+pub(crate) fn fair_share_ended(metrics: &Metrics) -> Status {
+    metrics.end_call_for("fair_share");
+    Status::resource_exhausted(
+        "the server is at its limit of calls in progress, and this client held the most: \
+         its newest call was ended for a client below its fair share",
+    )
+}
+
+/// Reads the one request message of a call: its first bytes within the
+/// first-bytes timeout, the whole within the request timeout; each piece
+/// charged to the client and the server as it arrives (in `charged`).
+/// Ends early when `ended` is cancelled (the call's slot was taken back).
+/// Counts what it refuses.
+async fn read_request(
+    shared: &Shared,
+    recv: &mut RecvStream,
+    what: &str,
+    limit: usize,
+    charged: &Charged,
+    ended: &CancellationToken,
+    admit: impl FnMut(usize) -> Result<(), Status>,
+) -> Result<Bytes, Status> {
+    let metrics = &shared.metrics;
+    let timeouts = shared.timeouts;
+    let deadline = RequestDeadline::new(Instant::now(), timeouts.first_bytes, timeouts.request);
+    let charge = |n| {
+        charged
+            .add(n)
+            .or_else(|full| match full {
+                // The server's budget is full: a client below its fair share
+                // of it gets room, as its subscribers' envelopes do.
+                Exhausted::Server if shared.hub.make_room_for(charged.client(), n) => {
+                    charged.add(n)
+                }
+                full => Err(full),
+            })
+            .map_err(|e| budget_status(metrics, e))
+    };
+    let mut read = std::pin::pin!(wire::read_message(recv, limit, admit, charge));
+    // Usually the message came with its headers: no timer for those.
+    let read = match futures::poll!(read.as_mut()) {
+        Poll::Ready(read) => Ok(read),
+        Poll::Pending => loop {
+            let due = deadline.due(charged.bytes() > 0);
+            tokio::select! {
+                biased;
+                read = read.as_mut() => break Ok(read),
+                _ = ended.cancelled() => return Err(fair_share_ended(metrics)),
+                _ = tokio::time::sleep_until(due) => {
+                    if let Some(late) = deadline.late(Instant::now(), charged.bytes() > 0) {
+                        break Err(late);
+                    }
+                }
+            }
+        },
+    };
+    match read {
+        Ok(Ok(read)) => Ok(read),
+        Ok(Err(ReadError::Oversize { len, limit })) => {
+            metrics.reject_for("oversize");
+            Err(Status::resource_exhausted(format!(
+                "{what} is {len} bytes, the limit is {limit}"
+            )))
+        }
+        Ok(Err(ReadError::Admit(status))) => Err(status),
+        Ok(Err(e)) => {
+            metrics.reject_for("malformed");
+            Err(e.into_status())
+        }
+        Err(Late::FirstBytes) => {
+            metrics.end_call_for("first_bytes_timeout");
+            Err(Status::deadline_exceeded(format!(
+                "no request message bytes within {:?} of the headers",
+                timeouts.first_bytes
+            )))
+        }
+        Err(Late::Whole) => {
+            metrics.reject_for("request_timeout");
+            Err(Status::deadline_exceeded(format!(
+                "the request message did not arrive within {:?}",
+                timeouts.request
+            )))
+        }
+    }
+}
+
+pub(crate) async fn subscribe(
+    shared: Arc<Shared>,
+    (client, origin): (Arc<ClientState>, Origin),
+    call: SlotGuard,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    mailbox: Arc<Mailbox>,
+    slot: usize,
+) -> Done {
+    let timer = shared.metrics.time("Subscribe");
+    let result = async {
+        wire::check_request(&request)?;
+        let (parts, mut recv) = request.into_parts();
+        let charged = Charged::new(&client, shared.hub.budget());
+        let frame = read_request(
+            &shared,
+            &mut recv,
+            "request",
+            MAX_SMALL_REQUEST,
+            &charged,
+            call.ended(),
+            |_| Ok(()),
+        )
+        .await?;
+        let params = SubscribeParams::decode(&frame[PREFIX_LEN..])
+            .map_err(|e| malformed(&shared.metrics, "SubscribeParams", e))?;
+        let key = key_field(&shared.metrics, "subscription", &params.key)?;
+        shared.auth.check(
+            &parts.headers,
+            method::SUBSCRIBE,
+            &Key::from(key),
+            origin.client(),
+        )?;
+        let guard = shared
+            .clients
+            .subscribe(client.client, origin)
+            .map_err(|refused| {
+                shared.metrics.reject_for(refused.reason());
+                tracing::debug!("subscription refused: {refused}");
+                refused.status()
+            })?;
+        let (subscription, _first) = shared
+            .hub
+            .subscribe(key, client.clone(), guard, mailbox, slot)
+            .map_err(|full| {
+                tracing::debug!("subscription refused: {full}");
+                Status::resource_exhausted(full.to_string())
+            })?;
+        // The sync envelope goes once the other replicas can reach us.
+        if let Some(cluster) = &shared.cluster {
+            cluster.ready(&key).await;
+        }
+        Ok::<_, Status>(subscription)
+    }
+    .await;
+    drop(call);
+    drop(timer);
+    match result {
+        Ok(subscription) => Done::Subscribed {
+            slot,
+            respond,
+            subscription,
+        },
+        Err(status) => {
+            let _ = respond.send_response(
+                wire::error_response(&status, &shared.response_headers),
+                true,
+            );
+            Done::NotSubscribed { slot }
+        }
+    }
+}
+
+pub(crate) async fn publish(
+    shared: Arc<Shared>,
+    (client, origin): (Arc<ClientState>, Origin),
+    call: SlotGuard,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Done {
+    let _call = call;
+    let _timer = shared.metrics.time("Publish");
+    let metrics = &shared.metrics;
+    let result = async {
+        wire::check_request(&request)?;
+        let (parts, mut recv) = request.into_parts();
+        let charged = Charged::new(&client, shared.hub.budget());
+        let frame = read_request(
+            &shared,
+            &mut recv,
+            "envelope",
+            shared.max_envelope_size,
+            &charged,
+            _call.ended(),
+            |n| {
+                shared
+                    .clients
+                    .check_publish(client.client, origin, n)
+                    .map_err(|refused| {
+                        metrics.reject_for(refused.reason());
+                        if shared.logs.refused.allow() {
+                            tracing::info!("publish refused: {refused}");
+                        }
+                        refused.status()
+                    })
+            },
+        )
+        .await?;
+        let envelope = Envelope::decode(&frame[PREFIX_LEN..])
+            .map_err(|e| malformed(metrics, "Envelope", e))?;
+        let sender = key_field(metrics, "sender", &envelope.sender)?;
+        let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
+        shared.auth.check(
+            &parts.headers,
+            method::PUBLISH,
+            &Key::from(sender),
+            origin.client(),
+        )?;
+        metrics.published.inc();
+        let ask = shared.recipients.answers(&parts.headers);
+        // The frame as received: the envelope unchanged, unknown fields kept.
+        let local = shared
+            .hub
+            .publish_from(&recipient, &frame, Publisher::Client(client.client));
+        let recipients = match &shared.cluster {
+            Some(cluster) if ask => {
+                let others = cluster.publish_counted(
+                    recipient,
+                    frame.slice(PREFIX_LEN..),
+                    shared.recipients.wait,
+                );
+                // The envelope is in the queues now: the request's bytes are
+                // not held while the other replicas count.
+                drop((frame, charged));
+                Some(local.queued + others.await)
+            }
+            Some(cluster) => {
+                cluster.publish(recipient, frame.slice(PREFIX_LEN..));
+                None
+            }
+            None => {
+                if local.subscriptions == 0 {
+                    metrics.no_subscriber.inc();
+                }
+                ask.then_some(local.queued)
+            }
+        };
+        Ok::<_, Status>(recipients)
+    }
+    .await;
+    answer(
+        &shared,
+        respond,
+        result.map(|recipients| Answer {
+            message: EMPTY_MESSAGE.clone(),
+            recipients,
+        }),
+    );
+    Done::Finished
+}
