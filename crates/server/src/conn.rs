@@ -93,11 +93,21 @@ pub(crate) async fn serve(
     let _open = scopeguard(move || {
         metrics.connections.dec();
     });
+    // From now on, the server may end it for another client's fair share:
+    // one still being set up (a client that connects and says nothing) is
+    // the cheapest to end.
+    let evicted = Arc::new(CancellationToken::new());
+    let victim: std::sync::Weak<dyn Evict> = Arc::downgrade(&evicted) as _;
+    guard.set_victim(victim);
     let deadline = Instant::now() + shared.timeouts.handshake;
     let set_up = transport::establish(stream, shared.tls.as_ref(), &shared.h2, deadline);
     let h2 = tokio::select! {
         _ = kill.cancelled() => return,
         _ = shutdown.cancelled() => return,
+        _ = evicted.cancelled() => {
+            shared.metrics.close_connection_for("fair_share");
+            return;
+        }
         set_up = set_up => match set_up {
             Ok(h2) => h2,
             Err(NotSetUp::Failed(e)) => {
@@ -120,9 +130,6 @@ pub(crate) async fn serve(
             }
         },
     };
-    let evicted = Arc::new(CancellationToken::new());
-    let victim: std::sync::Weak<dyn Evict> = Arc::downgrade(&evicted) as _;
-    guard.set_victim(victim);
     let life = Lifecycle {
         shutdown: Box::pin(shutdown.cancelled_owned()),
         kill: Box::pin(kill.cancelled_owned()),
