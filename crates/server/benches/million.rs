@@ -17,6 +17,11 @@
 //! RSS sampled while they were set up (against subscriptions confirmed), while
 //! held, and after the publishes, and the publish→delivery latency (percentiles
 //! and a CDF), with what was published, delivered and lost.
+//!
+//! Beside replicas of a cluster (`scripts/bench-million-cluster`): `--publish-server`
+//! publishes through another replica than the one subscribed to, `--key-offset` gives each
+//! generator keys of its own, `--hold-after` keeps the subscriptions that long after the
+//! publishes (while NATS is taken away and brought back).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -53,6 +58,13 @@ struct Args {
     concurrency: usize,
     server_pid: Option<u32>,
     body_size: usize,
+    /// Where to publish, if not to `server` (another replica of a cluster).
+    publish_server: Option<SocketAddr>,
+    /// Subscription *i* is to key *key_offset + i*: generators beside each other use
+    /// keys of their own.
+    key_offset: u64,
+    /// How long to hold the subscriptions after the publishes, before closing them.
+    hold_after: Duration,
 }
 
 fn parse_args() -> Result<Args> {
@@ -66,6 +78,9 @@ fn parse_args() -> Result<Args> {
         concurrency: 64,
         server_pid: None,
         body_size: 120,
+        publish_server: None,
+        key_offset: 0,
+        hold_after: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -85,14 +100,20 @@ fn parse_args() -> Result<Args> {
             "--concurrency" => args.concurrency = value.parse().with_context(bad)?,
             "--server-pid" => args.server_pid = Some(value.parse().with_context(bad)?),
             "--body-size" => args.body_size = value.parse().with_context(bad)?,
+            "--publish-server" => args.publish_server = Some(value.parse().with_context(bad)?),
+            "--key-offset" => args.key_offset = value.parse().with_context(bad)?,
+            "--hold-after" => {
+                args.hold_after = humantime::parse_duration(&value).with_context(bad)?
+            }
             _ => bail!("unknown flag {flag}"),
         }
     }
     if args.connections == 0 || args.streams == 0 || args.publishers == 0 || args.concurrency == 0 {
         bail!("--connections, --streams, --publishers and --concurrency must be at least 1");
     }
-    if !args.server.ip().is_loopback() {
-        bail!("--server must be on loopback, not {}", args.server);
+    if !args.server.ip().is_loopback() || args.publish_server.is_some_and(|p| !p.ip().is_loopback())
+    {
+        bail!("--server and --publish-server must be on loopback");
     }
     Ok(args)
 }
@@ -193,7 +214,12 @@ async fn subscription(
     let response = async {
         send = send.ready().await?;
         let (response, mut body) = send.send_request(request(args.server, SUBSCRIBE)?, false)?;
-        body.send_data(grpc_message(&SubscribeParams { key: key(index) }), true)?;
+        body.send_data(
+            grpc_message(&SubscribeParams {
+                key: key(args.key_offset + index),
+            }),
+            true,
+        )?;
         let response = response.await?;
         if let Some(status) = response.headers().get("grpc-status") {
             bail!("subscribe answered grpc-status {status:?}");
@@ -317,8 +343,9 @@ async fn publish(
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let mut senders = Vec::new();
+    let server = args.publish_server.unwrap_or(args.server);
     for p in 0..args.publishers {
-        senders.push(connect(args.server, p).await?);
+        senders.push(connect(server, p).await?);
     }
     let subscriptions = (args.connections * args.streams) as u64;
     let body: Vec<u8> = (0..args.body_size)
@@ -351,7 +378,7 @@ async fn publish(
         nonce.extend_from_slice(&[0; 8]);
         let envelope = Envelope {
             sender: vec![7; 32],
-            recipient: key(k),
+            recipient: key(args.key_offset + k),
             contents: Some(EncryptedMessage {
                 body: body.clone(),
                 nonce,
@@ -359,7 +386,6 @@ async fn publish(
         };
         let send = senders[seq as usize % senders.len()].clone();
         seq += 1;
-        let server = args.server;
         answers.push(async move {
             let mut send = send.ready().await?;
             let (response, mut body) = send.send_request(request(server, PUBLISH)?, false)?;
@@ -504,6 +530,13 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rss_after = rss();
+    if !args.hold_after.is_zero() {
+        eprintln!(
+            "million: publishes done; holding the subscriptions for {:?}",
+            args.hold_after
+        );
+        tokio::time::sleep(args.hold_after).await;
+    }
 
     done.store(true, Relaxed);
     let _ = stop_tx.send(true);
