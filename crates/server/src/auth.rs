@@ -39,7 +39,11 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use tonic::Status;
 
-use crate::{client::Client, metrics::Metrics};
+use crate::{
+    client::Client,
+    metrics::Metrics,
+    refusal::{AuthResult, Cut},
+};
 
 /// Whether calls need a proof.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -128,21 +132,22 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// What its counter shows.
+    fn result(self) -> AuthResult {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::Missing => "missing",
-            Outcome::Malformed => "malformed",
-            Outcome::BadBox => "bad_box",
-            Outcome::WrongKey => "wrong_key",
-            Outcome::Expired => "expired",
-            Outcome::Replayed => "replayed",
-            Outcome::LowOrder => "low_order",
-            Outcome::NotAllowed => "not_allowed",
-            Outcome::CacheFull => "cache_full",
-            Outcome::KeyQuota => "key_quota",
-            Outcome::ClientQuota => "client_quota",
-            Outcome::UnknownKeyRate(_) => "unknown_key_rate",
+            Outcome::Ok => AuthResult::Ok,
+            Outcome::Missing => AuthResult::Missing,
+            Outcome::Malformed => AuthResult::Malformed,
+            Outcome::BadBox => AuthResult::BadBox,
+            Outcome::WrongKey => AuthResult::WrongKey,
+            Outcome::Expired => AuthResult::Expired,
+            Outcome::Replayed => AuthResult::Replayed,
+            Outcome::LowOrder => AuthResult::LowOrder,
+            Outcome::NotAllowed => AuthResult::NotAllowed,
+            Outcome::CacheFull => AuthResult::CacheFull,
+            Outcome::KeyQuota => AuthResult::KeyQuota,
+            Outcome::ClientQuota => AuthResult::ClientQuota,
+            Outcome::UnknownKeyRate(_) => AuthResult::UnknownKeyRate,
         }
     }
 
@@ -329,7 +334,7 @@ impl Auth {
         };
         // A missing proof counts only where one is needed.
         if present.is_some() || self.mode == AuthMode::Required {
-            self.metrics.auth_for(outcome.label());
+            self.metrics.count_auth(outcome.result());
         }
         self.off_or(outcome, key)
     }
@@ -673,7 +678,7 @@ pub(crate) async fn watch_allowed(
         let count = keys.len();
         let removed = auth.set_allowed(keys);
         let topics: Vec<[u8; 32]> = removed.iter().map(|k| *k.as_bytes()).collect();
-        let ended = hub.cut(&topics, crate::hub::Cut::NotAllowed);
+        let ended = hub.cut(&topics, Cut::NotAllowed);
         tracing::info!(
             path = %path.display(),
             keys = count,

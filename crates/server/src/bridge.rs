@@ -36,6 +36,7 @@ use crate::{
     client::{Budget, ClientState, Exhausted, reserve},
     deadlines::{Late, RequestDeadline},
     metrics::Metrics,
+    refusal::{CallEnded, Refusal, Rejected},
     wire,
 };
 
@@ -96,11 +97,11 @@ impl RecvBody {
         }
         match self.deadline.late(Instant::now(), got) {
             Some(Late::FirstBytes) => {
-                self.metrics.end_call_for("first_bytes_timeout");
+                self.metrics.count(CallEnded::FirstBytesTimeout);
                 Poll::Ready(BodyError::FirstBytes)
             }
             Some(Late::Whole) => {
-                self.metrics.reject_for("request_timeout");
+                self.metrics.count(Rejected::RequestTimeout);
                 Poll::Ready(BodyError::Whole)
             }
             None => {
@@ -170,6 +171,15 @@ pub(crate) struct Answering {
     pub(crate) first_bytes: Duration,
 }
 
+impl Answering {
+    /// Ends the call before it is done: counts it, and gives the status
+    /// that ends it.
+    fn end_call(&self, why: CallEnded) -> Status {
+        self.metrics.count(why);
+        why.status(self.first_bytes)
+    }
+}
+
 /// The bytes of one answer handed to h2 and not yet written.
 struct Unwritten {
     client: Arc<ClientState>,
@@ -237,7 +247,7 @@ pub(crate) async fn serve(
             Err(never) => match never {},
         },
         () = &mut ended => {
-            let status = crate::signaling::fair_share_ended(&answering.metrics);
+            let status = answering.end_call(CallEnded::FairShare);
             let _ = respond.send_response(wire::error_response(&status, extra), true);
             return;
         }
@@ -262,7 +272,7 @@ pub(crate) async fn serve(
     let piped = tokio::select! {
         piped = pipe(body, &mut send, &unwritten) => piped,
         () = &mut ended => {
-            let status = crate::signaling::fair_share_ended(&answering.metrics);
+            let status = answering.end_call(CallEnded::FairShare);
             let _ = send.send_trailers(wire::status_trailers(&status));
             return;
         }
@@ -270,17 +280,7 @@ pub(crate) async fn serve(
     match piped {
         Ok(()) => {}
         Err(PipeError::Budget(exhausted)) => {
-            let (reason, status) = match exhausted {
-                Exhausted::Client => (
-                    "client_budget",
-                    Status::resource_exhausted("this client holds all the bytes it may"),
-                ),
-                Exhausted::Server => (
-                    "server_budget",
-                    Status::resource_exhausted("the server holds all the bytes it may"),
-                ),
-            };
-            answering.metrics.reject_for(reason);
+            let status = answering.metrics.refuse(Refusal::Budget(exhausted));
             let _ = send.send_trailers(wire::status_trailers(&status));
         }
         Err(PipeError::Stream(e)) => {
@@ -298,7 +298,7 @@ pub(crate) async fn serve(
         .is_err()
     {
         // Not read: the stream goes, and h2 drops what it buffered of it.
-        answering.metrics.reject_for("answer_unread");
+        answering.metrics.count(Rejected::AnswerUnread);
         send.send_reset(h2::Reason::CANCEL);
     }
 }

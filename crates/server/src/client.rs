@@ -682,34 +682,6 @@ impl Refused {
         }
         status
     }
-
-    /// The `reason` label of the metric that counts it.
-    pub(crate) fn reason(&self) -> &'static str {
-        match self {
-            Refused::ClientConnections(..) => "too_many_client_connections",
-            Refused::Connections(..) => "too_many_connections",
-            Refused::AddressConnections(..) => "too_many_address_connections",
-            Refused::AddressConnectionRate(..) => "address_connection_rate",
-            Refused::Unproven(..) => "unproven",
-            Refused::ClientSubscriptions(..) => "too_many_client_subscriptions",
-            Refused::Subscriptions(..) => "too_many_subscriptions",
-            Refused::AddressSubscriptions(..) => "too_many_address_subscriptions",
-            Refused::ClientCalls(..) => "too_many_client_calls",
-            Refused::Calls(..) => "too_many_calls",
-            Refused::AddressCalls(..) => "too_many_address_calls",
-            Refused::ClientBridged(..) => "too_many_client_service_calls",
-            Refused::Bridged(..) => "too_many_service_calls",
-            Refused::ClientHealthChecks(..) => "too_many_client_health_checks",
-            Refused::HealthChecks(..) => "too_many_health_checks",
-            Refused::ClientHealthWatches(..) => "too_many_client_health_watches",
-            Refused::HealthWatches(..) => "too_many_health_watches",
-            Refused::RequestRate(..) => "request_rate",
-            Refused::PublishRate(..) => "publish_rate",
-            Refused::AddressPublishRate(..) => "address_publish_rate",
-            Refused::PublishBytesRate(..) => "publish_bytes_rate",
-            Refused::AddressPublishBytesRate(..) => "address_publish_bytes_rate",
-        }
-    }
 }
 
 /// The rates of one tier of prefixes (addresses, or /48s).

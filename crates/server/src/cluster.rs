@@ -41,6 +41,7 @@ use crate::{
     client::{Budget, Reserved},
     hub::{Replicas, Topic, WeakHub},
     metrics::Metrics,
+    refusal::ClusterDropped,
     wire::PREFIX_LEN,
 };
 
@@ -270,7 +271,7 @@ impl Cluster {
                             connected_tx.send_replace(false);
                         }
                         async_nats::Event::SlowConsumer(_) => {
-                            metrics.cluster_drop_for("slow_consumer");
+                            metrics.count(ClusterDropped::SlowConsumer);
                         }
                         // A failed (re)connect attempt: the first of an outage
                         // is a warning with its cause, the rest are debug.
@@ -496,7 +497,7 @@ impl Cluster {
     fn enqueue(&self, key: Topic, envelope: Bytes, reply: Option<String>) -> bool {
         let Ok(reserved) = Reserved::new(&self.budget, envelope.len() + OUTBOUND_ENTRY_BYTES)
         else {
-            self.metrics.cluster_drop_for("server_budget");
+            self.metrics.count(ClusterDropped::ServerBudget);
             return false;
         };
         let outbound = Outbound {
@@ -508,11 +509,11 @@ impl Cluster {
         match self.outbound.try_send(outbound) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.cluster_drop_for("buffer_full");
+                self.metrics.count(ClusterDropped::BufferFull);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.cluster_drop_for("closed");
+                self.metrics.count(ClusterDropped::Closed);
                 false
             }
         }
@@ -581,7 +582,7 @@ async fn collect_counts(cluster: Arc<Cluster>, stop: CancellationToken) {
             Some(n) => {
                 count.sum.fetch_add(n as usize, Relaxed);
             }
-            None => cluster.metrics.cluster_drop_for("invalid"),
+            None => cluster.metrics.count(ClusterDropped::Invalid),
         }
     }
 }
@@ -679,7 +680,7 @@ async fn publish_all(
             match flushed {
                 Ok(Ok(())) => unflushed = 0,
                 _ => {
-                    metrics.cluster_drop_for("nats_buffer_full");
+                    metrics.count(ClusterDropped::NatsBufferFull);
                     continue;
                 }
             }
@@ -715,7 +716,7 @@ async fn publish_all(
                 metrics.cluster_published.inc();
             }
             Err(e) => {
-                metrics.cluster_drop_for("publish_failed");
+                metrics.count(ClusterDropped::PublishFailed);
                 tracing::debug!("cluster: publish failed: {e}");
             }
         }
@@ -758,14 +759,14 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
             .and_then(|h| h.get(ORIGIN_HEADER))
             .map(|v| v.as_str());
         if origin == Some(cluster.origin.as_str()) {
-            cluster.metrics.cluster_drop_for("own");
+            cluster.metrics.count(ClusterDropped::Own);
             continue;
         }
         // The payload is an envelope to this key, or nothing to deliver.
         let valid = Envelope::decode(message.payload.as_ref())
             .is_ok_and(|e| e.recipient.as_slice() == key.as_slice() && e.sender.len() == 32);
         if !valid {
-            cluster.metrics.cluster_drop_for("invalid");
+            cluster.metrics.count(ClusterDropped::Invalid);
             continue;
         }
         cluster.metrics.cluster_received.inc();

@@ -51,7 +51,8 @@ use crate::{
     bridge::{self, MAX_HEALTH_REQUEST_BYTES},
     client::{Client, ConnectionGuard, Evict, Origin, Refused},
     deadlines::{ConnectionDeadlines, Due, Verdict},
-    hub::{Cut, Mailbox, Subscription, Take},
+    hub::{Mailbox, Subscription, Take},
+    refusal::{ConnectionClosed, ConnectionRefused, Cut},
     shared::Shared,
     signaling::{self, Call, Done},
     transport::{self, Io, NotSetUp},
@@ -105,7 +106,7 @@ pub(crate) async fn serve(
         _ = kill.cancelled() => return,
         _ = shutdown.cancelled() => return,
         _ = evicted.cancelled() => {
-            shared.metrics.close_connection_for("fair_share");
+            shared.close(ConnectionClosed::FairShare, &remote);
             return;
         }
         set_up = set_up => match set_up {
@@ -115,17 +116,14 @@ pub(crate) async fn serve(
                 return;
             }
             Err(NotSetUp::TlsRate) => {
-                shared.metrics.refuse_connection_for("tls_handshake_rate");
+                shared.metrics.count(ConnectionRefused::TlsHandshakeRate);
                 if shared.logs.refused.allow() {
                     tracing::info!(%remote, "connection refused: the server starts all the TLS handshakes a second it may");
                 }
                 return;
             }
             Err(NotSetUp::Timeout) => {
-                shared.metrics.close_connection_for("handshake_timeout");
-                if shared.logs.closed.allow() {
-                    tracing::info!(%remote, "connection closed: no TLS and HTTP/2 set-up within the handshake timeout");
-                }
+                shared.close(ConnectionClosed::HandshakeTimeout, &remote);
                 return;
             }
         },
@@ -144,12 +142,7 @@ pub(crate) async fn serve(
     match end {
         End::Closed | End::Killed => {}
         End::Error(e) => tracing::debug!(%remote, "connection ended: {e}"),
-        End::Cut(reason) => {
-            connection.shared.metrics.close_connection_for(reason);
-            if connection.shared.logs.closed.allow() {
-                tracing::info!(%remote, reason, "connection closed");
-            }
-        }
+        End::Cut(why) => connection.shared.close(why, &remote),
     }
 }
 
@@ -174,7 +167,7 @@ enum End {
     Killed,
     Error(h2::Error),
     /// The server cut the connection (the metric's reason).
-    Cut(&'static str),
+    Cut(ConnectionClosed),
 }
 
 /// `Ok` goes on; `Err` ends the task with it.
@@ -454,8 +447,8 @@ impl Connection {
                         self.deadlines.ping_failed(now);
                     }
                 }
-                Due::PongLate => return Err(End::Cut("keepalive_timeout")),
-                Due::FirstRequest => return Err(End::Cut("handshake_timeout")),
+                Due::PongLate => return Err(End::Cut(ConnectionClosed::KeepaliveTimeout)),
+                Due::FirstRequest => return Err(End::Cut(ConnectionClosed::HandshakeTimeout)),
                 // Counted when it was ended.
                 Due::CloseBy => return Err(End::Closed),
                 Due::Idle => self.go_away_idle(),
@@ -518,11 +511,8 @@ impl Connection {
     /// subscription stream ends with RESOURCE_EXHAUSTED, calls in progress
     /// get a moment to finish.
     fn evict(&mut self) {
-        let shared = self.shared.clone();
-        shared.metrics.close_connection_for("fair_share");
-        if shared.logs.closed.allow() {
-            tracing::info!(remote = %self.peer.remote, "connection closed: the server holds all the connections it may, this client the most, and another needed its share");
-        }
+        self.shared
+            .close(ConnectionClosed::FairShare, &self.peer.remote);
         let status = Status::resource_exhausted(
             "the server holds all the connections it may: this client held the most, and another needed its share",
         );
@@ -552,8 +542,7 @@ impl Connection {
             self.life.state = State::GoingAway;
             self.deadlines.going_away();
             self.h2.graceful_shutdown();
-            self.shared.metrics.close_connection_for("idle");
-            tracing::debug!(remote = %self.peer.remote, "idle connection closed");
+            self.shared.close(ConnectionClosed::Idle, &self.peer.remote);
         }
     }
 
@@ -584,10 +573,7 @@ impl Connection {
             Err(refused) => {
                 // A connection beyond its address's per-client limit whose
                 // first call proved no key: refused, and closed.
-                shared.metrics.close_connection_for("unproven");
-                if shared.logs.closed.allow() {
-                    tracing::info!(remote = %self.peer.remote, "connection closed: {refused}");
-                }
+                shared.close(ConnectionClosed::Unproven, &self.peer.remote);
                 self.answer_now(respond, &refused.status());
                 self.leave();
                 return Ok(());
@@ -596,15 +582,12 @@ impl Connection {
         if let Err(refused) = shared.clients.check_request(caller) {
             // One HEADERS frame that says when to come back (a reset would
             // say nothing); a flood costs that much a stream, no more.
-            shared.metrics.reject_for(refused.reason());
-            self.answer_now(respond, &refused.status());
+            let status = shared.refuse(refused, &self.peer.remote);
+            self.answer_now(respond, &status);
             self.peer.refused += 1;
             if self.peer.refused >= REFUSED_BEFORE_CLOSE {
                 self.h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                if shared.logs.refused.allow() {
-                    tracing::info!(remote = %self.peer.remote, "connection closed: {refused}");
-                }
-                return Err(End::Cut("request_rate"));
+                return Err(End::Cut(ConnectionClosed::RequestRate));
             }
             return Ok(());
         }
@@ -618,7 +601,8 @@ impl Connection {
         match self.start_call(shared, caller, request, respond) {
             Ok(call) => self.streams.calls.push(call),
             Err((refused, respond)) => {
-                self.refuse(&refused, respond);
+                let status = self.shared.refuse(refused, &self.peer.remote);
+                self.answer_now(respond, &status);
                 self.stream_done();
             }
         }
@@ -718,17 +702,6 @@ impl Connection {
         Ok(started)
     }
 
-    /// Answers a new stream with a refusal of one of the client's limits,
-    /// counted.
-    fn refuse(&self, refused: &Refused, respond: SendResponse<Bytes>) {
-        let shared = &self.shared;
-        shared.metrics.reject_for(refused.reason());
-        if shared.logs.refused.allow() {
-            tracing::info!(remote = %self.peer.remote, "request refused: {refused}");
-        }
-        self.answer_now(respond, &refused.status());
-    }
-
     /// A call in progress finished: a subscription's stream opens, or the
     /// stream is done.
     fn finish(&mut self, done: Done) {
@@ -790,9 +763,8 @@ impl Connection {
         };
         let sub = subscription.sub();
         if let Some(cut) = sub.cut() {
-            let (reason, status) = cut_status(cut);
-            let _ = send.send_trailers(wire::status_trailers(&status));
-            self.shared.metrics.cut_for(reason);
+            let _ = send.send_trailers(wire::status_trailers(&cut.status()));
+            self.shared.metrics.count(cut);
             self.streams.subs.try_remove(slot);
             self.stream_done();
             return;
@@ -899,7 +871,7 @@ impl Connection {
                 continue;
             };
             let shared = &self.shared;
-            shared.metrics.cut_for("stalled");
+            shared.metrics.count(Cut::Stalled);
             if shared.logs.cut.allow() {
                 tracing::info!(
                     remote = %self.peer.remote,
@@ -908,8 +880,7 @@ impl Connection {
                 );
             }
             if subscription.sub().in_flight() == 0 {
-                let status = Status::unavailable("subscriber too slow");
-                let _ = send.send_trailers(wire::status_trailers(&status));
+                let _ = send.send_trailers(wire::status_trailers(&Cut::Stalled.status()));
             } else {
                 // Its bytes are stuck behind an unread connection: free them.
                 send.send_reset(h2::Reason::CANCEL);
@@ -917,34 +888,5 @@ impl Connection {
             drop(subscription);
             self.stream_done();
         }
-    }
-}
-
-/// The metric's reason and the status of a subscription the hub cut.
-fn cut_status(cut: Cut) -> (&'static str, Status) {
-    match cut {
-        Cut::NotAllowed => (
-            "not_allowed",
-            Status::permission_denied("this key is no longer allowed here"),
-        ),
-        Cut::QueueFairShare => (
-            "queue_fair_share",
-            Status::resource_exhausted(
-                "the server holds all the bytes it may, and this client held the most: \
-                 its newest subscription was ended for a client below its fair share",
-            ),
-        ),
-        Cut::KeyFairShare => (
-            "key_fair_share",
-            Status::resource_exhausted(
-                "this key has all the subscriptions it may, and another client needed its share",
-            ),
-        ),
-        Cut::FairShare => (
-            "fair_share",
-            Status::resource_exhausted(
-                "the server holds all the subscriptions it may: this client held the most, and another needed its share",
-            ),
-        ),
     }
 }

@@ -71,7 +71,7 @@ impl Health for StoppingHealth {
                         _ = stopped.cancelled() => {}
                         _ = tokio::time::sleep_until(end) => {
                             // Its time is up: the stream ends (OK).
-                            metrics.end_call_for("health_watch_lifetime");
+                            metrics.count(crate::refusal::CallEnded::HealthWatchLifetime);
                             return None;
                         }
                     }

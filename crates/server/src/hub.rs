@@ -43,6 +43,7 @@ use crate::{
     client::{Budget, Client, ClientState, Evict, Exhausted, SlotGuard, reserve},
     deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
+    refusal::{Cut, KeyFull},
 };
 
 /// What the hub needs from the other replicas of a cluster: to hear of a
@@ -167,21 +168,6 @@ struct State {
     closed: bool,
     /// The server ends it: its connection task sends the status.
     cut: Option<Cut>,
-}
-
-/// Why the server ends a subscription stream of its own accord.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Cut {
-    /// Its key was removed from the allowed keys (docs/PROTOCOL.md §11).
-    NotAllowed,
-    /// Its key was full and a client with less than its share of it came.
-    KeyFairShare,
-    /// The server's byte budget was full, its client held the most of it,
-    /// and a subscriber of a client with less than its share needed room.
-    QueueFairShare,
-    /// The server held all the subscriptions it may, its client the most,
-    /// and a client with less than its share came.
-    FairShare,
 }
 
 impl Evict for Sub {
@@ -551,17 +537,6 @@ impl Inner {
     }
 }
 
-/// A key has all the subscriptions it may, and the client holds its share.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "key {key} has reached the limit of {limit} subscriptions, and {client} holds its share of them"
-)]
-pub(crate) struct KeyFull {
-    key: cunicu_signal::Key,
-    limit: usize,
-    client: Client,
-}
-
 /// Subscriptions by key. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Hub {
@@ -599,7 +574,7 @@ impl Hub {
     /// Adds a subscription to `key` whose envelopes are announced to
     /// `mailbox` as `slot`; `slot_guard` is its place in the limits. It ends
     /// when the returned handle drops. Returns the handle and whether it is
-    /// the key's first subscription here, or [`KeyFull`] (counted).
+    /// the key's first subscription here, or [`KeyFull`] (for the caller to count).
     pub(crate) fn subscribe(
         &self,
         key: Topic,
@@ -627,7 +602,6 @@ impl Hub {
             let evicted = if list.len() >= inner.max_per_key {
                 let Some(evicted) = make_room(list, sub.client.client, inner.max_per_key) else {
                     drop(shard);
-                    inner.metrics.reject_for("too_many_key_subscriptions");
                     return Err(KeyFull {
                         key: cunicu_signal::Key::from(key),
                         limit: inner.max_per_key,
@@ -1171,16 +1145,10 @@ mod tests {
         let a: Vec<Subscription> = (0..4)
             .map(|slot| f.subscribe(1, "192.0.2.1", &mailbox, slot))
             .collect();
-        assert!(f.try_subscribe(1, "192.0.2.1", &mailbox, 9).is_err());
-        assert_eq!(
-            f.metrics
-                .rejected
-                .get_or_create(&crate::metrics::Reason {
-                    reason: "too_many_key_subscriptions"
-                })
-                .get(),
-            1
-        );
+        assert!(matches!(
+            f.try_subscribe(1, "192.0.2.1", &mailbox, 9),
+            Err(KeyFull { limit: 4, .. })
+        ));
         // A newcomer gets in; A's most recent goes.
         let b = f.subscribe(1, "192.0.2.2", &mailbox, 10);
         assert_eq!(a[3].sub().cut(), Some(Cut::KeyFairShare));

@@ -39,6 +39,7 @@ mod hub;
 mod listener;
 pub mod metrics;
 mod process;
+mod refusal;
 pub mod relay;
 mod service;
 mod shared;

@@ -50,7 +50,7 @@ pub(crate) async fn accept(
         let guard = match shared.clients.connect(remote.ip()) {
             Ok(guard) => guard,
             Err(refused) => {
-                shared.metrics.refuse_connection_for(refused.reason());
+                shared.metrics.count_refusal(refused.counted());
                 if shared.logs.refused.allow() {
                     tracing::info!(%remote, "connection refused: {refused}");
                 }

@@ -12,12 +12,14 @@ use prometheus_client::{
         histogram::{Histogram, exponential_buckets},
         info::Info,
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Label of the drop and reject counters.
+use crate::refusal;
+
+/// Label of the counters that count by reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     /// Why: see the metric's help text.
@@ -39,56 +41,44 @@ pub struct Method {
 }
 
 type HistogramFamily = Family<Method, Histogram, fn() -> Histogram>;
+type ReasonFamily = Family<Reason, Counter>;
 
 /// The server's counters, gauges and histograms. Cheap to share.
 ///
 /// A client's address is never a label (it would let clients grow the
-/// metrics without bound); the logs name it.
+/// metrics without bound); the logs name it. Each metric is named once, in
+/// [`Metrics::new`]; the reasons of the counters that count by reason are
+/// the enums of the `refusal` module.
 pub struct Metrics {
     /// Envelopes accepted by Publish.
     pub published: Counter,
     /// Envelopes written to subscription streams.
     pub delivered: Counter,
-    /// Envelopes dropped, by reason (`queue_full`, `client_budget`,
-    /// `server_budget`, `no_subscriber`).
-    pub dropped: Family<Reason, Counter>,
-    /// `dropped` for `queue_full`: a subscription's own queue was full and
-    /// lost its oldest envelope.
+    /// Envelopes dropped, by reason.
+    pub dropped: ReasonFamily,
+    /// `dropped` for `queue_full`, looked up once (it is counted often).
     pub queue_full: Counter,
-    /// `dropped` for `client_budget`: the subscriber's client held all the
-    /// bytes it may.
+    /// `dropped` for `client_budget`.
     pub client_budget: Counter,
-    /// `dropped` for `server_budget`: the server held all the bytes it may.
+    /// `dropped` for `server_budget`.
     pub server_budget: Counter,
     /// `dropped` for `no_subscriber`.
     pub no_subscriber: Counter,
     /// Requests refused, by reason.
-    pub rejected: Family<Reason, Counter>,
-    /// Proofs of key possession, by result (`ok`, `missing`, `malformed`,
-    /// `bad_box`, `wrong_key`, `expired`, `replayed`, `low_order`,
-    /// `not_allowed`, `cache_full`).
+    pub rejected: ReasonFamily,
+    /// Proofs of key possession, by result.
     pub auth: Family<AuthResult, Counter>,
-    /// Subscription streams the server ended, by reason (`stalled`, `not_allowed`,
-    /// `key_fair_share`, `fair_share`, `queue_fair_share`).
-    pub subscribers_cut: Family<Reason, Counter>,
-    /// Calls the server ended before they were done, by reason
-    /// (`first_bytes_timeout`: no request bytes within the first-bytes
-    /// timeout; `fair_share`: the server was at a cap of calls and the
-    /// client holding the most lost its newest; `health_watch_lifetime`: a
-    /// health watch stream reached its end).
-    pub calls_ended: Family<Reason, Counter>,
-    /// Connections refused at accept, by reason (`too_many_client_connections`,
-    /// `too_many_connections`, `too_many_address_connections`,
-    /// `address_connection_rate`, `tls_handshake_rate`).
-    pub connections_refused: Family<Reason, Counter>,
-    /// Connections the server closed, by reason (`handshake_timeout`, `idle`,
-    /// `keepalive_timeout`, `request_rate`, `fair_share`: ended for another
-    /// client's fair share, `unproven`: admitted beyond its address's
-    /// per-client limit, its first call proved no key).
-    pub connections_closed: Family<Reason, Counter>,
+    /// Subscription streams the server ended, by reason.
+    pub subscribers_cut: ReasonFamily,
+    /// Calls the server ended before they were done, by reason.
+    pub calls_ended: ReasonFamily,
+    /// Connections refused at accept, by reason.
+    pub connections_refused: ReasonFamily,
+    /// Connections the server closed, by reason.
+    pub connections_closed: ReasonFamily,
     /// Open client connections.
     pub connections: Gauge,
-    /// Clients (IP addresses, IPv6 /64s) with a connection open.
+    /// Clients (proven keys, addresses) with a connection open.
     pub clients: Gauge,
     /// Open subscription streams.
     pub subscriptions: Gauge,
@@ -106,7 +96,7 @@ pub struct Metrics {
     /// Envelopes received from other replicas.
     pub cluster_received: Counter,
     /// Envelopes not sent to or not taken from NATS, by reason.
-    pub cluster_dropped: Family<Reason, Counter>,
+    pub cluster_dropped: ReasonFamily,
     /// New key subscriptions whose round trip to NATS did not come back in
     /// time: their Subscribes went on without it.
     pub cluster_unconfirmed: Counter,
@@ -124,76 +114,53 @@ fn rpc_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00001, 4.0, 11))
 }
 
-// Every label a counter family can take, shown at 0 from the start (a rate
-// over a series that appears only with its first event misses that event).
-// A reason added where it is counted belongs here too.
-const REJECT_REASONS: &[&str] = &[
-    "invalid_key",
-    "server_budget",
-    "oversize",
-    "malformed",
-    "request_timeout",
-    "too_many_client_subscriptions",
-    "too_many_subscriptions",
-    "too_many_client_calls",
-    "too_many_calls",
-    "too_many_client_service_calls",
-    "too_many_service_calls",
-    "request_rate",
-    "publish_rate",
-    "publish_bytes_rate",
-    "too_many_address_subscriptions",
-    "too_many_address_calls",
-    "address_publish_rate",
-    "address_publish_bytes_rate",
-    "too_many_client_health_checks",
-    "too_many_health_checks",
-    "too_many_client_health_watches",
-    "too_many_health_watches",
-];
-const CUT_REASONS: &[&str] = &[
-    "stalled",
-    "not_allowed",
-    "key_fair_share",
-    "fair_share",
-    "queue_fair_share",
-];
-const CONNECTION_REFUSED_REASONS: &[&str] = &[
-    "too_many_client_connections",
-    "connection_rate",
-    "too_many_connections",
-    "too_many_address_connections",
-    "address_connection_rate",
-];
-const CALL_END_REASONS: &[&str] = &["first_bytes_timeout", "fair_share", "health_watch_lifetime"];
-const CONNECTION_CLOSED_REASONS: &[&str] = &[
-    "handshake_timeout",
-    "idle",
-    "keepalive_timeout",
-    "request_rate",
-    "fair_share",
-    "unproven",
-];
-const CLUSTER_DROP_REASONS: &[&str] = &[
-    "buffer_full",
-    "publish_failed",
-    "slow_consumer",
-    "invalid",
-    "own",
-    "closed",
-];
-const AUTH_RESULTS: &[&str] = &[
-    "ok",
-    "missing",
-    "malformed",
-    "bad_box",
-    "wrong_key",
-    "expired",
-    "replayed",
-    "low_order",
-    "not_allowed",
-    "cache_full",
-];
+/// A reason a counter of [`Metrics`] counts by.
+pub(crate) trait Counts: Copy + 'static {
+    /// Every reason, shown at 0 from the start.
+    const ALL: &'static [Self];
+    /// The label value.
+    fn label(self) -> &'static str;
+    /// The counter that counts it.
+    fn family(metrics: &Metrics) -> &ReasonFamily;
+}
+
+macro_rules! counted_by {
+    ($($reason:ty => $family:ident,)+) => {
+        $(
+            impl Counts for $reason {
+                const ALL: &'static [Self] = <$reason>::ALL;
+                fn label(self) -> &'static str {
+                    <$reason>::label(self)
+                }
+                fn family(metrics: &Metrics) -> &ReasonFamily {
+                    &metrics.$family
+                }
+            }
+        )+
+    };
+}
+
+counted_by! {
+    refusal::Rejected => rejected,
+    refusal::ConnectionRefused => connections_refused,
+    refusal::ConnectionClosed => connections_closed,
+    refusal::CallEnded => calls_ended,
+    refusal::Cut => subscribers_cut,
+    refusal::Dropped => dropped,
+    refusal::ClusterDropped => cluster_dropped,
+}
+
+/// Registers `metric` under `name` and hands it back.
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A reason's help text: `intro`, then every label value.
+fn with_reasons<R: Counts>(intro: &str) -> String {
+    let labels: Vec<&str> = R::ALL.iter().map(|r| r.label()).collect();
+    format!("{intro}: {}", labels.join(", "))
+}
 
 /// Label of the build information.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,246 +181,229 @@ fn register_operator_metrics(registry: &mut Registry) {
 }
 
 impl Metrics {
-    /// Fresh metrics, registered under the names operators see.
+    /// Fresh metrics, registered under the names operators see, each
+    /// reason's series at 0.
     pub fn new() -> Arc<Self> {
+        use refusal::{
+            CallEnded, ClusterDropped, ConnectionClosed, ConnectionRefused, Cut, Dropped, Rejected,
+        };
         let mut registry = Registry::default();
-        let published = Counter::default();
-        let delivered = Counter::default();
-        let dropped = Family::<Reason, Counter>::default();
-        let rejected = Family::<Reason, Counter>::default();
-        let subscribers_cut = Family::<Reason, Counter>::default();
-        let calls_ended = Family::<Reason, Counter>::default();
-        let auth = Family::<AuthResult, Counter>::default();
-        let connections_refused = Family::<Reason, Counter>::default();
-        let connections_closed = Family::<Reason, Counter>::default();
-        let connections = Gauge::default();
-        let clients = Gauge::default();
-        let subscriptions = Gauge::default();
-        let topics = Gauge::default();
-        let queued_bytes = Gauge::default();
-        let rpc_duration = HistogramFamily::new_with_constructor(rpc_histogram);
-        let cluster_connected = Gauge::default();
-        let cluster_subjects = Gauge::default();
-        let cluster_published = Counter::default();
-        let cluster_received = Counter::default();
-        let cluster_dropped = Family::<Reason, Counter>::default();
-        let cluster_unconfirmed = Counter::default();
-        registry.register(
-            "signaling_cluster_connected",
-            "1 while connected to the NATS cluster (with --cluster), else 0",
-            cluster_connected.clone(),
-        );
-        registry.register(
-            "signaling_cluster_subjects",
-            "Keys with a NATS subscription: those with local subscribers",
-            cluster_subjects.clone(),
-        );
-        registry.register(
-            "signaling_cluster_published",
-            "Envelopes handed to NATS for the other replicas",
-            cluster_published.clone(),
-        );
-        registry.register(
-            "signaling_cluster_received",
-            "Envelopes received from other replicas",
-            cluster_received.clone(),
-        );
-        registry.register(
-            "signaling_cluster_unconfirmed",
-            "Keys' NATS subscriptions whose round trip to NATS did not come back within 2 s \
-             (the Subscribe's sync went without it)",
-            cluster_unconfirmed.clone(),
-        );
-        registry.register(
-            "signaling_cluster_dropped",
-            "Envelopes not sent to or not taken from NATS: buffer_full (NATS away long), \
-             server_budget, nats_buffer_full (NATS hung or away), publish_failed, \
-             slow_consumer, invalid, own, closed",
-            cluster_dropped.clone(),
-        );
-        registry.register(
-            "signaling_envelopes_published",
-            "Envelopes accepted by Publish",
-            published.clone(),
-        );
-        registry.register(
-            "signaling_envelopes_delivered",
-            "Envelopes written to subscription streams",
-            delivered.clone(),
-        );
-        registry.register(
+        let r = &mut registry;
+        let counter = Counter::default;
+        let gauge = Gauge::default;
+        let reasons = ReasonFamily::default;
+        let dropped = add(
+            r,
             "signaling_envelopes_dropped",
-            "Envelopes dropped: queue_full (a subscriber's queue lost its oldest), client_budget \
-             (the subscriber's client holds all it may), server_budget, no_subscriber",
-            dropped.clone(),
+            &with_reasons::<Dropped>("Envelopes dropped"),
+            reasons(),
         );
-        registry.register(
-            "signaling_requests_rejected",
-            "Requests refused, by reason",
-            rejected.clone(),
-        );
-        registry.register(
-            "signaling_subscribers_cut",
-            "Subscription streams the server ended: stalled (took too little of what waited \
-             for it over the stall timeout), not_allowed (its key left the allowed keys), \
-             key_fair_share, queue_fair_share (its client held the most of a full cap)",
-            subscribers_cut.clone(),
-        );
-        registry.register(
-            "signaling_calls_ended",
-            "Calls the server ended before they were done: first_bytes_timeout, fair_share, \
-             health_watch_lifetime",
-            calls_ended.clone(),
-        );
-        registry.register(
-            "signaling_auth",
-            "Proofs of key possession checked, by result",
-            auth.clone(),
-        );
-        registry.register(
-            "signaling_connections_refused",
-            "Connections refused at accept: too_many_client_connections, connection_rate",
-            connections_refused.clone(),
-        );
-        registry.register(
-            "signaling_connections_closed",
-            "Connections the server closed: handshake_timeout, idle, keepalive_timeout",
-            connections_closed.clone(),
-        );
-        registry.register(
-            "signaling_connections",
-            "Open client connections",
-            connections.clone(),
-        );
-        registry.register(
-            "signaling_clients",
-            "Clients (IP addresses, IPv6 /64s) with a connection open",
-            clients.clone(),
-        );
-        registry.register(
-            "signaling_subscriptions",
-            "Open subscription streams",
-            subscriptions.clone(),
-        );
-        registry.register(
-            "signaling_topics",
-            "Keys with at least one subscription stream",
-            topics.clone(),
-        );
-        registry.register(
-            "signaling_queued_bytes",
-            "Bytes held for clients: queued, in HTTP/2 send buffers, requests being received",
-            queued_bytes.clone(),
-        );
-        registry.register(
+        let rpc_duration = add(
+            r,
             "signaling_rpc_duration_seconds",
             "Duration of RPCs by method; for Subscribe, until the stream is set up",
-            rpc_duration.clone(),
+            HistogramFamily::new_with_constructor(rpc_histogram),
         );
-        // The drop reasons show from the start, at 0.
-        let reason = |reason| dropped.get_or_create(&Reason { reason }).clone();
-        let (queue_full, client_budget, server_budget, no_subscriber) = (
-            reason("queue_full"),
-            reason("client_budget"),
-            reason("server_budget"),
-            reason("no_subscriber"),
-        );
-        register_operator_metrics(&mut registry);
-        let memory_bound = Gauge::default();
-        registry.register(
-            "signaling_memory_bound_bytes",
-            "The memory the server can hold with every limit reached at once (the worst case)",
-            memory_bound.clone(),
-        );
-        let hot_rpcs = ["Publish", "Subscribe"].map(|method| {
-            (
-                method,
-                rpc_duration.get_or_create(&Method { method }).clone(),
-            )
-        });
-        for (family, reasons) in [
-            (&rejected, REJECT_REASONS),
-            (&subscribers_cut, CUT_REASONS),
-            (&calls_ended, CALL_END_REASONS),
-            (&connections_refused, CONNECTION_REFUSED_REASONS),
-            (&connections_closed, CONNECTION_CLOSED_REASONS),
-            (&cluster_dropped, CLUSTER_DROP_REASONS),
-        ] {
-            for &reason in reasons {
-                drop(family.get_or_create(&Reason { reason }));
-            }
-        }
-        for &result in AUTH_RESULTS {
-            drop(auth.get_or_create(&AuthResult { result }));
-        }
-        Arc::new(Metrics {
-            hot_rpcs,
-            published,
-            delivered,
-            dropped,
-            queue_full,
-            client_budget,
-            server_budget,
-            no_subscriber,
-            rejected,
-            auth,
-            subscribers_cut,
-            calls_ended,
-            connections_refused,
-            connections_closed,
-            connections,
-            clients,
-            subscriptions,
-            topics,
-            queued_bytes,
+        let count_of = |reason: Dropped| {
+            dropped
+                .get_or_create(&Reason {
+                    reason: reason.label(),
+                })
+                .clone()
+        };
+        let metrics = Metrics {
+            published: add(
+                r,
+                "signaling_envelopes_published",
+                "Envelopes accepted by Publish",
+                counter(),
+            ),
+            delivered: add(
+                r,
+                "signaling_envelopes_delivered",
+                "Envelopes written to subscription streams",
+                counter(),
+            ),
+            queue_full: count_of(Dropped::QueueFull),
+            client_budget: count_of(Dropped::ClientBudget),
+            server_budget: count_of(Dropped::ServerBudget),
+            no_subscriber: count_of(Dropped::NoSubscriber),
+            rejected: add(
+                r,
+                "signaling_requests_rejected",
+                &with_reasons::<Rejected>("Requests refused"),
+                reasons(),
+            ),
+            auth: add(
+                r,
+                "signaling_auth",
+                "Proofs of key possession checked, by result",
+                Family::default(),
+            ),
+            subscribers_cut: add(
+                r,
+                "signaling_subscribers_cut",
+                &with_reasons::<Cut>("Subscription streams the server ended"),
+                reasons(),
+            ),
+            calls_ended: add(
+                r,
+                "signaling_calls_ended",
+                &with_reasons::<CallEnded>("Calls the server ended before they were done"),
+                reasons(),
+            ),
+            connections_refused: add(
+                r,
+                "signaling_connections_refused",
+                &with_reasons::<ConnectionRefused>("Connections refused at accept"),
+                reasons(),
+            ),
+            connections_closed: add(
+                r,
+                "signaling_connections_closed",
+                &with_reasons::<ConnectionClosed>("Connections the server closed"),
+                reasons(),
+            ),
+            connections: add(
+                r,
+                "signaling_connections",
+                "Open client connections",
+                gauge(),
+            ),
+            clients: add(
+                r,
+                "signaling_clients",
+                "Clients (proven keys, addresses) with a connection open",
+                gauge(),
+            ),
+            subscriptions: add(
+                r,
+                "signaling_subscriptions",
+                "Open subscription streams",
+                gauge(),
+            ),
+            topics: add(
+                r,
+                "signaling_topics",
+                "Keys with at least one subscription stream",
+                gauge(),
+            ),
+            queued_bytes: add(
+                r,
+                "signaling_queued_bytes",
+                "Bytes held for clients: queued, in HTTP/2 send buffers, requests being received",
+                gauge(),
+            ),
+            cluster_connected: add(
+                r,
+                "signaling_cluster_connected",
+                "1 while connected to the NATS cluster (with --cluster), else 0",
+                gauge(),
+            ),
+            cluster_subjects: add(
+                r,
+                "signaling_cluster_subjects",
+                "Keys with a NATS subscription: those with local subscribers",
+                gauge(),
+            ),
+            cluster_published: add(
+                r,
+                "signaling_cluster_published",
+                "Envelopes handed to NATS for the other replicas",
+                counter(),
+            ),
+            cluster_received: add(
+                r,
+                "signaling_cluster_received",
+                "Envelopes received from other replicas",
+                counter(),
+            ),
+            cluster_dropped: add(
+                r,
+                "signaling_cluster_dropped",
+                &with_reasons::<ClusterDropped>("Envelopes not sent to or not taken from NATS"),
+                reasons(),
+            ),
+            cluster_unconfirmed: add(
+                r,
+                "signaling_cluster_unconfirmed",
+                "Keys' NATS subscriptions whose round trip to NATS did not come back within 2 s \
+                 (the Subscribe's sync went without it)",
+                counter(),
+            ),
+            memory_bound: add(
+                r,
+                "signaling_memory_bound_bytes",
+                "The memory the server can hold with every limit reached at once (the worst case)",
+                gauge(),
+            ),
+            hot_rpcs: ["Publish", "Subscribe"].map(|method| {
+                (
+                    method,
+                    rpc_duration.get_or_create(&Method { method }).clone(),
+                )
+            }),
             rpc_duration,
-            cluster_connected,
-            cluster_subjects,
-            cluster_published,
-            cluster_received,
-            cluster_dropped,
-            cluster_unconfirmed,
-            memory_bound,
-            registry,
-        })
+            dropped,
+            registry: {
+                register_operator_metrics(r);
+                registry
+            },
+        };
+        metrics.at_zero::<Rejected>();
+        metrics.at_zero::<ConnectionRefused>();
+        metrics.at_zero::<ConnectionClosed>();
+        metrics.at_zero::<CallEnded>();
+        metrics.at_zero::<Cut>();
+        metrics.at_zero::<Dropped>();
+        metrics.at_zero::<ClusterDropped>();
+        for &result in refusal::AuthResult::ALL {
+            drop(metrics.auth.get_or_create(&AuthResult {
+                result: result.label(),
+            }));
+        }
+        Arc::new(metrics)
     }
 
-    /// Counts a refused request.
-    pub fn reject_for(&self, reason: &'static str) {
-        self.rejected.get_or_create(&Reason { reason }).inc();
+    /// Shows every reason of `R` at 0.
+    fn at_zero<R: Counts>(&self) {
+        for &reason in R::ALL {
+            drop(R::family(self).get_or_create(&Reason {
+                reason: reason.label(),
+            }));
+        }
     }
 
-    /// Counts an envelope the cluster dropped.
-    pub fn cluster_drop_for(&self, reason: &'static str) {
-        self.cluster_dropped.get_or_create(&Reason { reason }).inc();
-    }
-
-    /// Counts a proof of key possession.
-    pub fn auth_for(&self, result: &'static str) {
-        self.auth.get_or_create(&AuthResult { result }).inc();
-    }
-
-    /// Counts a subscription stream the server ended.
-    pub fn cut_for(&self, reason: &'static str) {
-        self.subscribers_cut.get_or_create(&Reason { reason }).inc();
-    }
-
-    /// Counts a call the server ended before it was done.
-    pub fn end_call_for(&self, reason: &'static str) {
-        self.calls_ended.get_or_create(&Reason { reason }).inc();
-    }
-
-    /// Counts a connection refused at accept.
-    pub fn refuse_connection_for(&self, reason: &'static str) {
-        self.connections_refused
-            .get_or_create(&Reason { reason })
+    /// Counts one event of `reason` on the counter that counts it.
+    pub(crate) fn count<R: Counts>(&self, reason: R) {
+        R::family(self)
+            .get_or_create(&Reason {
+                reason: reason.label(),
+            })
             .inc();
     }
 
-    /// Counts a connection the server closed.
-    pub fn close_connection_for(&self, reason: &'static str) {
-        self.connections_closed
-            .get_or_create(&Reason { reason })
+    /// Counts a refusal on the counter its reason belongs to.
+    pub(crate) fn count_refusal(&self, counted: refusal::Counted) {
+        match counted {
+            refusal::Counted::Request(reason) => self.count(reason),
+            refusal::Counted::Connection(reason) => self.count(reason),
+            refusal::Counted::Closed(reason) => self.count(reason),
+        }
+    }
+
+    /// Counts a refused request and gives the status that answers it.
+    pub(crate) fn refuse(&self, refusal: refusal::Refusal) -> tonic::Status {
+        self.count_refusal(refusal.reason());
+        refusal.status()
+    }
+
+    /// Counts a proof of key possession.
+    pub(crate) fn count_auth(&self, result: refusal::AuthResult) {
+        self.auth
+            .get_or_create(&AuthResult {
+                result: result.label(),
+            })
             .inc();
     }
 
@@ -661,36 +611,74 @@ mod tests {
 
     #[test]
     fn counters_with_known_labels_start_at_zero() {
+        use refusal::{
+            CallEnded, ClusterDropped, ConnectionClosed, ConnectionRefused, Cut, Dropped, Rejected,
+        };
+        fn labels<R: Counts>() -> Vec<&'static str> {
+            R::ALL.iter().map(|r| r.label()).collect()
+        }
         let text = Metrics::new().encode();
         for (name, label, values) in [
             (
                 "signaling_requests_rejected_total",
                 "reason",
-                REJECT_REASONS,
+                labels::<Rejected>(),
             ),
-            ("signaling_subscribers_cut_total", "reason", CUT_REASONS),
-            ("signaling_calls_ended_total", "reason", CALL_END_REASONS),
+            ("signaling_subscribers_cut_total", "reason", labels::<Cut>()),
+            (
+                "signaling_calls_ended_total",
+                "reason",
+                labels::<CallEnded>(),
+            ),
             (
                 "signaling_connections_refused_total",
                 "reason",
-                CONNECTION_REFUSED_REASONS,
+                labels::<ConnectionRefused>(),
             ),
             (
                 "signaling_connections_closed_total",
                 "reason",
-                CONNECTION_CLOSED_REASONS,
+                labels::<ConnectionClosed>(),
+            ),
+            (
+                "signaling_envelopes_dropped_total",
+                "reason",
+                labels::<Dropped>(),
             ),
             (
                 "signaling_cluster_dropped_total",
                 "reason",
-                CLUSTER_DROP_REASONS,
+                labels::<ClusterDropped>(),
             ),
-            ("signaling_auth_total", "result", AUTH_RESULTS),
+            (
+                "signaling_auth_total",
+                "result",
+                refusal::AuthResult::ALL.iter().map(|r| r.label()).collect(),
+            ),
         ] {
             for value in values {
                 let line = format!("{name}{{{label}=\"{value}\"}} 0\n");
                 assert!(text.contains(&line), "no {line} in\n{text}");
             }
+        }
+    }
+
+    #[test]
+    fn a_count_lands_on_its_reason() {
+        let metrics = Metrics::new();
+        metrics.count(refusal::Rejected::Malformed);
+        metrics.count(refusal::Cut::Stalled);
+        metrics.count_refusal(refusal::Counted::Closed(
+            refusal::ConnectionClosed::Unproven,
+        ));
+        let text = metrics.encode();
+        for line in [
+            "signaling_requests_rejected_total{reason=\"malformed\"} 1\n",
+            "signaling_subscribers_cut_total{reason=\"stalled\"} 1\n",
+            "signaling_connections_closed_total{reason=\"unproven\"} 1\n",
+            "signaling_requests_rejected_total{reason=\"oversize\"} 0\n",
+        ] {
+            assert!(text.contains(line), "no {line} in\n{text}");
         }
     }
 }

@@ -10,7 +10,7 @@ use cunicu_signal::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{auth::Auth, client::Client, metrics::Metrics, relay::Relay, signaling::key_field};
+use crate::{auth::Auth, client::Client, metrics::Metrics, refusal::key_field, relay::Relay};
 
 /// `cunicu.signaling.RelayRegistry`.
 pub struct RelayService {
@@ -26,11 +26,9 @@ impl RelayRegistry for RelayService {
         request: Request<GetRelaysParams>,
     ) -> Result<Response<GetRelaysResp>, Status> {
         let _timer = self.metrics.time("GetRelays");
-        let key = Key::from(key_field(
-            &self.metrics,
-            "public",
-            &request.get_ref().public_key,
-        )?);
+        let key = key_field("public", &request.get_ref().public_key)
+            .map(Key::from)
+            .map_err(|refused| self.metrics.refuse(refused))?;
         // The connection put its client there (see `bridge`).
         let client = request
             .extensions()

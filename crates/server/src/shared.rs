@@ -2,7 +2,7 @@
 //! limits, the services served through tonic, the timeouts, and the
 //! settings of the calls the connection serves itself.
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use cunicu_signal::{
     backend::grpc::{RECIPIENTS_ASK, RECIPIENTS_METADATA},
@@ -10,11 +10,18 @@ use cunicu_signal::{
 };
 use h2::server::Builder;
 use http::HeaderMap;
-use tonic::service::Routes;
+use tonic::{Status, service::Routes};
 
 use crate::{
-    auth::Auth, client::Clients, cluster::Cluster, deadlines::ConnectionTimeouts, drain::DrainPlan,
-    hub::Hub, metrics::Metrics, transport::Tls,
+    auth::Auth,
+    client::Clients,
+    cluster::Cluster,
+    deadlines::ConnectionTimeouts,
+    drain::DrainPlan,
+    hub::Hub,
+    metrics::Metrics,
+    refusal::{CallEnded, ConnectionClosed, Refusal},
+    transport::Tls,
 };
 
 /// Timeouts of a connection.
@@ -70,6 +77,47 @@ pub(crate) struct Shared {
     pub(crate) logs: Logs,
     /// When each stream open at shutdown ends.
     pub(crate) drain: DrainPlan,
+}
+
+impl Shared {
+    /// Refuses a request of `who`: counts it, logs it (a few times a second
+    /// at most), and gives the status that answers it.
+    pub(crate) fn refuse(&self, refusal: impl Into<Refusal>, who: &dyn fmt::Display) -> Status {
+        refuse(&self.metrics, &self.logs, refusal.into(), who)
+    }
+
+    /// Closes a connection from `remote`: counts it, and logs it (a few
+    /// times a second at most; an idle one only at debug).
+    pub(crate) fn close(&self, why: ConnectionClosed, remote: &SocketAddr) {
+        self.metrics.count(why);
+        let line = why.log_line();
+        if why == ConnectionClosed::Idle {
+            tracing::debug!(%remote, "connection closed: {line}");
+        } else if self.logs.closed.allow() {
+            tracing::info!(%remote, "connection closed: {line}");
+        }
+    }
+
+    /// Ends a call before it is done: counts it, and gives the status that
+    /// ends it.
+    pub(crate) fn end_call(&self, why: CallEnded) -> Status {
+        self.metrics.count(why);
+        why.status(self.timeouts.first_bytes)
+    }
+}
+
+/// Refuses a request of `who`: counts it, logs it (as `logs` allow), and
+/// gives the status that answers it.
+pub(crate) fn refuse(
+    metrics: &Metrics,
+    logs: &Logs,
+    refusal: Refusal,
+    who: &dyn fmt::Display,
+) -> Status {
+    if logs.refused.allow() {
+        tracing::info!(%who, "request refused: {refusal}");
+    }
+    metrics.refuse(refusal)
 }
 
 /// Recipient counts: a Publish with `cunicu-recipients: ask` learns how many

@@ -32,7 +32,7 @@ use crate::{
     client::{Charged, ClientState, Exhausted, Origin, SlotGuard},
     deadlines::{Late, RequestDeadline},
     hub::{Mailbox, Publisher, Subscription},
-    metrics::Metrics,
+    refusal::{CallEnded, Refusal, key_field},
     shared::Shared,
     wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
 };
@@ -103,7 +103,8 @@ pub(crate) async fn get_build_info(
             |_| Ok(()),
         )
         .await?;
-        Empty::decode(&frame[PREFIX_LEN..]).map_err(|e| malformed(&shared.metrics, "Empty", e))?;
+        Empty::decode(&frame[PREFIX_LEN..])
+            .map_err(|e| shared.refuse(malformed("Empty", e), &client.client))?;
         Ok(Answer {
             message: BUILD_INFO.clone(),
             recipients: None,
@@ -147,45 +148,12 @@ fn answer(shared: &Shared, mut respond: SendResponse<Bytes>, result: Result<Answ
     }
 }
 
-/// The status for a request message that does not decode, counted.
-fn malformed(metrics: &Metrics, what: &str, e: prost::DecodeError) -> Status {
-    metrics.reject_for("malformed");
-    Status::internal(format!("{what} does not decode: {e}"))
-}
-
-/// A key field checked to be 32 bytes; counts and explains a refusal.
-pub(crate) fn key_field(metrics: &Metrics, field: &str, bytes: &[u8]) -> Result<[u8; 32], Status> {
-    <[u8; 32]>::try_from(bytes).map_err(|_| {
-        metrics.reject_for("invalid_key");
-        Status::invalid_argument(format!("{field} key is {} bytes, expected 32", bytes.len()))
-    })
-}
-
-/// The status for a request the server's budget has no room for, counted.
-fn over_budget(metrics: &Metrics) -> Status {
-    metrics.reject_for("server_budget");
-    Status::resource_exhausted("the server holds all the bytes it may")
-}
-
-/// The status for a request a byte budget has no room for, counted.
-fn budget_status(metrics: &Metrics, exhausted: Exhausted) -> Status {
-    match exhausted {
-        Exhausted::Server => over_budget(metrics),
-        Exhausted::Client => {
-            metrics.reject_for("client_budget");
-            Status::resource_exhausted("this client holds all the bytes it may")
-        }
+/// The refusal of a request message that does not decode.
+fn malformed(what: &'static str, e: prost::DecodeError) -> Refusal {
+    Refusal::Malformed {
+        what,
+        error: e.to_string(),
     }
-}
-
-/// The status of a call ended to give its slot to a client below its fair
-/// share, counted.
-pub(crate) fn fair_share_ended(metrics: &Metrics) -> Status {
-    metrics.end_call_for("fair_share");
-    Status::resource_exhausted(
-        "the server is at its limit of calls in progress, and this client held the most: \
-         its newest call was ended for a client below its fair share",
-    )
 }
 
 /// Reads the one request message of a call: its first bytes within the
@@ -196,13 +164,13 @@ pub(crate) fn fair_share_ended(metrics: &Metrics) -> Status {
 async fn read_request(
     shared: &Shared,
     recv: &mut RecvStream,
-    what: &str,
+    what: &'static str,
     limit: usize,
     charged: &Charged,
     ended: &CancellationToken,
     admit: impl FnMut(usize) -> Result<(), Status>,
 ) -> Result<Bytes, Status> {
-    let metrics = &shared.metrics;
+    let who = charged.client().client;
     let timeouts = shared.timeouts;
     let deadline = RequestDeadline::new(Instant::now(), timeouts.first_bytes, timeouts.request);
     let charge = |n| {
@@ -216,7 +184,7 @@ async fn read_request(
                 }
                 full => Err(full),
             })
-            .map_err(|e| budget_status(metrics, e))
+            .map_err(|full| shared.refuse(full, &who))
     };
     let mut read = std::pin::pin!(wire::read_message(recv, limit, admit, charge));
     // Usually the message came with its headers: no timer for those.
@@ -227,7 +195,7 @@ async fn read_request(
             tokio::select! {
                 biased;
                 read = read.as_mut() => break Ok(read),
-                _ = ended.cancelled() => return Err(fair_share_ended(metrics)),
+                _ = ended.cancelled() => return Err(shared.end_call(CallEnded::FairShare)),
                 _ = tokio::time::sleep_until(due) => {
                     if let Some(late) = deadline.late(Instant::now(), charged.bytes() > 0) {
                         break Err(late);
@@ -238,31 +206,14 @@ async fn read_request(
     };
     match read {
         Ok(Ok(read)) => Ok(read),
-        Ok(Err(ReadError::Oversize { len, limit })) => {
-            metrics.reject_for("oversize");
-            Err(Status::resource_exhausted(format!(
-                "{what} is {len} bytes, the limit is {limit}"
-            )))
-        }
+        // Refused and counted by `admit`.
         Ok(Err(ReadError::Admit(status))) => Err(status),
-        Ok(Err(e)) => {
-            metrics.reject_for("malformed");
-            Err(e.into_status())
+        Ok(Err(ReadError::Oversize { len, limit })) => {
+            Err(shared.refuse(Refusal::Oversize { what, len, limit }, &who))
         }
-        Err(Late::FirstBytes) => {
-            metrics.end_call_for("first_bytes_timeout");
-            Err(Status::deadline_exceeded(format!(
-                "no request message bytes within {:?} of the headers",
-                timeouts.first_bytes
-            )))
-        }
-        Err(Late::Whole) => {
-            metrics.reject_for("request_timeout");
-            Err(Status::deadline_exceeded(format!(
-                "the request message did not arrive within {:?}",
-                timeouts.request
-            )))
-        }
+        Ok(Err(e)) => Err(shared.refuse(Refusal::Framing(e.into_status()), &who)),
+        Err(Late::FirstBytes) => Err(shared.end_call(CallEnded::FirstBytesTimeout)),
+        Err(Late::Whole) => Err(shared.refuse(Refusal::RequestTimeout(timeouts.request), &who)),
     }
 }
 
@@ -290,9 +241,10 @@ pub(crate) async fn subscribe(
             |_| Ok(()),
         )
         .await?;
+        let who = client.client;
         let params = SubscribeParams::decode(&frame[PREFIX_LEN..])
-            .map_err(|e| malformed(&shared.metrics, "SubscribeParams", e))?;
-        let key = key_field(&shared.metrics, "subscription", &params.key)?;
+            .map_err(|e| shared.refuse(malformed("SubscribeParams", e), &who))?;
+        let key = key_field("subscription", &params.key).map_err(|r| shared.refuse(r, &who))?;
         shared.auth.check(
             &parts.headers,
             method::SUBSCRIBE,
@@ -301,19 +253,12 @@ pub(crate) async fn subscribe(
         )?;
         let guard = shared
             .clients
-            .subscribe(client.client, origin)
-            .map_err(|refused| {
-                shared.metrics.reject_for(refused.reason());
-                tracing::debug!("subscription refused: {refused}");
-                refused.status()
-            })?;
+            .subscribe(who, origin)
+            .map_err(|refused| shared.refuse(refused, &who))?;
         let (subscription, _first) = shared
             .hub
             .subscribe(key, client.clone(), guard, mailbox, slot)
-            .map_err(|full| {
-                tracing::debug!("subscription refused: {full}");
-                Status::resource_exhausted(full.to_string())
-            })?;
+            .map_err(|full| shared.refuse(full, &who))?;
         // The sync envelope goes once the other replicas can reach us.
         if let Some(cluster) = &shared.cluster {
             cluster.ready(&key).await;
@@ -349,6 +294,7 @@ pub(crate) async fn publish(
     let _call = call;
     let _timer = shared.metrics.time("Publish");
     let metrics = &shared.metrics;
+    let who = client.client;
     let result = async {
         wire::check_request(&request)?;
         let (parts, mut recv) = request.into_parts();
@@ -363,21 +309,16 @@ pub(crate) async fn publish(
             |n| {
                 shared
                     .clients
-                    .check_publish(client.client, origin, n)
-                    .map_err(|refused| {
-                        metrics.reject_for(refused.reason());
-                        if shared.logs.refused.allow() {
-                            tracing::info!("publish refused: {refused}");
-                        }
-                        refused.status()
-                    })
+                    .check_publish(who, origin, n)
+                    .map_err(|refused| shared.refuse(refused, &who))
             },
         )
         .await?;
-        let envelope = Envelope::decode(&frame[PREFIX_LEN..])
-            .map_err(|e| malformed(metrics, "Envelope", e))?;
-        let sender = key_field(metrics, "sender", &envelope.sender)?;
-        let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
+        let refuse = |refusal| shared.refuse(refusal, &who);
+        let envelope =
+            Envelope::decode(&frame[PREFIX_LEN..]).map_err(|e| refuse(malformed("Envelope", e)))?;
+        let sender = key_field("sender", &envelope.sender).map_err(refuse)?;
+        let recipient = key_field("recipient", &envelope.recipient).map_err(refuse)?;
         shared.auth.check(
             &parts.headers,
             method::PUBLISH,
