@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use cunicu_signal::proto::signaling::Envelope;
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -41,7 +41,7 @@ use crate::{
     client::{Budget, Reserved},
     hub::{Replicas, Topic, WeakHub},
     metrics::Metrics,
-    wire::PREFIX_LEN,
+    wire::Frame,
 };
 
 /// How the replica reaches its NATS system.
@@ -769,14 +769,11 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
             continue;
         }
         cluster.metrics.cluster_received.inc();
-        let mut frame = BytesMut::with_capacity(PREFIX_LEN + message.payload.len());
-        frame.put_u8(0);
-        frame.put_u32(message.payload.len() as u32);
-        frame.put_slice(&message.payload);
+        let frame = Frame::with_prefix(&message.payload);
         let Some(hub) = cluster.hub.upgrade() else {
             continue;
         };
-        let fanout = hub.publish(&key, &frame.freeze());
+        let fanout = hub.publish(&key, &frame);
         if fanout.subscriptions == 0 {
             cluster.metrics.no_subscriber.inc();
         }

@@ -323,8 +323,10 @@ impl Config {
         if self.allow_keys.is_some() && self.auth != AuthMode::Required {
             return Err(ConfigError::AllowKeysWithoutAuth);
         }
-        // One largest envelope (and its 5-byte frame prefix) must fit everywhere.
-        let frame = self.max_envelope_size.saturating_add(5);
+        // One largest envelope, as a frame (its prefix included), must fit everywhere.
+        let frame = self
+            .max_envelope_size
+            .saturating_add(crate::wire::Frame::OVERHEAD);
         let at_least: [(&'static str, usize); 5] = [
             ("queue-bytes", self.queue_bytes),
             ("client-queued-bytes", self.client_queued_bytes),

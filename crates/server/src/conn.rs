@@ -766,7 +766,7 @@ impl Connection {
             .send_response(wire::ok_headers(headers), false)
             .ok()
             .and_then(|mut send| {
-                send.send_data(EMPTY_MESSAGE.clone(), false).ok()?;
+                send.send_data(EMPTY_MESSAGE.bytes().clone(), false).ok()?;
                 Some(send)
             });
         let Some(send) = opened else {

@@ -43,6 +43,7 @@ use crate::{
     client::{Budget, Client, ClientState, Evict, Exhausted, SlotGuard, reserve},
     deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
+    wire::Frame,
 };
 
 /// What the hub needs from the other replicas of a cluster: to hear of a
@@ -71,9 +72,6 @@ impl WeakHub {
 
 /// A key: what subscriptions are for and envelopes addressed to.
 pub(crate) type Topic = [u8; 32];
-
-/// An envelope as a gRPC message frame: 5-byte prefix, then the envelope.
-pub(crate) type Frame = Bytes;
 
 /// What a queued or in-flight frame costs beyond its bytes: its slot in a
 /// queue (the buffer's handle and its publisher) and its share of the
@@ -503,7 +501,7 @@ struct InFlight {
 
 impl AsRef<[u8]> for InFlight {
     fn as_ref(&self) -> &[u8] {
-        &self.frame
+        self.frame.bytes()
     }
 }
 
@@ -907,9 +905,7 @@ mod tests {
     use crate::client::{ClientLimits, Clients, Rate};
 
     fn frame(n: u8, body: usize) -> Frame {
-        let mut v = vec![0u8; 5 + body];
-        v[5..].fill(n);
-        Bytes::from(v)
+        Frame::with_prefix(&vec![n; body])
     }
 
     struct Fixture {
@@ -1074,7 +1070,11 @@ mod tests {
         }
         let seqs = |s: &Subscription| {
             let state = s.sub().state.lock();
-            state.queue.iter().map(|(f, _)| f[5]).collect::<Vec<_>>()
+            state
+                .queue
+                .iter()
+                .map(|(f, _)| f.message()[0])
+                .collect::<Vec<_>>()
         };
         // Client A needs two copies of each and may hold 3 in all: it lost
         // some of its own; B, holding 3 of its own 3, lost nothing.
@@ -1102,11 +1102,11 @@ mod tests {
         let fanout = f.hub.publish(&[2; 32], &frame(10, 2000));
         assert_eq!((fanout.subscriptions, fanout.queued), (1, 0));
         assert_eq!(b.sub().state.lock().queue.len(), 1);
-        assert_eq!(b.sub().state.lock().queue[0].0[5], 9);
+        assert_eq!(b.sub().state.lock().queue[0].0.message()[0], 9);
         assert_eq!(f.metrics.server_budget.get(), 1);
         // One of the same size takes the place of b's oldest.
         f.hub.publish(&[2; 32], &frame(11, 1000));
-        assert_eq!(b.sub().state.lock().queue[0].0[5], 11);
+        assert_eq!(b.sub().state.lock().queue[0].0.message()[0], 11);
         assert_eq!(f.metrics.server_budget.get(), 2);
         drop((a, b));
         assert_eq!(f.hub.budget().used(), 0);

@@ -34,7 +34,7 @@ use crate::{
     hub::{Mailbox, Publisher, Subscription},
     metrics::Metrics,
     shared::Shared,
-    wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
+    wire::{self, EMPTY_MESSAGE, Frame, ReadError},
 };
 
 /// The request message of a Subscribe is a key, of GetBuildInfo nothing: a
@@ -76,7 +76,7 @@ pub fn build_info() -> BuildInfo {
 }
 
 /// [`build_info`] as a message frame, encoded once.
-static BUILD_INFO: LazyLock<Bytes> = LazyLock::new(|| wire::frame(&build_info()));
+static BUILD_INFO: LazyLock<Frame> = LazyLock::new(|| Frame::encode(&build_info()));
 
 /// `GetBuildInfo`: the request (`Empty`) is read like any other, then the
 /// server's build information answers it. A client calls it before it
@@ -103,7 +103,7 @@ pub(crate) async fn get_build_info(
             |_| Ok(()),
         )
         .await?;
-        Empty::decode(&frame[PREFIX_LEN..]).map_err(|e| malformed(&shared.metrics, "Empty", e))?;
+        Empty::decode(frame.message()).map_err(|e| malformed(&shared.metrics, "Empty", e))?;
         Ok(Answer {
             message: BUILD_INFO.clone(),
             recipients: None,
@@ -118,7 +118,7 @@ pub(crate) async fn get_build_info(
 /// What a unary call answers: its message frame, and for a Publish that
 /// asked, its recipient count.
 struct Answer {
-    message: Bytes,
+    message: Frame,
     recipients: Option<usize>,
 }
 
@@ -137,7 +137,7 @@ fn answer(shared: &Shared, mut respond: SendResponse<Bytes>, result: Result<Answ
                     .insert(RECIPIENTS_METADATA, http::HeaderValue::from(n));
             }
             if let Ok(mut send) = respond.send_response(response, false) {
-                let _ = send.send_data(message, false);
+                let _ = send.send_data(message.into_bytes(), false);
                 let _ = send.send_trailers(wire::ok_trailers());
             }
         }
@@ -201,7 +201,7 @@ async fn read_request(
     charged: &Charged,
     ended: &CancellationToken,
     admit: impl FnMut(usize) -> Result<(), Status>,
-) -> Result<Bytes, Status> {
+) -> Result<Frame, Status> {
     let metrics = &shared.metrics;
     let timeouts = shared.timeouts;
     let deadline = RequestDeadline::new(Instant::now(), timeouts.first_bytes, timeouts.request);
@@ -290,7 +290,7 @@ pub(crate) async fn subscribe(
             |_| Ok(()),
         )
         .await?;
-        let params = SubscribeParams::decode(&frame[PREFIX_LEN..])
+        let params = SubscribeParams::decode(frame.message())
             .map_err(|e| malformed(&shared.metrics, "SubscribeParams", e))?;
         let key = key_field(&shared.metrics, "subscription", &params.key)?;
         shared.auth.check(
@@ -374,8 +374,8 @@ pub(crate) async fn publish(
             },
         )
         .await?;
-        let envelope = Envelope::decode(&frame[PREFIX_LEN..])
-            .map_err(|e| malformed(metrics, "Envelope", e))?;
+        let envelope =
+            Envelope::decode(frame.message()).map_err(|e| malformed(metrics, "Envelope", e))?;
         let sender = key_field(metrics, "sender", &envelope.sender)?;
         let recipient = key_field(metrics, "recipient", &envelope.recipient)?;
         shared.auth.check(
@@ -394,7 +394,7 @@ pub(crate) async fn publish(
             Some(cluster) if ask => {
                 let others = cluster.publish_counted(
                     recipient,
-                    frame.slice(PREFIX_LEN..),
+                    frame.message_bytes(),
                     shared.recipients.wait,
                 );
                 // The envelope is in the queues now: the request's bytes are
@@ -403,7 +403,7 @@ pub(crate) async fn publish(
                 Some(local.queued + others.await)
             }
             Some(cluster) => {
-                cluster.publish(recipient, frame.slice(PREFIX_LEN..));
+                cluster.publish(recipient, frame.message_bytes());
                 None
             }
             None => {
