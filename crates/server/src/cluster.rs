@@ -38,6 +38,10 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
+    bounds::{
+        MAX_COUNTING, NATS_CLIENT_CAPACITY, NATS_FLUSH_TIMEOUT, NATS_MAX_RECONNECT_DELAY,
+        NATS_OUTBOUND, NATS_SUBSCRIPTION_CAPACITY, NATS_UNFLUSHED_BYTES,
+    },
     client::{Budget, Reserved},
     hub::{Replicas, Topic, WeakHub},
     metrics::Metrics,
@@ -95,15 +99,6 @@ pub const ORIGIN_HEADER: &str = "Cunicu-Origin";
 /// The gRPC health service that says whether NATS is there.
 pub const HEALTH_SERVICE: &str = "cunicu.signaling.Cluster";
 
-/// Envelopes waiting for the NATS publisher at most.
-const OUTBOUND: usize = 4096;
-/// Commands the NATS client buffers (while disconnected, too).
-const CLIENT_CAPACITY: usize = 4096;
-/// Messages one key's NATS subscription holds before dropping: its task
-/// hands each to the hub at once, so a few suffice.
-const SUBSCRIPTION_CAPACITY: usize = 64;
-/// Bytes handed to the NATS client and not confirmed written at most.
-pub(crate) const NATS_UNFLUSHED_BYTES: usize = 4 << 20;
 /// What one envelope in the queue to NATS costs beyond its bytes.
 const OUTBOUND_ENTRY_BYTES: usize = 64;
 /// What one key's NATS subscription costs here (measured: its task, its
@@ -119,13 +114,6 @@ const INBOX: &str = "_inbox";
 /// Where replicas send their recipient counts, after the prefix:
 /// `<prefix>._recipients.<replica id>.<request number>`.
 const RECIPIENTS: &str = "_recipients";
-/// Recipient counts being collected at once at most; more asking publishes
-/// get the local count only.
-const MAX_COUNTING: usize = 4096;
-/// How long a Subscribe waits for its key's NATS subscription to reach the server.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait between two attempts to reach NATS.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 /// Why the cluster could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -243,12 +231,12 @@ impl Cluster {
             .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .client_capacity(CLIENT_CAPACITY)
-            .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            .client_capacity(NATS_CLIENT_CAPACITY)
+            .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
             .custom_inbox_prefix(format!("{}.{INBOX}", config.subject_prefix))
             .reconnect_delay_callback(|attempts| {
                 let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
-                (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
+                (Duration::from_millis(100) * 2u32.pow(exponent)).min(NATS_MAX_RECONNECT_DELAY)
             })
             .event_callback(move |event| {
                 let (connected_tx, metrics) = (connected_tx.clone(), events.clone());
@@ -359,7 +347,7 @@ impl Link {
             metrics,
             shown,
         } = self;
-        let (outbound, queue) = mpsc::channel(OUTBOUND);
+        let (outbound, queue) = mpsc::channel(NATS_OUTBOUND);
         let stop = CancellationToken::new();
         let cluster = Arc::new(Cluster {
             client: client.clone(),
@@ -440,7 +428,7 @@ impl Cluster {
         let ready = self.keys.lock().get(key).map(|i| i.ready.clone());
         if let Some(mut ready) = ready {
             let _ = tokio::time::timeout(
-                FLUSH_TIMEOUT + Duration::from_secs(1),
+                NATS_FLUSH_TIMEOUT + Duration::from_secs(1),
                 ready.wait_for(|r| *r),
             )
             .await;
@@ -674,7 +662,7 @@ async fn publish_all(
             // The client holds what it may: wait (a while) for it to write.
             let flushed = tokio::select! {
                 _ = stop.cancelled() => break,
-                flushed = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()) => flushed,
+                flushed = tokio::time::timeout(NATS_FLUSH_TIMEOUT, client.flush()) => flushed,
             };
             match flushed {
                 Ok(Ok(())) => unflushed = 0,
@@ -743,11 +731,14 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         // SUB included: one round trip, after which a publish through any
         // replica on that server reaches this one.
         let probe = format!("{}.{READY_PROBE}", cluster.prefix);
-        let answered =
-            tokio::time::timeout(FLUSH_TIMEOUT, cluster.client.request(probe, Bytes::new())).await;
+        let answered = tokio::time::timeout(
+            NATS_FLUSH_TIMEOUT,
+            cluster.client.request(probe, Bytes::new()),
+        )
+        .await;
         if answered.is_err() {
             cluster.metrics.cluster_unconfirmed.inc();
-            tracing::debug!("cluster: no round trip to NATS in {FLUSH_TIMEOUT:?}; going on");
+            tracing::debug!("cluster: no round trip to NATS in {NATS_FLUSH_TIMEOUT:?}; going on");
         }
     }
     ready.send_replace(true);

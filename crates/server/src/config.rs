@@ -6,11 +6,13 @@ use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use cunicu_signal::PrivateKey;
 
 use crate::{
-    auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
-    client::{
-        AddressLimits, BRIDGED_CALLS, CALL_EVICTIONS_IN_FLIGHT, ClientLimits, EVICTIONS_IN_FLIGHT,
-        HEALTH_CHECKS, HEALTH_WATCHES, Rate,
+    auth::{AuthMode, NONCE_BYTES, UNKNOWN_KEY_BYTES},
+    bounds::{
+        BRIDGED_CALLS, CALL_EVICTIONS_IN_FLIGHT, CONNECTION_WINDOW, EVICTIONS_IN_FLIGHT,
+        HEALTH_CHECKS, HEALTH_WATCHES, MAX_HEADER_LIST, MAX_HEALTH_REQUEST_BYTES, MAX_NONCES,
+        MAX_REQUEST_BYTES, NATS_UNFLUSHED_BYTES, SEND_BUFFER, SHARED_KEYS, STREAM_WINDOW,
     },
+    client::{AddressLimits, ClientLimits, Rate},
     relay::Relay,
 };
 
@@ -256,16 +258,6 @@ pub enum ConfigError {
     },
 }
 
-/// HTTP/2 receive window of one stream: one largest request fits, so a
-/// Publish needs no window update, and a client can make a stream hold no more.
-const STREAM_WINDOW: u32 = 64 * 1024;
-/// HTTP/2 receive window of a connection.
-const CONNECTION_WINDOW: u32 = 256 * 1024;
-/// Largest header block a client may send.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// What h2 may buffer per stream for the responses of bridged calls.
-const SEND_BUFFER: usize = 64 * 1024;
-
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
@@ -452,7 +444,7 @@ impl Config {
                 // key per subscription. And what the NATS client holds.
                 self.max_subscriptions
                     .saturating_mul(crate::cluster::KEY_BYTES)
-                    .saturating_add(crate::cluster::NATS_UNFLUSHED_BYTES + NATS_CLIENT_BYTES)
+                    .saturating_add(NATS_UNFLUSHED_BYTES + NATS_CLIENT_BYTES)
             } else {
                 0
             },
@@ -477,21 +469,21 @@ const SUBSCRIPTION_BYTES: usize = 4 << 10;
 /// HTTP/2 stream and its future.
 const CALL_BYTES: usize = 4 << 10;
 /// What a call of a service served through tonic adds: its request (at most
-/// `bridge::MAX_REQUEST_BYTES`), tonic's encoded response waiting for the
+/// [`MAX_REQUEST_BYTES`]), tonic's encoded response waiting for the
 /// window, and what h2 buffers of it.
-const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
+const BRIDGED_CALL_BYTES: usize = MAX_REQUEST_BYTES + 48 * 1024 + SEND_BUFFER;
 
 /// What a health check or watch adds to its call: its request (at most
-/// `bridge::MAX_HEALTH_REQUEST_BYTES`), its answers (a few bytes each) and
+/// [`MAX_HEALTH_REQUEST_BYTES`]), its answers (a few bytes each) and
 /// tonic's state of the call.
-const HEALTH_CALL_BYTES: usize = 1024 + 15 * 1024;
+const HEALTH_CALL_BYTES: usize = MAX_HEALTH_REQUEST_BYTES + 15 * 1024;
 
 /// The NATS client's own buffers (reading and writing), beyond what it was
 /// handed to publish.
 const NATS_CLIENT_BYTES: usize = 1 << 20;
 
 /// The cache of shared keys of proven client keys.
-const SHARED_KEY_CACHE_BYTES: usize = 16_384 * 256;
+const SHARED_KEY_CACHE_BYTES: usize = SHARED_KEYS * 256;
 
 /// The worst case of the server's memory, by what holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

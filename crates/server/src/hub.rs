@@ -40,6 +40,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
+    bounds::{IDLE_QUEUE_SLOTS, IN_FLIGHT_PER_STREAM, LARGE_FRAME_WINDOW, MAX_EVICTED_FOR_ROOM},
     client::{Budget, Client, ClientState, Evict, Exhausted, SlotGuard, reserve},
     deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
@@ -83,19 +84,6 @@ const ENTRY_COST: usize = 80;
 fn cost(frame: &Frame) -> usize {
     frame.len() + ENTRY_COST
 }
-
-/// A queue that empties keeps at most this many slots of the capacity it grew to.
-const IDLE_QUEUE_SLOTS: usize = 8;
-
-/// At most this many bytes of one subscription are handed to HTTP/2 and not
-/// yet written: more waits in the subscription's queue, where it is dropped
-/// oldest first if the subscriber does not keep up. One envelope larger than
-/// this goes alone.
-pub(crate) const IN_FLIGHT_PER_STREAM: usize = 16 * 1024;
-
-/// The window a peer must have opened before a frame larger than it is
-/// handed to HTTP/2 (which sends the rest as the window grows).
-const LARGE_FRAME_WINDOW: usize = 16 * 1024;
 
 /// The limits of the subscriptions in a [`Hub`].
 #[derive(Debug, Clone, Copy)]
@@ -718,7 +706,6 @@ impl Hub {
     /// there is room, a few at most. Returns whether any went. O(clients
     /// with subscriptions): only at a full budget.
     pub(crate) fn make_room_for(&self, client: &ClientState, size: usize) -> bool {
-        const MOST: usize = 4;
         let inner = &*self.inner;
         let server = &inner.server;
         let me = client.client;
@@ -750,7 +737,7 @@ impl Hub {
             }
             let mut freed = 0;
             for victim in subs.values().rev() {
-                if victims.len() >= MOST
+                if victims.len() >= MAX_EVICTED_FOR_ROOM
                     || server.used().saturating_sub(freed) + size <= server.limit()
                 {
                     break;

@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 
 mod auth;
+mod bounds;
 mod bridge;
 mod client;
 pub mod cluster;
@@ -130,10 +131,6 @@ pub struct Listeners {
     /// The metrics port.
     pub metrics: Option<std::net::TcpListener>,
 }
-
-/// How long the connections still open after the drain window may take to
-/// close (calls in progress being answered) before they are cut.
-const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(5);
 
 /// What [`Server::reload`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +285,7 @@ impl Server {
             metrics: metrics.clone(),
             auth: auth.clone(),
         })
-        .max_decoding_message_size(bridge::MAX_REQUEST_BYTES);
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
         let health = tonic_health::server::HealthReporter::new();
         let health_stopped = CancellationToken::new();
         let health_service =
@@ -511,7 +508,7 @@ impl Server {
             _ = &mut skip => return Ok(()),
         }
         self.stop(window);
-        let grace = window + AFTER_DRAIN_WINDOW;
+        let grace = window + bounds::AFTER_DRAIN_WINDOW;
         let join = self.join_all();
         tokio::select! {
             result = tokio::time::timeout(grace, join) => match result {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
+    bounds::MAX_SMALL_REQUEST,
     client::{Charged, ClientState, Exhausted, Origin, SlotGuard},
     deadlines::{Late, RequestDeadline},
     hub::{Mailbox, Publisher, Subscription},
@@ -36,10 +37,6 @@ use crate::{
     shared::Shared,
     wire::{self, EMPTY_MESSAGE, Frame, ReadError},
 };
-
-/// The request message of a Subscribe is a key, of GetBuildInfo nothing: a
-/// few dozen bytes.
-const MAX_SMALL_REQUEST: usize = 1024;
 
 /// What a call in progress ends with.
 pub(crate) enum Done {
