@@ -13,7 +13,9 @@ use crate::{
         MAX_REQUEST_BYTES, NATS_UNFLUSHED_BYTES, SEND_BUFFER, SHARED_KEYS, STREAM_WINDOW,
     },
     client::{AddressLimits, ClientLimits, Rate},
+    hub::QueueLimits,
     relay::Relay,
+    shared::{Recipients, Timeouts},
 };
 
 /// How the server runs. `Default` gives the built-in defaults, which the
@@ -394,6 +396,36 @@ impl Config {
                 publish_rate: self.address_publish_rate,
                 publish_bytes_rate: self.address_publish_bytes_rate,
             },
+        }
+    }
+
+    /// The deadlines of connections and of calls.
+    pub(crate) fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            handshake: self.handshake_timeout,
+            first_bytes: self.first_bytes_timeout,
+            request: self.request_timeout,
+            idle: self.idle_timeout,
+            stall: self.stall_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+        }
+    }
+
+    /// The bounds of each subscription's queue.
+    pub(crate) fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            depth: self.queue_depth,
+            bytes: self.queue_bytes,
+        }
+    }
+
+    /// Whether a Publish may ask for its recipient count, and how long the
+    /// other replicas' counts are waited for.
+    pub(crate) fn recipients(&self) -> Recipients {
+        Recipients {
+            enabled: self.recipients,
+            wait: self.recipients_wait,
         }
     }
 

@@ -219,10 +219,7 @@ impl Server {
         // weak handle made with it.
         let mut cluster = None;
         let hub = hub::Hub::new(
-            hub::QueueLimits {
-                depth: config.queue_depth,
-                bytes: config.queue_bytes,
-            },
+            config.queue_limits(),
             config.max_subscriptions_per_key,
             budget.clone(),
             metrics.clone(),
@@ -355,15 +352,7 @@ impl Server {
             clients,
             metrics: metrics.clone(),
             routes,
-            timeouts: shared::Timeouts {
-                handshake: config.handshake_timeout,
-                first_bytes: config.first_bytes_timeout,
-                request: config.request_timeout,
-                idle: config.idle_timeout,
-                stall: config.stall_timeout,
-                keepalive_interval: config.keepalive_interval,
-                keepalive_timeout: config.keepalive_timeout,
-            },
+            timeouts: config.timeouts(),
             max_envelope_size: config.max_envelope_size,
             h2: config.h2_builder(),
             tls: tls
@@ -377,10 +366,7 @@ impl Server {
                 }),
             response_headers,
             auth: auth.clone(),
-            recipients: shared::Recipients {
-                enabled: config.recipients,
-                wait: config.recipients_wait,
-            },
+            recipients: config.recipients(),
             logs: shared::Logs::default(),
             drain: drain::DrainPlan::default(),
         });
