@@ -15,7 +15,7 @@
 //! through a bounded queue to one task that publishes them in order, and what
 //! does not fit is dropped and counted. What waits for NATS is bounded in
 //! bytes: an envelope in the queue holds its bytes in the server's budget,
-//! and the task hands the NATS client at most [`NATS_UNFLUSHED_BYTES`] that
+//! and the task hands the NATS client at most `bounds::NATS_UNFLUSHED_BYTES` that
 //! the client has not confirmed written (a flush) before it hands more; with
 //! NATS away or hung, the rest is dropped and counted.
 
