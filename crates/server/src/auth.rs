@@ -40,6 +40,10 @@ use parking_lot::{Mutex, RwLock};
 use tonic::Status;
 
 use crate::{
+    bounds::{
+        MAX_NONCES, NONCES_PER_CLIENT, NONCES_PER_KEY, SHARED_KEYS, UNKNOWN_KEY_CLIENTS,
+        UNKNOWN_KEYS_BURST, UNKNOWN_KEYS_PER_SECOND, UNPROVEN_KEYS, WATCH_EVERY,
+    },
     client::Client,
     metrics::Metrics,
     refusal::{AuthResult, Cut},
@@ -77,27 +81,9 @@ impl fmt::Display for AuthMode {
     }
 }
 
-/// Proofs remembered at most (each for the skew window): beyond, proofs are
-/// refused rather than a replay let in.
-pub(crate) const MAX_NONCES: usize = 131_072;
-/// Shared keys of (server, client key) kept.
-const SHARED_KEYS: usize = 16_384;
 /// What one remembered nonce costs (its entry, and its share of the counts
 /// per key and per client).
 pub(crate) const NONCE_BYTES: usize = 160;
-/// Nonces one key may hold at once: a peer proves a few calls a second.
-pub(crate) const NONCES_PER_KEY: usize = 1024;
-/// Nonces one client (an address, an IPv6 /64) may hold at once: an eighth.
-pub(crate) const NONCES_PER_CLIENT: usize = MAX_NONCES / 8;
-/// Proofs of keys not seen before (an X25519 each) one client may send a
-/// second, and at once.
-const UNKNOWN_KEYS_PER_SECOND: u32 = 32;
-const UNKNOWN_KEYS_BURST: u32 = 256;
-/// Shared keys of claimed keys whose proof did not open.
-pub(crate) const UNPROVEN_KEYS: usize = 4096;
-/// Clients whose rate of unknown keys is tracked, beyond which those back
-/// to a full bucket are forgotten.
-const UNKNOWN_KEY_CLIENTS: usize = 16 * 1024;
 /// What the caches of unproven keys and the rates of unknown keys hold at
 /// most: a shared key and its entry (256 bytes) each, a client's bucket (64).
 pub(crate) const UNKNOWN_KEY_BYTES: usize = UNPROVEN_KEYS * 256 + UNKNOWN_KEY_CLIENTS * 64;
@@ -594,9 +580,6 @@ pub(crate) fn read_allowed(path: &Path) -> Result<HashSet<Key>, AllowKeysError> 
     }
     Ok(keys)
 }
-
-/// How often the allow-keys file is looked at.
-const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 /// Keeps the allowed keys in step with the file at `path` (looked at every
 /// half second, by path, so that a replacement by rename counts; and on

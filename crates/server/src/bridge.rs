@@ -40,11 +40,6 @@ use crate::{
     wire,
 };
 
-/// Request bytes a bridged call may send: these services take small requests.
-pub(crate) const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// Request bytes a health check or watch may send: the name of a service.
-pub(crate) const MAX_HEALTH_REQUEST_BYTES: usize = 1024;
-
 /// A request body read from HTTP/2, at most `limit` bytes, its first bytes
 /// and its end within the call's deadlines.
 struct RecvBody {

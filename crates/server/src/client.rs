@@ -45,6 +45,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::bounds::{
+    BRIDGED_CALLS, BRIDGED_CALLS_PER_CLIENT, CALL_EVICTIONS_IN_FLIGHT, EVICTIONS_IN_FLIGHT,
+    HEALTH_CHECKS, HEALTH_CHECKS_PER_CLIENT, HEALTH_WATCHES, HEALTH_WATCHES_PER_CLIENT,
+    RATE_ENTRIES, SITE_FACTOR,
+};
+
 /// Who a connection, subscription or call belongs to: a proven key, or the
 /// remote IP address (an IPv6 address by its /64, as a host usually holds a
 /// whole /64).
@@ -350,10 +356,6 @@ pub(crate) struct AddressLimits {
     pub(crate) publish_bytes_rate: Rate,
 }
 
-/// How many times an address's outer bounds an IPv6 /48 has: a few hosts'
-/// worth, not the 65 536 /64s it holds.
-pub(crate) const SITE_FACTOR: u32 = 4;
-
 impl AddressLimits {
     /// The bounds of a /48.
     fn site(self) -> AddressLimits {
@@ -515,13 +517,6 @@ impl Victim {
     }
 }
 
-/// Evictions in progress at once, of connections and of subscriptions
-/// each: the server admits that many beyond its cap while the evicted end
-/// (each within a turn of its connection's task).
-pub(crate) const EVICTIONS_IN_FLIGHT: usize = 64;
-/// The same for each pool of calls, whose ended calls go sooner still.
-pub(crate) const CALL_EVICTIONS_IN_FLIGHT: usize = 16;
-
 struct Entry {
     state: Arc<ClientState>,
     held: [usize; KINDS],
@@ -568,31 +563,6 @@ struct Table {
     doomed_count: [usize; KINDS],
     next_id: u64,
 }
-
-/// Calls of the services served through tonic (GetBuildInfo, GetRelays,
-/// health, reflection) in progress at once, in all and per client: each may
-/// buffer a response (a reflection answer is tens of KiB), and peers make
-/// them rarely.
-pub(crate) const BRIDGED_CALLS: usize = 256;
-/// The same per client.
-pub(crate) const BRIDGED_CALLS_PER_CLIENT: usize = 16;
-/// `grpc.health.v1.Health/Check` calls in progress at once, in all: apart
-/// from the other services' calls, so that a health check never waits
-/// behind them (its request and answer are a few bytes).
-pub(crate) const HEALTH_CHECKS: usize = 256;
-/// The same per client.
-pub(crate) const HEALTH_CHECKS_PER_CLIENT: usize = 16;
-/// `grpc.health.v1.Health/Watch` streams open at once, in all: a watch
-/// lasts (until `--health-watch-lifetime`), so they have a small pool of
-/// their own.
-pub(crate) const HEALTH_WATCHES: usize = 64;
-/// The same per client.
-pub(crate) const HEALTH_WATCHES_PER_CLIENT: usize = 4;
-
-/// Rate-limiter entries (clients seen lately) above which the entries of
-/// clients back to a full bucket are forgotten at once, not at the next
-/// periodic sweep: many addresses each connecting once must not grow them.
-const RATE_ENTRIES: usize = 16 * 1024;
 
 /// A limit of a client, of an address or of the server was reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

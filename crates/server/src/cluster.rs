@@ -15,7 +15,7 @@
 //! through a bounded queue to one task that publishes them in order, and what
 //! does not fit is dropped and counted. What waits for NATS is bounded in
 //! bytes: an envelope in the queue holds its bytes in the server's budget,
-//! and the task hands the NATS client at most [`NATS_UNFLUSHED_BYTES`] that
+//! and the task hands the NATS client at most `bounds::NATS_UNFLUSHED_BYTES` that
 //! the client has not confirmed written (a flush) before it hands more; with
 //! NATS away or hung, the rest is dropped and counted.
 
@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use cunicu_signal::proto::signaling::Envelope;
 use futures::StreamExt as _;
 use parking_lot::Mutex;
@@ -38,11 +38,15 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
+    bounds::{
+        MAX_COUNTING, NATS_CLIENT_CAPACITY, NATS_FLUSH_TIMEOUT, NATS_MAX_RECONNECT_DELAY,
+        NATS_OUTBOUND, NATS_SUBSCRIPTION_CAPACITY, NATS_UNFLUSHED_BYTES,
+    },
     client::{Budget, Reserved},
     hub::{Replicas, Topic, WeakHub},
     metrics::Metrics,
     refusal::ClusterDropped,
-    wire::PREFIX_LEN,
+    wire::Frame,
 };
 
 /// How the replica reaches its NATS system.
@@ -96,15 +100,6 @@ pub const ORIGIN_HEADER: &str = "Cunicu-Origin";
 /// The gRPC health service that says whether NATS is there.
 pub const HEALTH_SERVICE: &str = "cunicu.signaling.Cluster";
 
-/// Envelopes waiting for the NATS publisher at most.
-const OUTBOUND: usize = 4096;
-/// Commands the NATS client buffers (while disconnected, too).
-const CLIENT_CAPACITY: usize = 4096;
-/// Messages one key's NATS subscription holds before dropping: its task
-/// hands each to the hub at once, so a few suffice.
-const SUBSCRIPTION_CAPACITY: usize = 64;
-/// Bytes handed to the NATS client and not confirmed written at most.
-pub(crate) const NATS_UNFLUSHED_BYTES: usize = 4 << 20;
 /// What one envelope in the queue to NATS costs beyond its bytes.
 const OUTBOUND_ENTRY_BYTES: usize = 64;
 /// What one key's NATS subscription costs here (measured: its task, its
@@ -120,13 +115,6 @@ const INBOX: &str = "_inbox";
 /// Where replicas send their recipient counts, after the prefix:
 /// `<prefix>._recipients.<replica id>.<request number>`.
 const RECIPIENTS: &str = "_recipients";
-/// Recipient counts being collected at once at most; more asking publishes
-/// get the local count only.
-const MAX_COUNTING: usize = 4096;
-/// How long a Subscribe waits for its key's NATS subscription to reach the server.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait between two attempts to reach NATS.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 /// Why the cluster could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -244,12 +232,12 @@ impl Cluster {
             .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .client_capacity(CLIENT_CAPACITY)
-            .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            .client_capacity(NATS_CLIENT_CAPACITY)
+            .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
             .custom_inbox_prefix(format!("{}.{INBOX}", config.subject_prefix))
             .reconnect_delay_callback(|attempts| {
                 let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
-                (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
+                (Duration::from_millis(100) * 2u32.pow(exponent)).min(NATS_MAX_RECONNECT_DELAY)
             })
             .event_callback(move |event| {
                 let (connected_tx, metrics) = (connected_tx.clone(), events.clone());
@@ -360,7 +348,7 @@ impl Link {
             metrics,
             shown,
         } = self;
-        let (outbound, queue) = mpsc::channel(OUTBOUND);
+        let (outbound, queue) = mpsc::channel(NATS_OUTBOUND);
         let stop = CancellationToken::new();
         let cluster = Arc::new(Cluster {
             client: client.clone(),
@@ -441,7 +429,7 @@ impl Cluster {
         let ready = self.keys.lock().get(key).map(|i| i.ready.clone());
         if let Some(mut ready) = ready {
             let _ = tokio::time::timeout(
-                FLUSH_TIMEOUT + Duration::from_secs(1),
+                NATS_FLUSH_TIMEOUT + Duration::from_secs(1),
                 ready.wait_for(|r| *r),
             )
             .await;
@@ -675,7 +663,7 @@ async fn publish_all(
             // The client holds what it may: wait (a while) for it to write.
             let flushed = tokio::select! {
                 _ = stop.cancelled() => break,
-                flushed = tokio::time::timeout(FLUSH_TIMEOUT, client.flush()) => flushed,
+                flushed = tokio::time::timeout(NATS_FLUSH_TIMEOUT, client.flush()) => flushed,
             };
             match flushed {
                 Ok(Ok(())) => unflushed = 0,
@@ -744,11 +732,14 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         // SUB included: one round trip, after which a publish through any
         // replica on that server reaches this one.
         let probe = format!("{}.{READY_PROBE}", cluster.prefix);
-        let answered =
-            tokio::time::timeout(FLUSH_TIMEOUT, cluster.client.request(probe, Bytes::new())).await;
+        let answered = tokio::time::timeout(
+            NATS_FLUSH_TIMEOUT,
+            cluster.client.request(probe, Bytes::new()),
+        )
+        .await;
         if answered.is_err() {
             cluster.metrics.cluster_unconfirmed.inc();
-            tracing::debug!("cluster: no round trip to NATS in {FLUSH_TIMEOUT:?}; going on");
+            tracing::debug!("cluster: no round trip to NATS in {NATS_FLUSH_TIMEOUT:?}; going on");
         }
     }
     ready.send_replace(true);
@@ -770,14 +761,11 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
             continue;
         }
         cluster.metrics.cluster_received.inc();
-        let mut frame = BytesMut::with_capacity(PREFIX_LEN + message.payload.len());
-        frame.put_u8(0);
-        frame.put_u32(message.payload.len() as u32);
-        frame.put_slice(&message.payload);
+        let frame = Frame::with_prefix(&message.payload);
         let Some(hub) = cluster.hub.upgrade() else {
             continue;
         };
-        let fanout = hub.publish(&key, &frame.freeze());
+        let fanout = hub.publish(&key, &frame);
         if fanout.subscriptions == 0 {
             cluster.metrics.no_subscriber.inc();
         }

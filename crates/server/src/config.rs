@@ -6,12 +6,16 @@ use std::{fmt, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use cunicu_signal::PrivateKey;
 
 use crate::{
-    auth::{AuthMode, MAX_NONCES, NONCE_BYTES, UNKNOWN_KEY_BYTES},
-    client::{
-        AddressLimits, BRIDGED_CALLS, CALL_EVICTIONS_IN_FLIGHT, ClientLimits, EVICTIONS_IN_FLIGHT,
-        HEALTH_CHECKS, HEALTH_WATCHES, Rate,
+    auth::{AuthMode, NONCE_BYTES, UNKNOWN_KEY_BYTES},
+    bounds::{
+        BRIDGED_CALLS, CALL_EVICTIONS_IN_FLIGHT, CONNECTION_WINDOW, EVICTIONS_IN_FLIGHT,
+        HEALTH_CHECKS, HEALTH_WATCHES, MAX_HEADER_LIST, MAX_HEALTH_REQUEST_BYTES, MAX_NONCES,
+        MAX_REQUEST_BYTES, NATS_UNFLUSHED_BYTES, SEND_BUFFER, SHARED_KEYS, STREAM_WINDOW,
     },
+    client::{AddressLimits, ClientLimits, Rate},
+    hub::QueueLimits,
     relay::Relay,
+    shared::{Recipients, Timeouts},
 };
 
 /// How the server runs. `Default` gives the built-in defaults, which the
@@ -256,16 +260,6 @@ pub enum ConfigError {
     },
 }
 
-/// HTTP/2 receive window of one stream: one largest request fits, so a
-/// Publish needs no window update, and a client can make a stream hold no more.
-const STREAM_WINDOW: u32 = 64 * 1024;
-/// HTTP/2 receive window of a connection.
-const CONNECTION_WINDOW: u32 = 256 * 1024;
-/// Largest header block a client may send.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
-/// What h2 may buffer per stream for the responses of bridged calls.
-const SEND_BUFFER: usize = 64 * 1024;
-
 impl Config {
     /// Checks that every setting can work.
     pub fn check(&self) -> Result<(), ConfigError> {
@@ -323,8 +317,10 @@ impl Config {
         if self.allow_keys.is_some() && self.auth != AuthMode::Required {
             return Err(ConfigError::AllowKeysWithoutAuth);
         }
-        // One largest envelope (and its 5-byte frame prefix) must fit everywhere.
-        let frame = self.max_envelope_size.saturating_add(5);
+        // One largest envelope, as a frame (its prefix included), must fit everywhere.
+        let frame = self
+            .max_envelope_size
+            .saturating_add(crate::wire::Frame::OVERHEAD);
         let at_least: [(&'static str, usize); 5] = [
             ("queue-bytes", self.queue_bytes),
             ("client-queued-bytes", self.client_queued_bytes),
@@ -403,6 +399,36 @@ impl Config {
         }
     }
 
+    /// The deadlines of connections and of calls.
+    pub(crate) fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            handshake: self.handshake_timeout,
+            first_bytes: self.first_bytes_timeout,
+            request: self.request_timeout,
+            idle: self.idle_timeout,
+            stall: self.stall_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+        }
+    }
+
+    /// The bounds of each subscription's queue.
+    pub(crate) fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            depth: self.queue_depth,
+            bytes: self.queue_bytes,
+        }
+    }
+
+    /// Whether a Publish may ask for its recipient count, and how long the
+    /// other replicas' counts are waited for.
+    pub(crate) fn recipients(&self) -> Recipients {
+        Recipients {
+            enabled: self.recipients,
+            wait: self.recipients_wait,
+        }
+    }
+
     pub(crate) fn h2_builder(&self) -> h2::server::Builder {
         let mut builder = h2::server::Builder::new();
         builder
@@ -450,7 +476,7 @@ impl Config {
                 // key per subscription. And what the NATS client holds.
                 self.max_subscriptions
                     .saturating_mul(crate::cluster::KEY_BYTES)
-                    .saturating_add(crate::cluster::NATS_UNFLUSHED_BYTES + NATS_CLIENT_BYTES)
+                    .saturating_add(NATS_UNFLUSHED_BYTES + NATS_CLIENT_BYTES)
             } else {
                 0
             },
@@ -475,21 +501,21 @@ const SUBSCRIPTION_BYTES: usize = 4 << 10;
 /// HTTP/2 stream and its future.
 const CALL_BYTES: usize = 4 << 10;
 /// What a call of a service served through tonic adds: its request (at most
-/// `bridge::MAX_REQUEST_BYTES`), tonic's encoded response waiting for the
+/// [`MAX_REQUEST_BYTES`]), tonic's encoded response waiting for the
 /// window, and what h2 buffers of it.
-const BRIDGED_CALL_BYTES: usize = 16 * 1024 + 48 * 1024 + SEND_BUFFER;
+const BRIDGED_CALL_BYTES: usize = MAX_REQUEST_BYTES + 48 * 1024 + SEND_BUFFER;
 
 /// What a health check or watch adds to its call: its request (at most
-/// `bridge::MAX_HEALTH_REQUEST_BYTES`), its answers (a few bytes each) and
+/// [`MAX_HEALTH_REQUEST_BYTES`]), its answers (a few bytes each) and
 /// tonic's state of the call.
-const HEALTH_CALL_BYTES: usize = 1024 + 15 * 1024;
+const HEALTH_CALL_BYTES: usize = MAX_HEALTH_REQUEST_BYTES + 15 * 1024;
 
 /// The NATS client's own buffers (reading and writing), beyond what it was
 /// handed to publish.
 const NATS_CLIENT_BYTES: usize = 1 << 20;
 
 /// The cache of shared keys of proven client keys.
-const SHARED_KEY_CACHE_BYTES: usize = 16_384 * 256;
+const SHARED_KEY_CACHE_BYTES: usize = SHARED_KEYS * 256;
 
 /// The worst case of the server's memory, by what holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

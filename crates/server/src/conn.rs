@@ -28,7 +28,6 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, Waker},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -48,7 +47,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use crate::{
-    bridge::{self, MAX_HEALTH_REQUEST_BYTES},
+    bounds::{
+        CLOSE_GRACE, MAX_ACCEPTS, MAX_HEALTH_REQUEST_BYTES, MAX_REQUEST_BYTES, MAX_TURNS,
+        REFUSED_BEFORE_CLOSE,
+    },
+    bridge,
     client::{Client, ConnectionGuard, Evict, Origin, Refused},
     deadlines::{ConnectionDeadlines, Due, Verdict},
     hub::{Mailbox, Subscription, Take},
@@ -65,19 +68,6 @@ const SHUTTING_DOWN: &str = "server shutting down";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 /// The path of `grpc.health.v1.Health/Watch`.
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
-/// Loop turns before the task lets others run.
-const MAX_TURNS: usize = 64;
-/// Requests a connection's task takes in one turn at most: enough for what
-/// one read brings from busy publishers, and few enough that the calls taken
-/// run before more come in (a burst of Subscribes from one client is taken in
-/// steps, not all at once against its limit of calls in progress).
-const MAX_ACCEPTS: usize = 4;
-/// Streams refused on one connection for the client's request rate before
-/// the connection is closed (GOAWAY `ENHANCE_YOUR_CALM`).
-const REFUSED_BEFORE_CLOSE: u32 = 1024;
-/// How long a connection ended to make room for another client's fair
-/// share, or for want of a proof, has to let its last answers out.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves one accepted connection until it ends, `kill` fires, or (after a
 /// graceful end of its streams) `shutdown` completes.
@@ -661,7 +651,7 @@ impl Connection {
                         clients.health_watch(caller, origin),
                         MAX_HEALTH_REQUEST_BYTES,
                     ),
-                    _ => (clients.bridged(caller, origin), bridge::MAX_REQUEST_BYTES),
+                    _ => (clients.bridged(caller, origin), MAX_REQUEST_BYTES),
                 };
                 let bridged = match taken {
                     Ok(bridged) => bridged,
@@ -739,7 +729,7 @@ impl Connection {
             .send_response(wire::ok_headers(headers), false)
             .ok()
             .and_then(|mut send| {
-                send.send_data(EMPTY_MESSAGE.clone(), false).ok()?;
+                send.send_data(EMPTY_MESSAGE.bytes().clone(), false).ok()?;
                 Some(send)
             });
         let Some(send) = opened else {

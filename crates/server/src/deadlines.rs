@@ -26,10 +26,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A subscriber that took less than 1/`SLOW` of what it owed over a stall
-/// cut-off is too slow: one that keeps up takes about all, one whose link
-/// is a few times slower than its feed still takes a good part.
-pub(crate) const SLOW: usize = 4;
+use crate::bounds::SLOW;
 
 /// Which deadline of a request passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

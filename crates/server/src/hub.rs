@@ -40,10 +40,12 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
+    bounds::{IDLE_QUEUE_SLOTS, IN_FLIGHT_PER_STREAM, LARGE_FRAME_WINDOW, MAX_EVICTED_FOR_ROOM},
     client::{Budget, Client, ClientState, Evict, Exhausted, SlotGuard, reserve},
     deadlines::{DrainMeter, Verdict},
     metrics::Metrics,
     refusal::{Cut, KeyFull},
+    wire::Frame,
 };
 
 /// What the hub needs from the other replicas of a cluster: to hear of a
@@ -73,9 +75,6 @@ impl WeakHub {
 /// A key: what subscriptions are for and envelopes addressed to.
 pub(crate) type Topic = [u8; 32];
 
-/// An envelope as a gRPC message frame: 5-byte prefix, then the envelope.
-pub(crate) type Frame = Bytes;
-
 /// What a queued or in-flight frame costs beyond its bytes: its slot in a
 /// queue (the buffer's handle and its publisher) and its share of the
 /// queue's bytes by publisher, or the shared header HTTP/2 holds it by.
@@ -86,19 +85,6 @@ const ENTRY_COST: usize = 80;
 fn cost(frame: &Frame) -> usize {
     frame.len() + ENTRY_COST
 }
-
-/// A queue that empties keeps at most this many slots of the capacity it grew to.
-const IDLE_QUEUE_SLOTS: usize = 8;
-
-/// At most this many bytes of one subscription are handed to HTTP/2 and not
-/// yet written: more waits in the subscription's queue, where it is dropped
-/// oldest first if the subscriber does not keep up. One envelope larger than
-/// this goes alone.
-pub(crate) const IN_FLIGHT_PER_STREAM: usize = 16 * 1024;
-
-/// The window a peer must have opened before a frame larger than it is
-/// handed to HTTP/2 (which sends the rest as the window grows).
-const LARGE_FRAME_WINDOW: usize = 16 * 1024;
 
 /// The limits of the subscriptions in a [`Hub`].
 #[derive(Debug, Clone, Copy)]
@@ -489,7 +475,7 @@ struct InFlight {
 
 impl AsRef<[u8]> for InFlight {
     fn as_ref(&self) -> &[u8] {
-        &self.frame
+        self.frame.bytes()
     }
 }
 
@@ -694,7 +680,6 @@ impl Hub {
     /// there is room, a few at most. Returns whether any went. O(clients
     /// with subscriptions): only at a full budget.
     pub(crate) fn make_room_for(&self, client: &ClientState, size: usize) -> bool {
-        const MOST: usize = 4;
         let inner = &*self.inner;
         let server = &inner.server;
         let me = client.client;
@@ -726,7 +711,7 @@ impl Hub {
             }
             let mut freed = 0;
             for victim in subs.values().rev() {
-                if victims.len() >= MOST
+                if victims.len() >= MAX_EVICTED_FOR_ROOM
                     || server.used().saturating_sub(freed) + size <= server.limit()
                 {
                     break;
@@ -881,9 +866,7 @@ mod tests {
     use crate::client::{ClientLimits, Clients, Rate};
 
     fn frame(n: u8, body: usize) -> Frame {
-        let mut v = vec![0u8; 5 + body];
-        v[5..].fill(n);
-        Bytes::from(v)
+        Frame::with_prefix(&vec![n; body])
     }
 
     struct Fixture {
@@ -1048,7 +1031,11 @@ mod tests {
         }
         let seqs = |s: &Subscription| {
             let state = s.sub().state.lock();
-            state.queue.iter().map(|(f, _)| f[5]).collect::<Vec<_>>()
+            state
+                .queue
+                .iter()
+                .map(|(f, _)| f.message()[0])
+                .collect::<Vec<_>>()
         };
         // Client A needs two copies of each and may hold 3 in all: it lost
         // some of its own; B, holding 3 of its own 3, lost nothing.
@@ -1076,11 +1063,11 @@ mod tests {
         let fanout = f.hub.publish(&[2; 32], &frame(10, 2000));
         assert_eq!((fanout.subscriptions, fanout.queued), (1, 0));
         assert_eq!(b.sub().state.lock().queue.len(), 1);
-        assert_eq!(b.sub().state.lock().queue[0].0[5], 9);
+        assert_eq!(b.sub().state.lock().queue[0].0.message()[0], 9);
         assert_eq!(f.metrics.server_budget.get(), 1);
         // One of the same size takes the place of b's oldest.
         f.hub.publish(&[2; 32], &frame(11, 1000));
-        assert_eq!(b.sub().state.lock().queue[0].0[5], 11);
+        assert_eq!(b.sub().state.lock().queue[0].0.message()[0], 11);
         assert_eq!(f.metrics.server_budget.get(), 2);
         drop((a, b));
         assert_eq!(f.hub.budget().used(), 0);

@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 
 mod auth;
+mod bounds;
 mod bridge;
 mod client;
 pub mod cluster;
@@ -132,10 +133,6 @@ pub struct Listeners {
     pub metrics: Option<std::net::TcpListener>,
 }
 
-/// How long the connections still open after the drain window may take to
-/// close (calls in progress being answered) before they are cut.
-const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(5);
-
 /// What [`Server::reload`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -223,10 +220,7 @@ impl Server {
         // weak handle made with it.
         let mut cluster = None;
         let hub = hub::Hub::new(
-            hub::QueueLimits {
-                depth: config.queue_depth,
-                bytes: config.queue_bytes,
-            },
+            config.queue_limits(),
             config.max_subscriptions_per_key,
             budget.clone(),
             metrics.clone(),
@@ -289,7 +283,7 @@ impl Server {
             metrics: metrics.clone(),
             auth: auth.clone(),
         })
-        .max_decoding_message_size(bridge::MAX_REQUEST_BYTES);
+        .max_decoding_message_size(bounds::MAX_REQUEST_BYTES);
         let health = tonic_health::server::HealthReporter::new();
         let health_stopped = CancellationToken::new();
         let health_service =
@@ -359,15 +353,7 @@ impl Server {
             clients,
             metrics: metrics.clone(),
             routes,
-            timeouts: shared::Timeouts {
-                handshake: config.handshake_timeout,
-                first_bytes: config.first_bytes_timeout,
-                request: config.request_timeout,
-                idle: config.idle_timeout,
-                stall: config.stall_timeout,
-                keepalive_interval: config.keepalive_interval,
-                keepalive_timeout: config.keepalive_timeout,
-            },
+            timeouts: config.timeouts(),
             max_envelope_size: config.max_envelope_size,
             h2: config.h2_builder(),
             tls: tls
@@ -381,10 +367,7 @@ impl Server {
                 }),
             response_headers,
             auth: auth.clone(),
-            recipients: shared::Recipients {
-                enabled: config.recipients,
-                wait: config.recipients_wait,
-            },
+            recipients: config.recipients(),
             logs: shared::Logs::default(),
             drain: drain::DrainPlan::default(),
         });
@@ -512,7 +495,7 @@ impl Server {
             _ = &mut skip => return Ok(()),
         }
         self.stop(window);
-        let grace = window + AFTER_DRAIN_WINDOW;
+        let grace = window + bounds::AFTER_DRAIN_WINDOW;
         let join = self.join_all();
         tokio::select! {
             result = tokio::time::timeout(grace, join) => match result {

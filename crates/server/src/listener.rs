@@ -4,18 +4,17 @@
 //! ([`crate::conn`]), which sets up TLS and HTTP/2 within its deadline
 //! ([`crate::transport`]).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{ServerError, conn, shared::Shared};
-
-/// Pause after an accept error (e.g. out of file descriptors) before trying again.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
-/// How often the rate limiters forget clients that are back to a full bucket.
-const FORGET_RATES_EVERY: Duration = Duration::from_secs(30);
+use crate::{
+    ServerError,
+    bounds::{ACCEPT_ERROR_PAUSE, FORGET_RATES_EVERY},
+    conn,
+    shared::Shared,
+};
 
 /// Accepts connections on `listener` until `shutdown` and serves each in a
 /// task of `tasks`. A connection is admitted or refused at once, never kept

@@ -29,17 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
+    bounds::MAX_SMALL_REQUEST,
     client::{Charged, ClientState, Exhausted, Origin, SlotGuard},
     deadlines::{Late, RequestDeadline},
     hub::{Mailbox, Publisher, Subscription},
     refusal::{CallEnded, Refusal, key_field},
     shared::Shared,
-    wire::{self, EMPTY_MESSAGE, PREFIX_LEN, ReadError},
+    wire::{self, EMPTY_MESSAGE, Frame, ReadError},
 };
-
-/// The request message of a Subscribe is a key, of GetBuildInfo nothing: a
-/// few dozen bytes.
-const MAX_SMALL_REQUEST: usize = 1024;
 
 /// What a call in progress ends with.
 pub(crate) enum Done {
@@ -76,7 +73,7 @@ pub fn build_info() -> BuildInfo {
 }
 
 /// [`build_info`] as a message frame, encoded once.
-static BUILD_INFO: LazyLock<Bytes> = LazyLock::new(|| wire::frame(&build_info()));
+static BUILD_INFO: LazyLock<Frame> = LazyLock::new(|| Frame::encode(&build_info()));
 
 /// `GetBuildInfo`: the request (`Empty`) is read like any other, then the
 /// server's build information answers it. A client calls it before it
@@ -103,7 +100,7 @@ pub(crate) async fn get_build_info(
             |_| Ok(()),
         )
         .await?;
-        Empty::decode(&frame[PREFIX_LEN..])
+        Empty::decode(frame.message())
             .map_err(|e| shared.refuse(malformed("Empty", e), &client.client))?;
         Ok(Answer {
             message: BUILD_INFO.clone(),
@@ -119,7 +116,7 @@ pub(crate) async fn get_build_info(
 /// What a unary call answers: its message frame, and for a Publish that
 /// asked, its recipient count.
 struct Answer {
-    message: Bytes,
+    message: Frame,
     recipients: Option<usize>,
 }
 
@@ -138,7 +135,7 @@ fn answer(shared: &Shared, mut respond: SendResponse<Bytes>, result: Result<Answ
                     .insert(RECIPIENTS_METADATA, http::HeaderValue::from(n));
             }
             if let Ok(mut send) = respond.send_response(response, false) {
-                let _ = send.send_data(message, false);
+                let _ = send.send_data(message.into_bytes(), false);
                 let _ = send.send_trailers(wire::ok_trailers());
             }
         }
@@ -169,7 +166,7 @@ async fn read_request(
     charged: &Charged,
     ended: &CancellationToken,
     admit: impl FnMut(usize) -> Result<(), Status>,
-) -> Result<Bytes, Status> {
+) -> Result<Frame, Status> {
     let who = charged.client().client;
     let timeouts = shared.timeouts;
     let deadline = RequestDeadline::new(Instant::now(), timeouts.first_bytes, timeouts.request);
@@ -242,7 +239,7 @@ pub(crate) async fn subscribe(
         )
         .await?;
         let who = client.client;
-        let params = SubscribeParams::decode(&frame[PREFIX_LEN..])
+        let params = SubscribeParams::decode(frame.message())
             .map_err(|e| shared.refuse(malformed("SubscribeParams", e), &who))?;
         let key = key_field("subscription", &params.key).map_err(|r| shared.refuse(r, &who))?;
         shared.auth.check(
@@ -316,7 +313,7 @@ pub(crate) async fn publish(
         .await?;
         let refuse = |refusal| shared.refuse(refusal, &who);
         let envelope =
-            Envelope::decode(&frame[PREFIX_LEN..]).map_err(|e| refuse(malformed("Envelope", e)))?;
+            Envelope::decode(frame.message()).map_err(|e| refuse(malformed("Envelope", e)))?;
         let sender = key_field("sender", &envelope.sender).map_err(refuse)?;
         let recipient = key_field("recipient", &envelope.recipient).map_err(refuse)?;
         shared.auth.check(
@@ -335,7 +332,7 @@ pub(crate) async fn publish(
             Some(cluster) if ask => {
                 let others = cluster.publish_counted(
                     recipient,
-                    frame.slice(PREFIX_LEN..),
+                    frame.message_bytes(),
                     shared.recipients.wait,
                 );
                 // The envelope is in the queues now: the request's bytes are
@@ -344,7 +341,7 @@ pub(crate) async fn publish(
                 Some(local.queued + others.await)
             }
             Some(cluster) => {
-                cluster.publish(recipient, frame.slice(PREFIX_LEN..));
+                cluster.publish(recipient, frame.message_bytes());
                 None
             }
             None => {

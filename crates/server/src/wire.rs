@@ -12,18 +12,67 @@ use tonic::Status;
 /// Length of a message's prefix: a compression flag and a 32-bit length.
 pub(crate) const PREFIX_LEN: usize = 5;
 
-/// The message frame of an empty message: `cunicu.Empty`, and the empty
-/// `Envelope` that confirms a subscription.
-pub(crate) static EMPTY_MESSAGE: Bytes = Bytes::from_static(&[0; PREFIX_LEN]);
+/// A gRPC message frame: the prefix (compression flag 0, then the
+/// message's length, big-endian), then the message. One buffer, shared by
+/// its clones; the message is a view into it, never a copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Frame(Bytes);
 
-/// `message` as a message frame: its prefix, then its bytes.
-pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
-    let len = message.encoded_len();
-    let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
-    frame.put_u8(0);
-    frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    message.encode_raw(&mut frame);
-    frame.freeze()
+/// The frame of an empty message: `cunicu.Empty`, and the empty `Envelope`
+/// that confirms a subscription.
+pub(crate) static EMPTY_MESSAGE: Frame = Frame(Bytes::from_static(&[0; PREFIX_LEN]));
+
+impl Frame {
+    /// What a frame adds to its message: the prefix.
+    pub(crate) const OVERHEAD: usize = PREFIX_LEN;
+
+    /// `message` encoded into a frame.
+    pub(crate) fn encode(message: &impl prost::Message) -> Self {
+        let len = message.encoded_len();
+        let mut frame = Self::prefixed(len);
+        message.encode_raw(&mut frame);
+        Self(frame.freeze())
+    }
+
+    /// The frame of `message`, already encoded (copied once, after the prefix).
+    pub(crate) fn with_prefix(message: &[u8]) -> Self {
+        let mut frame = Self::prefixed(message.len());
+        frame.put_slice(message);
+        Self(frame.freeze())
+    }
+
+    /// A buffer with room for a message of `len` bytes, its prefix written.
+    fn prefixed(len: usize) -> BytesMut {
+        let mut frame = BytesMut::with_capacity(PREFIX_LEN + len);
+        frame.put_u8(0);
+        frame.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        frame
+    }
+
+    /// The message, without its prefix.
+    pub(crate) fn message(&self) -> &[u8] {
+        &self.0[PREFIX_LEN..]
+    }
+
+    /// The message as a buffer of its own: a view into the frame's buffer.
+    pub(crate) fn message_bytes(&self) -> Bytes {
+        self.0.slice(PREFIX_LEN..)
+    }
+
+    /// The whole frame, prefix included: what goes on the wire.
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// The whole frame as a buffer, for sending.
+    pub(crate) fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// Bytes in the whole frame, prefix included.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
@@ -139,13 +188,13 @@ impl ReadError {
 /// frame's length once the prefix is known, before the rest is read: it may
 /// refuse (a rate). `charge` is called with the length of each piece as it
 /// arrives, before it is kept: it may refuse (a budget). Returns the whole
-/// frame (prefix included), as received.
+/// frame, as received.
 pub(crate) async fn read_message(
     recv: &mut RecvStream,
     limit: usize,
     mut admit: impl FnMut(usize) -> Result<(), Status>,
     mut charge: impl FnMut(usize) -> Result<(), Status>,
-) -> Result<Bytes, ReadError> {
+) -> Result<Frame, ReadError> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
     let mut have = 0usize;
     let mut admitted: Option<usize> = None;
@@ -214,7 +263,8 @@ pub(crate) async fn read_message(
             all.freeze()
         }
     };
-    Ok(frame)
+    // Checked above: an uncompressed prefix and exactly its length after it.
+    Ok(Frame(frame))
 }
 
 fn copy_prefix(chunks: &[Bytes], out: &mut [u8; PREFIX_LEN]) {
@@ -225,5 +275,37 @@ fn copy_prefix(chunks: &[Bytes], out: &mut [u8; PREFIX_LEN]) {
             out[filled] = chunk.get_u8();
             filled += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cunicu_signal::proto::signaling::SubscribeParams;
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn a_frame_is_its_prefix_then_its_message() {
+        let params = SubscribeParams { key: vec![7; 32] };
+        let frame = Frame::encode(&params);
+        let encoded = params.encode_to_vec();
+        assert_eq!(frame.len(), Frame::OVERHEAD + encoded.len());
+        assert_eq!(&frame.bytes()[..PREFIX_LEN], &[0, 0, 0, 0, 34]);
+        assert_eq!(frame.message(), encoded.as_slice());
+        assert_eq!(Frame::with_prefix(&encoded), frame);
+        assert_eq!(
+            SubscribeParams::decode(frame.message_bytes()).ok(),
+            Some(params)
+        );
+        assert_eq!(EMPTY_MESSAGE.message(), b"");
+        assert_eq!(EMPTY_MESSAGE.bytes().as_ref(), &[0; PREFIX_LEN]);
+    }
+
+    #[test]
+    fn the_message_shares_the_frames_buffer() {
+        let frame = Frame::with_prefix(&[1, 2, 3]);
+        let message = frame.message_bytes();
+        assert_eq!(message.as_ptr(), frame.bytes()[PREFIX_LEN..].as_ptr());
     }
 }
