@@ -106,9 +106,10 @@ const SUBSCRIPTION_CAPACITY: usize = 64;
 pub(crate) const NATS_UNFLUSHED_BYTES: usize = 4 << 20;
 /// What one envelope in the queue to NATS costs beyond its bytes.
 const OUTBOUND_ENTRY_BYTES: usize = 64;
-/// What one key's NATS subscription costs here (measured: its task, its
-/// subscription in the NATS client, its subject, its entry).
-pub(crate) const KEY_BYTES: usize = 9 << 10;
+/// What one key's NATS subscription costs here (measured with
+/// scripts/bench-cluster-keys: 6.5 KiB, of which the NATS client's channel for
+/// the subscription is 6.3 KiB, then its task, its subject, its entries).
+pub(crate) const KEY_BYTES: usize = (7 << 10) + 512;
 /// The subject (after the prefix) of the request that confirms a new
 /// subscription has reached the NATS server; nobody serves it.
 const READY_PROBE: &str = "_ready";
