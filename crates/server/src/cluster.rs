@@ -102,9 +102,10 @@ pub const HEALTH_SERVICE: &str = "cunicu.signaling.Cluster";
 
 /// What one envelope in the queue to NATS costs beyond its bytes.
 const OUTBOUND_ENTRY_BYTES: usize = 64;
-/// What one key's NATS subscription costs here (measured: its task, its
-/// subscription in the NATS client, its subject, its entry).
-pub(crate) const KEY_BYTES: usize = 9 << 10;
+/// What one key's NATS subscription costs here (measured with
+/// scripts/bench-cluster-keys: 6.5 KiB, of which the NATS client's channel for
+/// the subscription is 6.3 KiB, then its task, its subject, its entries).
+pub(crate) const KEY_BYTES: usize = (7 << 10) + 512;
 /// The subject (after the prefix) of the request that confirms a new
 /// subscription has reached the NATS server; nobody serves it.
 const READY_PROBE: &str = "_ready";
@@ -140,8 +141,34 @@ pub enum ClusterError {
 
 /// One key's NATS subscription; dropping it unsubscribes.
 struct Interest {
-    ready: watch::Receiver<bool>,
+    ready: Arc<Ready>,
     _task: AbortOnDropHandle<()>,
+}
+
+/// Whether a key's subscription has reached the NATS server. Smaller than a
+/// `watch` channel (which has room for many waiters), and kept as long as
+/// the key is.
+#[derive(Default)]
+struct Ready {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl Ready {
+    fn set(&self) {
+        self.done.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a `set` in between wakes it.
+        notified.as_mut().enable();
+        if !self.done.load(Ordering::Acquire) {
+            notified.await;
+        }
+    }
 }
 
 /// An envelope for the other replicas, in publishing order.
@@ -400,8 +427,8 @@ impl Cluster {
         if keys.contains_key(&key) {
             return;
         }
-        let (ready_tx, ready) = watch::channel(false);
-        let task = tokio::spawn(receive(self.clone(), key, ready_tx));
+        let ready = Arc::new(Ready::default());
+        let task = tokio::spawn(receive(self.clone(), key, ready.clone()));
         keys.insert(
             key,
             Interest {
@@ -427,12 +454,9 @@ impl Cluster {
     /// on that server reaches this one.
     pub(crate) async fn ready(&self, key: &Topic) {
         let ready = self.keys.lock().get(key).map(|i| i.ready.clone());
-        if let Some(mut ready) = ready {
-            let _ = tokio::time::timeout(
-                NATS_FLUSH_TIMEOUT + Duration::from_secs(1),
-                ready.wait_for(|r| *r),
-            )
-            .await;
+        if let Some(ready) = ready {
+            let _ = tokio::time::timeout(NATS_FLUSH_TIMEOUT + Duration::from_secs(1), ready.wait())
+                .await;
         }
     }
 
@@ -713,16 +737,16 @@ async fn publish_all(
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
 }
 
-/// One key's NATS subscription: what comes goes to the local subscribers.
-async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) {
-    let subject = subject(&cluster.prefix, &key);
-    let mut subscriber = match cluster.client.subscribe(subject).await {
+/// Subscribes to the key's subject and waits (a while) until the NATS server
+/// has the SUB; `None` if the client is closed (the key is served locally).
+async fn subscribe(cluster: &Cluster, key: &Topic) -> Option<async_nats::Subscriber> {
+    let subject = subject(&cluster.prefix, key);
+    let subscriber = match cluster.client.subscribe(subject).await {
         Ok(subscriber) => subscriber,
         Err(e) => {
-            // Only a closed client fails here; the key is served locally.
+            // Only a closed client fails here.
             tracing::warn!("cluster: cannot subscribe: {e}");
-            ready.send_replace(true);
-            return;
+            return None;
         }
     };
     if *cluster.connected.borrow() {
@@ -742,7 +766,19 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
             tracing::debug!("cluster: no round trip to NATS in {NATS_FLUSH_TIMEOUT:?}; going on");
         }
     }
-    ready.send_replace(true);
+    Some(subscriber)
+}
+
+/// One key's NATS subscription: what comes goes to the local subscribers.
+/// The task lives as long as the key has local subscribers, so what it holds
+/// while it waits is kept small: the set-up (the subscribe and its round
+/// trip, a large future) runs boxed and is freed once done.
+async fn receive(cluster: Arc<Cluster>, key: Topic, ready: Arc<Ready>) {
+    let subscriber = Box::pin(subscribe(&cluster, &key)).await;
+    ready.set();
+    let Some(mut subscriber) = subscriber else {
+        return;
+    };
     while let Some(message) = subscriber.next().await {
         let origin = message
             .headers
@@ -769,12 +805,15 @@ async fn receive(cluster: Arc<Cluster>, key: Topic, ready: watch::Sender<bool>) 
         if fanout.subscriptions == 0 {
             cluster.metrics.no_subscriber.inc();
         }
-        // An asking publish elsewhere: tell it how many streams here got it.
+        // An asking publish elsewhere: tell it how many streams here got it
+        // (boxed: the task would hold room for this large future always).
         if let Some(reply) = message.reply
-            && let Err(e) = cluster
-                .client
-                .publish(reply, Bytes::from(fanout.queued.to_string()))
-                .await
+            && let Err(e) = Box::pin(
+                cluster
+                    .client
+                    .publish(reply, Bytes::from(fanout.queued.to_string())),
+            )
+            .await
         {
             tracing::debug!("cluster: recipient count not sent: {e}");
         }
@@ -823,6 +862,20 @@ mod tests {
             Ok(Some(UrlAuth::Token("t0ken".into())))
         );
         assert!(url_auth(&addrs(&["nats://a:b@h:1", "nats://a:c@g:2"])).is_err());
+    }
+
+    /// The size of what an async fn returns, without calling it.
+    fn future_size<A, B, C, F: Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_keys_task_holds_little_while_it_waits() {
+        // One per key, for as long as the key has subscribers: the NATS
+        // client's own per-subscription channel (about 6 KiB) is the floor;
+        // the task must not add much to it.
+        let size = future_size(receive);
+        assert!(size <= 640, "a key's task holds {size} bytes");
     }
 
     #[test]
