@@ -1,29 +1,24 @@
 //! The server under attack (docs/PROTOCOL.md §10), as an attacker on the internet would
 //! try it: one test per attack, each from 127.0.0.1 (and a few more loopback
-//! addresses where the attack needs them) against `cunicu-signal serve` in a
-//! child process, while a well-behaved client on 127.0.0.2 publishes to its
-//! own subscription. Each test asserts that the well-behaved client loses
+//! addresses where the attack needs them) against the server in a child
+//! process, while a well-behaved client on 127.0.0.2 publishes to its own
+//! subscription. Each test asserts that the well-behaved client loses
 //! nothing and keeps a low latency, that the server's memory stays within
 //! what its limits promise, and that the limit that held is counted.
 //!
 //! The attacks run one at a time (they measure time and memory).
-//!
-//! `CUNICU_SIGNAL_ABUSE_SERVER=/path/to/cunicu-signal` runs them against
-//! another build (flags it does not know are left out), to see an older
-//! server fail them.
-
-mod common;
 
 use std::{
-    net::{IpAddr, SocketAddr},
-    process::{Command, Stdio},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    num::NonZeroU32,
+    process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
-use common::{Killed, lines_of, wait_for_line};
 use cunicu_signal::{
     Key, PrivateKey,
     auth::{PROOF_METADATA, prove},
@@ -32,6 +27,7 @@ use cunicu_signal::{
         EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
     },
 };
+use cunicu_signal_server::{AuthMode, Config, Rate, Server, TlsFiles};
 use parking_lot::Mutex;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -57,88 +53,118 @@ const SLACK_KIB: u64 = 16 * 1024;
 /// One attack at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The server under attack, in a child process.
+/// The server under attack, in a child process of its own, so that its
+/// memory and CPU time are its own: this test binary, run again with only
+/// the calling test and [`CHILD`] set. In that run the test's body gets as
+/// far as [`TestServer::start`], which serves there instead of returning.
+/// The test's set-up before that call therefore runs in both processes, and
+/// whatever the server's configuration takes from it must come out the same
+/// in both (a certificate from [`certificate`], the key of
+/// [`proving_server`]).
 struct TestServer {
     _child: Killed,
     pid: u32,
     addr: SocketAddr,
     metrics: SocketAddr,
-    /// The worst case of its memory, as it logged it at start (MiB).
-    memory_bound_mib: Option<u64>,
+    /// The worst case of its memory with its limits.
+    memory_bound: Bound,
 }
 
-/// Limits small enough to reach in a test; a test overrides some.
-const TEST_FLAGS: &[(&str, &str)] = &[
-    ("--stall-timeout", "2s"),
-    ("--handshake-timeout", "2s"),
-    ("--request-timeout", "2s"),
-    ("--idle-timeout", "2s"),
-];
+/// Set in the child process that serves.
+const CHILD: &str = "CUNICU_SIGNAL_ATTACKED_SERVER";
+/// The line the child writes on its standard output when it serves.
+const SERVING: &str = "attacked server serving:";
+
+/// [`Config::memory_bound`] of the server in the child, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    /// The process without clients.
+    base: u64,
+    /// Everything.
+    total: u64,
+}
+
+/// A child process, killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Limits small enough to reach in a test; a test changes some.
+fn test_config() -> Config {
+    let mut config = Config::default();
+    config.listen = (Ipv4Addr::LOCALHOST, 0).into();
+    config.metrics_listen = Some((Ipv4Addr::LOCALHOST, 0).into());
+    config.stall_timeout = Duration::from_secs(2);
+    config.handshake_timeout = Duration::from_secs(2);
+    config.request_timeout = Duration::from_secs(2);
+    config.idle_timeout = Duration::from_secs(2);
+    config
+}
+
+/// A token bucket of `per_second` with room for `burst`.
+fn rate(per_second: u32, burst: u32) -> Rate {
+    Rate {
+        per_second: NonZeroU32::new(per_second).expect("a rate above 0"),
+        burst: NonZeroU32::new(burst).expect("a burst above 0"),
+    }
+}
 
 impl TestServer {
-    /// Starts the server with [`TEST_FLAGS`] and then `flags`.
-    fn start(flags: &[(&str, &str)]) -> TestServer {
-        let bin =
-            std::env::var("CUNICU_SIGNAL_ABUSE_SERVER").unwrap_or_else(|_| common::BIN.to_string());
-        let known = known_flags(&bin);
-        let mut command = Command::new(&bin);
-        command.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ]);
-        let defaults = TEST_FLAGS
-            .iter()
-            .filter(|(flag, _)| !flags.iter().any(|(f, _)| f == flag));
-        for (flag, value) in defaults.chain(flags) {
-            if known.iter().any(|k| k == flag) {
-                // A switch has no value.
-                command.arg(flag);
-                if !value.is_empty() {
-                    command.arg(value);
-                }
-            } else {
-                eprintln!("{bin} does not know {flag}: left out");
-            }
+    /// Starts the server with [`test_config`] changed by `configure`, in a
+    /// child process.
+    async fn start(configure: impl FnOnce(&mut Config)) -> TestServer {
+        if std::env::var_os(CHILD).is_some() {
+            serve(configure).await;
         }
-        command
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = Killed(command.spawn().expect("spawn the server"));
+        // libtest runs each test on a thread named after it.
+        let test = std::thread::current()
+            .name()
+            .expect("a test's thread has the test's name")
+            .to_string();
+        let exe = std::env::current_exe().expect("the test binary");
+        let mut child = Killed(
+            Command::new(exe)
+                .args([test.as_str(), "--exact", "--test-threads", "1"])
+                .env(CHILD, "1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn the server"),
+        );
         let pid = child.0.id();
-        let lines = lines_of(child.0.stderr.take().expect("stderr"));
-        let mut memory_bound_mib = None;
+        let mut lines = BufReader::new(child.0.stdout.take().expect("stdout")).lines();
+        // After libtest's "test NAME ... " on the same line.
         let line = loop {
-            let line = wait_for_line(&lines, "");
-            if let Some(rest) = line.split("worst-case memory with these limits: ").nth(1) {
-                memory_bound_mib = rest.split(' ').next().and_then(|n| n.parse().ok());
-            }
-            if line.contains("signaling server listening") {
-                break line;
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some((_, serving)) = line.split_once(SERVING) {
+                        break serving.to_string();
+                    }
+                }
+                other => panic!("the server in the child did not start: {other:?}"),
             }
         };
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line}"))
-                .trim_start_matches("Some(")
-                .trim_end_matches(')')
-                .parse::<SocketAddr>()
-                .unwrap_or_else(|e| panic!("{name} in {line}: {e}"))
+        // Keep reading its output, so that it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [addr, metrics, base, total] = words[..] else {
+            panic!("{line}");
         };
-        let (addr, metrics) = (field("local_addr="), field("metrics="));
-        // Keep reading its log, so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
         TestServer {
-            _child: child,
             pid,
-            addr,
-            metrics,
-            memory_bound_mib,
+            addr: addr.parse().expect("an address"),
+            metrics: metrics.parse().expect("an address"),
+            memory_bound: Bound {
+                base: base.parse().expect("bytes"),
+                total: total.parse().expect("bytes"),
+            },
+            _child: child,
         }
     }
 
@@ -204,17 +230,59 @@ impl TestServer {
     }
 }
 
-/// The long flags `bin serve --help` lists.
-fn known_flags(bin: &str) -> Vec<String> {
-    let help = Command::new(bin)
-        .args(["serve", "--help"])
-        .output()
-        .expect("serve --help");
-    String::from_utf8_lossy(&help.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with("--"))
-        .map(|w| w.trim_end_matches([',', '.']).to_string())
-        .collect()
+/// The key of [`certificate`]: fixed, so that the certificate made again
+/// in the child that serves is signed by the key that this one names.
+const CERTIFICATE_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgXULGqTSSd6t3il15
+n01HhgLcsPXiD98xx4iyb8qehJahRANCAAQF1YzECl/MD6/7hp3uA2JxkmVIBEQl
+15oqCOOQydu4M7Hkq2Q+QNc9nFM25g4nlBDnJ528rIQ8eSKpVZmFqc+w
+-----END PRIVATE KEY-----
+";
+
+/// A self-signed certificate for localhost, written with its key to
+/// `dir` for the server. Made in the test and again in the child that
+/// serves, it has the same subject and key in both, so the one the client
+/// trusts verifies the one the server shows.
+fn certificate(dir: &std::path::Path) -> (rcgen::Certificate, TlsFiles) {
+    let key = rcgen::KeyPair::from_pem(CERTIFICATE_KEY).expect("the key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .expect("names")
+        .self_signed(&key)
+        .expect("certificate");
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).expect("cert");
+    std::fs::write(&files.key, key.serialize_pem()).expect("key");
+    (cert, files)
+}
+
+/// Serves in the child process with [`test_config`] changed by `configure`
+/// until the parent closes its standard input; never returns.
+async fn serve(configure: impl FnOnce(&mut Config)) -> ! {
+    let mut config = test_config();
+    configure(&mut config);
+    let bound = config.memory_bound();
+    let server = Server::spawn(config).await.expect("the server starts");
+    let metrics = server.metrics_addr().expect("a metrics port");
+    // Written to the descriptor itself: libtest captures `println!`.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "{SERVING} {} {metrics} {} {}",
+        server.local_addr(),
+        bound.base,
+        bound.total()
+    )
+    .and_then(|()| stdout.flush())
+    .expect("the parent reads our output");
+    drop(stdout);
+    // The parent gone (whether it killed us or not), the child goes too.
+    tokio::task::spawn_blocking(|| std::io::stdin().read_to_end(&mut Vec::new()))
+        .await
+        .ok();
+    std::process::exit(0)
 }
 
 /// Reads (the server's SETTINGS may come first) until the connection ends.
@@ -649,10 +717,11 @@ fn assert_rss_within(server: &TestServer, baseline: u64, bound_kib: u64, what: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_window_subscribers_cannot_starve_the_others() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--max-subscriptions-per-client", "2000"),
-        ("--max-subscriptions-per-key", "1000"),
-    ]);
+    let server = TestServer::start(|c| {
+        c.max_subscriptions_per_client = 2000;
+        c.max_subscriptions_per_key = 1000;
+    })
+    .await;
     let baseline = server.rss_kib();
     let mut streams = Vec::new();
     let mut attackers = Vec::new();
@@ -696,10 +765,11 @@ async fn zero_window_subscribers_cannot_starve_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_that_never_read_hold_no_more_than_their_budget() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--stall-timeout", "30s"),
-        ("--max-subscriptions-per-key", "1000"),
-    ]);
+    let server = TestServer::start(|c| {
+        c.stall_timeout = Duration::from_secs(30);
+        c.max_subscriptions_per_key = 1000;
+    })
+    .await;
     let baseline = server.rss_kib();
     let mut attacker = Attacker::connect(&server, loopback(1), Windows::HUGE).await;
     let mut streams = Vec::new();
@@ -733,7 +803,7 @@ async fn subscribers_that_never_read_hold_no_more_than_their_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(|_| {}).await;
     let baseline = server.rss_kib();
     let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
     // Announced larger than the envelope limit: refused from the prefix.
@@ -816,7 +886,7 @@ async fn half_sent_publishes_hold_at_most_the_budget_and_not_for_long() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_cannot_take_every_slot() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--max-connections", "300")]);
+    let server = TestServer::start(|c| c.max_connections = 300).await;
     let baseline = server.rss_kib();
     let mut silent = Vec::new();
     for _ in 0..1000 {
@@ -879,15 +949,8 @@ async fn a_connection_silent_after_the_tls_handshake_is_closed() {
     let _serial = SERIAL.lock().await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
-    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_file, cert.pem()).expect("cert");
-    std::fs::write(&key_file, signing_key.serialize_pem()).expect("key");
-    let server = TestServer::start(&[
-        ("--tls-cert", cert_file.to_str().expect("path")),
-        ("--tls-key", key_file.to_str().expect("path")),
-    ]);
+    let (cert, files) = certificate(dir.path());
+    let server = TestServer::start(|c| c.tls = Some(files)).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).expect("root");
     let mut config = rustls::ClientConfig::builder()
@@ -922,10 +985,11 @@ async fn a_connection_silent_after_the_tls_handshake_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_addresses_cannot_take_every_subscription() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--max-subscriptions", "12000"),
-        ("--max-streams-per-connection", "2000"),
-    ]);
+    let server = TestServer::start(|c| {
+        c.max_subscriptions = 12_000;
+        c.max_streams_per_connection = 2000;
+    })
+    .await;
     let baseline = server.rss_kib();
     let (mut held, mut attackers) = (Vec::new(), Vec::new());
     let mut refused = 0u32;
@@ -956,11 +1020,12 @@ async fn a_few_addresses_cannot_take_every_subscription() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_connection_releases_its_streams_and_bytes_at_once() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--stall-timeout", "60s"),
-        ("--keepalive-interval", "1s"),
-        ("--keepalive-timeout", "1s"),
-    ]);
+    let server = TestServer::start(|c| {
+        c.stall_timeout = Duration::from_secs(60);
+        c.keepalive_interval = Duration::from_secs(1);
+        c.keepalive_timeout = Duration::from_secs(1);
+    })
+    .await;
     for goes in ["closed", "silent"] {
         let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
         let mut streams = Vec::new();
@@ -1010,7 +1075,7 @@ async fn a_gone_connection_releases_its_streams_and_bytes_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_subscriber_is_cut_off() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(|_| {}).await;
     // Room for the sync envelope and no more.
     let windows = Windows {
         stream: 5,
@@ -1073,13 +1138,12 @@ async fn a_stalled_subscriber_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_flood_is_limited_to_its_client() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--publish-rate", "100"),
-        ("--publish-burst", "200"),
+    let server = TestServer::start(|c| {
+        c.publish_rate = rate(100, 200);
         // The request rate is another test's.
-        ("--request-rate", "100000"),
-        ("--request-burst", "100000"),
-    ]);
+        c.request_rate = rate(100_000, 100_000);
+    })
+    .await;
     let flood = tokio::spawn({
         let addr = server.addr;
         async move {
@@ -1122,7 +1186,7 @@ async fn a_publish_flood_is_limited_to_its_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_floods_and_rapid_resets_are_cut_short() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(|_| {}).await;
     let attack = tokio::spawn({
         let addr = server.addr;
         async move {
@@ -1174,7 +1238,7 @@ async fn stream_floods_and_rapid_resets_are_cut_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(|_| {}).await;
     let mut idle = Vec::new();
     for _ in 0..20 {
         // One call (without a call, the handshake timeout closes it), then nothing.
@@ -1200,10 +1264,7 @@ async fn idle_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_floods_are_rate_limited_per_client() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--address-connection-rate", "64"),
-        ("--address-connection-burst", "128"),
-    ]);
+    let server = TestServer::start(|c| c.address_connection_rate = rate(64, 128)).await;
     let flood = tokio::spawn({
         let addr = server.addr;
         async move {
@@ -1236,7 +1297,11 @@ async fn connection_floods_are_rate_limited_per_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_in_progress_are_limited_per_client() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--request-timeout", "30s"), ("--reflection", "")]);
+    let server = TestServer::start(|c| {
+        c.request_timeout = Duration::from_secs(30);
+        c.reflection = true;
+    })
+    .await;
     let baseline = server.rss_kib();
     let mut attacker = Attacker::connect(&server, loopback(1), Windows::ZERO).await;
     let (mut bodies, mut responses) = (Vec::new(), Vec::new());
@@ -1315,15 +1380,13 @@ async fn calls_in_progress_are_limited_per_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_publisher_keeps_its_connection() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--publish-rate", "1000000"),
-        ("--publish-burst", "1000000"),
-        ("--publish-bytes-rate", "1000000000"),
-        ("--publish-bytes-burst", "1000000000"),
-        ("--request-rate", "1000000"),
-        ("--request-burst", "1000000"),
-        ("--max-calls-per-client", "1000"),
-    ]);
+    let server = TestServer::start(|c| {
+        c.publish_rate = rate(1_000_000, 1_000_000);
+        c.publish_bytes_rate = rate(1_000_000_000, 1_000_000_000);
+        c.request_rate = rate(1_000_000, 1_000_000);
+        c.max_calls_per_client = 1000;
+    })
+    .await;
     let windows = Windows {
         stream: 65_535,
         connection: 1 << 20,
@@ -1432,16 +1495,16 @@ async fn subscribe_many(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_to_a_hot_key_cost_what_changes_to_any_key_cost() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--max-subscriptions-per-key", "100000"),
-        ("--max-subscriptions-per-client", "2000"),
-        ("--max-streams-per-connection", "2000"),
-        ("--request-rate", "100000"),
-        ("--request-burst", "100000"),
-        ("--max-calls-per-client", "4000"),
-        ("--address-calls", "4000"),
-        ("--stall-timeout", "60s"),
-    ]);
+    let server = TestServer::start(|c| {
+        c.max_subscriptions_per_key = 100_000;
+        c.max_subscriptions_per_client = 2000;
+        c.max_streams_per_connection = 2000;
+        c.request_rate = rate(100_000, 100_000);
+        c.max_calls_per_client = 4000;
+        c.address_calls = 4000;
+        c.stall_timeout = Duration::from_secs(60);
+    })
+    .await;
     const EACH: u32 = 2000;
     const ADDRESSES: u8 = 8;
     let hot = key(u32::MAX);
@@ -1524,7 +1587,7 @@ async fn changes_to_a_hot_key_cost_what_changes_to_any_key_cost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_holds_a_few_subscriptions_shared_fairly() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--stall-timeout", "60s")]);
+    let server = TestServer::start(|c| c.stall_timeout = Duration::from_secs(60)).await;
     // The well-behaved client's key.
     let victim = [0x77u8; 32];
     let mut held = Vec::new();
@@ -1621,7 +1684,7 @@ impl tokio::io::AsyncWrite for NeverRead {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_answers_of_other_services_count_against_their_client() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--reflection", "")]);
+    let server = TestServer::start(|c| c.reflection = true).await;
     let baseline = server.rss_kib();
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
@@ -1701,21 +1764,19 @@ async fn unread_answers_of_other_services_count_against_their_client() {
     }
 }
 
-/// A server that needs proofs, with its key in `dir`.
-fn proving_server(dir: &std::path::Path, flags: &[(&str, &str)]) -> (TestServer, Key) {
-    let key = PrivateKey::generate();
-    let path = common::key_file(dir, "server.key", &key);
-    let path = path.to_str().expect("a UTF-8 path").to_string();
-    let mut all = vec![
-        ("--auth", "required"),
-        ("--key-file", path.as_str()),
-        ("--publish-rate", "100000"),
-        ("--publish-burst", "100000"),
-        ("--request-rate", "100000"),
-        ("--request-burst", "100000"),
-    ];
-    all.extend_from_slice(flags);
-    (TestServer::start(&all), key.public_key())
+/// A server that needs proofs, and its key.
+async fn proving_server() -> (TestServer, Key) {
+    // The same key in the child that serves, where this runs again.
+    let key = || PrivateKey::from_bytes([7; 32]);
+    let public = key().public_key();
+    let server = TestServer::start(|c| {
+        c.auth = AuthMode::Required;
+        c.key = Some(key());
+        c.publish_rate = rate(100_000, 100_000);
+        c.request_rate = rate(100_000, 100_000);
+    })
+    .await;
+    (server, public)
 }
 
 /// Proofs against the nonce cache (`--auth required`). Before, one
@@ -1726,8 +1787,7 @@ fn proving_server(dir: &std::path::Path, flags: &[(&str, &str)]) -> (TestServer,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nobody_fills_the_nonce_cache_for_the_others() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, server_key) = proving_server(dir.path(), &[]);
+    let (server, server_key) = proving_server().await;
     let forger = PrivateKey::generate();
     let mut attackers = Vec::new();
     for address in 0..8 {
@@ -1808,8 +1868,7 @@ async fn nobody_fills_the_nonce_cache_for_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (server, server_key) = proving_server(dir.path(), &[]);
+    let (server, server_key) = proving_server().await;
     let mut attacker = Attacker::connect(&server, loopback(10), Windows::ZERO).await;
     const N: u32 = 2000;
     // Known keys: a few keys, proven again and again.
@@ -1868,7 +1927,7 @@ async fn proofs_of_unknown_keys_cost_a_client_only_its_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_to_one_key_costs_the_flooders_envelopes_not_the_peers() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[("--stall-timeout", "60s")]);
+    let server = TestServer::start(|c| c.stall_timeout = Duration::from_secs(60)).await;
     let victim = [0x66u8; 32];
     let channel = timeout(STEP, channel_from(&server, loopback(2)))
         .await
@@ -1943,18 +2002,13 @@ async fn tls_handshake_floods_cost_a_bounded_share_of_the_cpu() {
     let _serial = SERIAL.lock().await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
-    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_file, cert.pem()).expect("cert");
-    std::fs::write(&key_file, signing_key.serialize_pem()).expect("key");
-    let server = TestServer::start(&[
-        ("--tls-cert", cert_file.to_str().expect("path")),
-        ("--tls-key", key_file.to_str().expect("path")),
-        ("--tls-handshake-rate", "50"),
-        ("--connection-rate", "100"),
-        ("--connection-burst", "100"),
-    ]);
+    let (cert, files) = certificate(dir.path());
+    let server = TestServer::start(|c| {
+        c.tls = Some(files);
+        c.tls_handshake_rate = rate(50, 50);
+        c.connection_rate = rate(100, 100);
+    })
+    .await;
     // The well-behaved client connects first, over TLS.
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(cert.pem()))
@@ -2030,20 +2084,19 @@ async fn tls_handshake_floods_cost_a_bounded_share_of_the_cpu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_limit_reached_at_once_stays_within_the_memory_sum() {
     let _serial = SERIAL.lock().await;
-    let server = TestServer::start(&[
-        ("--max-connections", "320"),
-        ("--max-subscriptions", "3000"),
-        ("--max-subscriptions-per-client", "750"),
-        ("--max-calls", "256"),
-        ("--max-queued-bytes", "16777216"),
-        ("--stall-timeout", "60s"),
-        ("--request-timeout", "60s"),
-        ("--handshake-timeout", "60s"),
-        ("--idle-timeout", "60s"),
-    ]);
-    let bound_mib = server
-        .memory_bound_mib
-        .expect("the server logs its memory sum");
+    let server = TestServer::start(|c| {
+        c.max_connections = 320;
+        c.max_subscriptions = 3000;
+        c.max_subscriptions_per_client = 750;
+        c.max_calls = 256;
+        c.max_queued_bytes = 16 << 20;
+        c.stall_timeout = Duration::from_secs(60);
+        c.request_timeout = Duration::from_secs(60);
+        c.handshake_timeout = Duration::from_secs(60);
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let bound = server.memory_bound;
     let baseline = server.rss_kib();
     // 5 addresses with 64 connections each: the 320.
     let mut connections: Vec<Vec<Attacker>> = Vec::new();
@@ -2111,11 +2164,11 @@ async fn every_limit_reached_at_once_stays_within_the_memory_sum() {
     assert_eq!(server.metric("signaling_subscriptions").await, 3000.0);
     let rss = server.rss_kib();
     let grown = rss.saturating_sub(baseline);
-    // The base (16 MiB) is in the baseline already; no slack here.
-    let allowed = (bound_mib - 16) * 1024;
+    // The base is in the baseline already; no slack here.
+    let allowed = (bound.total - bound.base) / 1024;
     assert!(
         grown <= allowed,
-        "grew by {grown} KiB with every limit reached, the sum allows {allowed} KiB (sum {bound_mib} MiB)"
+        "grew by {grown} KiB with every limit reached, the sum allows {allowed} KiB ({bound:?})"
     );
     drop((streams, calls, connections));
 }
