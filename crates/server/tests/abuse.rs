@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod fixture;
+
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use cunicu_signal::{
@@ -28,10 +30,11 @@ use cunicu_signal::{
     },
 };
 use cunicu_signal_server::{AuthMode, Config, Rate, Server, TlsFiles};
+use fixture::{envelope_to, grpc_request, key, loopback, message, tcp_from};
 use parking_lot::Mutex;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
     time::timeout,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -139,15 +142,19 @@ impl TestServer {
         );
         let pid = child.0.id();
         let mut lines = BufReader::new(child.0.stdout.take().expect("stdout")).lines();
-        // After libtest's "test NAME ... " on the same line.
+        // After libtest's "test NAME ... " on the same line. If the child
+        // fails first, its libtest prints why: that goes in the panic.
+        let mut before = Vec::new();
         let line = loop {
             match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some((_, serving)) = line.split_once(SERVING) {
-                        break serving.to_string();
-                    }
-                }
-                other => panic!("the server in the child did not start: {other:?}"),
+                Some(Ok(line)) => match line.split_once(SERVING) {
+                    Some((_, serving)) => break serving.to_string(),
+                    None => before.push(line),
+                },
+                end => panic!(
+                    "the server in the child did not start ({end:?}):\n{}",
+                    before.join("\n")
+                ),
             }
         };
         // Keep reading its output, so that it never blocks on a full pipe.
@@ -289,10 +296,6 @@ async fn serve(configure: impl FnOnce(&mut Config)) -> ! {
 async fn until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
     let mut buf = [0u8; 256];
     while let Ok(1..) = stream.read(&mut buf).await {}
-}
-
-fn loopback(last: u8) -> IpAddr {
-    IpAddr::from([127, 0, 0, last])
 }
 
 // ---------------------------------------------------------------------------
@@ -509,20 +512,6 @@ impl Windows {
     };
 }
 
-async fn tcp_from(server: SocketAddr, from: IpAddr, recv_buffer: Option<u32>) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
-    }
-    socket.bind(SocketAddr::new(from, 0)).expect("bind");
-    let tcp = timeout(STEP, socket.connect(server))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    tcp.set_nodelay(true).expect("TCP_NODELAY");
-    tcp
-}
-
 impl Attacker {
     async fn connect(server: &TestServer, from: IpAddr, windows: Windows) -> Attacker {
         let tcp = tcp_from(server.addr, from, windows.recv_buffer).await;
@@ -559,26 +548,13 @@ impl Attacker {
         }
     }
 
-    fn request(&self, path: &str) -> http::Request<()> {
-        http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{}{path}", self.addr))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .expect("request")
-    }
-
     /// Opens a Subscribe stream to `key`; returns once the server answered
     /// with its headers (the subscription exists).
     async fn subscribe(&mut self, key: [u8; 32]) -> Result<h2::RecvStream, String> {
         let (response, mut body) = self.send_request(SUBSCRIBE).await?;
         body.send_data(message(&SubscribeParams { key: key.to_vec() }), true)
             .map_err(|e| e.to_string())?;
-        let response = timeout(STEP, response)
-            .await
-            .map_err(|_| "no answer".to_string())?
-            .map_err(|e| e.to_string())?;
+        let response = answer(response).await?;
         if let Some(status) = response.headers().get("grpc-status") {
             return Err(format!(
                 "refused: {status:?} {:?}",
@@ -592,7 +568,14 @@ impl Attacker {
         &mut self,
         path: &str,
     ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
-        let request = self.request(path);
+        self.send(grpc_request(self.addr, path)).await
+    }
+
+    /// Sends `request`'s headers once the server allows another stream.
+    async fn send(
+        &mut self,
+        request: http::Request<()>,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
         let ready = timeout(STEP, self.send.clone().ready())
             .await
             .map_err(|_| "stream limit".to_string())?
@@ -613,7 +596,7 @@ impl Attacker {
     ) -> Result<(), String> {
         let path = PUBLISH;
         let proof = prove(sender, server, path, time).map_err(|e| e.to_string())?;
-        let mut request = self.request(path);
+        let mut request = grpc_request(self.addr, path);
         request.headers_mut().insert(
             PROOF_METADATA,
             base64::engine::general_purpose::STANDARD_NO_PAD
@@ -621,44 +604,42 @@ impl Attacker {
                 .parse()
                 .map_err(|e| format!("{e}"))?,
         );
-        let ready = timeout(STEP, self.send.clone().ready())
-            .await
-            .map_err(|_| "stream limit".to_string())?
-            .map_err(|e| e.to_string())?;
-        self.send = ready;
-        let (response, mut stream) = self
-            .send
-            .send_request(request, false)
-            .map_err(|e| e.to_string())?;
-        let mut envelope = envelope([0x55; 32], 10);
+        let (response, stream) = self.send(request).await?;
+        let mut envelope = envelope_to([0x55; 32], 10);
         envelope.sender = sender.public_key().as_bytes().to_vec();
-        stream
-            .send_data(message(&envelope), true)
-            .map_err(|e| e.to_string())?;
-        let response = timeout(STEP, response)
-            .await
-            .map_err(|_| "no answer".to_string())?
-            .map_err(|e| e.to_string())?;
-        match response.headers().get("grpc-status") {
-            Some(status) => Err(format!("refused: {status:?}")),
-            None => Ok(()),
-        }
+        answered(response, stream, &envelope).await
     }
 
     /// Publishes and waits for the answer (dropping it would cancel the call).
     async fn publish(&mut self, recipient: [u8; 32], body: usize) -> Result<(), String> {
-        let (response, mut stream) = self.send_request(PUBLISH).await?;
-        stream
-            .send_data(message(&envelope(recipient, body)), true)
-            .map_err(|e| e.to_string())?;
-        let response = timeout(STEP, response)
-            .await
-            .map_err(|_| "no answer".to_string())?
-            .map_err(|e| e.to_string())?;
-        match response.headers().get("grpc-status") {
-            Some(status) => Err(format!("refused: {status:?}")),
-            None => Ok(()),
-        }
+        let (response, stream) = self.send_request(PUBLISH).await?;
+        answered(response, stream, &envelope_to(recipient, body)).await
+    }
+}
+
+/// The response's headers, within a step.
+async fn answer(
+    response: h2::client::ResponseFuture,
+) -> Result<http::Response<h2::RecvStream>, String> {
+    timeout(STEP, response)
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `envelope` as the call's one message and waits for the answer
+/// (dropping it would cancel the call); the grpc-status of a refusal.
+async fn answered(
+    response: h2::client::ResponseFuture,
+    mut stream: h2::SendStream<Bytes>,
+    envelope: &Envelope,
+) -> Result<(), String> {
+    stream
+        .send_data(message(envelope), true)
+        .map_err(|e| e.to_string())?;
+    match answer(response).await?.headers().get("grpc-status") {
+        Some(status) => Err(format!("refused: {status:?}")),
+        None => Ok(()),
     }
 }
 
@@ -666,32 +647,6 @@ impl Drop for Attacker {
     fn drop(&mut self) {
         self.driver.abort();
     }
-}
-
-/// A message as gRPC frames it: no compression, 32-bit length, bytes.
-fn message(m: &impl prost::Message) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + m.encoded_len());
-    out.put_u8(0);
-    out.put_u32(m.encoded_len() as u32);
-    m.encode(&mut out).expect("encode");
-    out.freeze()
-}
-
-fn envelope(recipient: [u8; 32], body: usize) -> Envelope {
-    Envelope {
-        sender: vec![9; 32],
-        recipient: recipient.to_vec(),
-        contents: Some(EncryptedMessage {
-            body: vec![0xab; body],
-            nonce: vec![0; 24],
-        }),
-    }
-}
-
-fn key(n: u32) -> [u8; 32] {
-    let mut key = [0x42u8; 32];
-    key[..4].copy_from_slice(&n.to_be_bytes());
-    key
 }
 
 /// Bytes of the server's memory per connection and subscription, as
@@ -1157,7 +1112,7 @@ async fn a_publish_flood_is_limited_to_its_client() {
             let (mut ok, mut refused) = (0u32, 0u32);
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(3) {
-                match client.publish(envelope(key(1), 100)).await {
+                match client.publish(envelope_to(key(1), 100)).await {
                     Ok(_) => ok += 1,
                     Err(status) if status.code() == tonic::Code::ResourceExhausted => refused += 1,
                     Err(status) => panic!("{status}"),
@@ -1398,7 +1353,7 @@ async fn a_busy_publisher_keeps_its_connection() {
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
         let mut send = attacker.send.clone();
-        let request = attacker.request(PUBLISH);
+        let request = grpc_request(attacker.addr, PUBLISH);
         tasks.spawn(async move {
             for _ in 0..EACH {
                 send = timeout(STEP, send.ready())
@@ -1408,7 +1363,7 @@ async fn a_busy_publisher_keeps_its_connection() {
                 let (response, mut body) = send
                     .send_request(request.clone(), false)
                     .map_err(|e| format!("request: {e}"))?;
-                body.send_data(message(&envelope(key(t as u32), 100)), false)
+                body.send_data(message(&envelope_to(key(t as u32), 100)), false)
                     .map_err(|e| format!("message: {e}"))?;
                 // The end of the request a moment later, as from a client
                 // whose request body ends after its message was written.

@@ -14,10 +14,12 @@ use std::{
 use bytes::Bytes;
 use cunicu_signal::proto::{
     method::{GET_RELAYS, PUBLISH, SUBSCRIBE},
-    signaling::{EncryptedMessage, Envelope, GetRelaysParams, SubscribeParams},
+    signaling::{Envelope, GetRelaysParams, SubscribeParams},
 };
 use cunicu_signal_server::{Config, Server};
-use fixture::{H2, STEP, ipv6_in, loopback, message, p99, route_on_lo, start, unlimited};
+use fixture::{
+    H2, STEP, envelope_to, ipv6_in, key, loopback, message, p99, route_on_lo, start, unlimited,
+};
 use futures::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
 use tokio::{task::JoinSet, time::timeout};
 use tonic_health::pb::HealthCheckRequest;
@@ -37,25 +39,8 @@ fn config() -> Config {
     config
 }
 
-fn key(n: u32) -> [u8; 32] {
-    let mut key = [0x42u8; 32];
-    key[..4].copy_from_slice(&n.to_be_bytes());
-    key
-}
-
 fn envelope(recipient: [u8; 32]) -> Envelope {
-    envelope_of(recipient, 64)
-}
-
-fn envelope_of(recipient: [u8; 32], body: usize) -> Envelope {
-    Envelope {
-        sender: vec![9; 32],
-        recipient: recipient.to_vec(),
-        contents: Some(EncryptedMessage {
-            body: vec![0xab; body],
-            nonce: vec![0; 24],
-        }),
-    }
+    envelope_to(recipient, 64)
 }
 
 /// What the well-behaved client saw.
@@ -100,7 +85,7 @@ async fn well_behaved_with(server: &Server, from: IpAddr, rounds: usize, body: u
                 continue;
             }
         };
-        let published = message(&envelope_of(key, body));
+        let published = message(&envelope_to(key, body));
         let want = 5 + published.len();
         let sent = Instant::now();
         if let Err(e) = publisher.unary(PUBLISH, published).await {
@@ -426,7 +411,7 @@ async fn subscribers_that_take_nothing_from_many_addresses_leave_room_for_a_newc
             for _ in 0..12 {
                 for key in &keys {
                     let _ = publisher
-                        .unary(PUBLISH, message(&envelope_of(*key, 1000)))
+                        .unary(PUBLISH, message(&envelope_to(*key, 1000)))
                         .await;
                 }
             }
