@@ -818,7 +818,8 @@ impl Connection {
     }
 
     /// Ends the subscription streams whose moment has come (UNAVAILABLE:
-    /// clients subscribe again, elsewhere).
+    /// clients subscribe again, elsewhere), each after what its queue still
+    /// held: those envelopes were counted as delivered.
     fn end_due(&mut self, now: Instant) -> bool {
         let mut ended = false;
         while let Some(&(at, slot)) = self.streams.ending.last() {
@@ -826,7 +827,22 @@ impl Connection {
                 break;
             }
             self.streams.ending.pop();
-            if let Some(Slot::Open { mut send, .. }) = self.streams.subs.try_remove(slot) {
+            if let Some(Slot::Open {
+                mut send,
+                subscription,
+            }) = self.streams.subs.try_remove(slot)
+            {
+                // Beyond the stream's window HTTP/2 holds them until the
+                // client reads; a stop cuts what is still open a few
+                // seconds after its drain window.
+                let mut sent = 0;
+                for frame in subscription.end() {
+                    if send.send_data(frame, false).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                self.shared.metrics.delivered.inc_by(sent);
                 let status = Status::unavailable(SHUTTING_DOWN);
                 let _ = send.send_trailers(wire::status_trailers(&status));
                 self.stream_done();

@@ -380,10 +380,16 @@ impl Sub {
             state.by_publisher.shrink_to(IDLE_QUEUE_SLOTS);
         }
         drop(state);
-        Take::Frame(Bytes::from_owner(InFlight {
+        Take::Frame(self.in_flight_buffer(frame))
+    }
+
+    /// `frame`, taken out of the queue and counted in flight, as the buffer
+    /// HTTP/2 sends: its bytes are given back when HTTP/2 drops it.
+    fn in_flight_buffer(self: &Arc<Self>, frame: Frame) -> Bytes {
+        Bytes::from_owner(InFlight {
             frame,
             sub: self.clone(),
-        }))
+        })
     }
 
     /// Bytes handed out by [`Sub::take`] were written (or thrown away).
@@ -435,14 +441,24 @@ impl Sub {
         self.state.lock().in_flight
     }
 
-    /// Ends the queue: what it holds is dropped and its bytes given back;
-    /// nothing more is queued. Bytes in flight come back as HTTP/2 drops them.
-    fn close(&self) {
+    /// Ends the queue: nothing more is queued. What it holds is dropped and
+    /// its bytes given back, or with `hand_out`, returned as in-flight
+    /// buffers for the stream's last writes (no envelope can slip in
+    /// between). Bytes in flight come back as HTTP/2 drops them.
+    fn close(self: &Arc<Self>, hand_out: bool) -> Vec<Bytes> {
         let mut state = self.state.lock();
         if state.closed {
-            return;
+            return Vec::new();
         }
         state.closed = true;
+        let mut out = Vec::new();
+        if hand_out {
+            out.reserve_exact(state.queue.len());
+            while let Some(frame) = state.remove(0) {
+                state.in_flight += cost(&frame);
+                out.push(frame);
+            }
+        }
         let queued = std::mem::take(&mut state.queued);
         state.queue = VecDeque::new();
         state.by_publisher = Vec::new();
@@ -452,6 +468,9 @@ impl Sub {
         drop(state);
         self.client.budget.release(queued);
         self.server.release(queued);
+        out.into_iter()
+            .map(|frame| self.in_flight_buffer(frame))
+            .collect()
     }
 }
 
@@ -725,7 +744,7 @@ impl Hub {
         }
         for victim in &victims {
             victim.cut_for(Cut::QueueFairShare);
-            victim.close();
+            victim.close(false);
         }
         !victims.is_empty()
     }
@@ -844,6 +863,14 @@ impl Subscription {
     pub(crate) fn sub(&self) -> &Arc<Sub> {
         &self.sub
     }
+
+    /// Unsubscribes, handing out what its queue holds (as [`Sub::take`]
+    /// does, whatever the stream's window and what is in flight) for the
+    /// stream's last writes: publishers were told those envelopes were
+    /// delivered. At most the queue's byte limit.
+    pub(crate) fn end(self) -> Vec<Bytes> {
+        self.sub.close(true)
+    }
 }
 
 impl std::ops::Drop for Subscription {
@@ -854,7 +881,7 @@ impl std::ops::Drop for Subscription {
         if last {
             metrics.topics.dec();
         }
-        self.sub.close();
+        self.sub.close(false);
     }
 }
 

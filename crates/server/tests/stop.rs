@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use common::{WAIT, nats::Nats};
 use cunicu_signal::proto::signaling::{
-    Envelope, SubscribeParams, signaling_client::SignalingClient,
+    EncryptedMessage, Envelope, SubscribeParams, signaling_client::SignalingClient,
 };
 use cunicu_signal_server::{ClusterConfig, Config, Server};
 use tokio::time::timeout;
@@ -199,6 +199,53 @@ async fn without_delay_and_window_the_server_stops_at_once() -> Result<()> {
     );
     let status = timeout(WAIT, stream.message()).await?.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
+    Ok(())
+}
+
+/// What a stopping server still held for a subscriber (beyond what the
+/// stream's window let out) comes before the stream's end: each publisher
+/// was told its envelope was delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_queued_for_a_subscriber_comes_before_its_end() -> Result<()> {
+    const ENVELOPES: u8 = 40;
+    let server = Server::spawn(config()).await?;
+    // A stream window of two envelopes, and nothing read until the stop:
+    // the rest wait in the server's queue.
+    let narrow = Channel::from_shared(format!("http://{}", server.local_addr()))?
+        .initial_stream_window_size(1024)
+        .connect()
+        .await?;
+    let key = vec![1; 32];
+    let mut stream = SignalingClient::new(narrow)
+        .subscribe(SubscribeParams { key: key.clone() })
+        .await?
+        .into_inner();
+    stream.message().await?;
+    let mut publisher = SignalingClient::new(channel(&server).await?);
+    for n in 0..ENVELOPES {
+        publisher
+            .publish(Envelope {
+                sender: vec![2; 32],
+                recipient: key.clone(),
+                contents: Some(EncryptedMessage {
+                    body: vec![n; 400],
+                    nonce: vec![0; 24],
+                }),
+            })
+            .await?;
+    }
+    let drain = tokio::spawn(server.drain(Duration::ZERO, Duration::ZERO, std::future::pending()));
+    let mut got = Vec::new();
+    let status = loop {
+        match timeout(WAIT, stream.message()).await? {
+            Ok(Some(envelope)) => got.push(envelope.contents.unwrap_or_default().body[0]),
+            Ok(None) => panic!("the stream ended without a status after {got:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(got, (0..ENVELOPES).collect::<Vec<_>>());
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    timeout(WAIT, drain).await???;
     Ok(())
 }
 
