@@ -1152,6 +1152,29 @@ mod tests {
     }
 
     #[test]
+    fn an_ended_subscription_hands_out_its_queue_counted_until_written() {
+        let mut f = fixture(4, 1 << 20, 1 << 20, 1 << 20);
+        let mailbox = Arc::new(Mailbox::default());
+        let a = f.subscribe(1, "192.0.2.1", &mailbox, 0);
+        f.hub.publish(&[1; 32], &frame(1, 10));
+        f.hub.publish(&[1; 32], &frame(2, 10));
+        let sub = a.sub().clone();
+        let last = a.end();
+        let firsts: Vec<u8> = last.iter().map(|b| b[crate::wire::PREFIX_LEN]).collect();
+        assert_eq!(firsts, [1, 2]);
+        // Unsubscribed: nothing more is queued, and the key is gone.
+        assert_eq!(f.hub.publish(&[1; 32], &frame(3, 10)).subscriptions, 0);
+        assert_eq!(
+            sub.offer(&frame(4, 10), Publisher::Replicas),
+            Offered::default()
+        );
+        // The handed-out bytes stay counted until HTTP/2 drops them.
+        assert!(f.hub.budget().used() > 0);
+        drop(last);
+        assert_eq!(f.hub.budget().used(), 0, "no bytes left behind");
+    }
+
+    #[test]
     fn a_full_key_admits_a_client_below_its_share_at_the_heaviest_cost() {
         let mut f = fixture(4, 1 << 20, 1 << 20, 1 << 20);
         let mailbox = Arc::new(Mailbox::default());
