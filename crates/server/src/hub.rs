@@ -451,25 +451,25 @@ impl Sub {
             return Vec::new();
         }
         state.closed = true;
-        let mut out = Vec::new();
-        if hand_out {
-            out.reserve_exact(state.queue.len());
-            while let Some(frame) = state.remove(0) {
-                state.in_flight += cost(&frame);
-                out.push(frame);
-            }
-        }
         let queued = std::mem::take(&mut state.queued);
-        state.queue = VecDeque::new();
+        let queue = std::mem::take(&mut state.queue);
         state.by_publisher = Vec::new();
+        if hand_out {
+            // The queued bytes stay counted, now as in flight.
+            state.in_flight += queued;
+        }
         if state.drain.caught_up() {
             self.mailbox.waiting.fetch_sub(1, Relaxed);
         }
         drop(state);
-        self.client.budget.release(queued);
-        self.server.release(queued);
-        out.into_iter()
-            .map(|frame| self.in_flight_buffer(frame))
+        if !hand_out {
+            self.client.budget.release(queued);
+            self.server.release(queued);
+            return Vec::new();
+        }
+        queue
+            .into_iter()
+            .map(|(frame, _)| self.in_flight_buffer(frame))
             .collect()
     }
 }
