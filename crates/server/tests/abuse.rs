@@ -30,7 +30,7 @@ use cunicu_signal::{
     },
 };
 use cunicu_signal_server::{AuthMode, Config, Rate, Server, TlsFiles};
-use fixture::{envelope_to, grpc_request, key, loopback, message, tcp_from};
+use fixture::{envelope_to, grpc_request, key, loopback, message, open_stream, tcp_from};
 use parking_lot::Mutex;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -576,14 +576,7 @@ impl Attacker {
         &mut self,
         request: http::Request<()>,
     ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
-        let ready = timeout(STEP, self.send.clone().ready())
-            .await
-            .map_err(|_| "stream limit".to_string())?
-            .map_err(|e| e.to_string())?;
-        self.send = ready;
-        self.send
-            .send_request(request, false)
-            .map_err(|e| e.to_string())
+        open_stream(&mut self.send, request, STEP).await
     }
 
     /// Publishes from `sender` with a proof of it dated `time` (to the server
